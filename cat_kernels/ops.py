@@ -1,0 +1,324 @@
+"""Public ops of cat_kernels: validated, dispatched, and traceable by torch.compile.
+
+Each op checks its arguments (a ``ValueError`` that names the argument), picks a backend
+(:mod:`cat_kernels.backend`) and calls a ``torch.library`` custom op in the ``cat_ops``
+namespace whose fake implementation gives shapes, so ``torch.compile(fullgraph=True)`` traces
+through. The implementations live in :mod:`cat_kernels.reference` (pure torch),
+:mod:`cat_kernels.triton` and the optional compiled extension, all with the same signatures.
+
+Value checks (indices and labels inside their range) read tensor values, which is a host
+synchronisation on a GPU. They run only on CPU tensors in eager mode; on CUDA the kernels
+mask out-of-range rows instead of faulting. Shape, dtype and device checks always run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backend as _backend
+
+__all__ = ["token_stats", "select_tokens", "gather_tokens", "scatter_tokens_", "scatter_kv_", "kmeans"]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_INTS = (torch.int32, torch.int64)
+MAX_TOKENS = 1 << 20  # the Triton selection packs token indices into 20 bits
+MAX_CLUSTERS = 1023  # ... and cluster ranks into 10
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_tensor(name: str, t: object, ndim: int, dtypes: tuple[torch.dtype, ...]) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    return t
+
+
+def _check_same_device(**tensors: Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    first_name, first = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != first:
+            raise ValueError(f"{name} is on {dev} but {first_name} is on {first}")
+
+
+def _check_batch(**tensors: Tensor) -> None:
+    sizes = {name: t.shape[0] for name, t in tensors.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"batch sizes differ: {sizes}")
+
+
+def _values_checkable(t: Tensor) -> bool:
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _check_range(name: str, t: Tensor, high: int) -> None:
+    if _values_checkable(t) and t.numel() and (int(t.min()) < 0 or int(t.max()) >= high):
+        raise ValueError(f"{name} must lie in [0, {high}), got values in [{int(t.min())}, {int(t.max())}]")
+
+
+def _check_k(k: int, n: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must lie in [1, N={n}], got {k}")
+
+
+def _check_dim(dim: int, x: Tensor) -> None:
+    if dim not in (1, 2) or x.dim() != dim + 2:
+        raise ValueError(f"dim must be 1 for (B, N, C) or 2 for (B, H, N, D); got dim={dim} with x of shape {tuple(x.shape)}")
+
+
+def _impl(op: str, backend: str):
+    return getattr(_backend.module(backend), op)
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("cat_ops::token_stats", mutates_args=())
+def _token_stats_op(out: Tensor, anchor: Tensor, labels: Tensor, num_clusters: int, backend: str) -> tuple[Tensor, Tensor]:
+    return _impl("token_stats", backend)(out, anchor, labels, num_clusters)
+
+
+@_token_stats_op.register_fake
+def _(out, anchor, labels, num_clusters, backend):
+    B, N, _ = out.shape
+    return out.new_empty((B, N), dtype=torch.float32), out.new_empty((B, num_clusters), dtype=torch.float32)
+
+
+@torch.library.custom_op("cat_ops::select_tokens", mutates_args=("staleness",))
+def _select_tokens_op(
+    d: Tensor,
+    cluster_score: Tensor,
+    labels: Tensor,
+    staleness: Tensor,
+    k: int,
+    first: bool,
+    importance_fraction: float,
+    staleness_decay: float,
+    backend: str,
+) -> Tensor:
+    return _impl("select_tokens", backend)(
+        d, cluster_score, labels, staleness, k, first, importance_fraction, staleness_decay
+    )
+
+
+@_select_tokens_op.register_fake
+def _(d, cluster_score, labels, staleness, k, first, importance_fraction, staleness_decay, backend):
+    return d.new_empty((d.shape[0], k), dtype=torch.int64)
+
+
+@torch.library.custom_op("cat_ops::gather_tokens", mutates_args=())
+def _gather_tokens_op(x: Tensor, idx: Tensor, dim: int, backend: str) -> Tensor:
+    return _impl("gather_tokens", backend)(x, idx, dim)
+
+
+@_gather_tokens_op.register_fake
+def _(x, idx, dim, backend):
+    shape = list(x.shape)
+    shape[dim] = idx.shape[1]
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("cat_ops::scatter_tokens_", mutates_args=("dst",))
+def _scatter_tokens_op(dst: Tensor, idx: Tensor, src: Tensor, dim: int, backend: str) -> None:
+    _impl("scatter_tokens_", backend)(dst, idx, src, dim)
+
+
+@_scatter_tokens_op.register_fake
+def _(dst, idx, src, dim, backend):
+    return None
+
+
+@torch.library.custom_op("cat_ops::scatter_kv_", mutates_args=("k_cache", "v_cache"))
+def _scatter_kv_op(k_cache: Tensor, v_cache: Tensor, idx: Tensor, k: Tensor, v: Tensor, dim: int, backend: str) -> None:
+    _impl("scatter_kv_", backend)(k_cache, v_cache, idx, k, v, dim)
+
+
+@_scatter_kv_op.register_fake
+def _(k_cache, v_cache, idx, k, v, dim, backend):
+    return None
+
+
+@torch.library.custom_op("cat_ops::kmeans", mutates_args=())
+def _kmeans_op(features: Tensor, num_clusters: int, iters: int, backend: str) -> Tensor:
+    return _impl("kmeans", backend)(features, num_clusters, iters)
+
+
+@_kmeans_op.register_fake
+def _(features, num_clusters, iters, backend):
+    return features.new_empty(features.shape[:2], dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------- public ops
+
+
+def token_stats(
+    out: Tensor, anchor: Tensor, labels: Tensor, num_clusters: int, *, backend: str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-token change and per-cluster score in one pass over `out` and `anchor`.
+
+    d[b, i] = ||out[b, i] - anchor[b, i]||_2 over channels; cluster_score[b, c] = L2 norm over
+    channels of the channel-wise max of (out - anchor) over the tokens of cluster c, -inf for an
+    empty cluster (it ranks last).
+
+    Args:
+        out, anchor: (B, N, C) float32/float16/bfloat16, same shape and device.
+        labels: (B, N) int32/int64 cluster ids in [0, num_clusters).
+        num_clusters: number of clusters, >= 1.
+        backend: "auto" (default), "triton", "cuda" or "torch"; see :mod:`cat_kernels.backend`.
+    Returns:
+        d (B, N) float32 and cluster_score (B, num_clusters) float32.
+    """
+    _check_tensor("out", out, 3, _FLOATS)
+    _check_tensor("anchor", anchor, 3, _FLOATS)
+    _check_tensor("labels", labels, 2, _INTS)
+    if anchor.shape != out.shape:
+        raise ValueError(f"anchor must have the shape of out {tuple(out.shape)}, got {tuple(anchor.shape)}")
+    if labels.shape != out.shape[:2]:
+        raise ValueError(f"labels must have shape (B, N) = {tuple(out.shape[:2])}, got {tuple(labels.shape)}")
+    _check_same_device(out=out, anchor=anchor, labels=labels)
+    if not 1 <= num_clusters <= MAX_CLUSTERS:
+        raise ValueError(f"num_clusters must lie in [1, {MAX_CLUSTERS}], got {num_clusters}")
+    _check_range("labels", labels, num_clusters)
+    return _token_stats_op(out, anchor, labels, num_clusters, _backend.resolve(out.device, backend))
+
+
+def select_tokens(
+    d: Tensor,
+    cluster_score: Tensor,
+    labels: Tensor,
+    staleness: Tensor,
+    k: int,
+    *,
+    first: bool,
+    importance_fraction: float = 0.25,
+    staleness_decay: float = 0.5,
+    backend: str | None = None,
+) -> Tensor:
+    """CAT token selection and staleness update (DESIGN.md section 4).
+
+    Returns idx (B, k) int64: k unique token indices per sample, sorted ascending, and updates
+    `staleness` in place: s = staleness_decay * s; s[idx] += 1 (a low count means "stale").
+
+    Args:
+        d: (B, N) float32 token change (from :func:`token_stats`).
+        cluster_score: (B, nc) float32 cluster scores (from :func:`token_stats`).
+        labels: (B, N) int32/int64 cluster ids in [0, nc).
+        staleness: (B, N) float32, modified in place.
+        k: tokens to select per sample, 1 <= k <= N.
+        first: True for the first selection (clusters walked by rank, floor(k/10) tokens each,
+            then the largest change); False for the later ones (importance part, then staleness).
+        importance_fraction: share of k given to the importance part when first=False, in [0, 1].
+        staleness_decay: factor applied to staleness before the increment, in [0, 1].
+        backend: "auto" (default), "triton", "cuda" or "torch".
+    """
+    _check_tensor("d", d, 2, (torch.float32,))
+    _check_tensor("cluster_score", cluster_score, 2, (torch.float32,))
+    _check_tensor("labels", labels, 2, _INTS)
+    _check_tensor("staleness", staleness, 2, (torch.float32,))
+    _check_batch(d=d, cluster_score=cluster_score, labels=labels, staleness=staleness)
+    for name, t in (("labels", labels), ("staleness", staleness)):
+        if t.shape != d.shape:
+            raise ValueError(f"{name} must have the shape of d {tuple(d.shape)}, got {tuple(t.shape)}")
+    _check_same_device(d=d, cluster_score=cluster_score, labels=labels, staleness=staleness)
+    N, nc = d.shape[1], cluster_score.shape[1]
+    _check_k(k, N)
+    if N > MAX_TOKENS:
+        raise ValueError(f"d has N={N} tokens; at most {MAX_TOKENS} are supported")
+    if not 1 <= nc <= MAX_CLUSTERS:
+        raise ValueError(f"cluster_score must have 1 to {MAX_CLUSTERS} clusters, got {nc}")
+    if not 0.0 <= importance_fraction <= 1.0:
+        raise ValueError(f"importance_fraction must lie in [0, 1], got {importance_fraction}")
+    if not 0.0 <= staleness_decay <= 1.0:
+        raise ValueError(f"staleness_decay must lie in [0, 1], got {staleness_decay}")
+    _check_range("labels", labels, nc)
+    return _select_tokens_op(
+        d, cluster_score, labels, staleness, k, bool(first), float(importance_fraction), float(staleness_decay),
+        _backend.resolve(d.device, backend),
+    )
+
+
+def gather_tokens(x: Tensor, idx: Tensor, dim: int = 1, *, backend: str | None = None) -> Tensor:
+    """out[b, ..., j, :] = x[b, ..., idx[b, j], :]: rows of x chosen by idx along `dim`.
+
+    Args:
+        x: (B, N, C) with dim=1 or (B, H, N, D) with dim=2; any float dtype; any strides.
+        idx: (B, K) int32/int64 in [0, N).
+        dim: the token dimension, 1 or 2.
+    Returns a new contiguous tensor with N replaced by K.
+    """
+    _check_tensor("x", x, x.dim() if x.dim() in (3, 4) else 3, _FLOATS)
+    _check_dim(dim, x)
+    _check_tensor("idx", idx, 2, _INTS)
+    _check_batch(x=x, idx=idx)
+    _check_same_device(x=x, idx=idx)
+    _check_range("idx", idx, x.shape[dim])
+    return _gather_tokens_op(x, idx, dim, _backend.resolve(x.device, backend))
+
+
+def _check_scatter(dst_name: str, dst: Tensor, idx: Tensor, src_name: str, src: Tensor, dim: int) -> None:
+    _check_tensor(dst_name, dst, dst.dim() if dst.dim() in (3, 4) else 3, _FLOATS)
+    _check_dim(dim, dst)
+    _check_tensor(src_name, src, dst.dim(), _FLOATS)
+    _check_tensor("idx", idx, 2, _INTS)
+    expected = list(dst.shape)
+    expected[dim] = idx.shape[1]
+    if list(src.shape) != expected:
+        raise ValueError(f"{src_name} must have shape {tuple(expected)}, got {tuple(src.shape)}")
+    _check_same_device(**{dst_name: dst, "idx": idx, src_name: src})
+    _check_range("idx", idx, dst.shape[dim])
+
+
+def scatter_tokens_(dst: Tensor, idx: Tensor, src: Tensor, dim: int = 1, *, backend: str | None = None) -> Tensor:
+    """dst[b, ..., idx[b, j], :] = src[b, ..., j, :] in place; returns dst.
+
+    Args:
+        dst: (B, N, C) with dim=1 or (B, H, N, D) with dim=2; the cache, written in place.
+        idx: (B, K) int32/int64 in [0, N), unique within each row (duplicates: any one wins).
+        src: dst's shape with N replaced by K; cast to dst's dtype.
+        dim: the token dimension, 1 or 2.
+    """
+    _check_scatter("dst", dst, idx, "src", src, dim)
+    _scatter_tokens_op(dst, idx, src, dim, _backend.resolve(dst.device, backend))
+    return dst
+
+
+def scatter_kv_(
+    k_cache: Tensor, v_cache: Tensor, idx: Tensor, k: Tensor, v: Tensor, dim: int = 2, *, backend: str | None = None
+) -> None:
+    """Writes the new K and V rows into both caches at idx, in one launch where the backend can.
+
+    Same shapes and rules as :func:`scatter_tokens_`, for the pairs (k_cache, k) and
+    (v_cache, v), which must have equal shapes.
+    """
+    _check_scatter("k_cache", k_cache, idx, "k", k, dim)
+    _check_scatter("v_cache", v_cache, idx, "v", v, dim)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    _scatter_kv_op(k_cache, v_cache, idx, k, v, dim, _backend.resolve(k_cache.device, backend))
+
+
+def kmeans(features: Tensor, num_clusters: int, iters: int = 10, *, backend: str | None = None) -> Tensor:
+    """Lloyd's k-means per sample: deterministic start (points at evenly spaced indices), a fixed
+    number of iterations, no host synchronisation.
+
+    Args:
+        features: (B, N, F) float.
+        num_clusters: clusters, in [1, 1023].
+        iters: Lloyd iterations (assign + update), >= 0.
+    Returns labels (B, N) int64 in [0, num_clusters).
+    """
+    _check_tensor("features", features, 3, _FLOATS)
+    if not 1 <= num_clusters <= MAX_CLUSTERS:
+        raise ValueError(f"num_clusters must lie in [1, {MAX_CLUSTERS}], got {num_clusters}")
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    return _kmeans_op(features, num_clusters, iters, _backend.resolve(features.device, backend))
