@@ -1,0 +1,469 @@
+"""Kernel microbenchmarks: every cat_kernels op, every provider that runs on the device.
+
+Providers (each checked against cat_kernels.reference before it is timed):
+- ``torch-ref``: cat_kernels.reference, the oracle and fallback;
+- ``torch-baseline``: the plain torch idiom a user would write (advanced indexing for gather,
+  ``index_put_`` for scatter, and for selection a bare ``topk`` of d: a lower bound that does
+  not implement the policy, so it is not compared, its check column reads n/a);
+- ``triton``: cat_kernels.triton (CUDA; on CPU only when TRITON_INTERPRET=1 is set in the
+  environment, which is slow, so by default it is skipped on CPU);
+- ``ext``: the compiled extension cat_kernels.extension, when it imports (CPU and CUDA).
+
+Shapes (B=2, keep ratio 0.3, so K = ceil(0.3 N); token_stats on the model's 64 output channels
+with 20 clusters; k-means on 64 channels + 2 position features):
+- sd3-1024: N=4096, hidden 1536, H=24, D=64 (SD3-medium, 1024x1024);
+- flux-1024: N=4096, hidden 3072, H=24, D=128;
+- flux-2048: N=16384, hidden 3072, H=24, D=128;
+- plus a ``token_stats+select_tokens`` row at N=16384 (the design target: < 50 us on an H100).
+``--quick`` (the default on CPU) keeps sd3-1024 and the fused row, with fewer repeats.
+
+Bytes for GB/s count what the op must read and write at least once: gather/scatter move the
+K selected rows twice (read + write) plus the indices; token_stats reads out and anchor and the
+labels and writes d; select_tokens reads d, labels, staleness and writes staleness and idx.
+k-means reports TFLOP/s from 3*B*N*nc*F per assignment (iters + 1 of them), no GB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cat_kernels import reference as ref
+
+try:
+    from . import common
+except ImportError:  # run as a plain module from bench/ on sys.path
+    import common  # type: ignore[no-redef]
+
+OPS = ("token_stats", "select_tokens", "gather_tokens", "scatter_tokens_", "scatter_kv_", "kmeans")
+PROVIDERS = ("torch-ref", "torch-baseline", "triton", "ext")
+NUM_CLUSTERS = 20
+OUT_CHANNELS = 64
+KEEP_RATIO = 0.3
+KMEANS_ITERS = 10
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    B: int
+    N: int
+    C: int  # hidden size
+    H: int
+    D: int
+    C_out: int = OUT_CHANNELS
+
+    @property
+    def K(self) -> int:
+        return math.ceil(KEEP_RATIO * self.N)
+
+
+SHAPES = {
+    "sd3-1024": Model("sd3-1024", B=2, N=4096, C=1536, H=24, D=64),
+    "flux-1024": Model("flux-1024", B=2, N=4096, C=3072, H=24, D=128),
+    "flux-2048": Model("flux-2048", B=2, N=16384, C=3072, H=24, D=128),
+}
+QUICK_SHAPES = ("sd3-1024",)
+FUSED = Model("n16384", B=2, N=16384, C=3072, H=24, D=128)
+
+
+# --------------------------------------------------------------------------- providers
+
+
+def _load(name: str) -> tuple[Any | None, str]:
+    try:
+        return importlib.import_module(name), ""
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def providers(device: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The provider modules that run on `device`, and the reasons the others are skipped."""
+    mods: dict[str, Any] = {"torch-ref": ref, "torch-baseline": BASELINES}
+    skipped: dict[str, str] = {}
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device == "cuda" or interpret:
+        mod, why = _load("cat_kernels.triton")
+        if mod is None:
+            skipped["triton"] = f"cat_kernels.triton does not import ({why})"
+        else:
+            mods["triton"] = mod
+    else:
+        skipped["triton"] = "not run on cpu (set TRITON_INTERPRET=1 to run the interpreter; slow: use --filter)"
+    mod, why = _load("cat_kernels.extension")
+    if mod is None:
+        skipped["ext"] = f"cat_kernels.extension does not import ({why})"
+    else:
+        mods["ext"] = mod
+    return mods, skipped
+
+
+def _batch_rows(idx: torch.Tensor) -> torch.Tensor:
+    return torch.arange(idx.shape[0], device=idx.device)[:, None]
+
+
+def _gather_baseline(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """Advanced indexing, what one writes without a kernel."""
+    if dim == 1:
+        return x[_batch_rows(idx), idx]
+    heads = torch.arange(x.shape[1], device=x.device)[None, :, None]
+    return x[_batch_rows(idx)[:, :, None], heads, idx[:, None, :]]
+
+
+def _scatter_baseline(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, dim: int) -> torch.Tensor:
+    """index_put_ with advanced indices."""
+    if dim == 1:
+        dst.index_put_((_batch_rows(idx), idx), src.to(dst.dtype))
+    else:
+        heads = torch.arange(dst.shape[1], device=dst.device)[None, :, None]
+        dst.index_put_((_batch_rows(idx)[:, :, None], heads, idx[:, None, :]), src.to(dst.dtype))
+    return dst
+
+
+def _scatter_kv_baseline(k_cache, v_cache, idx, k, v, dim):
+    _scatter_baseline(k_cache, idx, k, dim)
+    _scatter_baseline(v_cache, idx, v, dim)
+
+
+def _select_lower_bound(d, cluster_score, labels, staleness, k, first, importance_fraction=0.25, staleness_decay=0.5):
+    """Not the policy: a bare top-k of d plus the staleness update, the floor any selection pays."""
+    idx = torch.topk(d, k, dim=1, sorted=False).indices.sort(dim=1).values
+    staleness.mul_(staleness_decay)
+    staleness.scatter_add_(1, idx, torch.ones_like(idx, dtype=staleness.dtype))
+    return idx
+
+
+class _Baselines:
+    gather_tokens = staticmethod(_gather_baseline)
+    scatter_tokens_ = staticmethod(_scatter_baseline)
+    scatter_kv_ = staticmethod(_scatter_kv_baseline)
+    select_tokens = staticmethod(_select_lower_bound)
+
+
+BASELINES = _Baselines()
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _gen(device: str, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def _randn(shape, dtype, device, g) -> torch.Tensor:
+    return torch.randn(shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+
+def _indices(B: int, N: int, K: int, device: str, g: torch.Generator) -> torch.Tensor:
+    """K unique sorted indices per sample (what select_tokens returns)."""
+    return torch.rand(B, N, generator=g, device=device).argsort(dim=1)[:, :K].sort(dim=1).values
+
+
+def _grid_labels(B: int, N: int, device: str) -> torch.Tensor:
+    """Compact spatial clusters on the token grid (4 x 5 blocks = 20), like the k-means gives."""
+    side = math.isqrt(N)
+    i = torch.arange(N, device=device)
+    row, col = (i // side).clamp_max(side - 1), i % side
+    labels = (row * 4 // side) * 5 + (col * 5 // side)
+    return labels.clamp_max(NUM_CLUSTERS - 1).expand(B, N).contiguous()
+
+
+def _stats_inputs(m: Model, dtype, device, seed) -> dict[str, Any]:
+    g = _gen(device, seed)
+    anchor = _randn((m.B, m.N, m.C_out), dtype, device, g)
+    out = (anchor.float() + 0.1 * _randn((m.B, m.N, m.C_out), torch.float32, device, g)).to(dtype)
+    return {"out": out, "anchor": anchor, "labels": _grid_labels(m.B, m.N, device), "num_clusters": NUM_CLUSTERS}
+
+
+def _select_inputs(m: Model, device, seed, first: bool) -> dict[str, Any]:
+    st = _stats_inputs(m, torch.float32, device, seed)
+    d, score = ref.token_stats(st["out"], st["anchor"], st["labels"], NUM_CLUSTERS)
+    g = _gen(device, seed + 1)
+    # Staleness after a few pruned steps: sums of powers of 1/2, many distinct values.
+    staleness = torch.rand(m.B, m.N, generator=g, device=device) * 2
+    return {"d": d, "cluster_score": score, "labels": st["labels"], "staleness": staleness, "k": m.K, "first": first}
+
+
+# --------------------------------------------------------------------------- checks
+# Discrete outputs computed from float reductions can differ from the reference where two
+# candidates are within an ulp (a point halfway between centroids, two tokens with nearly equal
+# d at a top-k cut). These checks accept exactly that and nothing more.
+
+KMEANS_MIN_AGREEMENT = 0.99
+
+
+def _compare_kmeans(inputs: dict[str, Any], labels: object) -> str | None:
+    """Labels in range, and equal to the reference's on >= 99% of tokens (ulp-level distance
+    differences flip boundary points, and a flip moves the next centroids a little)."""
+    expected = ref.kmeans(inputs["features"], NUM_CLUSTERS, KMEANS_ITERS)
+    if not isinstance(labels, torch.Tensor) or labels.shape != expected.shape or labels.dtype != expected.dtype:
+        got = (tuple(labels.shape), labels.dtype) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        return f"returned {got}, expected {(tuple(expected.shape), expected.dtype)}"
+    labels = labels.cpu()
+    expected = expected.cpu()
+    if int(labels.min()) < 0 or int(labels.max()) >= NUM_CLUSTERS:
+        return f"labels outside [0, {NUM_CLUSTERS})"
+    agree = float((labels == expected).float().mean())
+    if agree < KMEANS_MIN_AGREEMENT:
+        return f"labels agree with the reference on {agree:.2%} of tokens (< {KMEANS_MIN_AGREEMENT:.0%})"
+    return None
+
+
+def _compare_fused(inputs: dict[str, Any], actual: object) -> str | None:
+    """d and scores within tolerance of the reference's; idx and staleness exactly what the
+    reference selection gives from the provider's own d and scores."""
+    idx, staleness, d, score = actual
+    d_ref, score_ref = ref.token_stats(inputs["out"], inputs["anchor"], inputs["labels"], NUM_CLUSTERS)
+    reason = common.compare((d_ref, score_ref), (d, score))
+    if reason:
+        return "token_stats " + reason
+    s = inputs["staleness"]
+    idx_ref = ref.select_tokens(d, score, inputs["labels"], s, FUSED.K, False)
+    return common.compare((idx_ref, s), (idx, staleness), exact=True)
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def _cases_for(m: Model, device: str, mods: dict[str, Any], seed: int, quick: bool) -> Iterator[common.Case]:
+    bf16, f32 = torch.bfloat16, torch.float32
+    B, N, C, H, D, K, Co = m.B, m.N, m.C, m.H, m.D, m.K, m.C_out
+    es = 2  # bf16 element size
+    ids = 8  # int64 indices and labels
+
+    def case(op, variant, shape, dtype, make, call, **kw):
+        case_id = f"{op}[{variant},{m.name},{str(dtype).replace('torch.', '')}]"
+        for name, mod in mods.items():
+            fn = getattr(mod, op, None)
+            if fn is None:
+                continue
+            yield common.Case(
+                op=op,
+                provider=name,
+                case_id=case_id,
+                shape=shape,
+                dtype=str(dtype).replace("torch.", ""),
+                make=make,
+                call=(lambda inp, fn=fn: call(fn, inp)),
+                reference=(lambda inp: call(getattr(ref, op), inp)),
+                check=kw.get("check", True) and not (name == "torch-baseline" and op == "select_tokens"),
+                note="lower bound: plain topk, not the policy"
+                if name == "torch-baseline" and op == "select_tokens"
+                else "",
+                **{k: v for k, v in kw.items() if k != "check"},
+            )
+
+    # token_stats: (B, N, C_out) model outputs, model dtype and fp32.
+    for dtype in (bf16,) if quick else (bf16, f32):
+        esz = torch.empty((), dtype=dtype).element_size()
+        yield from case(
+            "token_stats",
+            "out",
+            {"B": B, "N": N, "C": Co, "clusters": NUM_CLUSTERS},
+            dtype,
+            lambda dtype=dtype: _stats_inputs(m, dtype, device, seed),
+            lambda fn, i: fn(i["out"], i["anchor"], i["labels"], i["num_clusters"]),
+            nbytes=2 * B * N * Co * esz + B * N * ids + B * N * 4 + B * NUM_CLUSTERS * 4,
+        )
+
+    # select_tokens, first and later selection: returns idx, updates staleness in place.
+    for first in (True, False):
+        yield from case(
+            "select_tokens",
+            "first" if first else "later",
+            {"B": B, "N": N, "K": K, "clusters": NUM_CLUSTERS},
+            f32,
+            lambda first=first: _select_inputs(m, device, seed, first),
+            lambda fn, i: (
+                fn(i["d"], i["cluster_score"], i["labels"], i["staleness"], i["k"], i["first"]),
+                i["staleness"],
+            ),
+            nbytes=B * N * (4 + ids + 4 + 4) + B * K * ids,
+        )
+
+    # gather_tokens on hidden states (B, N, C) and on K/V (B, H, N, D).
+    def gather_make(shape, dim):
+        def make():
+            g = _gen(device, seed)
+            return {"x": _randn(shape, bf16, device, g), "idx": _indices(B, N, K, device, g), "dim": dim}
+
+        return make
+
+    gather_call = lambda fn, i: fn(i["x"], i["idx"], i["dim"])
+    yield from case(
+        "gather_tokens",
+        "bnc",
+        {"B": B, "N": N, "C": C, "K": K},
+        bf16,
+        gather_make((B, N, C), 1),
+        gather_call,
+        exact=True,
+        nbytes=2 * B * K * C * es + B * K * ids,
+    )
+    yield from case(
+        "gather_tokens",
+        "bhnd",
+        {"B": B, "H": H, "N": N, "D": D, "K": K},
+        bf16,
+        gather_make((B, H, N, D), 2),
+        gather_call,
+        exact=True,
+        nbytes=2 * B * H * K * D * es + B * K * ids,
+    )
+
+    # scatter_tokens_ into the noise cache (B, N, C_out) and a hidden-size cache (B, N, C).
+    def scatter_make(c):
+        def make():
+            g = _gen(device, seed)
+            return {
+                "dst": _randn((B, N, c), bf16, device, g),
+                "idx": _indices(B, N, K, device, g),
+                "src": _randn((B, K, c), bf16, device, g),
+            }
+
+        return make
+
+    scatter_call = lambda fn, i: (fn(i["dst"], i["idx"], i["src"], 1), i["dst"])[1]
+    for variant, c in (("noise", Co), ("bnc", C)):
+        yield from case(
+            "scatter_tokens_",
+            variant,
+            {"B": B, "N": N, "C": c, "K": K},
+            bf16,
+            scatter_make(c),
+            scatter_call,
+            exact=True,
+            nbytes=2 * B * K * c * es + B * K * ids,
+        )
+
+    # scatter_kv_: new K/V rows come from attention as (B, K, H, D) viewed as (B, H, K, D).
+    def kv_make():
+        g = _gen(device, seed)
+        caches = [_randn((B, H, N, D), bf16, device, g) for _ in range(2)]
+        new = [_randn((B, K, H, D), bf16, device, g).transpose(1, 2) for _ in range(2)]
+        return {"kc": caches[0], "vc": caches[1], "idx": _indices(B, N, K, device, g), "k": new[0], "v": new[1]}
+
+    yield from case(
+        "scatter_kv_",
+        "bhnd-src-view",
+        {"B": B, "H": H, "N": N, "D": D, "K": K},
+        bf16,
+        kv_make,
+        lambda fn, i: (fn(i["kc"], i["vc"], i["idx"], i["k"], i["v"], 2), i["kc"], i["vc"])[1:],
+        exact=True,
+        nbytes=4 * B * H * K * D * es + B * K * ids,
+    )
+
+    # kmeans on (B, N, C_out + 2) features: content plus a row/col code.
+    F = Co + 2
+
+    def kmeans_make():
+        g = _gen(device, seed)
+        return {"features": _randn((B, N, F), f32, device, g)}
+
+    yield from case(
+        "kmeans",
+        f"iters{KMEANS_ITERS}",
+        {"B": B, "N": N, "F": F, "clusters": NUM_CLUSTERS},
+        f32,
+        kmeans_make,
+        lambda fn, i: fn(i["features"], NUM_CLUSTERS, KMEANS_ITERS),
+        flops=3 * B * N * NUM_CLUSTERS * F * (KMEANS_ITERS + 1),
+        compare=_compare_kmeans,
+    )
+
+
+def _fused_cases(device: str, mods: dict[str, Any], seed: int) -> Iterator[common.Case]:
+    """token_stats then the later select_tokens, as one step of the policy runs them."""
+    m = FUSED
+    B, N, K, Co = m.B, m.N, m.K, m.C_out
+
+    def make():
+        i = _stats_inputs(m, torch.bfloat16, device, seed)
+        i["staleness"] = torch.rand(B, N, generator=_gen(device, seed + 1), device=device) * 2
+        return i
+
+    def call(mod, i):
+        d, score = mod.token_stats(i["out"], i["anchor"], i["labels"], NUM_CLUSTERS)
+        return mod.select_tokens(d, score, i["labels"], i["staleness"], K, False), i["staleness"], d, score
+
+    for name, mod in mods.items():
+        if name == "torch-baseline":
+            continue
+        if not all(hasattr(mod, op) for op in ("token_stats", "select_tokens")):
+            continue
+        yield common.Case(
+            op="token_stats+select_tokens",
+            provider=name,
+            case_id=f"token_stats+select_tokens[later,{m.name},bfloat16]",
+            shape={"B": B, "N": N, "C": Co, "K": K, "clusters": NUM_CLUSTERS},
+            dtype="bfloat16",
+            make=make,
+            call=(lambda i, mod=mod: call(mod, i)),
+            reference=(lambda i: call(ref, i)),
+            nbytes=2 * B * N * Co * 2 + B * N * (8 + 4 + 4) + B * K * 8,
+            compare=_compare_fused,
+            note="design target: < 0.050 ms on an H100",
+        )
+
+
+def build_cases(device: str, quick: bool, seed: int = 0) -> tuple[list[common.Case], dict[str, str]]:
+    mods, skipped = providers(device)
+    names = QUICK_SHAPES if quick else tuple(SHAPES)
+    cases: list[common.Case] = []
+    for name in names:
+        cases.extend(_cases_for(SHAPES[name], device, mods, seed, quick))
+    cases.extend(_fused_cases(device, mods, seed))
+    for name, mod in mods.items():
+        missing = [op for op in OPS if name != "torch-baseline" and not hasattr(mod, op)]
+        if missing:
+            skipped[f"{name}:{','.join(missing)}"] = "not implemented by this provider"
+    return cases, skipped
+
+
+def select(cases: list[common.Case], filt: str | None, provider: str | None) -> list[common.Case]:
+    """Cases whose id contains `filt` (case-insensitive) and whose provider is in `provider`
+    (a comma-separated list)."""
+    if filt:
+        cases = [c for c in cases if filt.lower() in c.case_id.lower()]
+    if provider:
+        wanted = {p.strip() for p in provider.split(",")}
+        cases = [c for c in cases if c.provider in wanted]
+    return cases
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The suite entry point used by bench/run.py: one record per (case, provider)."""
+    device = args.device
+    quick = args.quick
+    cases, skipped = build_cases(device, quick, getattr(args, "seed", 0))
+    cases = select(cases, args.filter, getattr(args, "provider", None))
+    for what, why in skipped.items():
+        print(f"kernels: skipping {what}: {why}", file=sys.stderr)
+    if not cases:
+        print(f"kernels: no case matches --filter {args.filter!r}", file=sys.stderr)
+    if device == "cuda":
+        common.peak_bandwidth_gbps(device)  # once, before the cases, so it is not in a bar step
+    records = []
+    for c in common.progress(cases, total=len(cases), desc=f"kernels/{device}"):
+        rec = common.run_case(c, device, quick, getattr(args, "cudagraph", False))
+        argv = ["--suite", "kernels", "--device", device, "--filter", c.case_id, "--provider", c.provider]
+        if quick != (device == "cpu"):
+            argv.append("--quick" if quick else "--full")
+        rec["cmd"] = common.command_line(argv)
+        records.append(rec)
+    return records
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit("run this suite through: python bench/run.py --suite kernels")
