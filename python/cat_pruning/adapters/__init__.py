@@ -1,0 +1,21 @@
+"""One adapter per model family; `find_adapter` picks the one for a transformer."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Adapter
+from .sd3 import SD3Adapter
+
+ADAPTERS: tuple[Adapter, ...] = (SD3Adapter(),)
+
+
+def supported_families() -> str:
+    return ", ".join(a.family for a in ADAPTERS)
+
+
+def find_adapter(model: nn.Module) -> Adapter:
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    raise TypeError(f"cat_pruning does not support {type(model).__name__}; supported: {supported_families()}")

@@ -1,0 +1,90 @@
+"""What an adapter tells the patch layer about one model family.
+
+The patch layer is model-agnostic: it installs a forward hook on the patch embedding (gather
+of the selected rows), a forward hook on the output projection (scatter into the noise cache,
+selection of the next tokens), attention processors with a K/V cache, and a pre-hook for the
+step bookkeeping. An adapter names those modules for its family, builds the processors,
+reads the geometry of a call, refuses inputs it cannot handle, and counts MACs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..state import CATState, Geometry
+
+
+class Adapter:
+    """Base class; one subclass per model family (see adapters/__init__.py for the registry)."""
+
+    family: str = ""  # shown in errors and stats
+    model_classes: tuple[str, ...] = ()  # diffusers class names this adapter handles
+    patch_embed: str = ""  # submodule whose output is the (B, N, C) image tokens
+    out_proj: str = ""  # submodule whose output is the (B, rows, C_out) per-token prediction
+
+    def matches(self, model: nn.Module) -> bool:
+        return type(model).__name__ in self.model_classes
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ValueError for a model configuration this adapter cannot patch."""
+
+    def attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def make_processor(self, state: CATState, name: str, attn: nn.Module) -> object:
+        raise NotImplementedError
+
+    def check_call(self, args: tuple, kwargs: dict) -> None:
+        """Raise ValueError for call inputs this adapter does not handle (ControlNet, ...)."""
+
+    def geometry(self, model: nn.Module, args: tuple, kwargs: dict) -> Geometry:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ MAC accounting
+
+    def linear_stream(self, name: str) -> str | None:
+        """Which rows a Linear runs on: "image" (computed tokens), "text", "sample" (once per
+        sample), or None (not counted)."""
+        raise NotImplementedError
+
+    def attention_shape(self, name: str, attn: nn.Module, rows: int, num_tokens: int, text: int) -> tuple[int, int]:
+        """(queries, keys) of one attention layer when `rows` image tokens are computed."""
+        raise NotImplementedError
+
+    def text_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> int:
+        raise NotImplementedError
+
+    def macs_per_sample(self, model: nn.Module, rows: int, num_tokens: int, text: int) -> int:
+        """Multiply-accumulates of one forward for one sample with `rows` image tokens computed
+        out of `num_tokens` and `text` text tokens: linears and convolutions by the rows they
+        run on, plus QK^T and PV of every attention layer."""
+        total = 0
+        per_stream = {"image": rows, "text": text, "sample": 1, "patch": num_tokens}
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                stream = self.linear_stream(name)
+                if stream is not None:
+                    total += per_stream[stream] * module.in_features * module.out_features
+            elif isinstance(module, nn.Conv2d) and name.startswith(self.patch_embed):
+                kh, kw = module.kernel_size
+                total += num_tokens * module.in_channels * kh * kw * module.out_channels // module.groups
+        for name, attn in self.attention_modules(model).items():
+            queries, keys = self.attention_shape(name, attn, rows, num_tokens, text)
+            inner = attn.to_q.out_features
+            total += 2 * queries * keys * inner
+        return total
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError as err:
+        raise TypeError(f"{type(model).__name__} has no submodule {path!r}; this diffusers version is not supported") from err
+
+
+def hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(hidden, torch.Tensor):
+        raise ValueError("cat_pruning: the transformer was called without a hidden_states tensor")
+    return hidden

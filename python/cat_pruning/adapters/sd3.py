@@ -1,0 +1,70 @@
+"""SD3 / SD3.5 (diffusers SD3Transformer2DModel): MM-DiT joint attention over [image; text].
+
+SD3.5 adds RMS qk-norm (handled by the processor as the stock one does) and, in its first
+blocks, a second image-only self attention ``attn2`` (cached like ``attn``). The last block is
+``context_pre_only``: its text stream produces no output, which the processor respects.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..processors import CATJointAttnProcessor
+from ..state import CATState, Geometry
+from .base import Adapter, hidden_states_arg
+
+
+class SD3Adapter(Adapter):
+    family = "SD3 / SD3.5 (SD3Transformer2DModel)"
+    model_classes = ("SD3Transformer2DModel",)
+    patch_embed = "pos_embed"
+    out_proj = "proj_out"
+
+    def check_model(self, model: nn.Module) -> None:
+        for name, attn in self.attention_modules(model).items():
+            if getattr(attn, "fused_projections", False):
+                raise ValueError(f"cat_pruning: {name} has fused QKV projections; call unfuse_qkv_projections() first")
+
+    def attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        found = {}
+        for i, block in enumerate(model.transformer_blocks):
+            found[f"transformer_blocks.{i}.attn"] = block.attn
+            if getattr(block, "attn2", None) is not None:
+                found[f"transformer_blocks.{i}.attn2"] = block.attn2
+        return found
+
+    def make_processor(self, state: CATState, name: str, attn: nn.Module) -> object:
+        return CATJointAttnProcessor(state, name, attn.processor)
+
+    def check_call(self, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("block_controlnet_hidden_states") is not None:
+            raise ValueError("cat_pruning: ControlNet residuals are not supported yet; unpatch to use ControlNet")
+        joint = kwargs.get("joint_attention_kwargs") or {}
+        if "ip_adapter_image_embeds" in joint or "ip_hidden_states" in joint:
+            raise ValueError("cat_pruning: IP-Adapter inputs are not supported yet; unpatch to use IP-Adapter")
+        if kwargs.get("skip_layers") is not None:
+            raise ValueError("cat_pruning: skip-layer guidance (skip_layers) is not supported; unpatch to use it")
+
+    def geometry(self, model: nn.Module, args: tuple, kwargs: dict) -> Geometry:
+        hidden = hidden_states_arg(args, kwargs)
+        p = model.config.patch_size
+        b, _, h, w = hidden.shape
+        return Geometry(b, h // p, w // p, hidden.dtype, hidden.device)
+
+    def text_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> int:
+        ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        return 0 if ctx is None else ctx.shape[1]
+
+    def linear_stream(self, name: str) -> str | None:
+        if name.startswith(("time_text_embed", "norm_out")) or ".norm1" in name:
+            return "sample"
+        if name.startswith("context_embedder") or "add_" in name or "_context" in name:
+            return "text"
+        if name.startswith(("transformer_blocks", "proj_out")):
+            return "image"
+        return None
+
+    def attention_shape(self, name: str, attn: nn.Module, rows: int, num_tokens: int, text: int) -> tuple[int, int]:
+        if name.endswith("attn2"):
+            return rows, num_tokens
+        return rows + text, num_tokens + text

@@ -1,0 +1,79 @@
+"""CATConfig: every knob of CAT Pruning in one validated dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from cat_kernels.backend import BACKENDS
+
+
+@dataclasses.dataclass(frozen=True)
+class CATConfig:
+    """Settings of CAT Pruning (Cheng et al., arXiv 2502.00433).
+
+    Knobs to touch:
+        keep_ratio: share of image tokens recomputed at each pruned step, in (0, 1]. Default
+            0.3. 1.0 recomputes everything (equals the unpatched model; useful as a check).
+        full_steps: denoising steps run on the whole model before pruning starts, >= 2.
+            Default 8. The last two record the anchor and the first caches.
+        backend: kernel backend, "auto" (default), "triton", "cuda" or "torch"
+            (see cat_kernels.backend).
+
+    Knobs for tinkering:
+        num_clusters: spatial clusters for the per-cluster quotas, >= 1. Default 20.
+        importance_fraction: share of K chosen by change in the later selections, in [0, 1].
+            Default 0.25; the rest goes to the stalest tokens.
+        staleness_decay: decay of the per-token recompute count per pruned step, in [0, 1].
+            Default 0.5.
+        kmeans_iters: Lloyd iterations of the one-off clustering, >= 0. Default 10.
+        cluster_content_weight: weight of the model output in the clustering features next to
+            the (row, column) position in token units, >= 0. Default 0.05, so clusters are
+            compact spatial regions.
+        cfg_pairs: whether the batch is [uncond; cond] halves that share one selection scored
+            on the cond half. None (default): taken from the pipeline's
+            `do_classifier_free_guidance`; False for a bare transformer.
+    """
+
+    keep_ratio: float = 0.3
+    full_steps: int = 8
+    backend: str = "auto"
+    num_clusters: int = 20
+    importance_fraction: float = 0.25
+    staleness_decay: float = 0.5
+    kmeans_iters: int = 10
+    cluster_content_weight: float = 0.05
+    cfg_pairs: bool | None = None
+
+    def __post_init__(self) -> None:
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        checks = [
+            ("keep_ratio", isinstance(self.keep_ratio, (int, float)) and 0.0 < self.keep_ratio <= 1.0, "in (0, 1]"),
+            ("full_steps", is_int(self.full_steps) and self.full_steps >= 2, "an int >= 2"),
+            ("num_clusters", is_int(self.num_clusters) and 1 <= self.num_clusters <= 1023, "an int in [1, 1023]"),
+            ("importance_fraction", isinstance(self.importance_fraction, (int, float))
+             and 0.0 <= self.importance_fraction <= 1.0, "in [0, 1]"),
+            ("staleness_decay", isinstance(self.staleness_decay, (int, float))
+             and 0.0 <= self.staleness_decay <= 1.0, "in [0, 1]"),
+            ("kmeans_iters", is_int(self.kmeans_iters) and self.kmeans_iters >= 0, "an int >= 0"),
+            ("cluster_content_weight", isinstance(self.cluster_content_weight, (int, float))
+             and self.cluster_content_weight >= 0, ">= 0"),
+            ("backend", self.backend in BACKENDS, f"one of {BACKENDS}"),
+            ("cfg_pairs", self.cfg_pairs in (None, True, False), "None, True or False"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"CATConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+
+    def tokens_kept(self, num_tokens: int) -> int:
+        """K = ceil(keep_ratio * N), at least 1."""
+        return max(1, min(num_tokens, math.ceil(self.keep_ratio * num_tokens - 1e-9)))
+
+    def replace(self, **overrides: object) -> CATConfig:
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown CATConfig field(s) {unknown}; valid: {sorted(names)}")
+        return dataclasses.replace(self, **overrides)

@@ -1,0 +1,91 @@
+"""Attention processors that keep a per-layer K/V cache of the image tokens.
+
+Installed with diffusers' ``Attention.set_processor``; the blocks around them run unchanged
+on whatever rows they are given. Attention is the only place where tokens mix, so this is the
+only place that needs to know that a pruned step runs on K compacted image tokens: their new
+keys/values are written into the cache at ``state.idx`` and the K queries attend over the full
+cached image K/V plus the text K/V (ordinary dense attention of K queries against N + T keys).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cat_kernels import ops
+
+from .state import CATState
+
+
+def _heads(x: Tensor, batch: int, heads: int) -> Tensor:
+    """(B, L, H*D) -> (B, H, L, D)."""
+    return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+
+class CATJointAttnProcessor:
+    """SD3-style joint attention over [image; text] (``attn``) or image-only self attention
+    (SD3.5's ``attn2``), with the image K/V rows cached between steps.
+
+    In the dense modes it defers to the processor it replaced, so those steps are the
+    unpatched computation exactly; "fill" computes the same thing and keeps the image K/V.
+    """
+
+    def __init__(self, state: CATState, name: str, original: object) -> None:
+        self.state = state
+        self.name = name
+        self.original = original
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *args: object,
+        **kwargs: object,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        mode = self.state.mode
+        if mode in ("dense", "anchor"):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        if attention_mask is not None:
+            raise ValueError("cat_pruning: attention masks are not supported on pruned steps")
+
+        batch, rows = hidden_states.shape[:2]
+        query = _heads(attn.to_q(hidden_states), batch, attn.heads)
+        key = _heads(attn.to_k(hidden_states), batch, attn.heads)
+        value = _heads(attn.to_v(hidden_states), batch, attn.heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if mode == "fill":
+            self.state.kv[self.name] = (key.contiguous(), value.contiguous())
+        else:  # pruned: refresh the cache rows of the selected tokens, attend over all of them
+            k_cache, v_cache = self.state.kv[self.name]
+            ops.scatter_kv_(k_cache, v_cache, self.state.idx, key, value, 2, backend=self.state.config.backend)
+            key, value = k_cache, v_cache
+
+        if encoder_hidden_states is not None:
+            ctx_query = _heads(attn.add_q_proj(encoder_hidden_states), batch, attn.heads)
+            ctx_key = _heads(attn.add_k_proj(encoder_hidden_states), batch, attn.heads)
+            ctx_value = _heads(attn.add_v_proj(encoder_hidden_states), batch, attn.heads)
+            if attn.norm_added_q is not None:
+                ctx_query = attn.norm_added_q(ctx_query)
+            if attn.norm_added_k is not None:
+                ctx_key = attn.norm_added_k(ctx_key)
+            query = torch.cat([query, ctx_query], dim=2)
+            key = torch.cat([key, ctx_key], dim=2)
+            value = torch.cat([value, ctx_value], dim=2)
+
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
+
+        image_out = attn.to_out[1](attn.to_out[0](out[:, :rows]))
+        if encoder_hidden_states is None:
+            return image_out
+        ctx_out = out[:, rows:]
+        if not attn.context_pre_only:
+            ctx_out = attn.to_add_out(ctx_out)
+        return image_out, ctx_out

@@ -1,0 +1,57 @@
+"""What a patched generation computed, as a dataclass that prints as a short table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .config import CATConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStats:
+    step: int
+    mode: str  # "dense", "anchor", "fill" or "pruned"
+    tokens: int  # image tokens computed per sample
+
+
+@dataclasses.dataclass(frozen=True)
+class CATStats:
+    """Per-step record and totals of the last (or current) generation.
+
+    macs / macs_dense count multiply-accumulates of the transformer (linears, convolutions,
+    QK^T and PV) over all steps and samples; cache_bytes is what the caches hold now.
+    """
+
+    family: str
+    config: CATConfig
+    num_tokens: int
+    tokens_kept: int
+    batch: int
+    steps: list[StepStats]
+    macs: int
+    macs_dense: int
+    cache_bytes: int
+
+    @property
+    def mac_fraction(self) -> float:
+        """MACs of this generation over the MACs of the dense model for the same steps."""
+        return self.macs / self.macs_dense if self.macs_dense else 1.0
+
+    @property
+    def mac_speedup(self) -> float:
+        """The speedup a perfectly MAC-bound run would see."""
+        return self.macs_dense / self.macs if self.macs else 1.0
+
+    def __str__(self) -> str:
+        pruned = sum(s.mode == "pruned" for s in self.steps)
+        lines = [
+            f"CAT Pruning on {self.family}: {len(self.steps)} steps ({len(self.steps) - pruned} dense, {pruned} pruned), "
+            f"batch {self.batch}, {self.num_tokens} image tokens, {self.tokens_kept} kept "
+            f"(keep_ratio {self.config.keep_ratio}, full_steps {self.config.full_steps})",
+            f"  MACs {self.macs / 1e9:,.1f} G of {self.macs_dense / 1e9:,.1f} G dense: "
+            f"{100 * self.mac_fraction:.1f}% ({self.mac_speedup:.2f}x ideal speedup)",
+            f"  caches {self.cache_bytes / 2**20:,.1f} MiB",
+            "  step  mode    tokens/sample",
+        ]
+        lines += [f"  {s.step:>4}  {s.mode:<6}  {s.tokens:>6}" for s in self.steps]
+        return "\n".join(lines)
