@@ -1,0 +1,67 @@
+"""The compiled extension cat_kernels._C behind the reference's signatures.
+
+Importing this module imports cat_kernels._C, which registers the ops under
+``torch.ops.cat_kernels`` (C++ for CPU tensors, CUDA kernels when built with nvcc, Meta for
+tracing). It raises ImportError when the extension is not built, so :mod:`cat_kernels.backend`
+treats the backend as missing. Each function has the name and signature of its counterpart in
+:mod:`cat_kernels.reference`; see there for the math.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (ImportError when not built; loading registers the ops)
+
+__all__ = ["token_stats", "select_tokens", "gather_tokens", "scatter_tokens_", "scatter_kv_", "kmeans", "kmeans_assign"]
+
+WITH_CUDA: bool = bool(_C.WITH_CUDA)
+_ops = torch.ops.cat_kernels
+
+
+def token_stats(out: Tensor, anchor: Tensor, labels: Tensor, num_clusters: int) -> tuple[Tensor, Tensor]:
+    """d (B, N) float32 and cluster_score (B, num_clusters) float32; see reference.token_stats."""
+    return _ops.token_stats(out, anchor, labels, num_clusters)
+
+
+def select_tokens(
+    d: Tensor,
+    cluster_score: Tensor,
+    labels: Tensor,
+    staleness: Tensor,
+    k: int,
+    first: bool,
+    importance_fraction: float = 0.25,
+    staleness_decay: float = 0.5,
+) -> Tensor:
+    """idx (B, k) int64 sorted ascending; updates staleness in place; see reference.select_tokens."""
+    return _ops.select_tokens(
+        d, cluster_score, labels, staleness, k, bool(first), float(importance_fraction), float(staleness_decay)
+    )
+
+
+def gather_tokens(x: Tensor, idx: Tensor, dim: int) -> Tensor:
+    """out[b, ..., j, :] = x[b, ..., idx[b, j], :] along `dim`; see reference.gather_tokens."""
+    return _ops.gather_tokens(x, idx, dim)
+
+
+def scatter_tokens_(dst: Tensor, idx: Tensor, src: Tensor, dim: int) -> Tensor:
+    """dst[b, ..., idx[b, j], :] = src[b, ..., j, :] in place (dst's strides kept); returns dst."""
+    _ops.scatter_tokens_(dst, idx, src, dim)
+    return dst
+
+
+def scatter_kv_(k_cache: Tensor, v_cache: Tensor, idx: Tensor, k: Tensor, v: Tensor, dim: int) -> None:
+    """Both caches' rows at idx overwritten with the new K and V rows (one launch on CUDA)."""
+    _ops.scatter_kv_(k_cache, v_cache, idx, k, v, dim)
+
+
+def kmeans(features: Tensor, num_clusters: int, iters: int) -> Tensor:
+    """labels (B, N) int64: the reference's k-means with the assignment step compiled."""
+    return _ops.kmeans(features, num_clusters, iters)
+
+
+def kmeans_assign(features: Tensor, centroids: Tensor) -> Tensor:
+    """labels[b, i] = argmin_c ||features[b, i] - centroids[b, c]||^2, ties by lower c."""
+    return _ops.kmeans_assign(features, centroids)
