@@ -31,8 +31,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +164,38 @@ def table(records: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def run_suites(args: argparse.Namespace, names: list[str], env: dict[str, Any], records: list, write) -> int:
+    """Runs each suite in turn, appending its records and writing the JSON after each one."""
+    import common
+
+    status = 0
+    for name in names:
+        suite = load_suite(name)
+        if suite is None:
+            print(f"bench: suite {name!r} is not available (bench/{SUITES[name]}.py is missing)", file=sys.stderr)
+            if args.suite != "all":
+                status = 2
+            continue
+        try:
+            recs = suite.run(args)
+        except KeyboardInterrupt:
+            print(f"bench: interrupted in suite {name!r}; keeping the suites before it", file=sys.stderr)
+            return 130
+        except Exception:  # noqa: BLE001 - one broken suite must not lose the others
+            traceback.print_exc()
+            print(f"bench: suite {name!r} raised; continuing", file=sys.stderr)
+            status = status or 1
+            continue
+        for r in recs:
+            r.setdefault("suite", name)
+            for k, v in env.items():
+                r.setdefault(k, v)
+            r.setdefault("cmd", common.command_line(["--suite", name, "--device", args.device]))
+        records.extend(recs)
+        write()  # after each suite, so a later suite's crash or timeout keeps these
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     resolve_device(args)
@@ -177,40 +211,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         print(f"bench: measured copy bandwidth {common.peak_bandwidth_gbps('cuda'):.0f} GB/s", file=sys.stderr)
 
+    path = args.json or RESULTS / f"{args.suite}-{args.device}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
-    status = 0
+
+    def write() -> None:
+        doc = {
+            "schema": 1,
+            "argv": sys.argv[1:] if argv is None else argv,
+            "environment": env,
+            "peak_gbps": common.peak_bandwidth_gbps(args.device) if records else None,
+            "records": records,
+        }
+        path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+
+    # `timeout` sends SIGTERM: stop as on Ctrl-C, so the suites finished so far are kept.
+    try:
+        old_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    except ValueError:  # not the main thread
+        old_handler = None
     t0 = time.perf_counter()
-    for name in names:
-        suite = load_suite(name)
-        if suite is None:
-            print(f"bench: suite {name!r} is not available (bench/{SUITES[name]}.py is missing)", file=sys.stderr)
-            if args.suite != "all":
-                status = 2
-            continue
-        recs = suite.run(args)
-        for r in recs:
-            r.setdefault("suite", name)
-            for k, v in env.items():
-                r.setdefault(k, v)
-            r.setdefault("cmd", common.command_line(["--suite", name, "--device", args.device]))
-        records.extend(recs)
+    try:
+        status = run_suites(args, names, env, records, write)
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
     elapsed = time.perf_counter() - t0
 
     if records:
         print(table(records))
     fails = sum(r.get("check") == "FAIL" for r in records)
     print(f"\nbench: {len(records)} records, {fails} FAIL, {elapsed:.1f} s", file=sys.stderr)
-
-    path = args.json or RESULTS / f"{args.suite}-{args.device}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "schema": 1,
-        "argv": sys.argv[1:] if argv is None else argv,
-        "environment": env,
-        "peak_gbps": common.peak_bandwidth_gbps(args.device) if records else None,
-        "records": records,
-    }
-    path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    write()
     print(f"bench: wrote {path}", file=sys.stderr)
     if status:
         return status
