@@ -90,7 +90,8 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
     if is_patched(obj):
         unpatch(obj)
 
-    state = CATState(config, driver="pipeline" if pipeline is not None else "auto")
+    driver = "pipeline" if pipeline is not None else ("manual" if config.manual_steps else "auto")
+    state = CATState(config, driver=driver)
     attns = adapter.attention_modules(transformer)
     p = _Patch(state, adapter, transformer, pipeline, {n: a.processor for n, a in attns.items()}, [], [])
     for name, attn in attns.items():
@@ -100,8 +101,9 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
         adapter.check_call(args, kwargs)
         if state.driver == "auto" and torch.compiler.is_compiling():
             raise RuntimeError(
-                "cat_pruning: a bare transformer under torch.compile cannot count its own steps; call "
-                "cat_pruning.advance(transformer) after each denoising step, or patch the pipeline"
+                "cat_pruning: a bare transformer under torch.compile cannot count its own steps; patch it "
+                "with manual_steps=True and call cat_pruning.advance(transformer) after each denoising step, "
+                "or patch the pipeline instead"
             )
         state.begin_forward(adapter.geometry(module, args, kwargs))
         p.text_tokens = adapter.text_tokens(module, args, kwargs)
@@ -188,14 +190,14 @@ def reset(obj: Any) -> None:
 
 
 def advance(obj: Any) -> None:
-    """Mark the end of a denoising step of a bare transformer.
-
-    Needed only when the transformer runs under torch.compile without its pipeline (in eager
-    mode it counts its own forwards). After the first call the transformer counts nothing
-    itself until it is patched again."""
+    """Mark the end of a denoising step of a bare transformer patched with manual_steps=True
+    (the way to run one under torch.compile without its pipeline)."""
     state = _require(obj).state
-    if state.driver == "auto":
-        state.driver = "manual"
+    if state.driver != "manual":
+        raise ValueError(
+            f"cat_pruning.advance is for transformers patched with manual_steps=True; this one counts its steps "
+            f"itself ({'through its pipeline' if state.driver == 'pipeline' else 'per forward call'})"
+        )
     state.advance()
 
 

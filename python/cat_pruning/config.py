@@ -33,6 +33,11 @@ class CATConfig:
         cfg_pairs: whether the batch is [uncond; cond] halves that share one selection scored
             on the cond half. None (default): taken from the pipeline's
             `do_classifier_free_guidance`; False for a bare transformer.
+        manual_steps: for a bare transformer only: the caller marks the end of every denoising
+            step with `cat_pruning.advance(transformer)` instead of the transformer counting its
+            own forwards. Needed under torch.compile, where the count cannot be kept inside the
+            compiled code without a recompile per step. Ignored for pipelines (the patch
+            counts scheduler steps). Default False.
     """
 
     keep_ratio: float = 0.3
@@ -44,6 +49,7 @@ class CATConfig:
     kmeans_iters: int = 10
     cluster_content_weight: float = 0.05
     cfg_pairs: bool | None = None
+    manual_steps: bool = False
 
     def __post_init__(self) -> None:
         def is_int(v: object) -> bool:
@@ -62,6 +68,7 @@ class CATConfig:
              and self.cluster_content_weight >= 0, ">= 0"),
             ("backend", self.backend in BACKENDS, f"one of {BACKENDS}"),
             ("cfg_pairs", self.cfg_pairs in (None, True, False), "None, True or False"),
+            ("manual_steps", isinstance(self.manual_steps, bool), "a bool"),
         ]
         for name, ok, expected in checks:
             if not ok:

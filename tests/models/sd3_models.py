@@ -41,7 +41,7 @@ def run_steps(model, kw: dict, steps: int, step_fn=None):
     x = kw["hidden_states"]
     outs = []
     for i in range(steps):
-        t = torch.full((x.shape[0],), 1000.0 * (1 - i / steps), dtype=x.dtype)
+        t = torch.full((x.shape[0],), 1000.0 * (1 - i / steps), dtype=x.dtype, device=x.device)
         with torch.no_grad():
             out = model(**{**kw, "hidden_states": x}, timestep=t, return_dict=False)[0]
         outs.append(out)
