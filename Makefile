@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 
-.PHONY: install test demo lint clean
+.PHONY: install ext test demo lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,12 @@ install: $(PY)
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[test]"
 
-test: install
+# The compiled extension cat_kernels._C, in place; fails when csrc/ does not compile (CUDA
+# sources for sm_80 and sm_90 when nvcc is here). Cached in build/ext/: a rerun only relinks.
+ext: install
+	PY=$(PY) tools/check_cuda_build.sh
+
+test: install ext
 	$(PY) -m pytest -q
 
 demo: install
