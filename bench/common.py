@@ -170,8 +170,8 @@ def time_cuda(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100, 
 
     if cudagraph:
         try:
-            with torch.cuda.stream(torch.cuda.Stream()):
-                q = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, quantiles=list(QUANTILES))
+            # do_bench_cudagraph captures on a side stream of its own.
+            q = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, quantiles=list(QUANTILES))
             return Timing(*q, repeats=-1, timer="do_bench_cudagraph")
         except Exception as exc:  # noqa: BLE001 - capture can fail for ops that sync; fall back
             print(f"bench: CUDA graph capture failed ({type(exc).__name__}: {exc}); using do_bench", file=sys.stderr)

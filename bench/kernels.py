@@ -16,6 +16,8 @@ with 20 clusters; k-means on 64 channels + 2 position features):
 - flux-2048: N=16384, hidden 3072, H=24, D=128;
 - plus a ``token_stats+select_tokens`` row at N=16384 (the design target: < 50 us on an H100).
 ``--quick`` (the default on CPU) keeps sd3-1024 and the fused row, with fewer repeats.
+``--shapes a,b`` picks shapes by name (sd3-1024, flux-1024, flux-2048, n16384 for the fused row,
+and ``tiny``, N=400, for smoke runs such as ``TRITON_INTERPRET=1 ... --device cpu --shapes tiny``).
 
 Bytes for GB/s count what the op must read and write at least once: gather/scatter move the
 K selected rows twice (read + write) plus the indices; token_stats reads out and anchor and the
@@ -72,7 +74,10 @@ SHAPES = {
     "flux-2048": Model("flux-2048", B=2, N=16384, C=3072, H=24, D=128),
 }
 QUICK_SHAPES = ("sd3-1024",)
-FUSED = Model("n16384", B=2, N=16384, C=3072, H=24, D=128)
+# Shapes for the fused token_stats+select_tokens row (only N, B, C_out matter).
+FUSED_SHAPES = {"n16384": Model("n16384", B=2, N=16384, C=3072, H=24, D=128)}
+# Not run by default: smoke tests of providers (the Triton interpreter on CPU), via --shapes tiny.
+TINY = Model("tiny", B=2, N=400, C=96, H=2, D=16)
 
 
 # --------------------------------------------------------------------------- providers
@@ -219,7 +224,7 @@ def _compare_kmeans(inputs: dict[str, Any], labels: object) -> str | None:
     return None
 
 
-def _compare_fused(inputs: dict[str, Any], actual: object) -> str | None:
+def _compare_fused(inputs: dict[str, Any], actual: object, k: int) -> str | None:
     """d and scores within tolerance of the reference's; idx and staleness exactly what the
     reference selection gives from the provider's own d and scores."""
     idx, staleness, d, score = actual
@@ -228,7 +233,7 @@ def _compare_fused(inputs: dict[str, Any], actual: object) -> str | None:
     if reason:
         return "token_stats " + reason
     s = inputs["staleness"]
-    idx_ref = ref.select_tokens(d, score, inputs["labels"], s, FUSED.K, False)
+    idx_ref = ref.select_tokens(d, score, inputs["labels"], s, k, False)
     return common.compare((idx_ref, s), (idx, staleness), exact=True)
 
 
@@ -383,9 +388,8 @@ def _cases_for(m: Model, device: str, mods: dict[str, Any], seed: int, quick: bo
     )
 
 
-def _fused_cases(device: str, mods: dict[str, Any], seed: int) -> Iterator[common.Case]:
+def _fused_cases(m: Model, device: str, mods: dict[str, Any], seed: int) -> Iterator[common.Case]:
     """token_stats then the later select_tokens, as one step of the policy runs them."""
-    m = FUSED
     B, N, K, Co = m.B, m.N, m.K, m.C_out
 
     def make():
@@ -412,18 +416,34 @@ def _fused_cases(device: str, mods: dict[str, Any], seed: int) -> Iterator[commo
             call=(lambda i, mod=mod: call(mod, i)),
             reference=(lambda i: call(ref, i)),
             nbytes=2 * B * N * Co * 2 + B * N * (8 + 4 + 4) + B * K * 8,
-            compare=_compare_fused,
+            compare=lambda i, a: _compare_fused(i, a, K),
             note="design target: < 0.050 ms on an H100",
         )
 
 
-def build_cases(device: str, quick: bool, seed: int = 0) -> tuple[list[common.Case], dict[str, str]]:
+def build_cases(
+    device: str, quick: bool, seed: int = 0, shapes: str | None = None
+) -> tuple[list[common.Case], dict[str, str]]:
+    """All cases for `device`; `shapes` is a comma-separated list of shape names (default: the
+    quick or the full set, plus the fused row)."""
     mods, skipped = providers(device)
-    names = QUICK_SHAPES if quick else tuple(SHAPES)
+    if shapes:
+        names = [s.strip() for s in shapes.split(",") if s.strip()]
+        known = {*SHAPES, *FUSED_SHAPES, "tiny"}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise SystemExit(f"kernels: unknown shape(s) {unknown}; known: {sorted(known)}")
+    else:
+        names = [*(QUICK_SHAPES if quick else SHAPES), *FUSED_SHAPES]
     cases: list[common.Case] = []
     for name in names:
-        cases.extend(_cases_for(SHAPES[name], device, mods, seed, quick))
-    cases.extend(_fused_cases(device, mods, seed))
+        if name == "tiny":
+            cases.extend(_cases_for(TINY, device, mods, seed, quick))
+            cases.extend(_fused_cases(TINY, device, mods, seed))
+        elif name in SHAPES:
+            cases.extend(_cases_for(SHAPES[name], device, mods, seed, quick))
+        else:
+            cases.extend(_fused_cases(FUSED_SHAPES[name], device, mods, seed))
     for name, mod in mods.items():
         missing = [op for op in OPS if name != "torch-baseline" and not hasattr(mod, op)]
         if missing:
@@ -446,7 +466,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The suite entry point used by bench/run.py: one record per (case, provider)."""
     device = args.device
     quick = args.quick
-    cases, skipped = build_cases(device, quick, getattr(args, "seed", 0))
+    shapes = getattr(args, "shapes", None)
+    cases, skipped = build_cases(device, quick, getattr(args, "seed", 0), shapes)
     cases = select(cases, args.filter, getattr(args, "provider", None))
     for what, why in skipped.items():
         print(f"kernels: skipping {what}: {why}", file=sys.stderr)
@@ -460,6 +481,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         argv = ["--suite", "kernels", "--device", device, "--filter", c.case_id, "--provider", c.provider]
         if quick != (device == "cpu"):
             argv.append("--quick" if quick else "--full")
+        if shapes:
+            argv += ["--shapes", shapes]
         rec["cmd"] = common.command_line(argv)
         records.append(rec)
     return records

@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--provider", default=None, help="comma-separated providers to run (torch-ref, torch-baseline, triton, ext)"
     )
+    parser.add_argument(
+        "--shapes", default=None, help="kernels suite: comma-separated shape names (see bench/kernels.py), e.g. tiny"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for cpu runs")
     parser.add_argument(
         "--cudagraph", action="store_true", help="time with triton.testing.do_bench_cudagraph (no launch overhead)"
@@ -170,7 +173,13 @@ def run_suites(args: argparse.Namespace, names: list[str], env: dict[str, Any], 
 
     status = 0
     for name in names:
-        suite = load_suite(name)
+        try:
+            suite = load_suite(name)
+        except Exception:  # noqa: BLE001 - e.g. the suite needs diffusers and it is not installed
+            traceback.print_exc()
+            print(f"bench: suite {name!r} failed to import; continuing", file=sys.stderr)
+            status = status or 1
+            continue
         if suite is None:
             print(f"bench: suite {name!r} is not available (bench/{SUITES[name]}.py is missing)", file=sys.stderr)
             if args.suite != "all":

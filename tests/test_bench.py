@@ -113,3 +113,17 @@ def test_gpu_check_script_syntax():
     import subprocess
 
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
+
+
+def test_every_op_has_cases(run_module, no_interpreter):
+    import kernels
+
+    cases, _ = kernels.build_cases("cpu", quick=True, shapes="tiny")
+    ops = {c.op for c in cases}
+    assert ops == {*kernels.OPS, "token_stats+select_tokens"}
+    assert {"torch-ref", "torch-baseline"} <= {c.provider for c in cases}
+    variants = {c.case_id.split(",")[0] for c in cases}
+    assert {"select_tokens[first", "select_tokens[later", "gather_tokens[bnc", "gather_tokens[bhnd"} <= variants
+    full, _ = kernels.build_cases("cpu", quick=False)
+    shapes = {c.case_id.split(",")[1] for c in full}
+    assert shapes == {"sd3-1024", "flux-1024", "flux-2048", "n16384"}
