@@ -7,7 +7,10 @@ Providers (each checked against cat_kernels.reference before it is timed):
   not implement the policy, so it is not compared, its check column reads n/a);
 - ``triton``: cat_kernels.triton (CUDA; on CPU only when TRITON_INTERPRET=1 is set in the
   environment, which is slow, so by default it is skipped on CPU);
-- ``ext``: the compiled extension cat_kernels.extension, when it imports (CPU and CUDA).
+- ``ext``: the compiled extension cat_kernels.extension, when it imports (CPU and CUDA);
+- ``ops-auto``: the public op ``cat_kernels.ops.<op>(..., backend="auto")`` as cat_pruning calls
+  it: the backend ``auto`` picks plus argument checks and the torch.library dispatch (its
+  ``note`` names the backend). The gap to that backend's own row is the per-call overhead.
 
 Shapes (B=2, keep ratio 0.3, so K = ceil(0.3 N); token_stats on the model's 64 output channels
 with 20 clusters; k-means on 64 channels + 2 position features):
@@ -32,12 +35,15 @@ import importlib
 import math
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from cat_kernels import backend as cat_backend
+from cat_kernels import ops
 from cat_kernels import reference as ref
 
 try:
@@ -46,7 +52,7 @@ except ImportError:  # run as a plain module from bench/ on sys.path
     import common  # type: ignore[no-redef]
 
 OPS = ("token_stats", "select_tokens", "gather_tokens", "scatter_tokens_", "scatter_kv_", "kmeans")
-PROVIDERS = ("torch-ref", "torch-baseline", "triton", "ext")
+PROVIDERS = ("torch-ref", "torch-baseline", "triton", "ext", "ops-auto")
 NUM_CLUSTERS = 20
 OUT_CHANNELS = 64
 KEEP_RATIO = 0.3
@@ -108,6 +114,7 @@ def providers(device: str) -> tuple[dict[str, Any], dict[str, str]]:
         skipped["ext"] = f"cat_kernels.extension does not import ({why})"
     else:
         mods["ext"] = mod
+    mods["ops-auto"] = _OpsAuto()
     return mods, skipped
 
 
@@ -154,6 +161,43 @@ class _Baselines:
 
 
 BASELINES = _Baselines()
+
+
+class _OpsAuto:
+    """cat_kernels.ops with backend="auto", adapted to the reference's positional signatures."""
+
+    @staticmethod
+    def token_stats(out, anchor, labels, num_clusters):
+        return ops.token_stats(out, anchor, labels, num_clusters, backend="auto")
+
+    @staticmethod
+    def select_tokens(d, cluster_score, labels, staleness, k, first, importance_fraction=0.25, staleness_decay=0.5):
+        return ops.select_tokens(d, cluster_score, labels, staleness, k, first=first,
+                                 importance_fraction=importance_fraction, staleness_decay=staleness_decay,
+                                 backend="auto")  # fmt: skip
+
+    @staticmethod
+    def gather_tokens(x, idx, dim):
+        return ops.gather_tokens(x, idx, dim, backend="auto")
+
+    @staticmethod
+    def scatter_tokens_(dst, idx, src, dim):
+        return ops.scatter_tokens_(dst, idx, src, dim, backend="auto")
+
+    @staticmethod
+    def scatter_kv_(k_cache, v_cache, idx, k, v, dim):
+        return ops.scatter_kv_(k_cache, v_cache, idx, k, v, dim, backend="auto")
+
+    @staticmethod
+    def kmeans(features, num_clusters, iters):
+        return ops.kmeans(features, num_clusters, iters, backend="auto")
+
+
+def auto_backend(device: str) -> str:
+    """What backend="auto" resolves to for tensors on `device` (warnings silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cat_backend.resolve(torch.device(device), "auto")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -240,6 +284,15 @@ def _compare_fused(inputs: dict[str, Any], actual: object, k: int) -> str | None
 # --------------------------------------------------------------------------- cases
 
 
+def _note(provider: str, op: str, device: str) -> str:
+    if provider == "torch-baseline" and op == "select_tokens":
+        return "lower bound: plain topk, not the policy"
+    if provider == "ops-auto":
+        chosen = auto_backend(device)
+        return f"auto -> {chosen}" + (" (the compiled extension)" if chosen == "cuda" else "")
+    return ""
+
+
 def _cases_for(m: Model, device: str, mods: dict[str, Any], seed: int, quick: bool) -> Iterator[common.Case]:
     bf16, f32 = torch.bfloat16, torch.float32
     B, N, C, H, D, K, Co = m.B, m.N, m.C, m.H, m.D, m.K, m.C_out
@@ -261,11 +314,9 @@ def _cases_for(m: Model, device: str, mods: dict[str, Any], seed: int, quick: bo
                 make=make,
                 call=(lambda inp, fn=fn: call(fn, inp)),
                 reference=(lambda inp: call(getattr(ref, op), inp)),
-                check=kw.get("check", True) and not (name == "torch-baseline" and op == "select_tokens"),
-                note="lower bound: plain topk, not the policy"
-                if name == "torch-baseline" and op == "select_tokens"
-                else "",
-                **{k: v for k, v in kw.items() if k != "check"},
+                check=not (name == "torch-baseline" and op == "select_tokens"),
+                note=_note(name, op, device),
+                **kw,
             )
 
     # token_stats: (B, N, C_out) model outputs, model dtype and fp32.
@@ -417,7 +468,8 @@ def _fused_cases(m: Model, device: str, mods: dict[str, Any], seed: int) -> Iter
             reference=(lambda i: call(ref, i)),
             nbytes=2 * B * N * Co * 2 + B * N * (8 + 4 + 4) + B * K * 8,
             compare=lambda i, a: _compare_fused(i, a, K),
-            note="design target: < 0.050 ms on an H100",
+            note="design target: < 0.050 ms on an H100"
+            + (f"; {_note(name, '', device)}" if name == "ops-auto" else ""),
         )
 
 
