@@ -528,15 +528,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if device == "cuda":
         common.peak_bandwidth_gbps(device)  # once, before the cases, so it is not in a bar step
     records = []
-    for c in common.progress(cases, total=len(cases), desc=f"kernels/{device}"):
-        rec = common.run_case(c, device, quick, getattr(args, "cudagraph", False))
-        argv = ["--suite", "kernels", "--device", device, "--filter", c.case_id, "--provider", c.provider]
-        if quick != (device == "cpu"):
-            argv.append("--quick" if quick else "--full")
-        if shapes:
-            argv += ["--shapes", shapes]
-        rec["cmd"] = common.command_line(argv)
-        records.append(rec)
+    try:
+        for c in common.progress(cases, total=len(cases), desc=f"kernels/{device}"):
+            rec = common.run_case(c, device, quick, getattr(args, "cudagraph", False))
+            argv = ["--suite", "kernels", "--device", device, "--filter", c.case_id, "--provider", c.provider]
+            if quick != (device == "cpu"):
+                argv.append("--quick" if quick else "--full")
+            if shapes:
+                argv += ["--shapes", shapes]
+            rec["cmd"] = common.command_line(argv)
+            records.append(rec)
+    except KeyboardInterrupt as exc:  # Ctrl-C or timeout's SIGTERM: run.py keeps what finished
+        exc.partial_records = records
+        raise
     return records
 
 

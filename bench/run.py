@@ -185,11 +185,13 @@ def run_suites(args: argparse.Namespace, names: list[str], env: dict[str, Any], 
             if args.suite != "all":
                 status = 2
             continue
+        interrupted = False
         try:
             recs = suite.run(args)
-        except KeyboardInterrupt:
-            print(f"bench: interrupted in suite {name!r}; keeping the suites before it", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as exc:
+            recs = getattr(exc, "partial_records", [])
+            print(f"bench: interrupted in suite {name!r}; keeping {len(recs)} records of it", file=sys.stderr)
+            interrupted = True
         except Exception:  # noqa: BLE001 - one broken suite must not lose the others
             traceback.print_exc()
             print(f"bench: suite {name!r} raised; continuing", file=sys.stderr)
@@ -202,6 +204,8 @@ def run_suites(args: argparse.Namespace, names: list[str], env: dict[str, Any], 
             r.setdefault("cmd", common.command_line(["--suite", name, "--device", args.device]))
         records.extend(recs)
         write()  # after each suite, so a later suite's crash or timeout keeps these
+        if interrupted:
+            return 130
     return status
 
 
