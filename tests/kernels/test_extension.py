@@ -94,7 +94,8 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(RuntimeError, match="labels must lie in"):
         ext.token_stats(x, x, torch.full((2, 10), 4), 3)
     with pytest.raises(RuntimeError, match="k must lie in"):
-        ext.select_tokens(torch.rand(2, 10), torch.rand(2, 3), torch.zeros(2, 10, dtype=torch.long), torch.rand(2, 10), 11, True)
+        labels = torch.ones(2, 10, dtype=torch.long)
+        ext.select_tokens(torch.rand(2, 10), torch.rand(2, 3), labels, torch.rand(2, 10), 11, True)
 
 
 # ----------------------------------------------------------------------------- token_stats
@@ -166,7 +167,7 @@ def test_select_after_token_stats_round_trip():
     out, anchor = torch.randn(b, n, c), torch.randn(b, n, c)
     labels = ext.kmeans(torch.randn(b, n, 4), nc, 3)
     d, score = ext.token_stats(out, anchor, labels, nc)
-    s_ref, s_ext = torch.rand(b, n), None
+    s_ref = torch.rand(b, n) + 0.1
     s_ext = s_ref.clone()
     for first in (True, False, False):
         assert torch.equal(
@@ -202,8 +203,9 @@ def test_torch_compile_traces_extension_ops():
         return idx, ext.kmeans(x[..., :2], 3, 2)
 
     b, n, c = 2, 33, 16
-    args = [torch.randn(b, n, c), torch.randn(b, n, c), torch.randint(0, 5, (b, n)), torch.rand(b, n), torch.randn(b, n, c)]
-    cache_c, cache_e = torch.randn(b, n, c), None
+    labels = torch.randint(0, 5, (b, n))
+    args = [torch.randn(b, n, c), torch.randn(b, n, c), labels, torch.rand(b, n) + 0.1, torch.randn(b, n, c)]
+    cache_c = torch.randn(b, n, c)
     cache_e = cache_c.clone()
     s_e = args[3].clone()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
