@@ -1,0 +1,124 @@
+"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 (no GPU needed), at the
+SD3/Flux shapes (C = 64 output channels, head dim 64/128, N = 4096 tokens, 20 clusters), and
+reports ptxas registers and spills (printed, and as junit properties).
+
+Each compile runs in a subprocess without TRITON_INTERPRET: under the interpreter (which the
+conftest turns on without a GPU) the kernels are InterpretedFunction objects and cannot compile.
+"""
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# Submodules by name: the package re-exports functions called token_stats and kmeans.
+token_stats = importlib.import_module("cat_kernels.triton.token_stats")
+gather_scatter = importlib.import_module("cat_kernels.triton.gather_scatter")
+kmeans = importlib.import_module("cat_kernels.triton.kmeans")
+select = importlib.import_module("cat_kernels.triton.select")
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def _sig(kernel, types, constexprs):
+    """Scalar args default to i32 (sizes and strides); constexprs are marked as such."""
+    sig = {name: "i32" for name in kernel.arg_names}
+    sig.update(types)
+    sig.update({name: "constexpr" for name in constexprs})
+    return sig
+
+
+KERNELS = {
+    "token_stats": (
+        token_stats._token_stats_kernel,
+        {"out_ptr": "*bf16", "anchor_ptr": "*bf16", "labels_ptr": "*i64", "d_ptr": "*fp32", "cmax_ptr": "*fp32"},
+        {"BLOCK_N": token_stats.BLOCK_N, "BLOCK_C": 64},
+        4,
+    ),
+    "cluster_score": (
+        token_stats._cluster_score_kernel,
+        {"cmax_ptr": "*fp32", "score_ptr": "*fp32"},
+        {"BLOCK_NC": token_stats.BLOCK_NC, "BLOCK_C": 64},
+        4,
+    ),
+    "gather_tokens": (
+        gather_scatter._gather_tokens_kernel,
+        {"x_ptr": "*bf16", "idx_ptr": "*i64", "y_ptr": "*bf16"},
+        {"BLOCK_K": gather_scatter.BLOCK_K, "BLOCK_D": 128},
+        4,
+    ),
+    "scatter_kv": (
+        gather_scatter._scatter_rows_kernel,
+        {"dst_ptr": "*bf16", "src_ptr": "*bf16", "dst2_ptr": "*bf16", "src2_ptr": "*bf16", "idx_ptr": "*i64"},
+        {"TWO": True, "BLOCK_K": gather_scatter.BLOCK_K, "BLOCK_D": 128},
+        4,
+    ),
+    "kmeans_assign": (
+        kmeans._kmeans_assign_kernel,
+        {"x_ptr": "*fp32", "cent_ptr": "*fp32", "labels_ptr": "*i64"},
+        {"BLOCK_N": kmeans.BLOCK_N, "BLOCK_F": 128},
+        4,
+    ),
+    # The biggest compile (three 4096-key bitonic sorts): the later-step path, a superset of
+    # the first-step one; about a minute per arch on two cores.
+    "select_tokens": (
+        select._select_tokens_kernel,
+        {
+            "d_ptr": "*fp32", "score_ptr": "*fp32", "labels_ptr": "*i64", "stale_ptr": "*fp32",
+            "idx_ptr": "*i64", "scratch_ptr": "*i32", "decay": "fp32",
+        },
+        {"FIRST": False, "BLOCK_N": 4096, "BLOCK_NC": 32},
+        select._num_warps(4096),
+    ),
+}
+
+
+def _ptxas_usage(ptx: str, cc: int) -> tuple[int, int]:
+    arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run(
+            [PTXAS, "-v", f"-arch={arch}", path, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True, text=True, check=True,
+        )
+    regs = int(re.search(r"Used (\d+) registers", res.stderr).group(1))
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", res.stderr))
+    return regs, spills
+
+
+def _compile(name: str, cc: int) -> dict:
+    kernel, types, constexprs, num_warps = KERNELS[name]
+    src = ASTSource(fn=kernel, signature=_sig(kernel, types, constexprs), constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
+    assert compiled.asm["cubin"]
+    regs, spills = _ptxas_usage(compiled.asm["ptx"], cc)
+    return {"regs": regs, "spills": spills, "shared": compiled.metadata.shared, "num_warps": num_warps}
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_aot_compile(name, cc, record_property):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    res = subprocess.run([sys.executable, __file__, name, str(cc)], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, f"{name} failed to compile for sm_{cc}:\n{res.stderr[-4000:]}"
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    record_property(f"{name}_sm{cc}_registers", info["regs"])
+    record_property(f"{name}_sm{cc}_spill_bytes", info["spills"])
+    print(f"{name} sm_{cc} num_warps={info['num_warps']}: {info['regs']} registers, "
+          f"{info['spills']} spill bytes, {info['shared']} B shared")
+
+
+if __name__ == "__main__":
+    print(json.dumps(_compile(sys.argv[1], int(sys.argv[2]))))
