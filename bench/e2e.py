@@ -1,0 +1,227 @@
+"""End-to-end suite: whole generations of an SD3 transformer, dense against CAT Pruning.
+
+Three kinds of record:
+
+- ``macs``: multiply-accumulates of a whole generation counted with FlopCounterMode on the
+  meta device (no memory, no weights), attention forced onto the math backend so QK^T and PV
+  are counted. Two accountings, each beside its analytic ideal:
+  * whole model: CAT MACs / dense MACs; ideal = (F*M(N) + (S-F)*M(K)) / (S*M(N)) where M(R) is
+    the per-step cost with R image tokens computed (everything image-proportional scaled by
+    K/N, the text stream always computed);
+  * image-token work only (the paper's accounting): the same with the text stream and
+    per-sample work left out; ideal = (F + (S-F)*K/N) / S.
+- ``wall``: wall clock of whole generations (the transformer loop with CFG and an Euler flow
+  update, no text encoders or VAE), dense and CAT timed alternately in one run; reported with
+  the MAC-ideal speedup of the same settings. On CUDA also torch.compile'd (default and
+  mode="reduce-overhead"), with peak memory of dense and CAT.
+
+Architectures are random-weight diffusers SD3Transformer2DModel configs. Usage::
+
+    python bench/run.py --suite e2e --device cpu     # MAC counts + CPU wall clock (mid-size)
+    python bench/run.py --suite e2e --device cuda    # + SD3-medium bf16 timings
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import cat_pruning
+
+# SD3-medium: 24 MM-DiT blocks, hidden 1536, 1024x1024 -> 128x128 latent -> 4096 image tokens,
+# 333 text tokens (77 CLIP + 256 T5).
+SD3_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+)
+SD3_MEDIUM_GEN = dict(latent=128, text=333, batch=2)
+# A mid-size config that a CPU runs in seconds per step: 6 blocks, hidden 512, 1024 tokens.
+SD3_MID = dict(
+    sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=6, attention_head_dim=64,
+    num_attention_heads=8, joint_attention_dim=512, caption_projection_dim=512, pooled_projection_dim=256,
+    pos_embed_max_size=64,
+)
+SD3_MID_GEN = dict(latent=64, text=77, batch=2)
+
+
+def make_transformer(config: dict, device: str, dtype: torch.dtype, seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = SD3Transformer2DModel(**config)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def make_inputs(config: dict, gen: dict, device: str, dtype: torch.dtype, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    b, s = gen["batch"] // 2, gen["latent"]
+
+    def rand(*shape):
+        return torch.empty(shape, device=device, dtype=dtype) if device == "meta" else \
+            torch.randn(*shape, generator=g).to(device, dtype)
+
+    return dict(
+        latents=rand(b, config["in_channels"], s, s),
+        context=rand(gen["batch"], gen["text"], config["joint_attention_dim"]),
+        pooled=rand(gen["batch"], config["pooled_projection_dim"]),
+    )
+
+
+def generate(model, inputs: dict, steps: int, advance: bool, guidance: float = 4.5) -> torch.Tensor:
+    """A flow-matching Euler loop with CFG over [uncond; cond], like StableDiffusion3Pipeline."""
+    x = inputs["latents"]
+    sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()  # host list, built before the loop
+    for i in range(steps):
+        t = torch.full((2 * x.shape[0],), 1000.0 * sigmas[i], device=x.device, dtype=x.dtype)
+        out = model(hidden_states=torch.cat([x, x]), timestep=t, encoder_hidden_states=inputs["context"],
+                    pooled_projections=inputs["pooled"], return_dict=False)[0]
+        uncond, cond = out.chunk(2)
+        x = x + (sigmas[i + 1] - sigmas[i]) * (uncond + guidance * (cond - uncond))
+        if advance:
+            cat_pruning.advance(model)
+    return x
+
+
+def _cat(model, keep_ratio: float, full_steps: int, backend: str = "auto"):
+    return cat_pruning.patch(model, keep_ratio=keep_ratio, full_steps=full_steps, cfg_pairs=True,
+                             manual_steps=True, backend=backend)
+
+
+def macs_record(name: str, config: dict, gen: dict, steps: int, keep_ratio: float, full_steps: int) -> dict:
+    model = make_transformer(config, "meta", torch.bfloat16)
+    inputs = make_inputs(config, gen, "meta", torch.bfloat16)
+    counts = {}
+    for label in ("dense", "cat"):
+        if label == "cat":
+            _cat(model, keep_ratio, full_steps)
+        counter = FlopCounterMode(display=False)
+        with counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+            generate(model, inputs, steps, advance=label == "cat")
+        counts[label] = counter.get_total_flops() // 2
+    stats = cat_pruning.stats(model)
+    adapter, n, k = model._cat_pruning.adapter, stats.num_tokens, stats.tokens_kept
+    per = {r: adapter.macs_per_sample(model, r, n, gen["text"]) for r in (0, k, n)}
+    fixed = per[0]  # text stream, per-sample work, patch embedding: independent of rows computed
+    pruned = steps - full_steps
+    ideal_whole = (full_steps * per[n] + pruned * per[k]) / (steps * per[n])
+    ideal_image = (full_steps + pruned * k / n) / steps
+    b = gen["batch"]
+    image_dense = counts["dense"] - steps * b * fixed
+    image_cat = counts["cat"] - steps * b * fixed
+    frac_whole, frac_image = counts["cat"] / counts["dense"], image_cat / image_dense
+    return dict(
+        case=f"macs[{name},{steps} steps]", op="macs", provider="meta-count",
+        shape=dict(N=n, K=k, text=gen["text"], batch=b, steps=steps, full_steps=full_steps, keep_ratio=keep_ratio),
+        macs_dense=counts["dense"], macs_cat=counts["cat"], macs_stats=stats.macs,
+        mac_fraction=frac_whole, mac_fraction_ideal=ideal_whole, mac_speedup_ideal=1 / ideal_whole,
+        image_mac_fraction=frac_image, image_mac_fraction_ideal=ideal_image,
+        check="pass" if abs(frac_whole - ideal_whole) < 0.005 and abs(frac_image - ideal_image) < 0.005 else "FAIL",
+        error=None if abs(frac_whole - ideal_whole) < 0.005 else "whole-model MACs off their ideal by > 0.5 pp",
+    )
+
+
+def _time_generation(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def wall_records(name: str, config: dict, gen: dict, steps: int, keep_ratio: float, full_steps: int,
+                 device: str, dtype: torch.dtype, repeats: int, modes: list[str | None]) -> list[dict]:
+    """Dense and CAT generations timed alternately; one record per provider and compile mode."""
+    dense_model = make_transformer(config, device, dtype)
+    cat_model = _cat(copy.deepcopy(dense_model), keep_ratio, full_steps)
+    inputs = make_inputs(config, gen, device, dtype)
+    records = []
+    for mode in modes:
+        label = "eager" if mode is None else ("compile" if mode == "default" else f"compile-{mode}")
+        if mode is None:
+            run_dense, run_cat = dense_model, cat_model
+        else:
+            torch._dynamo.reset()
+            run_dense = torch.compile(dense_model, fullgraph=True, mode=mode)
+            run_cat = torch.compile(cat_model, fullgraph=True, mode=mode)
+
+        def dense():
+            return generate(run_dense, inputs, steps, advance=False)
+
+        def cat():
+            cat_pruning.reset(cat_model)
+            return generate(run_cat, inputs, steps, advance=True)
+
+        peak = {}
+        with torch.no_grad():
+            for key, fn in (("dense", dense), ("cat", cat)):  # warm-up (compiles) and peak memory
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                fn()
+                peak[key] = torch.cuda.max_memory_allocated() if device == "cuda" else None
+            times = {"dense": [], "cat": []}
+            for _ in range(repeats):
+                for key, fn in (("dense", dense), ("cat", cat)):
+                    times[key].append(_time_generation(fn, device))
+        stats = cat_pruning.stats(cat_model)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        speedup, ideal = med["dense"] / med["cat"], stats.mac_speedup
+        target = 0.9 if device == "cpu" else (0.95 if mode is None else 0.97)
+        for key in ("dense", "cat"):
+            v = sorted(times[key])
+            records.append(dict(
+                case=f"wall[{name},{label}]", op="generation", provider=key,
+                shape=dict(N=stats.num_tokens, K=stats.tokens_kept, batch=gen["batch"], steps=steps,
+                           full_steps=full_steps, keep_ratio=keep_ratio),
+                dtype=str(dtype).replace("torch.", ""), median_ms=1e3 * med[key], p20_ms=1e3 * v[len(v) // 5],
+                p80_ms=1e3 * v[(4 * len(v)) // 5], repeats=repeats, timer="perf_counter", peak_bytes=peak[key],
+                speedup=speedup if key == "cat" else None, mac_speedup_ideal=ideal if key == "cat" else None,
+                speedup_of_ideal=speedup / ideal if key == "cat" else None, target_of_ideal=target,
+                check="n/a",
+            ))
+    return records
+
+
+def summary(records: list[dict]) -> str:
+    lines = []
+    for r in records:
+        if r["op"] == "macs":
+            lines.append(
+                f"{r['case']}: whole model {100 * r['mac_fraction']:.2f}% of dense (ideal "
+                f"{100 * r['mac_fraction_ideal']:.2f}%, {r['mac_speedup_ideal']:.2f}x); image tokens only "
+                f"{100 * r['image_mac_fraction']:.2f}% (ideal {100 * r['image_mac_fraction_ideal']:.2f}%) [{r['check']}]"
+            )
+        elif r["provider"] == "cat":
+            mem = f", peak {r['peak_bytes'] / 2**30:.2f} GiB" if r.get("peak_bytes") else ""
+            lines.append(
+                f"{r['case']}: {r['median_ms']:.0f} ms, speedup {r['speedup']:.2f}x = "
+                f"{100 * r['speedup_of_ideal']:.0f}% of the MAC-ideal {r['mac_speedup_ideal']:.2f}x "
+                f"(target {100 * r['target_of_ideal']:.0f}%){mem}"
+            )
+        elif r.get("peak_bytes"):
+            lines.append(f"{r['case']} dense: {r['median_ms']:.0f} ms, peak {r['peak_bytes'] / 2**30:.2f} GiB")
+    return "\n".join(lines)
+
+
+def run(args: Any) -> list[dict]:
+    records = []
+    for steps in (28, 50):
+        records.append(macs_record("sd3-medium-1024", SD3_MEDIUM, SD3_MEDIUM_GEN, steps, 0.3, 8))
+    if args.device == "cpu":
+        repeats = 2 if args.quick else 5
+        records += wall_records("sd3-mid-cpu", SD3_MID, SD3_MID_GEN, 16, 0.3, 4, "cpu", torch.float32,
+                                repeats, [None])
+    else:
+        records += wall_records("sd3-medium-1024", SD3_MEDIUM, SD3_MEDIUM_GEN, 28, 0.3, 8, "cuda",
+                                torch.bfloat16, 3, [None, "default", "reduce-overhead"])
+    print(summary(records))
+    return records
