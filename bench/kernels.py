@@ -536,6 +536,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 argv.append("--quick" if quick else "--full")
             if shapes:
                 argv += ["--shapes", shapes]
+            if device == "cpu" and getattr(args, "threads", None) not in (None, 1):
+                argv += ["--threads", str(args.threads)]
             rec["cmd"] = common.command_line(argv)
             records.append(rec)
     except KeyboardInterrupt as exc:  # Ctrl-C or timeout's SIGTERM: run.py keeps what finished

@@ -79,7 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--shapes", default=None, help="kernels suite: comma-separated shape names (see bench/kernels.py), e.g. tiny"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for cpu runs")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for cpu runs (default 1 on cpu, see resolve_device)",
+    )
     parser.add_argument(
         "--cudagraph", action="store_true", help="time with triton.testing.do_bench_cudagraph (no launch overhead)"
     )
@@ -98,6 +103,11 @@ def resolve_device(args: argparse.Namespace) -> None:
         raise SystemExit("bench: --device cuda but torch.cuda.is_available() is False")
     if args.quick is None:
         args.quick = args.device == "cpu"
+    if args.threads is None and args.device == "cpu":
+        # One thread unless asked: on a shared machine a descheduled OpenMP worker stalls every
+        # parallel torch op (measured on the 2-core dev VM: the reference scatter took 27-40 ms
+        # with 2 threads and 0.4 ms with 1), which would swamp what the providers differ in.
+        args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
 
