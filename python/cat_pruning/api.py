@@ -91,7 +91,7 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
         unpatch(obj)
 
     driver = "pipeline" if pipeline is not None else ("manual" if config.manual_steps else "auto")
-    state = CATState(config, driver=driver)
+    state = CATState(config, driver, lambda geometry: adapter.cache_layout(transformer, geometry))
     attns = adapter.attention_modules(transformer)
     p = _Patch(state, adapter, transformer, pipeline, {n: a.processor for n, a in attns.items()}, [], [])
     for name, attn in attns.items():

@@ -60,10 +60,11 @@ class CATJointAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
+        k_cache, v_cache = self.state.kv[self.name]
         if mode == "fill":
-            self.state.kv[self.name] = (key.contiguous(), value.contiguous())
+            k_cache.copy_(key)
+            v_cache.copy_(value)
         else:  # pruned: refresh the cache rows of the selected tokens, attend over all of them
-            k_cache, v_cache = self.state.kv[self.name]
             ops.scatter_kv_(k_cache, v_cache, self.state.idx, key, value, 2, backend=self.state.config.backend)
             key, value = k_cache, v_cache
 

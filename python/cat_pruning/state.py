@@ -18,6 +18,7 @@ compiles a handful of graphs, not one per step.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -27,6 +28,15 @@ from cat_kernels import ops
 from .config import CATConfig
 
 MODES = ("dense", "anchor", "fill", "pruned")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """Shapes the caches of a generation need, from the adapter."""
+
+    kv: dict[str, tuple[tuple[int, ...], torch.dtype]]  # attention layer -> (B, H, N, D) cache shape, dtype
+    out_channels: int  # channels of the per-token output (noise cache)
+    out_dtype: torch.dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +57,10 @@ class Geometry:
 class CATState:
     """Everything one patched model remembers between the steps of a generation."""
 
-    def __init__(self, config: CATConfig, driver: str) -> None:
+    def __init__(self, config: CATConfig, driver: str, layout: Callable[[Geometry], CacheLayout]) -> None:
         self.config = config
         self.driver = driver  # "pipeline", "manual" or "auto" (eager forward post-hook)
+        self.layout = layout
         self.cfg_pairs = bool(config.cfg_pairs)
         self.reset()
 
@@ -82,6 +93,30 @@ class CATState:
         self.history.append((self.mode, self.k if self.mode == "pruned" else n))
         self.step += 1
         self.mode = self.mode_for(self.step)
+        if self.mode == "fill":
+            self._allocate()
+
+    def _allocate(self) -> None:
+        """Allocate every cache the pruned steps update, once per generation and in eager code.
+
+        The compiled steps then only write into these tensors in place, so their addresses stay
+        fixed: CUDA graphs (torch.compile mode="reduce-overhead") can capture the steps, and the
+        caches are marked static so that they are not copied at every replay."""
+        g, layout = self.geometry, self.layout(self.geometry)
+        scored = g.batch // 2 if self.cfg_pairs else g.batch
+
+        def empty(*shape: int, dtype: torch.dtype) -> Tensor:
+            return torch.empty(shape, dtype=dtype, device=g.device)
+
+        self.kv = {name: (empty(*shape, dtype=dt), empty(*shape, dtype=dt)) for name, (shape, dt) in layout.kv.items()}
+        self.noise_cache = empty(g.batch, g.num_tokens, layout.out_channels, dtype=layout.out_dtype)
+        self.labels = empty(scored, g.num_tokens, dtype=torch.int64)
+        self.staleness = empty(scored, g.num_tokens, dtype=torch.float32)
+        self.idx = empty(g.batch, self.k, dtype=torch.int64)
+        if g.device.type == "cuda":
+            for t in [*(t for pair in self.kv.values() for t in pair), self.noise_cache, self.labels,
+                      self.staleness, self.idx]:
+                torch._dynamo.mark_static_address(t)
 
     def begin_forward(self, geometry: Geometry) -> None:
         """Called at the start of every transformer forward (traced under torch.compile)."""
@@ -118,7 +153,7 @@ class CATState:
             d, score, self.labels, self.staleness, self.k, first=first,
             importance_fraction=cfg.importance_fraction, staleness_decay=cfg.staleness_decay, backend=cfg.backend,
         )
-        self.idx = self._broadcast(idx)
+        self.idx.copy_(self._broadcast(idx))
 
     def on_output(self, out: Tensor) -> Tensor:
         """Per-token model output (B, rows, C_out) -> the full (B, N, C_out) output of the step."""
@@ -126,10 +161,10 @@ class CATState:
         if mode == "anchor":
             self.anchor = self._scored(out).detach().clone()
         elif mode == "fill":
-            self.noise_cache = out.detach().clone()
+            self.noise_cache.copy_(out)
             scored = self._scored(out).detach()
-            self.labels = self._cluster(scored)
-            self.staleness = torch.zeros(scored.shape[:2], dtype=torch.float32, device=out.device)
+            self.labels.copy_(self._cluster(scored))
+            self.staleness.zero_()
             self._select(scored, first=True)
         elif mode == "pruned":
             ops.scatter_tokens_(self.noise_cache, self.idx, out, 1, backend=self.config.backend)

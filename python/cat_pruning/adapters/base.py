@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..state import CATState, Geometry
+from ..state import CacheLayout, CATState, Geometry
 
 
 class Adapter:
@@ -40,6 +40,17 @@ class Adapter:
 
     def geometry(self, model: nn.Module, args: tuple, kwargs: dict) -> Geometry:
         raise NotImplementedError
+
+    def cache_layout(self, model: nn.Module, geometry: Geometry) -> CacheLayout:
+        """One (B, H, N, D) K and V cache per attention layer, in its projection's dtype, and the
+        noise cache in the output projection's shape."""
+        kv = {}
+        for name, attn in self.attention_modules(model).items():
+            heads = attn.heads
+            shape = (geometry.batch, heads, geometry.num_tokens, attn.to_k.out_features // heads)
+            kv[name] = (shape, attn.to_k.weight.dtype)
+        out = get_submodule(model, self.out_proj)
+        return CacheLayout(kv, out.out_features, out.weight.dtype)
 
     # ------------------------------------------------------------------ MAC accounting
 

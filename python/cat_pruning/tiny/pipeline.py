@@ -144,7 +144,7 @@ def load_tiny_pipeline(device="cpu", dtype=torch.float32, path: str | Path | Non
     return pipe.to(device)
 
 
-def image_grid(images: list, cols: int) -> "np.ndarray":
+def image_grid(images: list, cols: int) -> np.ndarray:
     """Tile HxWx3 arrays (or PIL images) into one uint8 array."""
     arrs = [np.asarray(im) if not isinstance(im, np.ndarray) else im for im in images]
     arrs = [(a * 255).round().astype(np.uint8) if a.dtype != np.uint8 else a for a in arrs]

@@ -97,7 +97,7 @@ def sample_scene(rng: np.random.Generator) -> Scene:
 
     for _ in range(1000):
         shapes = []
-        for k, c in zip(kinds, colors):
+        for k, c in zip(kinds, colors, strict=True):
             size = float(rng.uniform(lo, hi))
             hw, hh = _extent(str(k), size)
             cx = float(rng.uniform(hw + 1, IMAGE_SIZE - 1 - hw))

@@ -91,8 +91,9 @@ class TinyTextEncoder(ModelMixin, ConfigMixin):
         self.blocks = nn.ModuleList([_Block(dim, num_heads) for _ in range(num_layers)])
         self.norm = nn.LayerNorm(dim)
         self.proj_hidden = nn.Linear(dim, joint_attention_dim)
-        self.proj_pooled = nn.Sequential(nn.Linear(dim, pooled_projection_dim), nn.SiLU(),
-                                         nn.Linear(pooled_projection_dim, pooled_projection_dim))
+        self.proj_pooled = nn.Sequential(
+            nn.Linear(dim, pooled_projection_dim), nn.SiLU(), nn.Linear(pooled_projection_dim, pooled_projection_dim)
+        )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         if attention_mask is None:
