@@ -91,7 +91,8 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
         unpatch(obj)
 
     driver = "pipeline" if pipeline is not None else ("manual" if config.manual_steps else "auto")
-    state = CATState(config, driver, lambda geometry: adapter.cache_layout(transformer, geometry))
+    state = CATState(config, driver, lambda geometry: adapter.cache_layout(transformer, geometry),
+                     cond_first=adapter.cfg_cond_first)
     attns = adapter.attention_modules(transformer)
     p = _Patch(state, adapter, transformer, pipeline, {n: a.processor for n, a in attns.items()}, [], [])
     for name, attn in attns.items():

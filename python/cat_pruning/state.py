@@ -57,10 +57,13 @@ class Geometry:
 class CATState:
     """Everything one patched model remembers between the steps of a generation."""
 
-    def __init__(self, config: CATConfig, driver: str, layout: Callable[[Geometry], CacheLayout]) -> None:
+    def __init__(
+        self, config: CATConfig, driver: str, layout: Callable[[Geometry], CacheLayout], cond_first: bool = False
+    ) -> None:
         self.config = config
         self.driver = driver  # "pipeline", "manual" or "auto" (eager forward post-hook)
         self.layout = layout
+        self.cond_first = cond_first  # CFG batch order [cond; uncond] (DiT) instead of [uncond; cond]
         self.cfg_pairs = bool(config.cfg_pairs)
         self.reset()
 
@@ -131,7 +134,10 @@ class CATState:
 
     def _scored(self, t: Tensor) -> Tensor:
         """The rows the selection is scored on: the cond half under CFG, else all."""
-        return t[t.shape[0] // 2:] if self.cfg_pairs else t
+        if not self.cfg_pairs:
+            return t
+        half = t.shape[0] // 2
+        return t[:half] if self.cond_first else t[half:]
 
     def _broadcast(self, idx: Tensor) -> Tensor:
         return torch.cat([idx, idx]) if self.cfg_pairs else idx

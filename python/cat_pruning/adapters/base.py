@@ -22,6 +22,7 @@ class Adapter:
     model_classes: tuple[str, ...] = ()  # diffusers class names this adapter handles
     patch_embed: str = ""  # submodule whose output is the (B, N, C) image tokens
     out_proj: str = ""  # submodule whose output is the (B, rows, C_out) per-token prediction
+    cfg_cond_first: bool = False  # the pipeline's CFG batch is [cond; uncond] rather than [uncond; cond]
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.model_classes
