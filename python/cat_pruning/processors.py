@@ -90,3 +90,62 @@ class CATJointAttnProcessor:
         if not attn.context_pre_only:
             ctx_out = attn.to_add_out(ctx_out)
         return image_out, ctx_out
+
+
+class CATSelfAttnProcessor:
+    """Image-only self attention (PixArt's and DiT's ``attn1``, diffusers' AttnProcessor2_0)
+    with the image K/V rows cached between steps.
+
+    Dense modes defer to the processor it replaced, so those steps are the unpatched
+    computation exactly; "fill" computes the same attention and keeps every token's K/V;
+    "pruned" writes the K selected tokens' new K/V rows into the cache and attends their
+    queries over all N cached rows. Cross attention (PixArt's ``attn2``) needs no cache: its
+    queries are per token and its keys are the text, so it keeps its own processor.
+    """
+
+    def __init__(self, state: CATState, name: str, original: object) -> None:
+        self.state = state
+        self.name = name
+        self.original = original
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *args: object,
+        **kwargs: object,
+    ) -> Tensor:
+        mode = self.state.mode
+        if mode in ("dense", "anchor"):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        if encoder_hidden_states is not None:
+            raise ValueError(f"cat_pruning: {self.name} is cached as self attention but was called with context")
+        if attention_mask is not None:
+            raise ValueError("cat_pruning: self-attention masks are not supported on pruned steps")
+
+        batch = hidden_states.shape[0]
+        residual = hidden_states
+        query = _heads(attn.to_q(hidden_states), batch, attn.heads)
+        key = _heads(attn.to_k(hidden_states), batch, attn.heads)
+        value = _heads(attn.to_v(hidden_states), batch, attn.heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        k_cache, v_cache = self.state.kv[self.name]
+        if mode == "fill":
+            k_cache.copy_(key)
+            v_cache.copy_(value)
+        else:  # pruned: refresh the cache rows of the selected tokens, attend over all of them
+            ops.scatter_kv_(k_cache, v_cache, self.state.idx, key, value, 2, backend=self.state.config.backend)
+            key, value = k_cache, v_cache
+
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
