@@ -150,7 +150,7 @@ def _wrap_scheduler(p: _Patch, pipeline: Any) -> None:
     def wrapped_set_timesteps(*args: Any, **kwargs: Any) -> Any:
         state.reset()
         cfg = state.config.cfg_pairs
-        state.cfg_pairs = bool(getattr(pipeline, "do_classifier_free_guidance", False)) if cfg is None else cfg
+        state.cfg_pairs = p.adapter.cfg_pairs(pipeline) if cfg is None else cfg
         return set_timesteps(*args, **kwargs)
 
     def wrapped_step(*args: Any, **kwargs: Any) -> Any:

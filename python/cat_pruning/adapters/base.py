@@ -9,6 +9,9 @@ reads the geometry of a call, refuses inputs it cannot handle, and counts MACs.
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -38,6 +41,11 @@ class Adapter:
 
     def check_call(self, args: tuple, kwargs: dict) -> None:
         """Raise ValueError for call inputs this adapter does not handle (ControlNet, ...)."""
+
+    def cfg_pairs(self, pipeline: Any) -> bool:
+        """Whether the pipeline call now setting its timesteps runs classifier-free guidance, i.e.
+        its transformer batch is two CFG halves (read once per call, in eager code)."""
+        return bool(getattr(pipeline, "do_classifier_free_guidance", False))
 
     def geometry(self, model: nn.Module, args: tuple, kwargs: dict) -> Geometry:
         raise NotImplementedError
@@ -100,3 +108,15 @@ def hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     if not isinstance(hidden, torch.Tensor):
         raise ValueError("cat_pruning: the transformer was called without a hidden_states tensor")
     return hidden
+
+
+def pipeline_call_local(pipeline: Any, name: str, default: Any = None) -> Any:
+    """A local variable of the pipeline's running ``__call__``, found up the Python stack; for
+    pipelines that keep their guidance switch in a local only (PixArt, DiT)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        local = frame.f_locals
+        if local.get("self") is pipeline and name in local:
+            return local[name]
+        frame = frame.f_back
+    return default
