@@ -37,6 +37,8 @@ class CacheLayout:
     kv: dict[str, tuple[tuple[int, ...], torch.dtype]]  # attention layer -> (B, H, N, D) cache shape, dtype
     out_channels: int  # channels of the per-token output (noise cache)
     out_dtype: torch.dtype
+    # other per-layer caches a family needs besides K/V (Sana: the depthwise-conv inputs), name -> (shape, dtype)
+    extra: dict[str, tuple[tuple[int, ...], torch.dtype]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +83,10 @@ class CATState:
         self.staleness: Tensor | None = None
         self.idx: Tensor | None = None
         self.kv: dict[str, tuple[Tensor, Tensor]] = {}
+        self.extra: dict[str, Tensor] = {}
+        # (N, 2) token (row, col) positions for the clustering, set by adapters whose inputs carry
+        # them (Flux's img_ids) when the token grid's height and width are not known from shapes
+        self.positions: Tensor | None = None
 
     def mode_for(self, step: int) -> str:
         f = self.config.full_steps
@@ -112,13 +118,14 @@ class CATState:
             return torch.empty(shape, dtype=dtype, device=g.device)
 
         self.kv = {name: (empty(*shape, dtype=dt), empty(*shape, dtype=dt)) for name, (shape, dt) in layout.kv.items()}
+        self.extra = {name: empty(*shape, dtype=dt) for name, (shape, dt) in layout.extra.items()}
         self.noise_cache = empty(g.batch, g.num_tokens, layout.out_channels, dtype=layout.out_dtype)
         self.labels = empty(scored, g.num_tokens, dtype=torch.int64)
         self.staleness = empty(scored, g.num_tokens, dtype=torch.float32)
         self.idx = empty(g.batch, self.k, dtype=torch.int64)
         if g.device.type == "cuda":
-            for t in [*(t for pair in self.kv.values() for t in pair), self.noise_cache, self.labels,
-                      self.staleness, self.idx]:
+            for t in [*(t for pair in self.kv.values() for t in pair), *self.extra.values(), self.noise_cache,
+                      self.labels, self.staleness, self.idx]:
                 torch._dynamo.mark_static_address(t)
 
     def begin_forward(self, geometry: Geometry) -> None:
@@ -145,9 +152,12 @@ class CATState:
     def _cluster(self, out: Tensor) -> Tensor:
         """k-means on (row, col) in token units plus a little content: compact spatial clusters."""
         g = self.geometry
-        rows = torch.arange(g.height, device=out.device, dtype=torch.float32).repeat_interleave(g.width)
-        cols = torch.arange(g.width, device=out.device, dtype=torch.float32).repeat(g.height)
-        pos = torch.stack([rows, cols], -1).expand(out.shape[0], -1, -1)
+        if self.positions is not None:
+            pos = self.positions.to(out.device, torch.float32).expand(out.shape[0], -1, -1)
+        else:
+            rows = torch.arange(g.height, device=out.device, dtype=torch.float32).repeat_interleave(g.width)
+            cols = torch.arange(g.width, device=out.device, dtype=torch.float32).repeat(g.height)
+            pos = torch.stack([rows, cols], -1).expand(out.shape[0], -1, -1)
         features = torch.cat([pos, self.config.cluster_content_weight * out.float()], -1)
         self.num_clusters = min(self.config.num_clusters, g.num_tokens)
         return ops.kmeans(features, self.num_clusters, self.config.kmeans_iters, backend=self.config.backend)
@@ -179,7 +189,7 @@ class CATState:
         return out
 
     def cache_bytes(self) -> int:
-        tensors = [t for pair in self.kv.values() for t in pair]
+        tensors = [t for pair in self.kv.values() for t in pair] + list(self.extra.values())
         tensors += [t for t in (self.anchor, self.noise_cache, self.labels, self.staleness, self.idx) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
