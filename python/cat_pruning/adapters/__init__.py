@@ -5,9 +5,15 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter
+from .dit import DiTAdapter
+from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 
-ADAPTERS: tuple[Adapter, ...] = (SD3Adapter(),)
+ADAPTERS: tuple[Adapter, ...] = (
+    SD3Adapter(),
+    PixArtAdapter(),
+    DiTAdapter(),
+)
 
 
 def supported_families() -> str:
