@@ -127,6 +127,7 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
         get_submodule(transformer, adapter.patch_embed).register_forward_hook(embed_hook),
         get_submodule(transformer, adapter.out_proj).register_forward_hook(out_hook),
     ]
+    p.handles += adapter.install_hooks(transformer, state)
     if pipeline is not None:
         _wrap_scheduler(p, pipeline)
     setattr(transformer, _ATTR, p)

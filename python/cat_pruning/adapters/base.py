@@ -47,6 +47,12 @@ class Adapter:
         its transformer batch is two CFG halves (read once per call, in eager code)."""
         return bool(getattr(pipeline, "do_classifier_free_guidance", False))
 
+    def install_hooks(self, model: nn.Module, state: CATState) -> list:
+        """Extra seams of a family beyond the patch embedding, the output projection and the
+        attention processors (Flux's rotary gather, Sana's depthwise convolution); returns
+        handles with ``.remove()`` that unpatch removes."""
+        return []
+
     def geometry(self, model: nn.Module, args: tuple, kwargs: dict) -> Geometry:
         raise NotImplementedError
 
@@ -64,8 +70,9 @@ class Adapter:
     # ------------------------------------------------------------------ MAC accounting
 
     def linear_stream(self, name: str) -> str | None:
-        """Which rows a Linear runs on: "image" (computed tokens), "text", "sample" (once per
-        sample), or None (not counted)."""
+        """Which rows a Linear runs on: "image" (computed tokens), "text", "joint" (both, Flux's
+        single-stream blocks), "sample" (once per sample), "patch" (all image tokens), or None
+        (not counted)."""
         raise NotImplementedError
 
     def attention_shape(self, name: str, attn: nn.Module, rows: int, num_tokens: int, text: int) -> tuple[int, int]:
@@ -80,7 +87,7 @@ class Adapter:
         out of `num_tokens` and `text` text tokens: linears and convolutions by the rows they
         run on, plus QK^T and PV of every attention layer."""
         total = 0
-        per_stream = {"image": rows, "text": text, "sample": 1, "patch": num_tokens}
+        per_stream = {"image": rows, "text": text, "joint": rows + text, "sample": 1, "patch": num_tokens}
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear):
                 stream = self.linear_stream(name)
