@@ -37,15 +37,31 @@ import cat_pruning
 # SD3-medium: 24 MM-DiT blocks, hidden 1536, 1024x1024 -> 128x128 latent -> 4096 image tokens,
 # 333 text tokens (77 CLIP + 256 T5).
 SD3_MEDIUM = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
     pos_embed_max_size=192,
 )
 SD3_MEDIUM_GEN = dict(latent=128, text=333, batch=2)
 # A mid-size config that a CPU runs in seconds per step: 6 blocks, hidden 512, 1024 tokens.
 SD3_MID = dict(
-    sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=6, attention_head_dim=64,
-    num_attention_heads=8, joint_attention_dim=512, caption_projection_dim=512, pooled_projection_dim=256,
+    sample_size=64,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=6,
+    attention_head_dim=64,
+    num_attention_heads=8,
+    joint_attention_dim=512,
+    caption_projection_dim=512,
+    pooled_projection_dim=256,
     pos_embed_max_size=64,
 )
 SD3_MID_GEN = dict(latent=64, text=77, batch=2)
@@ -65,8 +81,11 @@ def make_inputs(config: dict, gen: dict, device: str, dtype: torch.dtype, seed: 
     b, s = gen["batch"] // 2, gen["latent"]
 
     def rand(*shape):
-        return torch.empty(shape, device=device, dtype=dtype) if device == "meta" else \
-            torch.randn(*shape, generator=g).to(device, dtype)
+        return (
+            torch.empty(shape, device=device, dtype=dtype)
+            if device == "meta"
+            else torch.randn(*shape, generator=g).to(device, dtype)
+        )
 
     return dict(
         latents=rand(b, config["in_channels"], s, s),
@@ -81,8 +100,13 @@ def generate(model, inputs: dict, steps: int, advance: bool, guidance: float = 4
     sigmas = torch.linspace(1.0, 0.0, steps + 1).tolist()  # host list, built before the loop
     for i in range(steps):
         t = torch.full((2 * x.shape[0],), 1000.0 * sigmas[i], device=x.device, dtype=x.dtype)
-        out = model(hidden_states=torch.cat([x, x]), timestep=t, encoder_hidden_states=inputs["context"],
-                    pooled_projections=inputs["pooled"], return_dict=False)[0]
+        out = model(
+            hidden_states=torch.cat([x, x]),
+            timestep=t,
+            encoder_hidden_states=inputs["context"],
+            pooled_projections=inputs["pooled"],
+            return_dict=False,
+        )[0]
         uncond, cond = out.chunk(2)
         x = x + (sigmas[i + 1] - sigmas[i]) * (uncond + guidance * (cond - uncond))
         if advance:
@@ -91,8 +115,9 @@ def generate(model, inputs: dict, steps: int, advance: bool, guidance: float = 4
 
 
 def _cat(model, keep_ratio: float, full_steps: int, backend: str = "auto"):
-    return cat_pruning.patch(model, keep_ratio=keep_ratio, full_steps=full_steps, cfg_pairs=True,
-                             manual_steps=True, backend=backend)
+    return cat_pruning.patch(
+        model, keep_ratio=keep_ratio, full_steps=full_steps, cfg_pairs=True, manual_steps=True, backend=backend
+    )
 
 
 def macs_record(name: str, config: dict, gen: dict, steps: int, keep_ratio: float, full_steps: int) -> dict:
@@ -118,11 +143,18 @@ def macs_record(name: str, config: dict, gen: dict, steps: int, keep_ratio: floa
     image_cat = counts["cat"] - steps * b * fixed
     frac_whole, frac_image = counts["cat"] / counts["dense"], image_cat / image_dense
     return dict(
-        case=f"macs[{name},{steps} steps]", op="macs", provider="meta-count",
+        case=f"macs[{name},{steps} steps]",
+        op="macs",
+        provider="meta-count",
         shape=dict(N=n, K=k, text=gen["text"], batch=b, steps=steps, full_steps=full_steps, keep_ratio=keep_ratio),
-        macs_dense=counts["dense"], macs_cat=counts["cat"], macs_stats=stats.macs,
-        mac_fraction=frac_whole, mac_fraction_ideal=ideal_whole, mac_speedup_ideal=1 / ideal_whole,
-        image_mac_fraction=frac_image, image_mac_fraction_ideal=ideal_image,
+        macs_dense=counts["dense"],
+        macs_cat=counts["cat"],
+        macs_stats=stats.macs,
+        mac_fraction=frac_whole,
+        mac_fraction_ideal=ideal_whole,
+        mac_speedup_ideal=1 / ideal_whole,
+        image_mac_fraction=frac_image,
+        image_mac_fraction_ideal=ideal_image,
         check="pass" if abs(frac_whole - ideal_whole) < 0.005 and abs(frac_image - ideal_image) < 0.005 else "FAIL",
         error=None if abs(frac_whole - ideal_whole) < 0.005 else "whole-model MACs off their ideal by > 0.5 pp",
     )
@@ -138,8 +170,18 @@ def _time_generation(fn, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def wall_records(name: str, config: dict, gen: dict, steps: int, keep_ratio: float, full_steps: int,
-                 device: str, dtype: torch.dtype, repeats: int, modes: list[str | None]) -> list[dict]:
+def wall_records(
+    name: str,
+    config: dict,
+    gen: dict,
+    steps: int,
+    keep_ratio: float,
+    full_steps: int,
+    device: str,
+    dtype: torch.dtype,
+    repeats: int,
+    modes: list[str | None],
+) -> list[dict]:
     """Dense and CAT generations timed alternately; one record per provider and compile mode."""
     dense_model = make_transformer(config, device, dtype)
     cat_model = _cat(copy.deepcopy(dense_model), keep_ratio, full_steps)
@@ -154,10 +196,10 @@ def wall_records(name: str, config: dict, gen: dict, steps: int, keep_ratio: flo
             run_dense = torch.compile(dense_model, fullgraph=True, mode=mode)
             run_cat = torch.compile(cat_model, fullgraph=True, mode=mode)
 
-        def dense():
+        def dense(run_dense=run_dense):
             return generate(run_dense, inputs, steps, advance=False)
 
-        def cat():
+        def cat(run_cat=run_cat):
             cat_pruning.reset(cat_model)
             return generate(run_cat, inputs, steps, advance=True)
 
@@ -178,16 +220,33 @@ def wall_records(name: str, config: dict, gen: dict, steps: int, keep_ratio: flo
         target = 0.9 if device == "cpu" else (0.95 if mode is None else 0.97)
         for key in ("dense", "cat"):
             v = sorted(times[key])
-            records.append(dict(
-                case=f"wall[{name},{label}]", op="generation", provider=key,
-                shape=dict(N=stats.num_tokens, K=stats.tokens_kept, batch=gen["batch"], steps=steps,
-                           full_steps=full_steps, keep_ratio=keep_ratio),
-                dtype=str(dtype).replace("torch.", ""), median_ms=1e3 * med[key], p20_ms=1e3 * v[len(v) // 5],
-                p80_ms=1e3 * v[(4 * len(v)) // 5], repeats=repeats, timer="perf_counter", peak_bytes=peak[key],
-                speedup=speedup if key == "cat" else None, mac_speedup_ideal=ideal if key == "cat" else None,
-                speedup_of_ideal=speedup / ideal if key == "cat" else None, target_of_ideal=target,
-                check="n/a",
-            ))
+            records.append(
+                dict(
+                    case=f"wall[{name},{label}]",
+                    op="generation",
+                    provider=key,
+                    shape=dict(
+                        N=stats.num_tokens,
+                        K=stats.tokens_kept,
+                        batch=gen["batch"],
+                        steps=steps,
+                        full_steps=full_steps,
+                        keep_ratio=keep_ratio,
+                    ),
+                    dtype=str(dtype).replace("torch.", ""),
+                    median_ms=1e3 * med[key],
+                    p20_ms=1e3 * v[len(v) // 5],
+                    p80_ms=1e3 * v[(4 * len(v)) // 5],
+                    repeats=repeats,
+                    timer="perf_counter",
+                    peak_bytes=peak[key],
+                    speedup=speedup if key == "cat" else None,
+                    mac_speedup_ideal=ideal if key == "cat" else None,
+                    speedup_of_ideal=speedup / ideal if key == "cat" else None,
+                    target_of_ideal=target,
+                    check="n/a",
+                )
+            )
     return records
 
 
@@ -198,7 +257,8 @@ def summary(records: list[dict]) -> str:
             lines.append(
                 f"{r['case']}: whole model {100 * r['mac_fraction']:.2f}% of dense (ideal "
                 f"{100 * r['mac_fraction_ideal']:.2f}%, {r['mac_speedup_ideal']:.2f}x); image tokens only "
-                f"{100 * r['image_mac_fraction']:.2f}% (ideal {100 * r['image_mac_fraction_ideal']:.2f}%) [{r['check']}]"
+                f"{100 * r['image_mac_fraction']:.2f}% (ideal {100 * r['image_mac_fraction_ideal']:.2f}%) "
+                f"[{r['check']}]"
             )
         elif r["provider"] == "cat":
             mem = f", peak {r['peak_bytes'] / 2**30:.2f} GiB" if r.get("peak_bytes") else ""
@@ -218,10 +278,19 @@ def run(args: Any) -> list[dict]:
         records.append(macs_record("sd3-medium-1024", SD3_MEDIUM, SD3_MEDIUM_GEN, steps, 0.3, 8))
     if args.device == "cpu":
         repeats = 2 if args.quick else 5
-        records += wall_records("sd3-mid-cpu", SD3_MID, SD3_MID_GEN, 16, 0.3, 4, "cpu", torch.float32,
-                                repeats, [None])
+        records += wall_records("sd3-mid-cpu", SD3_MID, SD3_MID_GEN, 16, 0.3, 4, "cpu", torch.float32, repeats, [None])
     else:
-        records += wall_records("sd3-medium-1024", SD3_MEDIUM, SD3_MEDIUM_GEN, 28, 0.3, 8, "cuda",
-                                torch.bfloat16, 3, [None, "default", "reduce-overhead"])
+        records += wall_records(
+            "sd3-medium-1024",
+            SD3_MEDIUM,
+            SD3_MEDIUM_GEN,
+            28,
+            0.3,
+            8,
+            "cuda",
+            torch.bfloat16,
+            3,
+            [None, "default", "reduce-overhead"],
+        )
     print(summary(records))
     return records

@@ -72,7 +72,9 @@ def _check_k(k: int, n: int) -> None:
 
 def _check_dim(dim: int, x: Tensor) -> None:
     if dim not in (1, 2) or x.dim() != dim + 2:
-        raise ValueError(f"dim must be 1 for (B, N, C) or 2 for (B, H, N, D); got dim={dim} with x of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"dim must be 1 for (B, N, C) or 2 for (B, H, N, D); got dim={dim} with x of shape {tuple(x.shape)}"
+        )
 
 
 def _impl(op: str, backend: str):
@@ -83,7 +85,9 @@ def _impl(op: str, backend: str):
 
 
 @torch.library.custom_op("cat_ops::token_stats", mutates_args=())
-def _token_stats_op(out: Tensor, anchor: Tensor, labels: Tensor, num_clusters: int, backend: str) -> tuple[Tensor, Tensor]:
+def _token_stats_op(
+    out: Tensor, anchor: Tensor, labels: Tensor, num_clusters: int, backend: str
+) -> tuple[Tensor, Tensor]:
     return _impl("token_stats", backend)(out, anchor, labels, num_clusters)
 
 
@@ -241,7 +245,14 @@ def select_tokens(
         raise ValueError(f"staleness_decay must lie in [0, 1], got {staleness_decay}")
     _check_range("labels", labels, nc)
     return _select_tokens_op(
-        d, cluster_score, labels, staleness, k, bool(first), float(importance_fraction), float(staleness_decay),
+        d,
+        cluster_score,
+        labels,
+        staleness,
+        k,
+        bool(first),
+        float(importance_fraction),
+        float(staleness_decay),
         _backend.resolve(d.device, backend),
     )
 

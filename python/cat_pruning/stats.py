@@ -44,14 +44,22 @@ class CATStats:
 
     def __str__(self) -> str:
         pruned = sum(s.mode == "pruned" for s in self.steps)
+        dense = len(self.steps) - pruned
         lines = [
-            f"CAT Pruning on {self.family}: {len(self.steps)} steps ({len(self.steps) - pruned} dense, {pruned} pruned), "
+            f"CAT Pruning on {self.family}: {len(self.steps)} steps ({dense} dense, {pruned} pruned), "
             f"batch {self.batch}, {self.num_tokens} image tokens, {self.tokens_kept} kept "
             f"(keep_ratio {self.config.keep_ratio}, full_steps {self.config.full_steps})",
-            f"  MACs {self.macs / 1e9:,.1f} G of {self.macs_dense / 1e9:,.1f} G dense: "
+            f"  MACs {_si(self.macs)} of {_si(self.macs_dense)} dense: "
             f"{100 * self.mac_fraction:.1f}% ({self.mac_speedup:.2f}x ideal speedup)",
-            f"  caches {self.cache_bytes / 2**20:,.1f} MiB",
+            f"  caches {self.cache_bytes / 2**20:,.2f} MiB",
             "  step  mode    tokens/sample",
         ]
         lines += [f"  {s.step:>4}  {s.mode:<6}  {s.tokens:>6}" for s in self.steps]
         return "\n".join(lines)
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:.0f} "

@@ -39,7 +39,7 @@ def test_keep_ratio_one_equals_dense(variant, dtype):
     cat_pruning.patch(model, keep_ratio=1.0, full_steps=FULL, backend="torch")
     patched = run_steps(model, kw, STEPS)
     assert [s.mode for s in cat_pruning.stats(model).steps][-1] == "pruned"
-    for a, b in zip(dense, patched):
+    for a, b in zip(dense, patched, strict=True):
         torch.testing.assert_close(b, a, **TOL[dtype])
 
 
@@ -50,7 +50,7 @@ def test_dense_steps_equal_unpatched(variant):
     dense = run_steps(model, kw, FULL)
     cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch")
     patched = run_steps(model, kw, FULL)
-    for a, b in zip(dense, patched):
+    for a, b in zip(dense, patched, strict=True):
         assert torch.equal(a, b)
 
 
@@ -137,14 +137,15 @@ def test_unpatch_is_bitwise_and_patch_twice_equals_once():
     cat_pruning.patch(model, keep_ratio=0.9, full_steps=4, backend="torch")
     cat_pruning.patch(model, keep_ratio=0.5, full_steps=FULL, backend="torch")
     twice = run_steps(model, kw, STEPS)
-    for a, b in zip(once, twice):
+    for a, b in zip(once, twice, strict=True):
         assert torch.equal(a, b)
     cat_pruning.unpatch(model)
     assert not cat_pruning.is_patched(model)
     after = run_steps(model, kw, STEPS)
-    for a, b in zip(before, after):
+    for a, b in zip(before, after, strict=True):
         assert torch.equal(a, b)
-    assert not any(type(m.processor).__module__.startswith("cat_pruning") for m in model.modules() if hasattr(m, "processor"))
+    processors = [m.processor for m in model.modules() if hasattr(m, "processor")]
+    assert not any(type(p).__module__.startswith("cat_pruning") for p in processors)
 
 
 def test_consecutive_generations_equal_fresh_ones():
@@ -157,7 +158,7 @@ def test_consecutive_generations_equal_fresh_ones():
     fresh = tiny_sd3("sd3")
     cat_pruning.patch(fresh, keep_ratio=0.3, full_steps=FULL, backend="torch")
     again = run_steps(fresh, kw2, STEPS)
-    for a, b in zip(second, again):
+    for a, b in zip(second, again, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(first[-1], second[-1])
 
@@ -170,7 +171,7 @@ def test_geometry_change_starts_new_generation():
     got = run_steps(model, small, 2)
     fresh = tiny_sd3("sd3")
     want = run_steps(fresh, small, 2)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
 
 
@@ -186,7 +187,7 @@ def test_cfg_batch_pairs_share_selection_and_samples_are_independent():
     cat_pruning.reset(model)
     permuted = run_steps(model, {k: v[both] for k, v in kw.items()}, STEPS)
     assert torch.equal(model._cat_pruning.state.idx, idx[both])
-    for a, b in zip(out, permuted):
+    for a, b in zip(out, permuted, strict=True):
         torch.testing.assert_close(b, a[both], **TOL[torch.float32])
 
 
@@ -233,11 +234,11 @@ def test_torch_compile_fullgraph_matches_eager_with_few_graphs():
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     counters.clear()
     outs = []
-    for generation in range(2):
+    for _ in range(2):
         cat_pruning.reset(model)
         outs.append(run_steps(compiled, kw, STEPS, step_fn=lambda: cat_pruning.advance(model)))
     for gen in outs:
-        for a, b in zip(eager, gen):
+        for a, b in zip(eager, gen, strict=True):
             torch.testing.assert_close(b, a, **TOL[torch.float32])
     graphs = counters["stats"]["unique_graphs"]
     assert 0 < graphs <= 6, graphs

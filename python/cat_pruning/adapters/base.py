@@ -107,7 +107,9 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError as err:
-        raise TypeError(f"{type(model).__name__} has no submodule {path!r}; this diffusers version is not supported") from err
+        raise TypeError(
+            f"{type(model).__name__} has no submodule {path!r}; this diffusers version is not supported"
+        ) from err
 
 
 def hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
