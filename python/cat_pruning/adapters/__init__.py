@@ -6,6 +6,7 @@ from torch import nn
 
 from .base import Adapter
 from .dit import DiTAdapter
+from .flux import FluxAdapter
 from .pixart import PixArtAdapter
 from .sd3 import SD3Adapter
 
@@ -13,6 +14,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     SD3Adapter(),
     PixArtAdapter(),
     DiTAdapter(),
+    FluxAdapter(),
 )
 
 

@@ -1,0 +1,274 @@
+"""Flux.1 dev / schnell (diffusers FluxTransformer2DModel): MM-DiT double-stream blocks, then
+single-stream blocks over the concatenated [text; image] residual stream, with rotary position
+embeddings.
+
+Seams (diffusers 0.42.1):
+
+- ``x_embedder`` (a Linear over the packed latent tokens) is the patch embedding: its output is
+  gathered to the K selected rows. There is no absolute position embedding.
+- ``pos_embed`` (FluxPosEmbed) turns ``cat(txt_ids, img_ids)`` into one shared (cos, sin) pair
+  of shape (T + N, D). A forward hook keeps the text rows and gathers the image rows of each
+  sample's selection, so on a pruned step the rotary is per sample: (B, T + K, D). The stock
+  ``apply_rotary_emb`` only broadcasts a shared (L, D) table, so the CAT processors apply the
+  rotation themselves (the same arithmetic, for both shapes).
+- Attention (``FluxAttention``; stock ``FluxAttnProcessor``): CAT processors compute q, k, v of
+  the rows they get, rotate, write the image keys *after rotation* and the image values into a
+  (B, N, H*D) cache and attend the T + K queries over the T text keys plus the N cached image
+  keys, through diffusers' ``dispatch_attention_fn`` with the backend the replaced processor
+  had. The single-stream blocks' attention sees [text; image] rows without a separate context:
+  it splits them at T = rows - (K or N).
+- ``proj_out`` is the output seam. Flux returns packed tokens (B, N, C_out), unpacked by the
+  pipeline, so the full noise cache is the model output.
+
+The clustering needs token positions; Flux's inputs carry no grid shape, only ``img_ids``, whose
+columns 1 and 2 are the (row, col) of every image token in token units, so they are used as the
+clustering positions (``state.positions``).
+
+Not supported (a clear error): FluxPipeline's true CFG (true_cfg_scale > 1 with a negative
+prompt, two transformer calls per step with different inputs), diffusers' own caching
+(``enable_cache``), ControlNet residuals, IP-Adapter, fused QKV projections, attention masks.
+Guidance-distilled Flux has no CFG batch: every sample has its own selection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cat_kernels import ops
+
+from ..state import CacheLayout, CATState, Geometry
+from .base import Adapter, get_submodule, hidden_states_arg, pipeline_call_local
+
+# Real architectures, for MAC counts on the meta device: (transformer config, generation), where
+# the generation gives the VAE latent side (packed 2x2 into tokens), the text tokens and the
+# transformer batch.
+REAL_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
+    # FLUX.1-dev 1024x1024: 19 double + 38 single blocks, hidden 3072 = 24 heads x 128, VAE f8 ->
+    # 128x128x16 latent packed 2x2 -> 64x64 = 4096 tokens of 64 channels; 512 T5 tokens;
+    # guidance-distilled (guidance embedding, no CFG batch).
+    "flux1-dev-1024": (
+        dict(
+            patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
+            attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+            guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+        ),
+        dict(latent=128, text=512, batch=1),
+    ),
+}
+
+
+def real_inputs(config: dict[str, Any], gen: dict[str, int], device: str | torch.device,
+                dtype: torch.dtype) -> dict[str, Any]:
+    """Keyword arguments of one transformer call of a REAL_CONFIGS generation (random values;
+    empty tensors on the meta device), timestep excluded."""
+    b, side, t = gen["batch"], gen["latent"] // 2, gen["text"]
+
+    def rand(*shape: int) -> Tensor:
+        if torch.device(device).type == "meta":
+            return torch.empty(shape, device=device, dtype=dtype)
+        return torch.randn(*shape).to(device, dtype)
+
+    return dict(
+        hidden_states=rand(b, side * side, config["in_channels"]),
+        encoder_hidden_states=rand(b, t, config["joint_attention_dim"]),
+        pooled_projections=rand(b, config["pooled_projection_dim"]),
+        img_ids=image_ids(side, side, device),
+        txt_ids=torch.zeros(t, 3, device=device),
+        guidance=torch.full((b,), 3.5, device=device, dtype=dtype) if config.get("guidance_embeds") else None,
+    )
+
+
+def image_ids(height: int, width: int, device: str | torch.device = "cpu") -> Tensor:
+    """Flux's img_ids of an height x width token grid: (N, 3) with (0, row, col) per token."""
+    rows = torch.arange(height, device=device).repeat_interleave(width)
+    cols = torch.arange(width, device=device).repeat(height)
+    return torch.stack([torch.zeros_like(rows), rows, cols], -1).float()
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x * cos + rot(x) * sin with rot pairing channels (2i, 2i+1) -> (-x[2i+1], x[2i]), in fp32:
+    diffusers' apply_rotary_emb(use_real_unbind_dim=-1, sequence_dim=1), for x (B, L, H, D) and
+    cos/sin either shared (L, D) or per sample (B, L, D)."""
+    cos, sin = cos.unsqueeze(-2).to(x.device), sin.unsqueeze(-2).to(x.device)
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+class CATFluxAttnProcessor:
+    """Flux attention with the image K (after rotation) and V rows cached between steps.
+
+    Double-stream blocks call it with the image rows and a separate text context
+    (``encoder_hidden_states``) and get (image, text) outputs; single-stream blocks call it with
+    [text; image] rows and get the attention output of all of them (no output projection).
+    In the dense modes it defers to the processor it replaced, so those steps are the unpatched
+    computation exactly; "fill" computes the same thing and keeps the image K/V.
+    """
+
+    def __init__(self, state: CATState, name: str, original: object) -> None:
+        self.state = state
+        self.name = name
+        self.original = original
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_rotary_emb: tuple[Tensor, Tensor] | None = None,
+        **kwargs: Any,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        state = self.state
+        mode = state.mode
+        if mode in ("dense", "anchor"):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
+        if attention_mask is not None:
+            raise ValueError("cat_pruning: attention masks are not supported on Flux's pruned steps")
+        if image_rotary_emb is None:
+            raise ValueError("cat_pruning: Flux attention was called without its rotary embedding")
+
+        rows = state.k if mode == "pruned" else state.geometry.num_tokens  # image rows in this call
+        head_dim = attn.head_dim
+        query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, head_dim)))
+        key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (-1, head_dim)))
+        value = attn.to_v(hidden_states).unflatten(-1, (-1, head_dim))
+        if encoder_hidden_states is not None:  # double stream: [text; image] like the stock processor
+            ctx_query = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim)))
+            ctx_key = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim)))
+            ctx_value = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+            query = torch.cat([ctx_query, query], dim=1)
+            key = torch.cat([ctx_key, key], dim=1)
+            value = torch.cat([ctx_value, value], dim=1)
+        text = query.shape[1] - rows
+
+        cos, sin = image_rotary_emb
+        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+
+        k_cache, v_cache = state.kv[self.name]  # (B, N, H*D): keys after rotation
+        image_key, image_value = key[:, text:].flatten(2), value[:, text:].flatten(2)
+        if mode == "fill":
+            k_cache.copy_(image_key)
+            v_cache.copy_(image_value)
+        else:  # pruned: refresh the selected rows, attend over all cached image keys
+            ops.scatter_kv_(k_cache, v_cache, state.idx, image_key, image_value, 1, backend=state.config.backend)
+            key = torch.cat([key[:, :text], k_cache.unflatten(-1, (-1, head_dim))], dim=1)
+            value = torch.cat([value[:, :text], v_cache.unflatten(-1, (-1, head_dim))], dim=1)
+
+        out = dispatch_attention_fn(
+            query, key, value, attn_mask=None,
+            backend=getattr(self.original, "_attention_backend", None),
+            parallel_config=getattr(self.original, "_parallel_config", None),
+        )
+        out = out.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return out
+        ctx_out, image_out = out.split_with_sizes([text, rows], dim=1)
+        image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
+        return image_out, attn.to_add_out(ctx_out.contiguous())
+
+
+class FluxAdapter(Adapter):
+    family = "Flux.1 (FluxTransformer2DModel)"
+    model_classes = ("FluxTransformer2DModel",)
+    patch_embed = "x_embedder"
+    out_proj = "proj_out"
+
+    def check_model(self, model: nn.Module) -> None:
+        if getattr(model, "is_cache_enabled", False):
+            raise ValueError("cat_pruning: this Flux transformer has diffusers caching enabled (enable_cache); "
+                             "call disable_cache() first, the two do not combine")
+        for name, attn in self.attention_modules(model).items():
+            if getattr(attn, "fused_projections", False):
+                raise ValueError(f"cat_pruning: {name} has fused QKV projections; call unfuse_qkv_projections() first")
+        get_submodule(model, "pos_embed")
+
+    def attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        found = {f"transformer_blocks.{i}.attn": b.attn for i, b in enumerate(model.transformer_blocks)}
+        found.update({f"single_transformer_blocks.{i}.attn": b.attn
+                      for i, b in enumerate(model.single_transformer_blocks)})
+        return found
+
+    def make_processor(self, state: CATState, name: str, attn: nn.Module) -> object:
+        return CATFluxAttnProcessor(state, name, attn.processor)
+
+    def cfg_pairs(self, pipeline: Any) -> bool:
+        # FluxPipeline (and its variants) keep the true-CFG switch in a __call__ local.
+        if pipeline_call_local(pipeline, "do_true_cfg", False):
+            raise ValueError(
+                "cat_pruning: true CFG on Flux (true_cfg_scale > 1 with a negative prompt) calls the transformer "
+                "twice per step with different inputs; not supported. Use the guidance-distilled guidance "
+                "(guidance_scale) or unpatch"
+            )
+        return False
+
+    def install_hooks(self, model: nn.Module, state: CATState) -> list:
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if module.is_cache_enabled:
+                raise ValueError("cat_pruning: diffusers caching (enable_cache) was enabled on a patched Flux "
+                                 "transformer; the two do not combine")
+            img_ids = kwargs.get("img_ids", args[4] if len(args) > 4 else None)
+            if img_ids is None:
+                raise ValueError("cat_pruning: Flux was called without img_ids")
+            state.positions = (img_ids[0] if img_ids.ndim == 3 else img_ids)[:, 1:3]
+
+        def rope_hook(module: nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor] | None:
+            if state.mode != "pruned":
+                return None
+            idx = state.idx
+            text = output[0].shape[0] - state.geometry.num_tokens
+
+            def select(freqs: Tensor) -> Tensor:  # (T + N, D) -> (B, T + K, D)
+                ctx = freqs[:text].expand(idx.shape[0], -1, -1)
+                return torch.cat([ctx, freqs[text:][idx]], dim=1)
+
+            return select(output[0]), select(output[1])
+
+        return [
+            model.register_forward_pre_hook(pre_hook, with_kwargs=True),
+            model.pos_embed.register_forward_hook(rope_hook),
+        ]
+
+    def check_call(self, args: tuple, kwargs: dict) -> None:
+        if any(kwargs.get(k) is not None for k in ("controlnet_block_samples", "controlnet_single_block_samples")):
+            raise ValueError("cat_pruning: ControlNet residuals are not supported yet; unpatch to use ControlNet")
+        joint = kwargs.get("joint_attention_kwargs") or {}
+        if "ip_adapter_image_embeds" in joint or "ip_hidden_states" in joint:
+            raise ValueError("cat_pruning: IP-Adapter inputs are not supported yet; unpatch to use IP-Adapter")
+
+    def geometry(self, model: nn.Module, args: tuple, kwargs: dict) -> Geometry:
+        hidden = hidden_states_arg(args, kwargs)  # packed tokens (B, N, C); the grid is in img_ids
+        b, n, _ = hidden.shape
+        return Geometry(b, 1, n, hidden.dtype, hidden.device)
+
+    def cache_layout(self, model: nn.Module, geometry: Geometry) -> CacheLayout:
+        """(B, N, H*D) K (after rotation) and V caches: the layout the processor produces."""
+        kv = {name: ((geometry.batch, geometry.num_tokens, attn.to_k.out_features), attn.to_k.weight.dtype)
+              for name, attn in self.attention_modules(model).items()}
+        out = get_submodule(model, self.out_proj)
+        return CacheLayout(kv, out.out_features, out.weight.dtype)
+
+    def text_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> int:
+        ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        return 0 if ctx is None else ctx.shape[1]
+
+    def linear_stream(self, name: str) -> str | None:
+        if name.startswith(("time_text_embed", "norm_out")) or ".norm1" in name or ".norm." in name:
+            return "sample"
+        if name.startswith("x_embedder"):
+            return "patch"
+        if name.startswith("context_embedder") or ".add_" in name or "to_add_out" in name or "ff_context" in name:
+            return "text"
+        if name.startswith("single_transformer_blocks"):
+            return "joint"
+        if name.startswith(("transformer_blocks", "proj_out")):
+            return "image"
+        return None
+
+    def attention_shape(self, name: str, attn: nn.Module, rows: int, num_tokens: int, text: int) -> tuple[int, int]:
+        return rows + text, num_tokens + text
