@@ -233,4 +233,8 @@ def stats(obj: Any) -> CATStats:
         macs=sum(batch * macs_of[t] for _, t in history),
         macs_dense=batch * len(history) * macs_of[n],
         cache_bytes=state.cache_bytes(),
+        # A copy to the host: stats() runs after a generation, never inside a denoising step.
+        recomputed=None
+        if state.recomputed is None or state.recomputed.is_meta
+        else state.recomputed.view(batch, g.height, g.width).cpu(),
     )

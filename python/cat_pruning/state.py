@@ -82,6 +82,7 @@ class CATState:
         self.labels: Tensor | None = None
         self.staleness: Tensor | None = None
         self.idx: Tensor | None = None
+        self.recomputed: Tensor | None = None  # (B, N) times each token was computed this generation
         self.kv: dict[str, tuple[Tensor, Tensor]] = {}
         self.extra: dict[str, Tensor] = {}
         # (N, 2) token (row, col) positions for the clustering, set by adapters whose inputs carry
@@ -123,9 +124,10 @@ class CATState:
         self.labels = empty(scored, g.num_tokens, dtype=torch.int64)
         self.staleness = empty(scored, g.num_tokens, dtype=torch.float32)
         self.idx = empty(g.batch, self.k, dtype=torch.int64)
+        self.recomputed = empty(g.batch, g.num_tokens, dtype=torch.float32)
         if g.device.type == "cuda":
             for t in [*(t for pair in self.kv.values() for t in pair), *self.extra.values(), self.noise_cache,
-                      self.labels, self.staleness, self.idx]:
+                      self.labels, self.staleness, self.idx, self.recomputed]:
                 torch._dynamo.mark_static_address(t)
 
     def begin_forward(self, geometry: Geometry) -> None:
@@ -178,18 +180,21 @@ class CATState:
             self.anchor = self._scored(out).detach().clone()
         elif mode == "fill":
             self.noise_cache.copy_(out)
+            self.recomputed.fill_(self.config.full_steps)  # every token ran in steps 0 .. full_steps-1
             scored = self._scored(out).detach()
             self.labels.copy_(self._cluster(scored))
             self.staleness.zero_()
             self._select(scored, first=True)
         elif mode == "pruned":
             ops.scatter_tokens_(self.noise_cache, self.idx, out, 1, backend=self.config.backend)
+            self.recomputed.scatter_add_(1, self.idx, torch.ones_like(self.idx, dtype=torch.float32))
             out = self.noise_cache.clone()
             self._select(self._scored(self.noise_cache), first=False)
         return out
 
     def cache_bytes(self) -> int:
         tensors = [t for pair in self.kv.values() for t in pair] + list(self.extra.values())
-        tensors += [t for t in (self.anchor, self.noise_cache, self.labels, self.staleness, self.idx) if t is not None]
+        others = (self.anchor, self.noise_cache, self.labels, self.staleness, self.idx, self.recomputed)
+        tensors += [t for t in others if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from .config import CATConfig
 
 
@@ -20,6 +22,8 @@ class CATStats:
 
     macs / macs_dense count multiply-accumulates of the transformer (linears, convolutions,
     QK^T and PV) over all steps and samples; cache_bytes is what the caches hold now.
+    recomputed (B, height, width), on the CPU: how many steps computed each image token (None
+    before the caches exist).
     """
 
     family: str
@@ -31,6 +35,7 @@ class CATStats:
     macs: int
     macs_dense: int
     cache_bytes: int
+    recomputed: torch.Tensor | None = None
 
     @property
     def mac_fraction(self) -> float:

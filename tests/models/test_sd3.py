@@ -209,6 +209,9 @@ def test_stats_macs_match_flop_counter():
     assert abs(s.macs - measured) / measured < 0.02, (s.macs, measured)
     assert 0.3 < s.mac_fraction < 1.0
     assert "pruned" in str(s) and s.cache_bytes > 0
+    per_sample = FULL * s.num_tokens + (STEPS - FULL) * s.tokens_kept
+    assert s.recomputed.shape == (2, 8, 8)
+    assert torch.equal(s.recomputed.sum((1, 2)), torch.full((2,), float(per_sample)))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
