@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -148,12 +149,14 @@ def _wrap_scheduler(p: _Patch, pipeline: Any) -> None:
     set_timesteps, step = scheduler.set_timesteps, scheduler.step
     state = p.state
 
+    @functools.wraps(set_timesteps)  # pipelines inspect its signature (retrieve_timesteps: sigmas, mu)
     def wrapped_set_timesteps(*args: Any, **kwargs: Any) -> Any:
         state.reset()
         cfg = state.config.cfg_pairs
         state.cfg_pairs = p.adapter.cfg_pairs(pipeline) if cfg is None else cfg
         return set_timesteps(*args, **kwargs)
 
+    @functools.wraps(step)
     def wrapped_step(*args: Any, **kwargs: Any) -> Any:
         state.advance()
         return step(*args, **kwargs)
