@@ -23,7 +23,7 @@ test: install ext
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) bench/run.py --suite kernels --device cpu
+	$(PY) -m cat_pruning demo
 
 lint: install
 	$(PY) -m ruff check .
