@@ -8,6 +8,7 @@ from .base import Adapter
 from .dit import DiTAdapter
 from .flux import FluxAdapter
 from .pixart import PixArtAdapter
+from .sana import SanaAdapter
 from .sd3 import SD3Adapter
 
 ADAPTERS: tuple[Adapter, ...] = (
@@ -15,6 +16,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     PixArtAdapter(),
     DiTAdapter(),
     FluxAdapter(),
+    SanaAdapter(),
 )
 
 

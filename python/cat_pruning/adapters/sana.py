@@ -1,0 +1,272 @@
+"""Sana (diffusers SanaTransformer2DModel): linear self attention, cross attention to the text and
+a GLUMBConv feed-forward whose 3x3 depthwise convolution mixes neighbouring tokens.
+
+Seams (diffusers 0.42.1):
+
+- ``patch_embed`` (PatchEmbed: conv, flatten, optional sincos position embedding) is the patch
+  embedding; its output is gathered to the K selected rows.
+- Linear self attention ``attn1`` (stock ``SanaLinearAttnProcessor2_0``: ReLU feature map,
+  out_i = sum_j (phi(q_i).phi(k_j)) v_j / sum_j phi(q_i).phi(k_j) with phi = ReLU, in fp32).
+  What is cached: the per-token projected keys and values of the image tokens, (B, N, H*D) each
+  in the model dtype, like a softmax K/V cache. At a pruned step the selected rows are refreshed
+  and the sums S = sum_j [v_j; 1] phi(k_j)^T are recomputed over all N cached rows in fp32,
+  exactly as the stock processor computes them. Why not keep only S and update it by
+  subtracting the old rows and adding the new ones: that still needs the old rows (the same
+  per-token caches), drifts over the pruned steps in low precision, and saves little: the
+  recomputation costs H*(D+1)*D*N MACs per layer (about 1% of a Sana-1600M pruned step at
+  keep_ratio 0.3) against the K*(4*C^2) of the projections.
+- Cross attention ``attn2`` (queries per image token, keys/values from the always-computed text)
+  needs no cache and keeps its own processor; the pipeline's text mask is a key bias that
+  broadcasts over any number of queries.
+- The feed-forward is NOT per token: the block reshapes the rows to the (H, W) map and GLUMBConv
+  runs 1x1 conv, SiLU, 3x3 depthwise conv (``ff.conv_depth``), GLU gate, 1x1 conv. On a pruned
+  step a block pre-hook passes (K, 1) as the map's height and width, so the reshapes and the
+  1x1 convolutions run on the K rows as a K x 1 map; a pre-hook on ``conv_depth`` writes those K
+  input rows into a per-block cache of the conv's input over all N positions, (B, 2*hidden, N, 1),
+  and hands the conv the full (H, W) map; a forward hook gathers the K selected output
+  positions back. So every selected token's convolution sees its neighbours' latest computed
+  inputs (the unselected ones from the cache): exact in the masked-dense sense, at the cost of
+  the depthwise conv over all N positions (9 MACs per channel and token, ~0.4% of the block).
+- ``proj_out`` is the output seam; the model unpatchifies the full (B, N, C_out) output itself.
+
+The masked-dense oracle for Sana: the unpatched model in which, inside every linear self
+attention, the K/V rows of unselected tokens are the cached rows, and in every depthwise
+convolution the input rows of unselected tokens are the cached rows.
+
+Not supported (a clear error): ControlNet residuals, fused QKV projections, self-attention
+processors other than the linear one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cat_kernels import ops
+
+from ..state import CacheLayout, CATState, Geometry
+from .base import Adapter, get_submodule, hidden_states_arg
+
+# Real architectures, for MAC counts on the meta device: (transformer config, generation), where
+# the generation gives the latent side, the text tokens and the transformer batch (CFG halves).
+REAL_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
+    # Sana_1600M_1024px: 20 blocks, hidden 2240 = 70 linear-attention heads x 32, cross attention
+    # 20 heads x 112, GLUMBConv mlp_ratio 2.5; DC-AE f32 -> 32x32x32 latent, patch 1 -> 1024
+    # image tokens; 300 Gemma-2 tokens; CFG batch of 2.
+    "sana-1600m-1024": (
+        dict(
+            in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+            num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
+            caption_channels=2304, mlp_ratio=2.5, attention_bias=False, sample_size=32, patch_size=1,
+            norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=None,
+        ),
+        dict(latent=32, text=300, batch=2),
+    ),
+}
+
+
+def real_inputs(config: dict[str, Any], gen: dict[str, int], device: str | torch.device,
+                dtype: torch.dtype) -> dict[str, Any]:
+    """Keyword arguments of one transformer call of a REAL_CONFIGS generation (random values;
+    empty tensors on the meta device), timestep excluded."""
+    b, s, t = gen["batch"], gen["latent"], gen["text"]
+
+    def rand(*shape: int) -> Tensor:
+        if torch.device(device).type == "meta":
+            return torch.empty(shape, device=device, dtype=dtype)
+        return torch.randn(*shape).to(device, dtype)
+
+    return dict(
+        hidden_states=rand(b, config["in_channels"], s, s),
+        encoder_hidden_states=rand(b, t, config["caption_channels"]),
+        encoder_attention_mask=torch.ones(b, t, device=device, dtype=dtype),
+    )
+
+
+class CATSanaLinearAttnProcessor:
+    """Sana's linear self attention with the image K/V rows cached between steps and the key sums
+    recomputed over all cached rows (in fp32, as the stock processor does).
+
+    In the dense modes it defers to the processor it replaced, so those steps are the unpatched
+    computation exactly; "fill" computes the same thing and keeps the K/V rows.
+    """
+
+    def __init__(self, state: CATState, name: str, original: object) -> None:
+        self.state = state
+        self.name = name
+        self.original = original
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        state = self.state
+        mode = state.mode
+        if mode in ("dense", "anchor"):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        if encoder_hidden_states is not None:
+            raise ValueError("cat_pruning: Sana's linear attention is self attention; got a context")
+        original_dtype = hidden_states.dtype
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        k_cache, v_cache = state.kv[self.name]  # (B, N, H*D)
+        if mode == "fill":
+            k_cache.copy_(key)
+            v_cache.copy_(value)
+        else:
+            ops.scatter_kv_(k_cache, v_cache, state.idx, key, value, 1, backend=state.config.backend)
+            key, value = k_cache, v_cache
+
+        query = F.relu(query.transpose(1, 2).unflatten(1, (attn.heads, -1))).float()  # (B, H, D, rows)
+        key = F.relu(key.transpose(1, 2).unflatten(1, (attn.heads, -1)).transpose(2, 3)).float()  # (B, H, N, D)
+        value = value.transpose(1, 2).unflatten(1, (attn.heads, -1)).float()  # (B, H, D, N)
+        value = F.pad(value, (0, 0, 0, 1), mode="constant", value=1.0)
+        scores = torch.matmul(value, key)  # (B, H, D+1, D): sum_j [v_j; 1] phi(k_j)^T
+        out = torch.matmul(scores, query)  # (B, H, D+1, rows)
+        out = out[:, :, :-1] / (out[:, :, -1:] + 1e-15)
+        out = out.flatten(1, 2).transpose(1, 2).to(original_dtype)
+
+        out = attn.to_out[1](attn.to_out[0](out))
+        if original_dtype == torch.float16:
+            out = out.clip(-65504, 65504)
+        return out
+
+
+class SanaAdapter(Adapter):
+    family = "Sana (SanaTransformer2DModel)"
+    model_classes = ("SanaTransformer2DModel",)
+    patch_embed = "patch_embed"
+    out_proj = "proj_out"
+
+    def check_model(self, model: nn.Module) -> None:
+        from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
+
+        for name, attn in self.attention_modules(model).items():
+            if getattr(attn, "fused_projections", False):
+                raise ValueError(f"cat_pruning: {name} has fused QKV projections; call unfuse_qkv_projections() first")
+            processor = getattr(attn.processor, "original", attn.processor)  # a patched model being re-patched
+            if not isinstance(processor, SanaLinearAttnProcessor2_0):
+                raise ValueError(f"cat_pruning: {name} runs {type(processor).__name__}; only Sana's linear "
+                                 "self attention (SanaLinearAttnProcessor2_0) is supported")
+        for i, block in enumerate(model.transformer_blocks):
+            if not isinstance(getattr(getattr(block, "ff", None), "conv_depth", None), nn.Conv2d):
+                raise ValueError(f"cat_pruning: transformer_blocks.{i} has no GLUMBConv feed-forward; not supported")
+
+    def attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        return {f"transformer_blocks.{i}.attn1": block.attn1 for i, block in enumerate(model.transformer_blocks)}
+
+    def make_processor(self, state: CATState, name: str, attn: nn.Module) -> object:
+        return CATSanaLinearAttnProcessor(state, name, attn.processor)
+
+    def install_hooks(self, model: nn.Module, state: CATState) -> list:
+        def block_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            # The block reshapes its rows to the (height, width) map for the feed-forward; on a
+            # pruned step its K rows become a K x 1 map (the depthwise conv hooks do the rest).
+            if state.mode != "pruned":
+                return None
+            if len(args) >= 7:
+                return (*args[:5], state.k, 1, *args[7:]), kwargs
+            return args, {**kwargs, "height": state.k, "width": 1}
+
+        def conv_pre_hook(name: str) -> Any:
+            def hook(module: nn.Module, args: tuple) -> tuple | None:
+                mode = state.mode
+                if mode == "fill":  # the full (B, 2*hidden, H, W) input: keep it
+                    x = args[0]
+                    state.extra[name].copy_(x.flatten(2).unsqueeze(-1))
+                elif mode == "pruned":  # (B, 2*hidden, K, 1): refresh those rows, convolve the full map
+                    cache, g = state.extra[name], state.geometry
+                    ops.scatter_tokens_(cache, state.idx, args[0], 2, backend=state.config.backend)
+                    return (cache.view(*cache.shape[:2], g.height, g.width),)
+                return None
+
+            return hook
+
+        def conv_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+            if state.mode != "pruned":
+                return None
+            full = output.flatten(2).unsqueeze(-1)  # (B, 2*hidden, N, 1)
+            return ops.gather_tokens(full, state.idx, 2, backend=state.config.backend)
+
+        handles = []
+        for i, block in enumerate(model.transformer_blocks):
+            name = f"transformer_blocks.{i}.ff.conv_depth"
+            handles += [
+                block.register_forward_pre_hook(block_pre_hook, with_kwargs=True),
+                block.ff.conv_depth.register_forward_pre_hook(conv_pre_hook(name)),
+                block.ff.conv_depth.register_forward_hook(conv_hook),
+            ]
+        return handles
+
+    def check_call(self, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("controlnet_block_samples") is not None:
+            raise ValueError("cat_pruning: ControlNet residuals are not supported yet; unpatch to use ControlNet")
+
+    def geometry(self, model: nn.Module, args: tuple, kwargs: dict) -> Geometry:
+        hidden = hidden_states_arg(args, kwargs)
+        p = model.config.patch_size
+        b, _, h, w = hidden.shape
+        return Geometry(b, h // p, w // p, hidden.dtype, hidden.device)
+
+    def cache_layout(self, model: nn.Module, geometry: Geometry) -> CacheLayout:
+        """(B, N, H*D) K and V caches (the projections' layout) per linear attention, and per block
+        the depthwise conv's input over all positions, (B, 2*hidden, N, 1)."""
+        b, n = geometry.batch, geometry.num_tokens
+        kv = {name: ((b, n, attn.to_k.out_features), attn.to_k.weight.dtype)
+              for name, attn in self.attention_modules(model).items()}
+        extra = {f"transformer_blocks.{i}.ff.conv_depth": ((b, block.ff.conv_depth.in_channels, n, 1),
+                                                           block.ff.conv_depth.weight.dtype)
+                 for i, block in enumerate(model.transformer_blocks)}
+        out = get_submodule(model, self.out_proj)
+        return CacheLayout(kv, out.out_features, out.weight.dtype, extra)
+
+    def text_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> int:
+        ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        return 0 if ctx is None else ctx.shape[1]
+
+    def linear_stream(self, name: str) -> str | None:
+        if name.startswith("time_embed"):
+            return "sample"
+        if name.startswith("caption_projection") or ".attn2.to_k" in name or ".attn2.to_v" in name:
+            return "text"
+        if name.startswith(("transformer_blocks", "proj_out")):
+            return "image"
+        return None
+
+    def macs_per_sample(self, model: nn.Module, rows: int, num_tokens: int, text: int) -> int:
+        """Linears by the rows they run on; the patch embedding and the depthwise convs over all
+        N positions, the 1x1 convs over the computed rows; linear attention as the key sums over
+        all N cached rows plus their product with the computed queries; cross attention QK^T + PV."""
+        total = 0
+        per_stream = {"image": rows, "text": text, "sample": 1}
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                stream = self.linear_stream(name)
+                if stream is not None:
+                    total += per_stream[stream] * module.in_features * module.out_features
+            elif isinstance(module, nn.Conv2d):
+                kh, kw = module.kernel_size
+                per_position = module.in_channels * kh * kw * module.out_channels // module.groups
+                full = name.startswith(self.patch_embed) or name.endswith("conv_depth")
+                total += (num_tokens if full else rows) * per_position
+        for block in model.transformer_blocks:
+            attn = block.attn1
+            head_dim = attn.to_k.out_features // attn.heads
+            total += attn.heads * (head_dim + 1) * head_dim * (num_tokens + rows)
+            if getattr(block, "attn2", None) is not None:
+                total += 2 * rows * text * block.attn2.to_q.out_features
+        return total
