@@ -28,6 +28,7 @@ else
   want=0
 fi
 
+mkdir -p build
 start=$(date +%s)
 # --force: relink even if an in-place library of another variant looks newer; ninja still
 # skips every object that is up to date.
