@@ -11,12 +11,15 @@ built according to CAT_KERNELS_BUILD_EXT (see build_ext.py and the README):
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from build_ext import extension_setup_kwargs  # noqa: E402
 
-PACKAGES = ["cat_kernels", "cat_kernels.triton", "cat_pruning"]
+# Every subpackage of both (adapters, the shipped model, ...); tests/test_packaging.py checks the wheel.
+PACKAGES = find_packages(include=["cat_kernels", "cat_kernels.*"]) + find_packages(
+    "python", include=["cat_pruning", "cat_pruning.*"]
+)
 PACKAGE_DIR = {"cat_kernels": "cat_kernels", "cat_pruning": "python/cat_pruning"}
 
 setup(
