@@ -7,6 +7,8 @@ import math
 
 from cat_kernels.backend import BACKENDS
 
+SELECTIONS = ("cat", "cat-no-staleness", "topk", "random")
+
 
 @dataclasses.dataclass(frozen=True)
 class CATConfig:
@@ -33,6 +35,9 @@ class CATConfig:
         cfg_pairs: whether the batch is [uncond; cond] halves that share one selection scored
             on the cond half. None (default): taken from the pipeline's
             `do_classifier_free_guidance`; False for a bare transformer.
+        selection: "cat" (default, the paper's policy); ablations for the quality benchmark:
+            "cat-no-staleness" (staleness slots go to the largest change), "topk" (global top-K by
+            change, no clusters, no staleness), "random" (K tokens at random each step).
         manual_steps: for a bare transformer only: the caller marks the end of every denoising
             step with `cat_pruning.advance(transformer)` instead of the transformer counting its
             own forwards. Needed under torch.compile, where the count cannot be kept inside the
@@ -50,6 +55,7 @@ class CATConfig:
     cluster_content_weight: float = 0.05
     cfg_pairs: bool | None = None
     manual_steps: bool = False
+    selection: str = "cat"
 
     def __post_init__(self) -> None:
         def is_int(v: object) -> bool:
@@ -69,6 +75,7 @@ class CATConfig:
             ("backend", self.backend in BACKENDS, f"one of {BACKENDS}"),
             ("cfg_pairs", self.cfg_pairs in (None, True, False), "None, True or False"),
             ("manual_steps", isinstance(self.manual_steps, bool), "a bool"),
+            ("selection", self.selection in SELECTIONS, f"one of {SELECTIONS}"),
         ]
         for name, ok, expected in checks:
             if not ok:

@@ -167,10 +167,23 @@ class CATState:
     def _select(self, out: Tensor, first: bool) -> None:
         cfg = self.config
         d, score = ops.token_stats(out, self.anchor, self.labels, self.num_clusters, backend=cfg.backend)
-        idx = ops.select_tokens(
-            d, score, self.labels, self.staleness, self.k, first=first,
-            importance_fraction=cfg.importance_fraction, staleness_decay=cfg.staleness_decay, backend=cfg.backend,
-        )
+        if cfg.selection in ("cat", "cat-no-staleness"):
+            # Without staleness, "stalest first" becomes "largest change first": the policy's
+            # staleness slots go to the tokens that change most (its own count is not kept).
+            staleness = self.staleness if cfg.selection == "cat" else -d
+            idx = ops.select_tokens(
+                d, score, self.labels, staleness, self.k, first=first,
+                importance_fraction=cfg.importance_fraction, staleness_decay=cfg.staleness_decay, backend=cfg.backend,
+            )
+        else:  # ablations: the same K by global change, or at random
+            if cfg.selection == "topk":
+                key = d
+            else:  # a hash of the token index seeded by the staleness total, which moves every step
+                i = torch.arange(d.shape[1], device=d.device, dtype=torch.float32).expand_as(d)
+                seed = self.staleness.sum(1, keepdim=True)
+                key = torch.frac(torch.sin(i * 12.9898 + seed * 78.233) * 43758.5453)
+            idx = torch.sort(torch.topk(key, self.k, dim=1).indices, dim=1).values
+            self.staleness.mul_(cfg.staleness_decay).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
         self.idx.copy_(self._broadcast(idx))
 
     def on_output(self, out: Tensor) -> Tensor:

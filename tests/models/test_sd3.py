@@ -296,3 +296,25 @@ def test_patched_context_manager():
     with cat_pruning.patched(model, keep_ratio=0.5) as m:
         assert cat_pruning.is_patched(m)
     assert not cat_pruning.is_patched(model)
+
+
+@pytest.mark.parametrize("selection", ["cat-no-staleness", "topk", "random"])
+def test_selection_ablations_pick_k_unique_tokens(selection):
+    model = tiny_sd3("sd3", layers=1)
+    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch", selection=selection)
+    state = model._cat_pruning.state
+    picks = []
+
+    def record():  # after a fill or pruned step, idx holds the selection for the next step
+        if state.history[-1][0] in ("fill", "pruned"):
+            picks.append(state.idx.clone())
+
+    run_steps(model, inputs(), STEPS, step_fn=record)
+    assert len(picks) == STEPS - FULL + 1
+    for idx in picks:
+        assert all(len(set(row.tolist())) == state.k for row in idx)
+        assert torch.equal(idx, idx.sort(1).values)
+    assert any(not torch.equal(a, b) for a, b in zip(picks, picks[1:], strict=False))
+    if selection == "topk":
+        d = (state.noise_cache - state.anchor).norm(dim=-1)
+        assert torch.equal(state.idx, d.topk(state.k).indices.sort(1).values)
