@@ -33,23 +33,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import cat_pruning
+from cat_pruning.adapters.sd3 import REAL_CONFIGS as REAL_SD3
 
-# SD3-medium: 24 MM-DiT blocks, hidden 1536, 1024x1024 -> 128x128 latent -> 4096 image tokens,
-# 333 text tokens (77 CLIP + 256 T5).
-SD3_MEDIUM = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    pos_embed_max_size=192,
-)
-SD3_MEDIUM_GEN = dict(latent=128, text=333, batch=2)
+FAMILIES = ("sd3", "pixart", "dit", "flux", "sana")  # adapter modules with REAL_CONFIGS
+SD3_MEDIUM, SD3_MEDIUM_GEN = REAL_SD3["sd3-medium-1024"]
 # A mid-size config that a CPU runs in seconds per step: 6 blocks, hidden 512, 1024 tokens.
 SD3_MID = dict(
     sample_size=64,
@@ -120,43 +107,66 @@ def _cat(model, keep_ratio: float, full_steps: int, backend: str = "auto"):
     )
 
 
-def macs_record(name: str, config: dict, gen: dict, steps: int, keep_ratio: float, full_steps: int) -> dict:
-    model = make_transformer(config, "meta", torch.bfloat16)
-    inputs = make_inputs(config, gen, "meta", torch.bfloat16)
+def real_configs() -> list[tuple[str, Any, dict, dict]]:
+    """(name, adapter module, transformer config, generation) of every family's real models."""
+    import importlib
+
+    found = []
+    for family in FAMILIES:
+        module = importlib.import_module(f"cat_pruning.adapters.{family}")
+        for name, (config, gen) in module.REAL_CONFIGS.items():
+            found.append((name, module, config, gen))
+    return found
+
+
+def _model_class(module: Any):
+    import diffusers
+
+    from cat_pruning.adapters import ADAPTERS
+
+    (adapter,) = [a for a in ADAPTERS if type(a).__module__ == module.__name__]
+    return getattr(diffusers, adapter.model_classes[0])
+
+
+def macs_record(name: str, module: Any, config: dict, gen: dict, steps: int, keep_ratio: float,
+                full_steps: int) -> dict:
+    """Dense and CAT MACs of one generation of a real configuration, counted on the meta device."""
+    with torch.device("meta"):
+        model = _model_class(module)(**config).to(torch.bfloat16).eval()
+    kwargs = module.real_inputs(config, gen, "meta", torch.bfloat16)
+    b = gen["batch"]
     counts = {}
     for label in ("dense", "cat"):
         if label == "cat":
-            _cat(model, keep_ratio, full_steps)
+            cat_pruning.patch(model, keep_ratio=keep_ratio, full_steps=full_steps, cfg_pairs=gen.get("cfg", b == 2),
+                              manual_steps=True)
         counter = FlopCounterMode(display=False)
         with counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
-            generate(model, inputs, steps, advance=label == "cat")
+            for i in range(steps):
+                t = torch.full((b,), 1000.0 * (1 - i / steps), device="meta", dtype=torch.bfloat16)
+                model(**kwargs, timestep=t, return_dict=False)
+                if label == "cat":
+                    cat_pruning.advance(model)
         counts[label] = counter.get_total_flops() // 2
     stats = cat_pruning.stats(model)
-    adapter, n, k = model._cat_pruning.adapter, stats.num_tokens, stats.tokens_kept
-    per = {r: adapter.macs_per_sample(model, r, n, gen["text"]) for r in (0, k, n)}
+    patch = model._cat_pruning
+    n, k, text = stats.num_tokens, stats.tokens_kept, patch.text_tokens
+    per = {r: patch.adapter.macs_per_sample(model, r, n, text) for r in (0, k, n)}
     fixed = per[0]  # text stream, per-sample work, patch embedding: independent of rows computed
     pruned = steps - full_steps
     ideal_whole = (full_steps * per[n] + pruned * per[k]) / (steps * per[n])
     ideal_image = (full_steps + pruned * k / n) / steps
-    b = gen["batch"]
     image_dense = counts["dense"] - steps * b * fixed
     image_cat = counts["cat"] - steps * b * fixed
     frac_whole, frac_image = counts["cat"] / counts["dense"], image_cat / image_dense
+    ok = abs(frac_whole - ideal_whole) < 0.005
     return dict(
-        case=f"macs[{name},{steps} steps]",
-        op="macs",
-        provider="meta-count",
-        shape=dict(N=n, K=k, text=gen["text"], batch=b, steps=steps, full_steps=full_steps, keep_ratio=keep_ratio),
-        macs_dense=counts["dense"],
-        macs_cat=counts["cat"],
-        macs_stats=stats.macs,
-        mac_fraction=frac_whole,
-        mac_fraction_ideal=ideal_whole,
-        mac_speedup_ideal=1 / ideal_whole,
-        image_mac_fraction=frac_image,
-        image_mac_fraction_ideal=ideal_image,
-        check="pass" if abs(frac_whole - ideal_whole) < 0.005 and abs(frac_image - ideal_image) < 0.005 else "FAIL",
-        error=None if abs(frac_whole - ideal_whole) < 0.005 else "whole-model MACs off their ideal by > 0.5 pp",
+        case=f"macs[{name},{steps} steps]", op="macs", provider="meta-count", family=stats.family,
+        shape=dict(N=n, K=k, text=text, batch=b, steps=steps, full_steps=full_steps, keep_ratio=keep_ratio),
+        macs_dense=counts["dense"], macs_cat=counts["cat"], macs_stats=stats.macs,
+        mac_fraction=frac_whole, mac_fraction_ideal=ideal_whole, mac_speedup_ideal=1 / ideal_whole,
+        image_mac_fraction=frac_image, image_mac_fraction_ideal=ideal_image,
+        check="pass" if ok else "FAIL", error=None if ok else "whole-model MACs off their ideal by > 0.5 pp",
     )
 
 
@@ -273,24 +283,24 @@ def summary(records: list[dict]) -> str:
 
 
 def run(args: Any) -> list[dict]:
+    """MAC counts (SD3-medium at 28 and 50 steps; with --full every family's real configs at 28),
+    then the wall clock of the device. --filter TEXT keeps the cases whose name contains TEXT."""
+    wanted = getattr(args, "filter", None) or ""
+    cases = [("sd3-medium-1024", 28), ("sd3-medium-1024", 50)]
+    if not args.quick:
+        cases += [(name, 28) for name, *_ in real_configs() if name != "sd3-medium-1024"]
+    modules = {name: (module, config, gen) for name, module, config, gen in real_configs()}
     records = []
-    for steps in (28, 50):
-        records.append(macs_record("sd3-medium-1024", SD3_MEDIUM, SD3_MEDIUM_GEN, steps, 0.3, 8))
+    for name, steps in cases:
+        if wanted in f"macs[{name},{steps} steps]":
+            records.append(macs_record(name, *modules[name], steps, 0.3, 8))
     if args.device == "cpu":
-        repeats = 2 if args.quick else 5
-        records += wall_records("sd3-mid-cpu", SD3_MID, SD3_MID_GEN, 16, 0.3, 4, "cpu", torch.float32, repeats, [None])
-    else:
-        records += wall_records(
-            "sd3-medium-1024",
-            SD3_MEDIUM,
-            SD3_MEDIUM_GEN,
-            28,
-            0.3,
-            8,
-            "cuda",
-            torch.bfloat16,
-            3,
-            [None, "default", "reduce-overhead"],
-        )
+        if wanted in "wall[sd3-mid-cpu,eager]":
+            repeats = 2 if args.quick else 5
+            records += wall_records("sd3-mid-cpu", SD3_MID, SD3_MID_GEN, 16, 0.3, 4, "cpu", torch.float32, repeats,
+                                    [None])
+    elif wanted in "wall[sd3-medium-1024]":
+        records += wall_records("sd3-medium-1024", SD3_MEDIUM, SD3_MEDIUM_GEN, 28, 0.3, 8, "cuda",
+                                torch.bfloat16, 3, [None, "default", "reduce-overhead"])
     print(summary(records))
     return records

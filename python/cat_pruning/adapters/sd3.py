@@ -7,6 +7,7 @@ blocks, a second image-only self attention ``attn2`` (cached like ``attn``). The
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..processors import CATJointAttnProcessor
@@ -68,3 +69,44 @@ class SD3Adapter(Adapter):
         if name.endswith("attn2"):
             return rows, num_tokens
         return rows + text, num_tokens + text
+
+
+REAL_CONFIGS: dict[str, tuple[dict, dict[str, int]]] = {
+    # SD3-medium at 1024x1024: 24 MM-DiT blocks, hidden 1536 = 24 heads x 64, 128x128 latent,
+    # patch 2 -> 4096 image tokens; 333 text tokens (77 CLIP + 256 T5); CFG batch 2.
+    "sd3-medium-1024": (
+        dict(
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+            pooled_projection_dim=2048, pos_embed_max_size=192,
+        ),
+        dict(latent=128, text=333, batch=2),
+    ),
+    # SD3.5-medium at 1024x1024: dual attention (attn2) in blocks 0-12, RMS qk-norm.
+    "sd35-medium-1024": (
+        dict(
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+            pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+            dual_attention_layers=tuple(range(13)),
+        ),
+        dict(latent=128, text=333, batch=2),
+    ),
+}
+
+
+def real_inputs(config: dict, gen: dict[str, int], device, dtype) -> dict:
+    """Keyword arguments of one transformer call of a REAL_CONFIGS generation (random values;
+    empty tensors on the meta device), timestep excluded."""
+    b, s, t = gen["batch"], gen["latent"], gen["text"]
+
+    def rand(*shape: int):
+        if torch.device(device).type == "meta":
+            return torch.empty(shape, device=device, dtype=dtype)
+        return torch.randn(*shape).to(device, dtype)
+
+    return dict(
+        hidden_states=rand(b, config["in_channels"], s, s),
+        encoder_hidden_states=rand(b, t, config["joint_attention_dim"]),
+        pooled_projections=rand(b, config["pooled_projection_dim"]),
+    )
