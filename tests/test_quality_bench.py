@@ -1,0 +1,67 @@
+"""bench/quality.py smoke test: 1 prompt, 3 steps, one CAT setting and one peer, through bench/run.py.
+The peer (cache-dit) is optional: without it the record must carry the import error, not vanish."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture(scope="module")
+def run_module():
+    spec = importlib.util.spec_from_file_location("bench_run_quality", BENCH / "run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quality_suite_smoke(run_module, tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CAT on the CPU without the (slow) Triton interpreter
+    monkeypatch.setenv("CAT_BENCH_NO_PROGRESS", "1")
+    path = tmp_path / "quality.json"
+    threads = torch.get_num_threads()
+    try:
+        rc = run_module.main(["--suite", "quality", "--device", "cpu", "--json", str(path),
+                              "--prompts", "1", "--seeds", "1", "--steps", "3", "--examples", "1",
+                              "--methods", "cat:0.5:2,cache-dit-dbcache", "--peer-warmup", "1",
+                              "--tune-items", "1", "--mac-items", "1"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    records = {r["provider"]: r for r in json.loads(path.read_text())["records"]}
+    assert set(records) == {"dense", "cat:0.5:2", "cache-dit-dbcache"}
+    for r in records.values():
+        assert r["suite"] == "quality" and r["case"] == f"quality[{r['provider']}]"
+        assert r["shape"]["steps"] == 3 and r["shape"]["items"] == 1
+        assert r["dense_reproducible"] is True
+
+    dense, cat = records["dense"], records["cat:0.5:2"]
+    assert dense["mac_fraction"] == 1.0 and dense["median_ms"] > 0
+    # 2 dense steps of 3, then one pruned step with half the image tokens
+    assert 0.6 < cat["mac_fraction"] < 1.0
+    assert cat["mac_fraction"] == pytest.approx(cat["stats_mac_fraction"], abs=0.03)  # whole call vs transformer
+    assert math.isfinite(cat["psnr_mean"]) and cat["psnr_mean"] > 10
+    assert 0 < cat["ssim_worst"] <= cat["ssim_mean"] <= 1
+    assert cat["speedup"] > 0 and len(cat["per_item"]) == 1
+
+    peer = records["cache-dit-dbcache"]
+    if importlib.util.find_spec("cache_dit") is None:
+        assert peer["status"] == "error" and "cache_dit" in peer["error"]
+    else:
+        assert peer["status"] == "ok", peer.get("error")
+        assert 0 < peer["mac_fraction"] <= 1.0 and "residual_diff_threshold" in peer["params"]
+        assert peer["psnr_mean"] > 0
+
+    md = path.with_suffix(".md").read_text()
+    assert "| CAT k=0.5 f=2 |" in md and "## Reading" in md
+    assert path.with_name("quality-examples.png").is_file()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert path.with_suffix(".png").is_file()
