@@ -23,18 +23,46 @@ def _heads(x: Tensor, batch: int, heads: int) -> Tensor:
     return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
 
 
-class CATJointAttnProcessor:
+def _project(attn: torch.nn.Module, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Image queries, keys, values (B, H, rows, D) after the optional qk-norm, as diffusers does."""
+    batch = hidden_states.shape[0]
+    query = _heads(attn.to_q(hidden_states), batch, attn.heads)
+    key = _heads(attn.to_k(hidden_states), batch, attn.heads)
+    value = _heads(attn.to_v(hidden_states), batch, attn.heads)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
+class _CachedAttention:
+    """What the CAT processors share: the replaced processor for the dense modes, and the
+    layer's image K/V cache (filled at "fill", refreshed at the selected rows when "pruned")."""
+
+    def __init__(self, state: CATState, name: str, original: object) -> None:
+        self.state = state
+        self.name = name
+        self.original = original
+
+    def _cached_kv(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys/values to attend over: this step's (fill) or the refreshed cache (pruned)."""
+        k_cache, v_cache = self.state.kv[self.name]
+        if self.state.mode == "fill":
+            k_cache.copy_(key)
+            v_cache.copy_(value)
+            return key, value
+        ops.scatter_kv_(k_cache, v_cache, self.state.idx, key, value, 2, backend=self.state.config.backend)
+        return k_cache, v_cache
+
+
+class CATJointAttnProcessor(_CachedAttention):
     """SD3-style joint attention over [image; text] (``attn``) or image-only self attention
     (SD3.5's ``attn2``), with the image K/V rows cached between steps.
 
     In the dense modes it defers to the processor it replaced, so those steps are the
     unpatched computation exactly; "fill" computes the same thing and keeps the image K/V.
     """
-
-    def __init__(self, state: CATState, name: str, original: object) -> None:
-        self.state = state
-        self.name = name
-        self.original = original
 
     def __call__(
         self,
@@ -52,21 +80,8 @@ class CATJointAttnProcessor:
             raise ValueError("cat_pruning: attention masks are not supported on pruned steps")
 
         batch, rows = hidden_states.shape[:2]
-        query = _heads(attn.to_q(hidden_states), batch, attn.heads)
-        key = _heads(attn.to_k(hidden_states), batch, attn.heads)
-        value = _heads(attn.to_v(hidden_states), batch, attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        k_cache, v_cache = self.state.kv[self.name]
-        if mode == "fill":
-            k_cache.copy_(key)
-            v_cache.copy_(value)
-        else:  # pruned: refresh the cache rows of the selected tokens, attend over all of them
-            ops.scatter_kv_(k_cache, v_cache, self.state.idx, key, value, 2, backend=self.state.config.backend)
-            key, value = k_cache, v_cache
+        query, key, value = _project(attn, hidden_states)
+        key, value = self._cached_kv(key, value)
 
         if encoder_hidden_states is not None:
             ctx_query = _heads(attn.add_q_proj(encoder_hidden_states), batch, attn.heads)
@@ -92,7 +107,7 @@ class CATJointAttnProcessor:
         return image_out, ctx_out
 
 
-class CATSelfAttnProcessor:
+class CATSelfAttnProcessor(_CachedAttention):
     """Image-only self attention (PixArt's and DiT's ``attn1``, diffusers' AttnProcessor2_0)
     with the image K/V rows cached between steps.
 
@@ -102,11 +117,6 @@ class CATSelfAttnProcessor:
     queries over all N cached rows. Cross attention (PixArt's ``attn2``) needs no cache: its
     queries are per token and its keys are the text, so it keeps its own processor.
     """
-
-    def __init__(self, state: CATState, name: str, original: object) -> None:
-        self.state = state
-        self.name = name
-        self.original = original
 
     def __call__(
         self,
@@ -127,21 +137,8 @@ class CATSelfAttnProcessor:
 
         batch = hidden_states.shape[0]
         residual = hidden_states
-        query = _heads(attn.to_q(hidden_states), batch, attn.heads)
-        key = _heads(attn.to_k(hidden_states), batch, attn.heads)
-        value = _heads(attn.to_v(hidden_states), batch, attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        k_cache, v_cache = self.state.kv[self.name]
-        if mode == "fill":
-            k_cache.copy_(key)
-            v_cache.copy_(value)
-        else:  # pruned: refresh the cache rows of the selected tokens, attend over all of them
-            ops.scatter_kv_(k_cache, v_cache, self.state.idx, key, value, 2, backend=self.state.config.backend)
-            key, value = k_cache, v_cache
+        query, key, value = _project(attn, hidden_states)
+        key, value = self._cached_kv(key, value)
 
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)

@@ -31,7 +31,14 @@ class Adapter:
         return type(model).__name__ in self.model_classes
 
     def check_model(self, model: nn.Module) -> None:
-        """Raise ValueError for a model configuration this adapter cannot patch."""
+        """Raise ValueError for a model configuration this adapter cannot patch. The default
+        refuses attention layers whose processors CAT cannot replace: fused QKV projections, and
+        group/spatial norms that mix tokens."""
+        for name, attn in self.attention_modules(model).items():
+            if getattr(attn, "fused_projections", False):
+                raise ValueError(f"cat_pruning: {name} has fused QKV projections; call unfuse_qkv_projections() first")
+            if getattr(attn, "group_norm", None) is not None or getattr(attn, "spatial_norm", None) is not None:
+                raise ValueError(f"cat_pruning: {name} normalises across tokens (group/spatial norm); not supported")
 
     def attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         raise NotImplementedError
@@ -54,7 +61,11 @@ class Adapter:
         return []
 
     def geometry(self, model: nn.Module, args: tuple, kwargs: dict) -> Geometry:
-        raise NotImplementedError
+        """Default: latents (B, C, H, W) cut into patch_size x patch_size tokens (SD3, PixArt, DiT)."""
+        hidden = hidden_states_arg(args, kwargs)
+        p = model.config.patch_size
+        b, _, h, w = hidden.shape
+        return Geometry(b, h // p, w // p, hidden.dtype, hidden.device)
 
     def cache_layout(self, model: nn.Module, geometry: Geometry) -> CacheLayout:
         """One (B, H, N, D) K and V cache per attention layer, in its projection's dtype, and the
@@ -80,7 +91,9 @@ class Adapter:
         raise NotImplementedError
 
     def text_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> int:
-        raise NotImplementedError
+        """Default: the length of encoder_hidden_states (the second positional argument)."""
+        ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        return 0 if ctx is None else ctx.shape[1]
 
     def macs_per_sample(self, model: nn.Module, rows: int, num_tokens: int, text: int) -> int:
         """Multiply-accumulates of one forward for one sample with `rows` image tokens computed

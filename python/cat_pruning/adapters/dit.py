@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..processors import CATSelfAttnProcessor
-from ..state import CATState, Geometry
-from .base import Adapter, hidden_states_arg, pipeline_call_local
+from ..state import CATState
+from .base import Adapter, pipeline_call_local
 
 # Real architectures, for MAC counts on the meta device: (transformer config, generation), where
 # the generation gives the latent side, the text tokens (none) and the transformer batch (CFG).
@@ -70,11 +70,7 @@ class DiTAdapter(Adapter):
     cfg_cond_first = True
 
     def check_model(self, model: nn.Module) -> None:
-        for name, attn in self.attention_modules(model).items():
-            if getattr(attn, "fused_projections", False):
-                raise ValueError(f"cat_pruning: {name} has fused QKV projections; call unfuse_qkv_projections() first")
-            if attn.group_norm is not None or attn.spatial_norm is not None:
-                raise ValueError(f"cat_pruning: {name} normalises across tokens (group/spatial norm); not supported")
+        super().check_model(model)
         for i, block in enumerate(model.transformer_blocks):
             if block.pos_embed is not None or block.attn2 is not None or getattr(block, "fuser", None) is not None:
                 raise ValueError(f"cat_pruning: transformer_blocks.{i} is not a plain DiT block; not supported")
@@ -95,12 +91,6 @@ class DiTAdapter(Adapter):
         if found is None:  # DiTPipeline: CFG iff guidance_scale > 1, a local of its __call__
             found = pipeline_call_local(pipeline, "guidance_scale", 1.0) > 1
         return bool(found)
-
-    def geometry(self, model: nn.Module, args: tuple, kwargs: dict) -> Geometry:
-        hidden = hidden_states_arg(args, kwargs)
-        p = model.config.patch_size
-        b, _, h, w = hidden.shape
-        return Geometry(b, h // p, w // p, hidden.dtype, hidden.device)
 
     def text_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> int:
         return 0

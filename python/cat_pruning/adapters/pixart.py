@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..processors import CATSelfAttnProcessor
-from ..state import CATState, Geometry
-from .base import Adapter, hidden_states_arg, pipeline_call_local
+from ..state import CATState
+from .base import Adapter, pipeline_call_local
 
 # Real architectures, for MAC counts on the meta device: (transformer config, generation), where
 # the generation gives the latent side, the text tokens and the transformer batch (CFG halves).
@@ -78,11 +78,7 @@ class PixArtAdapter(Adapter):
     out_proj = "proj_out"
 
     def check_model(self, model: nn.Module) -> None:
-        for name, attn in self.attention_modules(model).items():
-            if getattr(attn, "fused_projections", False):
-                raise ValueError(f"cat_pruning: {name} has fused QKV projections; call unfuse_qkv_projections() first")
-            if attn.group_norm is not None or attn.spatial_norm is not None:
-                raise ValueError(f"cat_pruning: {name} normalises across tokens (group/spatial norm); not supported")
+        super().check_model(model)
         for i, block in enumerate(model.transformer_blocks):
             if block.pos_embed is not None or block.only_cross_attention or getattr(block, "fuser", None) is not None:
                 raise ValueError(f"cat_pruning: transformer_blocks.{i} is not a plain PixArt block; not supported")
@@ -106,16 +102,6 @@ class PixArtAdapter(Adapter):
         if found is None:
             found = pipeline_call_local(pipeline, "do_classifier_free_guidance", False)
         return bool(found)
-
-    def geometry(self, model: nn.Module, args: tuple, kwargs: dict) -> Geometry:
-        hidden = hidden_states_arg(args, kwargs)
-        p = model.config.patch_size
-        b, _, h, w = hidden.shape
-        return Geometry(b, h // p, w // p, hidden.dtype, hidden.device)
-
-    def text_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> int:
-        ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        return 0 if ctx is None else ctx.shape[1]
 
     def linear_stream(self, name: str) -> str | None:
         if name.startswith("adaln_single"):

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ..processors import CATJointAttnProcessor
-from ..state import CATState, Geometry
-from .base import Adapter, hidden_states_arg
+from ..state import CATState
+from .base import Adapter
 
 
 class SD3Adapter(Adapter):
@@ -20,11 +20,6 @@ class SD3Adapter(Adapter):
     model_classes = ("SD3Transformer2DModel",)
     patch_embed = "pos_embed"
     out_proj = "proj_out"
-
-    def check_model(self, model: nn.Module) -> None:
-        for name, attn in self.attention_modules(model).items():
-            if getattr(attn, "fused_projections", False):
-                raise ValueError(f"cat_pruning: {name} has fused QKV projections; call unfuse_qkv_projections() first")
 
     def attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         found = {}
@@ -45,16 +40,6 @@ class SD3Adapter(Adapter):
             raise ValueError("cat_pruning: IP-Adapter inputs are not supported yet; unpatch to use IP-Adapter")
         if kwargs.get("skip_layers") is not None:
             raise ValueError("cat_pruning: skip-layer guidance (skip_layers) is not supported; unpatch to use it")
-
-    def geometry(self, model: nn.Module, args: tuple, kwargs: dict) -> Geometry:
-        hidden = hidden_states_arg(args, kwargs)
-        p = model.config.patch_size
-        b, _, h, w = hidden.shape
-        return Geometry(b, h // p, w // p, hidden.dtype, hidden.device)
-
-    def text_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> int:
-        ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        return 0 if ctx is None else ctx.shape[1]
 
     def linear_stream(self, name: str) -> str | None:
         if name.startswith(("time_text_embed", "norm_out")) or ".norm1" in name:
