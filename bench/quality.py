@@ -536,7 +536,7 @@ def run(args: Any) -> list[dict]:
     backend = kernel_backend.resolve(torch.device(device))
     shape = dict(prompts=opts.prompts, seeds=opts.seeds, items=len(items), steps=steps, guidance=guidance,
                  size=int(first_dense.shape[-1]))  # fmt: skip
-    common_fields = dict(op="quality", shape=shape, dtype="float32", timer="perf_counter",
+    common_fields = dict(op="quality", device=device, shape=shape, dtype="float32", timer="perf_counter",
                          threads=torch.get_num_threads(), dense_flops=ctx.dense_flops,
                          target_mac_fraction=ctx.target, reference_cat=ref, cat_backend=backend,
                          dense_reproducible=dense_reproducible, check="n/a")  # fmt: skip
@@ -628,7 +628,12 @@ def markdown(records: list[dict], shape: dict, opts, plot_note, examples_path: P
         f"{env['threads']} torch thread(s), dense and every method interleaved prompt by prompt in the same run, "
         f"median over prompts of dense time / method time; on a shared 2-core machine these vary by ~10-20%. "
         f"Peers are tuned to land near the MAC fraction of CAT {env['reference_cat']} "
-        f"({env['target_mac_fraction']:.3f}). CAT kernels backend: `{env['cat_backend']}`.",
+        f"({env['target_mac_fraction']:.3f}). CAT kernels backend: `{env['cat_backend']}`"
+        + (
+            " (the compiled cat_kernels._C extension, its C++ CPU path)."
+            if env["cat_backend"] == "cuda" and env["device"] == "cpu"
+            else "."
+        ),
         "",
         "Reproduce: `python bench/run.py --suite quality" + (" --quick" if opts.quick else "") + "`",
         "",
@@ -698,28 +703,59 @@ def reading(records: list[dict]) -> str:
         )
     abl = [r for r in ok.values() if r["group"] == "ablation" and abs(r["mac_fraction"] - c["mac_fraction"]) < 1e-3
            and not any("same configuration" in n for n in r["notes"])]  # fmt: skip
-    better = [r for r in abl if r["psnr_mean"] > c["psnr_mean"] + 0.1]
+
+    def short(r: dict) -> str:
+        return r["name"].replace(c["name"], "").strip()
+
     if abl:
-        best = max(abl, key=lambda r: r["psnr_mean"])
-        worst = min(abl, key=lambda r: r["psnr_mean"])
-        out.append(f"Among the ablations at the same budget, {best['name'].replace(c['name'], '').strip()} scores "
-                   f"best ({best['psnr_mean']:.2f} dB) and {worst['name'].replace(c['name'], '').strip()} worst "
-                   f"({worst['psnr_mean']:.2f} dB)" + (
-                       f"; {len(better)} of them beat the full policy by more than 0.1 dB on this model, so the "
-                       f"cluster/staleness machinery does not earn its keep here." if better else
-                       "; none beats the full policy by more than 0.1 dB.")
-                   )  # fmt: skip
+        better = [short(r) for r in abl if r["psnr_mean"] > c["psnr_mean"] + 0.1]
+        sel = sorted((r for r in abl if "selection" in r["params"]), key=lambda r: -r["psnr_mean"])
+        if sel:
+            out.append(
+                "Selection ablations at the same budget: "
+                + ", ".join(f"{short(r)} {r['psnr_mean']:.2f} dB" for r in sel)
+                + f" (full policy {c['psnr_mean']:.2f} dB)."
+            )
+        imp = sorted(
+            (r for r in [c, *abl] if "selection" not in r["params"]),
+            key=lambda r: r["params"].get("importance_fraction", 0.25),
+        )
+        if len(imp) > 1:
+            out.append(
+                "By importance_fraction (the share of K chosen by change, the rest by staleness): "
+                + ", ".join(f"{r['params'].get('importance_fraction', 0.25):g} -> {r['psnr_mean']:.2f} dB" for r in imp)
+                + "."
+            )
+        out.append(
+            f"{', '.join(better)} beat{'s' if len(better) == 1 else ''} the full policy by more than 0.1 dB "
+            "on this model."
+            if better
+            else "No ablation beats the full policy by more than 0.1 dB."
+        )
     sweep = sorted((r for r in ok.values() if r["group"] == "cat"), key=lambda r: r["mac_fraction"])
     if len(sweep) > 1:
         out.append(
-            "Over the CAT settings, quality follows compute: "
+            "CAT settings, MACs -> PSNR: "
             + ", ".join(f"{r['name'][4:]} {100 * r['mac_fraction']:.0f}% -> {r['psnr_mean']:.1f} dB" for r in sweep)
             + "."
         )
-    out.append(
-        "The CPU speedups are below the MAC-ideal ones: on this tiny model (small matrices, one thread) "
-        "per-op overhead and the pipeline's fixed costs weigh more than on a GPU-sized model."
+    fastest = max((r for r in ok.values() if r["group"] != "dense"), key=lambda r: r["speedup"], default=None)
+    if fastest is not None and fastest["provider"] != ref:
+        out.append(
+            f"On wall clock the fastest method is {fastest['name']} ({fastest['speedup']:.2f}x at "
+            f"{100 * fastest['mac_fraction']:.1f}% MACs)."
+        )
+    eff = sorted(
+        (r for r in ok.values() if r["group"] in ("cat", "peer")), key=lambda r: -r["speedup"] * r["mac_fraction"]
     )
+    if eff:
+        out.append(
+            "Measured CPU speedup as a share of the MAC-ideal 1/fraction: "
+            + ", ".join(f"{r['name']} {100 * r['speedup'] * r['mac_fraction']:.0f}%" for r in eff)
+            + ". On this tiny model (small matrices, one CPU thread) per-op overhead and the pipeline's fixed costs "
+            "weigh far more than on a GPU-sized model, and a cache that skips whole blocks also skips that overhead "
+            "while token pruning keeps it; these speedups say little about GPU speed."
+        )
     return " ".join(out)
 
 
@@ -736,6 +772,7 @@ def write_plot(records: list[dict], path: Path, shape: dict) -> str | None:
     markers = {"cat": "o", "ablation": "s", "peer": "^"}
     fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
     seen = set()
+    labels = []
     for r in records:
         if r.get("status") != "ok" or "psnr_mean" not in r or "same configuration" in " ".join(r["notes"]):
             continue
@@ -747,7 +784,14 @@ def write_plot(records: list[dict], path: Path, shape: dict) -> str | None:
                           "peer": "peers"}[g] if g not in seen else None)  # fmt: skip
         seen.add(g)
         label = r["name"].replace("CAT k=0.3 f=8 ", "") if g == "ablation" else r["name"]
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        labels.append((x, y, label))
+    # Stack the labels of points that nearly coincide (same budget, PSNR within a fraction of a dB).
+    lo, hi = ax.get_ylim()
+    placed: list[tuple[float, float]] = []
+    for x, y, label in sorted(labels, key=lambda t: -t[1]):
+        near = sum(abs(px - x) < 0.004 and abs(py - y) < 0.025 * (hi - lo) for px, py in placed)
+        placed.append((x, y))
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4 - 9 * near), fontsize=7)
     ax.set_xlabel("MAC fraction of dense (FlopCounterMode, whole generation)")
     ax.set_ylabel("PSNR vs dense (dB): marker = mean, line down to worst")
     ax.set_title(f"Tiny SD3 model, {shape['items']} images, {shape['steps']} steps, CPU fp32")
