@@ -10,7 +10,9 @@ the run.py ones): ``--prompts N --seeds S`` (size), ``--steps N`` and ``--guidan
 the pipeline's own defaults, 28 and 4.0), ``--methods a,b`` (method ids, see below; the dense
 reference always runs), ``--peer-warmup W`` (dense steps the peers keep, default 8 = CAT's
 full_steps), ``--tune-items N`` (generations per peer-tuning evaluation), ``--mac-items N``
-(generations whose MACs are counted for data-dependent methods), ``--examples N``.
+(generations whose MACs are counted for data-dependent methods), ``--examples N``,
+``--target-cat cat:K:F`` (the CAT setting whose MAC fraction the peers are tuned to, default
+cat:0.3:8, the paper's default).
 
 What runs, on the shipped tiny model (cat_pruning.tiny, a pixel-space SD3Transformer2DModel),
 fp32, one prompt per pipeline call with CFG:
@@ -98,6 +100,7 @@ def parse_suite_args(args: argparse.Namespace) -> argparse.Namespace:
     p.add_argument("--tune-items", type=int, default=None)
     p.add_argument("--mac-items", type=int, default=None)
     p.add_argument("--examples", type=int, default=4)
+    p.add_argument("--target-cat", default=REFERENCE_CAT)
     opts, unknown = p.parse_known_args(getattr(args, "extra", []) or [])
     if unknown:
         raise SystemExit(f"bench quality: unknown options {unknown}")
@@ -482,8 +485,11 @@ def run(args: Any) -> list[dict]:
         with m.session(pipe) as reset:
             macs[m.id] = [count_flops(ctx, items[0], reset) / ctx.dense_flops]
             stats_frac[m.id] = cat_pruning.stats(pipe).mac_fraction
-    ref = REFERENCE_CAT if REFERENCE_CAT in macs else next((m.id for m in methods if m.group == "cat"), None)
-    ctx.target = macs[ref][0] if ref else 0.5
+    ref = opts.target_cat
+    if ref not in macs:  # the reference CAT setting is not among the methods: count it for the target anyway
+        with cat_method(ref).session(pipe) as reset:
+            macs[ref] = [count_flops(ctx, items[0], reset) / ctx.dense_flops]
+    ctx.target = macs[ref][0]
     for m in methods:
         if m.group != "peer":
             continue
@@ -574,8 +580,12 @@ def run(args: Any) -> list[dict]:
     write_examples(examples, cols, items[:n_examples], examples_path)
     outputs["examples"] = str(examples_path)
     md_path.write_text(markdown(records, shape, opts, plot_note, examples_path, plot_path))
+    import common
+
+    base = ["--suite", "quality", "--device", device, *(["--quick"] if opts.quick else []), *args.extra]
     for r in records:
         r["outputs"] = outputs
+        r["cmd"] = common.command_line(base)
     print(summary(records))
     return records
 
@@ -624,7 +634,9 @@ def markdown(records: list[dict], shape: dict, opts, plot_note, examples_path: P
         f"PSNR/SSIM against the dense image of the same prompt and seed (mean and worst over the {shape['items']}). "
         f"MAC fraction: FlopCounterMode over a whole pipeline call with sdpa_kernel(MATH), divided by dense "
         f"(one generation for dense and CAT, whose compute is fixed by their settings; the mean over "
-        f"{opts.mac_items} generations for the threshold-driven peers). Speedup: CPU wall clock, "
+        f"{opts.mac_items} generations for the threshold-driven peers); FlopCounterMode counts matrix products, "
+        f"convolutions and attention, not elementwise work such as CAT's selection or TaylorSeer's extrapolation. "
+        f"Speedup: CPU wall clock, "
         f"{env['threads']} torch thread(s), dense and every method interleaved prompt by prompt in the same run, "
         f"median over prompts of dense time / method time; on a shared 2-core machine these vary by ~10-20%. "
         f"Peers are tuned to land near the MAC fraction of CAT {env['reference_cat']} "

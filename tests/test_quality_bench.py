@@ -32,7 +32,7 @@ def test_quality_suite_smoke(run_module, tmp_path, monkeypatch):
         rc = run_module.main(["--suite", "quality", "--device", "cpu", "--json", str(path),
                               "--prompts", "1", "--seeds", "1", "--steps", "3", "--examples", "1",
                               "--methods", "cat:0.5:2,cache-dit-dbcache", "--peer-warmup", "1",
-                              "--tune-items", "1", "--mac-items", "1"])  # fmt: skip
+                              "--tune-items", "1", "--mac-items", "1", "--target-cat", "cat:0.5:2"])  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
