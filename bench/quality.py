@@ -517,20 +517,31 @@ def run(args: Any) -> list[dict]:
     bar = tqdm(total=len(items) * len(order), desc="quality: generations", unit="gen", file=sys.stderr,
                disable=no_bar)  # fmt: skip
     first_dense = None
+    failed: dict[str, str] = {}
     for i, item in enumerate(items):
         rot = i % len(order)
         images: dict[str, torch.Tensor] = {}
         for mid in order[rot:] + order[:rot]:
+            if mid in failed:
+                continue
             session = _no_session if mid == "dense" else by_id[mid].session
-            with session(pipe) as reset:
-                images[mid], seconds = generate(ctx, item, reset)
+            try:
+                with session(pipe) as reset:
+                    images[mid], seconds = generate(ctx, item, reset)
+            except Exception as exc:  # noqa: BLE001 - a peer failing on one prompt: record it, go on
+                if mid == "dense":
+                    raise
+                failed[mid] = f"on {item[0]!r} seed {item[1]}: {_error_text(exc)}"
+                continue
+            finally:
+                bar.update()
             times[mid].append(seconds)
-            bar.update()
         dense = images["dense"]
         if first_dense is None:
             first_dense = dense
         for mid in order[1:]:
-            scores[mid].append((psnr(images[mid], dense), ssim(images[mid], dense)))
+            if mid not in failed:
+                scores[mid].append((psnr(images[mid], dense), ssim(images[mid], dense)))
         if i < n_examples:
             for mid, im in images.items():
                 examples.setdefault(mid, []).append(im)
@@ -549,6 +560,8 @@ def run(args: Any) -> list[dict]:
     records = [_record("dense", "dense (reference)", "dense", {}, times["dense"], times["dense"], None, [1.0],
                        items, common_fields, [])]  # fmt: skip
     for m in methods:
+        if alias.get(m.id, m.id) in failed:
+            m.error = failed[alias.get(m.id, m.id)]
         if m.error is not None:
             records.append(dict(case=f"quality[{m.id}]", provider=m.id, name=m.name, group=m.group, params=m.params,
                                 status="error", error=m.error, notes=m.notes, **common_fields))  # fmt: skip
