@@ -19,6 +19,7 @@ from torch import nn
 
 from .adapters import Adapter, find_adapter, supported_families
 from .adapters.base import get_submodule
+from .compat import check_diffusers
 from .config import CATConfig
 from .state import CATState
 from .stats import CATStats, StepStats
@@ -82,6 +83,7 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
 
     Patching a patched object replaces the old patch. On any error the object is left as it was.
     """
+    check_diffusers()
     config = (config or CATConfig()).replace(**overrides) if overrides else (config or CATConfig())
     pipeline, transformer = _split(obj)
     adapter = find_adapter(transformer)
