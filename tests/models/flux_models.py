@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from diffusers import FluxTransformer2DModel
+from harness import denoise, random_model
 
 from cat_pruning.adapters.flux import image_ids
 
@@ -12,21 +15,18 @@ JOINT_DIM = 24
 POOLED_DIM = 20
 IN_CHANNELS = 16  # packed 2x2 latent of a 4-channel VAE
 
+# Flow-matching timesteps: from 1 towards 0.
+run_steps = partial(denoise, t_max=1.0)
+
 
 def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2, single_layers: int = 2,
               guidance: bool = True):
-    torch.manual_seed(seed)
-    model = FluxTransformer2DModel(
+    return random_model(
+        FluxTransformer2DModel, seed, dtype,
         patch_size=1, in_channels=IN_CHANNELS, num_layers=layers, num_single_layers=single_layers,
         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=JOINT_DIM,
         pooled_projection_dim=POOLED_DIM, guidance_embeds=guidance, axes_dims_rope=(2, 2, 4),
     )
-    # Perturb every parameter (adaLN gates and projections start at zero or near it) so each block
-    # mixes tokens and the output depends on all of them.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model.to(dtype).eval()
 
 
 def inputs(batch: int = 2, height: int = 6, width: int = 5, seed: int = 1, dtype=torch.float32, device="cpu",
@@ -43,18 +43,3 @@ def inputs(batch: int = 2, height: int = 6, width: int = 5, seed: int = 1, dtype
     if guidance:
         kw["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)
     return kw
-
-
-def run_steps(model, kw: dict, steps: int, step_fn=None):
-    """A toy denoising loop: the latent moves with the prediction so every step differs."""
-    x = kw["hidden_states"]
-    outs = []
-    for i in range(steps):
-        t = torch.full((x.shape[0],), 1.0 - i / steps, dtype=x.dtype, device=x.device)
-        with torch.no_grad():
-            out = model(**{**kw, "hidden_states": x}, timestep=t, return_dict=False)[0]
-        outs.append(out)
-        if step_fn is not None:
-            step_fn()
-        x = x - 0.1 * out
-    return outs

@@ -2,30 +2,30 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from diffusers import PixArtTransformer2DModel
+from harness import denoise, random_model
 
 TEXT_TOKENS = 6
 CAPTION_DIM = 12
 IN_CHANNELS = 4
 OUT_CHANNELS = 8  # learned sigma, as the real checkpoints: the noise cache must cover all 8
 
+# The latent moves with the predicted noise (the first IN_CHANNELS of the output).
+run_steps = partial(denoise, channels=IN_CHANNELS)
+
 
 def tiny_pixart(variant: str = "sigma", seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2):
     """variant "sigma": no additional conditions; "alpha": resolution / aspect-ratio conditions
     (their embeddings split the hidden size in three, hence 3 heads)."""
-    torch.manual_seed(seed)
-    model = PixArtTransformer2DModel(
+    return random_model(
+        PixArtTransformer2DModel, seed, dtype,
         num_attention_heads=3, attention_head_dim=8, in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS,
         num_layers=layers, cross_attention_dim=24, sample_size=8, patch_size=2, caption_channels=CAPTION_DIM,
         use_additional_conditions=variant == "alpha", norm_num_groups=4,
     )
-    # Random init leaves the scale-shift tables small and the adaLN projections at their defaults;
-    # perturb every parameter so each block really mixes tokens and the output depends on all of them.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return (model if dtype == torch.float32 else model.to(dtype)).eval()
 
 
 def inputs(variant: str = "sigma", batch: int = 2, height: int = 12, width: int = 10, seed: int = 1,
@@ -46,18 +46,3 @@ def inputs(variant: str = "sigma", batch: int = 2, height: int = 12, width: int 
             aspect_ratio=torch.full((batch, 1), height / width).to(device, dtype),
         )
     return kw
-
-
-def run_steps(model, kw: dict, steps: int, step_fn=None):
-    """A toy denoising loop: the latent moves with the predicted noise so every step differs."""
-    x = kw["hidden_states"]
-    outs = []
-    for i in range(steps):
-        t = torch.full((x.shape[0],), 1000.0 * (1 - i / steps), dtype=x.dtype, device=x.device)
-        with torch.no_grad():
-            out = model(**{**kw, "hidden_states": x}, timestep=t, return_dict=False)[0]
-        outs.append(out)
-        if step_fn is not None:
-            step_fn()
-        x = x - 0.1 * out[:, :IN_CHANNELS]
-    return outs

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import torch
 from diffusers import SanaTransformer2DModel
+from harness import denoise, random_model
 
 TEXT_TOKENS = 7
 CAPTION_DIM = 12
 LATENT_CHANNELS = 4
 
+run_steps = denoise
+
 
 def tiny_sana(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2, patch_size: int = 1):
-    torch.manual_seed(seed)
-    model = SanaTransformer2DModel(
+    return random_model(
+        SanaTransformer2DModel, seed, dtype,
         in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_attention_heads=2, attention_head_dim=8,
         num_layers=layers, num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
         caption_channels=CAPTION_DIM, mlp_ratio=2.5, sample_size=8, patch_size=patch_size,
     )
-    # Perturb every parameter so each block mixes tokens and the output depends on all of them.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model.to(dtype).eval()
 
 
 def inputs(batch: int = 2, height: int = 6, width: int = 5, seed: int = 1, dtype=torch.float32, device="cpu"):
@@ -33,18 +31,3 @@ def inputs(batch: int = 2, height: int = 6, width: int = 5, seed: int = 1, dtype
         encoder_hidden_states=torch.randn(batch, TEXT_TOKENS, CAPTION_DIM, generator=g).to(device, dtype),
         encoder_attention_mask=mask.to(device, dtype),
     )
-
-
-def run_steps(model, kw: dict, steps: int, step_fn=None):
-    """A toy denoising loop: the latent moves with the prediction so every step differs."""
-    x = kw["hidden_states"]
-    outs = []
-    for i in range(steps):
-        t = torch.full((x.shape[0],), 1000.0 * (1 - i / steps), dtype=x.dtype, device=x.device)
-        with torch.no_grad():
-            out = model(**{**kw, "hidden_states": x}, timestep=t, return_dict=False)[0]
-        outs.append(out)
-        if step_fn is not None:
-            step_fn()
-        x = x - 0.1 * out
-    return outs

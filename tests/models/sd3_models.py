@@ -4,27 +4,24 @@ from __future__ import annotations
 
 import torch
 from diffusers import SD3Transformer2DModel
+from harness import denoise, random_model
 
 TEXT_TOKENS = 7
 JOINT_DIM = 24
 POOLED_DIM = 20
 
+run_steps = denoise
+
 
 def tiny_sd3(variant: str = "sd3", seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 3):
     """variant "sd3": plain MM-DiT; "sd35": RMS qk-norm and dual attention in the first block."""
-    torch.manual_seed(seed)
     extra = {"qk_norm": "rms_norm", "dual_attention_layers": (0,)} if variant == "sd35" else {}
-    model = SD3Transformer2DModel(
+    return random_model(
+        SD3Transformer2DModel, seed, dtype,
         sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=JOINT_DIM,
         caption_projection_dim=16, pooled_projection_dim=POOLED_DIM, pos_embed_max_size=16, **extra,
     )
-    # Random init leaves the adaLN gates and output projection at their defaults; perturb every
-    # parameter so each block really mixes tokens and the output depends on all of them.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model.to(dtype).eval()
 
 
 def inputs(batch: int = 2, height: int = 12, width: int = 10, seed: int = 1, dtype=torch.float32, device="cpu"):
@@ -34,18 +31,3 @@ def inputs(batch: int = 2, height: int = 12, width: int = 10, seed: int = 1, dty
         encoder_hidden_states=torch.randn(batch, TEXT_TOKENS, JOINT_DIM, generator=g).to(device, dtype),
         pooled_projections=torch.randn(batch, POOLED_DIM, generator=g).to(device, dtype),
     )
-
-
-def run_steps(model, kw: dict, steps: int, step_fn=None):
-    """A toy denoising loop: the latent moves with the prediction so every step differs."""
-    x = kw["hidden_states"]
-    outs = []
-    for i in range(steps):
-        t = torch.full((x.shape[0],), 1000.0 * (1 - i / steps), dtype=x.dtype, device=x.device)
-        with torch.no_grad():
-            out = model(**{**kw, "hidden_states": x}, timestep=t, return_dict=False)[0]
-        outs.append(out)
-        if step_fn is not None:
-            step_fn()
-        x = x - 0.1 * out
-    return outs

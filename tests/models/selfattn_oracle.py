@@ -26,8 +26,3 @@ class SelfAttnOracle:
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1])
         return attn.to_out[0](out)
 
-
-def tokens_of(out: torch.Tensor, height: int, width: int, p: int = 2) -> torch.Tensor:
-    """(B, C, H*p, W*p) model output -> (B, H*W, p*p*C) per-token rows in proj_out's layout."""
-    b, c = out.shape[:2]
-    return out.view(b, c, height, p, width, p).permute(0, 2, 4, 3, 5, 1).reshape(b, height * width, -1)

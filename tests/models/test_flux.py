@@ -2,47 +2,28 @@
 
 from __future__ import annotations
 
-import copy
-
+import harness
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from flux_models import IN_CHANNELS, JOINT_DIM, POOLED_DIM, TEXT_TOKENS, inputs, run_steps, tiny_flux
+from harness import TOL, Family
 
 import cat_pruning
 
-# One tolerance table per dtype. The patched model runs the same operations as the unpatched
-# one, but attention over compacted queries and the cached keys may change the summation
-# order inside GEMMs: allow a few ulps of the output scale (|out| ~ 5 here).
-TOL = {
-    torch.float32: dict(atol=2e-4, rtol=1e-4),
-    torch.bfloat16: dict(atol=1e-1, rtol=2e-2),
-}
 STEPS = 6
 FULL = 3
+FLUX = Family(run_steps, STEPS, FULL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_keep_ratio_one_equals_dense(dtype):
-    model = tiny_flux(dtype=dtype)
-    kw = inputs(dtype=dtype)
-    dense = run_steps(model, kw, STEPS)
-    cat_pruning.patch(model, keep_ratio=1.0, full_steps=FULL, backend="torch")
-    patched = run_steps(model, kw, STEPS)
-    assert [s.mode for s in cat_pruning.stats(model).steps][-1] == "pruned"
-    for a, b in zip(dense, patched, strict=True):
-        torch.testing.assert_close(b, a, **TOL[dtype])
+    harness.check_keep_ratio_one_equals_dense(FLUX, tiny_flux(dtype=dtype), inputs(dtype=dtype), TOL[dtype])
 
 
 def test_dense_steps_equal_unpatched():
-    model = tiny_flux()
-    kw = inputs(seed=5)
-    dense = run_steps(model, kw, FULL)
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch")
-    patched = run_steps(model, kw, FULL)
-    for a, b in zip(dense, patched, strict=True):
-        assert torch.equal(a, b)
+    harness.check_dense_steps_equal_unpatched(FLUX, tiny_flux(), inputs(seed=5))
 
 
 class OracleProcessor:
@@ -79,149 +60,55 @@ class OracleProcessor:
 
 
 def test_pruned_steps_match_masked_dense_oracle():
-    model = tiny_flux()
-    oracle = copy.deepcopy(model)
     kw = inputs(batch=3, seed=2)
-    n = kw["hidden_states"].shape[1]
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch")
-    state = model._cat_pruning.state
-    x = kw["hidden_states"]
-    checked = 0
-    for i in range(STEPS + 1):
-        t = torch.full((x.shape[0],), 1.0 - i / STEPS)
-        args = {**kw, "hidden_states": x, "timestep": t, "return_dict": False}
-        pruned = state.mode == "pruned"
-        if pruned:
-            idx = state.idx.clone()
-            selected = torch.zeros(x.shape[0], n, dtype=torch.bool).scatter_(1, idx, True)
-            kv = {name: (kc.clone(), vc.clone()) for name, (kc, vc) in state.kv.items()}
-            noise_before = state.noise_cache.clone()
-        with torch.no_grad():
-            out = model(**args)[0]
-        if pruned:
-            # no CFG batch: every sample has its own selection
-            assert not (torch.equal(idx[0], idx[1]) and torch.equal(idx[1], idx[2]))
-            for name, attn in model._cat_pruning.adapter.attention_modules(oracle).items():
-                attn.set_processor(OracleProcessor(*kv[name], selected))
-            with torch.no_grad():
-                want = oracle(**args)[0]
-            torch.testing.assert_close(out[selected], want[selected], **TOL[torch.float32])
-            assert torch.equal(out[~selected], noise_before[~selected])
-            checked += 1
-        x = x - 0.1 * out
-    assert checked == STEPS + 1 - FULL
+
+    def own_selections(idx):  # no CFG batch: every sample has its own selection
+        assert not (torch.equal(idx[0], idx[1]) and torch.equal(idx[1], idx[2]))
+
+    # Outputs are token rows already; one step past the horizon (timestep 0).
+    harness.check_pruned_steps_match_oracle(FLUX, tiny_flux(), kw, OracleProcessor, lambda o: o,
+                                            kw["hidden_states"].shape[1], extra_steps=1, check_idx=own_selections)
 
 
 def test_unpatch_is_bitwise_and_patch_twice_equals_once():
-    model = tiny_flux()
-    kw = inputs(seed=3)
-    before = run_steps(model, kw, STEPS)
-    cat_pruning.patch(model, keep_ratio=0.5, full_steps=FULL, backend="torch")
-    once = run_steps(model, kw, STEPS)
-    cat_pruning.patch(model, keep_ratio=0.5, full_steps=FULL, backend="torch")
-    twice = run_steps(model, kw, STEPS)
-    for a, b in zip(once, twice, strict=True):
-        assert torch.equal(a, b)
-    cat_pruning.unpatch(model)
-    after = run_steps(model, kw, STEPS)
-    for a, b in zip(before, after, strict=True):
-        assert torch.equal(a, b)
-    assert not model._forward_pre_hooks and not model.pos_embed._forward_hooks
-    processors = [m.processor for m in model.modules() if hasattr(m, "processor")]
-    assert not any(type(p).__module__.startswith("cat_pruning") for p in processors)
+    def no_hooks_left(model):
+        assert not model._forward_pre_hooks and not model.pos_embed._forward_hooks
+
+    harness.check_unpatch_bitwise(FLUX, tiny_flux(), inputs(seed=3), after_unpatch=no_hooks_left)
 
 
 def test_batch_samples_are_independent():
-    model = tiny_flux(layers=1, single_layers=1)
-    kw = inputs(batch=3, seed=8)
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch")
-    out = run_steps(model, kw, STEPS)
-    idx = model._cat_pruning.state.idx.clone()
-    perm = torch.tensor([2, 0, 1])
-    cat_pruning.reset(model)
     batched = ("hidden_states", "encoder_hidden_states", "pooled_projections", "guidance")
-    permuted = run_steps(model, {k: (v[perm] if k in batched else v) for k, v in kw.items()}, STEPS)
-    assert torch.equal(model._cat_pruning.state.idx, idx[perm])
-    for a, b in zip(out, permuted, strict=True):
-        torch.testing.assert_close(b, a[perm], **TOL[torch.float32])
+    harness.check_samples_independent(FLUX, tiny_flux(layers=1, single_layers=1), inputs(batch=3, seed=8), keys=batched)
 
 
 def test_stats_macs_match_flop_counter():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = tiny_flux()
-    kw = inputs(batch=2, height=8, width=7, seed=10)
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch")
-    counter = FlopCounterMode(display=False)
-    with counter, sdpa_kernel(SDPBackend.MATH):
-        run_steps(model, kw, STEPS)
-    s = cat_pruning.stats(model)
-    assert [st.mode for st in s.steps] == ["dense", "anchor", "fill"] + ["pruned"] * (STEPS - FULL)
-    assert s.steps[-1].tokens == s.tokens_kept == 17
-    measured = counter.get_total_flops() / 2
-    assert abs(s.macs - measured) / measured < 0.02, (s.macs, measured)
-    assert 0.3 < s.mac_fraction < 1.0
+    harness.check_macs_match_flop_counter(FLUX, tiny_flux(), inputs(batch=2, height=8, width=7, seed=10), 17)
 
 
 def test_meta_device():
-    with torch.device("meta"):
-        model = tiny_flux()
-    kw = inputs(device="meta")
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL)
-    outs = run_steps(model, kw, STEPS)
-    assert outs[-1].shape == kw["hidden_states"].shape and outs[-1].device.type == "meta"
-    assert cat_pruning.stats(model).steps[-1].mode == "pruned"
+    harness.check_meta_device(FLUX, tiny_flux, inputs(device="meta"))
 
 
 def test_real_config_macs_on_meta():
     from diffusers import FluxTransformer2DModel
 
-    from cat_pruning.adapters.flux import REAL_CONFIGS, real_inputs
+    from cat_pruning.adapters import flux
 
-    config, gen = REAL_CONFIGS["flux1-dev-1024"]
-    with torch.device("meta"):
-        model = FluxTransformer2DModel(**config).to(torch.bfloat16)
-    kw = real_inputs(config, gen, "meta", torch.bfloat16)
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=8)
-    run_steps(model, kw, 10)
-    s = cat_pruning.stats(model)
-    assert s.num_tokens == 4096 and s.tokens_kept == 1229
-    assert 0.5 < s.mac_fraction < 1.0
+    harness.check_real_config_macs_on_meta(FLUX, FluxTransformer2DModel, flux, "flux1-dev-1024", num_tokens=4096,
+                                           tokens_kept=1229)
 
 
 def test_torch_compile_fullgraph_matches_eager_with_few_graphs():
-    torch._dynamo.reset()
-    from torch._dynamo.utils import counters
-
-    model = tiny_flux(layers=1, single_layers=1)
-    kw = inputs(seed=11)
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch")
-    eager = run_steps(model, kw, STEPS)
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch", manual_steps=True)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    counters.clear()
-    outs = []
-    for _ in range(2):
-        cat_pruning.reset(model)
-        outs.append(run_steps(compiled, kw, STEPS, step_fn=lambda: cat_pruning.advance(model)))
-    for gen in outs:
-        for a, b in zip(eager, gen, strict=True):
-            torch.testing.assert_close(b, a, **TOL[torch.float32])
-    graphs = counters["stats"]["unique_graphs"]
-    assert 0 < graphs <= 6, graphs
-    torch._dynamo.reset()
+    harness.check_compile_fullgraph(FLUX, tiny_flux(layers=1, single_layers=1), inputs(seed=11))
 
 
 def tiny_pipeline():
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=IN_CHANNELS // 4, norm_num_groups=8, sample_size=32, scaling_factor=0.5, shift_factor=0.1,
-    ).eval()
+    vae = harness.tiny_vae(IN_CHANNELS // 4, levels=2, block_out_channels=(8, 16), norm_num_groups=8, sample_size=32,
+                           scaling_factor=0.5, shift_factor=0.1)
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
         text_encoder_2=None, tokenizer_2=None, transformer=tiny_flux(),
@@ -239,20 +126,11 @@ def pipeline_kwargs(batch: int = 2, seed: int = 0) -> dict:
 
 
 def test_pipeline_patch_runs_twice_and_keep_ratio_one_equals_dense():
-    pipe = tiny_pipeline()
-    dense = pipe(**pipeline_kwargs()).images
-    cat_pruning.patch(pipe, keep_ratio=1.0, full_steps=FULL, backend="torch")
-    full = pipe(**pipeline_kwargs()).images
-    torch.testing.assert_close(full, dense, **TOL[torch.float32])
-    cat_pruning.patch(pipe, keep_ratio=0.3, full_steps=FULL, backend="torch")
-    first = pipe(**pipeline_kwargs()).images
-    second = pipe(**pipeline_kwargs()).images
-    assert torch.equal(first, second)
-    s = cat_pruning.stats(pipe)
-    assert [st.mode for st in s.steps][-1] == "pruned" and s.batch == 2 and s.num_tokens == 30
-    assert not torch.equal(first, dense)
-    cat_pruning.unpatch(pipe)
-    assert torch.equal(pipe(**pipeline_kwargs()).images, dense)
+    def check_pruned(pipe):
+        s = cat_pruning.stats(pipe)
+        assert [st.mode for st in s.steps][-1] == "pruned" and s.batch == 2 and s.num_tokens == 30
+
+    harness.check_pipeline(FLUX, tiny_pipeline(), lambda pipe: pipe(**pipeline_kwargs()).images, check_pruned)
 
 
 def test_unsupported_cases_are_refused():

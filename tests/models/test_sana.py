@@ -2,46 +2,27 @@
 
 from __future__ import annotations
 
-import copy
-
+import harness
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import TOL, Family
 from sana_models import CAPTION_DIM, LATENT_CHANNELS, TEXT_TOKENS, inputs, run_steps, tiny_sana
 
 import cat_pruning
 
-# One tolerance table per dtype. The patched model runs the same operations as the unpatched
-# one, but over compacted rows (and the 1x1 convs over a K x 1 map): GEMM and conv summation
-# orders may change, so allow a few ulps of the output scale (|out| ~ 5 here).
-TOL = {
-    torch.float32: dict(atol=2e-4, rtol=1e-4),
-    torch.bfloat16: dict(atol=1e-1, rtol=2e-2),
-}
 STEPS = 6
 FULL = 3
+SANA = Family(run_steps, STEPS, FULL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_keep_ratio_one_equals_dense(dtype):
-    model = tiny_sana(dtype=dtype)
-    kw = inputs(dtype=dtype)
-    dense = run_steps(model, kw, STEPS)
-    cat_pruning.patch(model, keep_ratio=1.0, full_steps=FULL, backend="torch")
-    patched = run_steps(model, kw, STEPS)
-    assert [s.mode for s in cat_pruning.stats(model).steps][-1] == "pruned"
-    for a, b in zip(dense, patched, strict=True):
-        torch.testing.assert_close(b, a, **TOL[dtype])
+    harness.check_keep_ratio_one_equals_dense(SANA, tiny_sana(dtype=dtype), inputs(dtype=dtype), TOL[dtype])
 
 
 def test_dense_steps_equal_unpatched():
-    model = tiny_sana()
-    kw = inputs(seed=5)
-    dense = run_steps(model, kw, FULL)
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch")
-    patched = run_steps(model, kw, FULL)
-    for a, b in zip(dense, patched, strict=True):
-        assert torch.equal(a, b)
+    harness.check_dense_steps_equal_unpatched(SANA, tiny_sana(), inputs(seed=5))
 
 
 class OracleLinearAttn:
@@ -78,147 +59,49 @@ def oracle_conv_hook(cache, selected):
 
 @pytest.mark.parametrize("cfg_pairs", [False, True])
 def test_pruned_steps_match_masked_dense_oracle(cfg_pairs):
-    model = tiny_sana()
-    oracle = copy.deepcopy(model)
     kw = inputs(batch=4, seed=2)
-    h, w = kw["hidden_states"].shape[-2:]
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch", cfg_pairs=cfg_pairs)
-    state = model._cat_pruning.state
-    x = kw["hidden_states"]
-    checked = 0
-    for i in range(STEPS + 1):
-        t = torch.full((x.shape[0],), 1000.0 * (1 - i / STEPS))
-        args = {**kw, "hidden_states": x, "timestep": t, "return_dict": False}
-        pruned = state.mode == "pruned"
-        if pruned:
-            idx = state.idx.clone()
-            selected = torch.zeros(x.shape[0], h * w, dtype=torch.bool).scatter_(1, idx, True)
-            kv = {name: (kc.clone(), vc.clone()) for name, (kc, vc) in state.kv.items()}
-            convs = {name: c.clone() for name, c in state.extra.items()}
-            noise_before = state.noise_cache.clone()
-        with torch.no_grad():
-            out = model(**args)[0]
-        if pruned:
-            handles = []
-            for name, attn in model._cat_pruning.adapter.attention_modules(oracle).items():
-                attn.set_processor(OracleLinearAttn(*kv[name], selected))
-            for name, cache in convs.items():
-                handles.append(oracle.get_submodule(name).register_forward_pre_hook(oracle_conv_hook(cache, selected)))
-            with torch.no_grad():
-                want = oracle(**args)[0]
-            for handle in handles:
-                handle.remove()
-            tokens, want_tokens = (o.flatten(2).transpose(1, 2) for o in (out, want))  # patch size 1
-            torch.testing.assert_close(tokens[selected], want_tokens[selected], **TOL[torch.float32])
-            assert torch.equal(tokens[~selected], noise_before[~selected])
-            half = x.shape[0] // 2
-            assert torch.equal(idx[:half], idx[half:]) == cfg_pairs
-            checked += 1
-        x = x - 0.1 * out
-    assert checked == STEPS + 1 - FULL
+    hh, w = kw["hidden_states"].shape[-2:]
+    # Patch size 1: token rows are the output's pixels; one step past the horizon (timestep 0).
+    # The batch halves share a selection exactly when cfg_pairs.
+    harness.check_pruned_steps_match_oracle(SANA, tiny_sana(), kw, OracleLinearAttn,
+                                            lambda o: o.flatten(2).transpose(1, 2), hh * w, cfg_pairs=cfg_pairs,
+                                            unpaired_differ=True, extra_steps=1, conv_hook=oracle_conv_hook)
 
 
 def test_unpatch_is_bitwise_and_patch_twice_equals_once():
-    model = tiny_sana()
-    kw = inputs(seed=3)
-    before = run_steps(model, kw, STEPS)
-    cat_pruning.patch(model, keep_ratio=0.5, full_steps=FULL, backend="torch")
-    once = run_steps(model, kw, STEPS)
-    cat_pruning.patch(model, keep_ratio=0.5, full_steps=FULL, backend="torch")
-    twice = run_steps(model, kw, STEPS)
-    for a, b in zip(once, twice, strict=True):
-        assert torch.equal(a, b)
-    cat_pruning.unpatch(model)
-    after = run_steps(model, kw, STEPS)
-    for a, b in zip(before, after, strict=True):
-        assert torch.equal(a, b)
-    for block in model.transformer_blocks:
-        assert not block._forward_pre_hooks and not block.ff.conv_depth._forward_pre_hooks
-        assert not block.ff.conv_depth._forward_hooks
-        assert not type(block.attn1.processor).__module__.startswith("cat_pruning")
+    def no_hooks_left(model):
+        for block in model.transformer_blocks:
+            assert not block._forward_pre_hooks and not block.ff.conv_depth._forward_pre_hooks
+            assert not block.ff.conv_depth._forward_hooks
+            assert not type(block.attn1.processor).__module__.startswith("cat_pruning")
+
+    harness.check_unpatch_bitwise(SANA, tiny_sana(), inputs(seed=3), after_unpatch=no_hooks_left)
 
 
 def test_cfg_batch_pairs_share_selection_and_samples_are_independent():
-    model = tiny_sana(layers=1)
-    kw = inputs(batch=6, seed=8)  # [uncond x3; cond x3]
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch", cfg_pairs=True)
-    out = run_steps(model, kw, STEPS)
-    idx = model._cat_pruning.state.idx.clone()
-    assert torch.equal(idx[:3], idx[3:])
-    perm = torch.tensor([2, 0, 1])
-    both = torch.cat([perm, perm + 3])
-    cat_pruning.reset(model)
-    permuted = run_steps(model, {k: v[both] for k, v in kw.items()}, STEPS)
-    assert torch.equal(model._cat_pruning.state.idx, idx[both])
-    for a, b in zip(out, permuted, strict=True):
-        torch.testing.assert_close(b, a[both], **TOL[torch.float32])
+    # [uncond x3; cond x3]
+    harness.check_samples_independent(SANA, tiny_sana(layers=1), inputs(batch=6, seed=8), cfg_pairs=True)
 
 
 def test_stats_macs_match_flop_counter():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = tiny_sana()
-    kw = inputs(batch=2, height=8, width=7, seed=10)
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch")
-    counter = FlopCounterMode(display=False)
-    with counter, sdpa_kernel(SDPBackend.MATH):
-        run_steps(model, kw, STEPS)
-    s = cat_pruning.stats(model)
-    assert [st.mode for st in s.steps] == ["dense", "anchor", "fill"] + ["pruned"] * (STEPS - FULL)
-    assert s.steps[-1].tokens == s.tokens_kept == 17
-    measured = counter.get_total_flops() / 2
-    assert abs(s.macs - measured) / measured < 0.02, (s.macs, measured)
-    assert 0.3 < s.mac_fraction < 1.0
+    harness.check_macs_match_flop_counter(SANA, tiny_sana(), inputs(batch=2, height=8, width=7, seed=10), 17)
 
 
 def test_meta_device():
-    with torch.device("meta"):
-        model = tiny_sana()
-    kw = inputs(device="meta")
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL)
-    outs = run_steps(model, kw, STEPS)
-    assert outs[-1].shape == kw["hidden_states"].shape and outs[-1].device.type == "meta"
-    assert cat_pruning.stats(model).steps[-1].mode == "pruned"
+    harness.check_meta_device(SANA, tiny_sana, inputs(device="meta"))
 
 
 def test_real_config_macs_on_meta():
     from diffusers import SanaTransformer2DModel
 
-    from cat_pruning.adapters.sana import REAL_CONFIGS, real_inputs
+    from cat_pruning.adapters import sana
 
-    config, gen = REAL_CONFIGS["sana-1600m-1024"]
-    with torch.device("meta"):
-        model = SanaTransformer2DModel(**config).to(torch.bfloat16)
-    kw = real_inputs(config, gen, "meta", torch.bfloat16)
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=8, cfg_pairs=True)
-    run_steps(model, kw, 10)
-    s = cat_pruning.stats(model)
-    assert s.num_tokens == 1024 and s.tokens_kept == 308
-    assert 0.5 < s.mac_fraction < 1.0
+    harness.check_real_config_macs_on_meta(SANA, SanaTransformer2DModel, sana, "sana-1600m-1024", num_tokens=1024,
+                                           tokens_kept=308, cfg_pairs=True)
 
 
 def test_torch_compile_fullgraph_matches_eager_with_few_graphs():
-    torch._dynamo.reset()
-    from torch._dynamo.utils import counters
-
-    model = tiny_sana(layers=1)
-    kw = inputs(seed=11)
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch")
-    eager = run_steps(model, kw, STEPS)
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch", manual_steps=True)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    counters.clear()
-    outs = []
-    for _ in range(2):
-        cat_pruning.reset(model)
-        outs.append(run_steps(compiled, kw, STEPS, step_fn=lambda: cat_pruning.advance(model)))
-    for gen in outs:
-        for a, b in zip(eager, gen, strict=True):
-            torch.testing.assert_close(b, a, **TOL[torch.float32])
-    graphs = counters["stats"]["unique_graphs"]
-    assert 0 < graphs <= 6, graphs
-    torch._dynamo.reset()
+    harness.check_compile_fullgraph(SANA, tiny_sana(layers=1), inputs(seed=11))
 
 
 def tiny_pipeline():
@@ -251,22 +134,13 @@ def pipeline_kwargs(batch: int = 2, seed: int = 0) -> dict:
 
 
 def test_pipeline_patch_runs_twice_and_keep_ratio_one_equals_dense():
-    pipe = tiny_pipeline()
-    dense = pipe(**pipeline_kwargs()).images
-    cat_pruning.patch(pipe, keep_ratio=1.0, full_steps=FULL, backend="torch")
-    full = pipe(**pipeline_kwargs()).images
-    torch.testing.assert_close(full, dense, **TOL[torch.float32])
-    cat_pruning.patch(pipe, keep_ratio=0.3, full_steps=FULL, backend="torch")
-    first = pipe(**pipeline_kwargs()).images
-    second = pipe(**pipeline_kwargs()).images
-    assert torch.equal(first, second)
-    s = cat_pruning.stats(pipe)
-    assert [st.mode for st in s.steps][-1] == "pruned" and s.batch == 4 and s.num_tokens == 32
-    state = pipe.transformer._cat_pruning.state
-    assert state.cfg_pairs and torch.equal(state.idx[:2], state.idx[2:])
-    assert not torch.equal(first, dense)
-    cat_pruning.unpatch(pipe)
-    assert torch.equal(pipe(**pipeline_kwargs()).images, dense)
+    def check_pruned(pipe):
+        s = cat_pruning.stats(pipe)
+        assert [st.mode for st in s.steps][-1] == "pruned" and s.batch == 4 and s.num_tokens == 32
+        state = pipe.transformer._cat_pruning.state
+        assert state.cfg_pairs and torch.equal(state.idx[:2], state.idx[2:])
+
+    harness.check_pipeline(SANA, tiny_pipeline(), lambda pipe: pipe(**pipeline_kwargs()).images, check_pruned)
 
 
 def test_unsupported_cases_are_refused():

@@ -2,56 +2,30 @@
 
 from __future__ import annotations
 
-import copy
-
+import harness
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import TOL, Family, tokens_of
 from sd3_models import inputs, run_steps, tiny_sd3
 
 import cat_pruning
 
-# One tolerance table per dtype. The patched model runs the same operations as the unpatched
-# one, but attention over compacted queries and the cached keys may change the summation
-# order inside GEMMs: allow a few ulps of the output scale (|out| ~ 10 here).
-TOL = {
-    torch.float32: dict(atol=2e-4, rtol=1e-4),
-    torch.bfloat16: dict(atol=1e-1, rtol=2e-2),
-    torch.float16: dict(atol=2e-2, rtol=5e-3),
-}
 VARIANTS = ["sd3", "sd35"]
 STEPS = 7
 FULL = 3
-
-
-def patchify_mask(token_mask: torch.Tensor, height: int, width: int, p: int = 2) -> torch.Tensor:
-    """(B, N) token mask -> (B, 1, H*p, W*p) pixel mask in the model's output layout."""
-    m = token_mask.view(-1, 1, height, width).float()
-    return F.interpolate(m, scale_factor=p, mode="nearest").bool()
+SD3 = Family(run_steps, STEPS, FULL)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_keep_ratio_one_equals_dense(variant, dtype):
-    model = tiny_sd3(variant, dtype=dtype)
-    kw = inputs(dtype=dtype)
-    dense = run_steps(model, kw, STEPS)
-    cat_pruning.patch(model, keep_ratio=1.0, full_steps=FULL, backend="torch")
-    patched = run_steps(model, kw, STEPS)
-    assert [s.mode for s in cat_pruning.stats(model).steps][-1] == "pruned"
-    for a, b in zip(dense, patched, strict=True):
-        torch.testing.assert_close(b, a, **TOL[dtype])
+    harness.check_keep_ratio_one_equals_dense(SD3, tiny_sd3(variant, dtype=dtype), inputs(dtype=dtype), TOL[dtype])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_dense_steps_equal_unpatched(variant):
-    model = tiny_sd3(variant)
-    kw = inputs(seed=5)
-    dense = run_steps(model, kw, FULL)
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch")
-    patched = run_steps(model, kw, FULL)
-    for a, b in zip(dense, patched, strict=True):
-        assert torch.equal(a, b)
+    harness.check_dense_steps_equal_unpatched(SD3, tiny_sd3(variant), inputs(seed=5))
 
 
 class OracleProcessor:
@@ -91,61 +65,15 @@ class OracleProcessor:
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("cfg_pairs", [False, True])
 def test_pruned_steps_match_masked_dense_oracle(variant, cfg_pairs):
-    model = tiny_sd3(variant)
-    oracle = copy.deepcopy(model)
     kw = inputs(batch=4, seed=2)
-    h, w = kw["hidden_states"].shape[-2] // 2, kw["hidden_states"].shape[-1] // 2
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch", cfg_pairs=cfg_pairs)
-    state = model._cat_pruning.state
-    x = kw["hidden_states"]
-    checked = 0
-    for i in range(STEPS):
-        t = torch.full((x.shape[0],), 1000.0 * (1 - i / STEPS))
-        args = {**kw, "hidden_states": x, "timestep": t, "return_dict": False}
-        pruned = state.mode == "pruned"
-        if pruned:
-            idx = state.idx.clone()
-            selected = torch.zeros(x.shape[0], h * w, dtype=torch.bool).scatter_(1, idx, True)
-            kv = {name: (kc.clone(), vc.clone()) for name, (kc, vc) in state.kv.items()}
-            noise_before = state.noise_cache.clone()
-        with torch.no_grad():
-            out = model(**args)[0]
-        if pruned:
-            for name, attn in model._cat_pruning.adapter.attention_modules(oracle).items():
-                attn.set_processor(OracleProcessor(*kv[name], selected))
-            with torch.no_grad():
-                want = oracle(**args)[0]
-            pix = patchify_mask(selected, h, w).expand_as(out)
-            torch.testing.assert_close(out[pix], want[pix], **TOL[torch.float32])
-            # Unselected tokens return their last computed noise: the noise cache before the step.
-            tokens = out.view(x.shape[0], 4, h, 2, w, 2).permute(0, 2, 4, 3, 5, 1).reshape(x.shape[0], h * w, -1)
-            assert torch.equal(tokens[~selected], noise_before[~selected])
-            if cfg_pairs:
-                half = x.shape[0] // 2
-                assert torch.equal(idx[:half], idx[half:])
-            checked += 1
-        x = x - 0.1 * out
-    assert checked == STEPS - FULL
+    hh, w = kw["hidden_states"].shape[-2] // 2, kw["hidden_states"].shape[-1] // 2
+    # Token rows of the (B, 4, 2h, 2w) output: the selected ones cover exactly the selected 2x2 pixel patches.
+    harness.check_pruned_steps_match_oracle(SD3, tiny_sd3(variant), kw, OracleProcessor, lambda o: tokens_of(o, hh, w),
+                                            hh * w, cfg_pairs=cfg_pairs)
 
 
 def test_unpatch_is_bitwise_and_patch_twice_equals_once():
-    model = tiny_sd3("sd35")
-    kw = inputs(seed=3)
-    before = run_steps(model, kw, STEPS)
-    cat_pruning.patch(model, keep_ratio=0.5, full_steps=FULL, backend="torch")
-    once = run_steps(model, kw, STEPS)
-    cat_pruning.patch(model, keep_ratio=0.9, full_steps=4, backend="torch")
-    cat_pruning.patch(model, keep_ratio=0.5, full_steps=FULL, backend="torch")
-    twice = run_steps(model, kw, STEPS)
-    for a, b in zip(once, twice, strict=True):
-        assert torch.equal(a, b)
-    cat_pruning.unpatch(model)
-    assert not cat_pruning.is_patched(model)
-    after = run_steps(model, kw, STEPS)
-    for a, b in zip(before, after, strict=True):
-        assert torch.equal(a, b)
-    processors = [m.processor for m in model.modules() if hasattr(m, "processor")]
-    assert not any(type(p).__module__.startswith("cat_pruning") for p in processors)
+    harness.check_unpatch_bitwise(SD3, tiny_sd3("sd35"), inputs(seed=3), detour=dict(keep_ratio=0.9, full_steps=4))
 
 
 def test_consecutive_generations_equal_fresh_ones():
@@ -158,8 +86,7 @@ def test_consecutive_generations_equal_fresh_ones():
     fresh = tiny_sd3("sd3")
     cat_pruning.patch(fresh, keep_ratio=0.3, full_steps=FULL, backend="torch")
     again = run_steps(fresh, kw2, STEPS)
-    for a, b in zip(second, again, strict=True):
-        assert torch.equal(a, b)
+    harness.assert_all_equal(second, again)
     assert not torch.equal(first[-1], second[-1])
 
 
@@ -171,43 +98,16 @@ def test_geometry_change_starts_new_generation():
     got = run_steps(model, small, 2)
     fresh = tiny_sd3("sd3")
     want = run_steps(fresh, small, 2)
-    for a, b in zip(got, want, strict=True):
-        assert torch.equal(a, b)
+    harness.assert_all_equal(got, want)
 
 
 def test_cfg_batch_pairs_share_selection_and_samples_are_independent():
-    model = tiny_sd3("sd3", layers=2)
-    kw = inputs(batch=6, seed=8)  # [uncond x3; cond x3]
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch", cfg_pairs=True)
-    out = run_steps(model, kw, STEPS)
-    idx = model._cat_pruning.state.idx.clone()
-    assert torch.equal(idx[:3], idx[3:])
-    perm = torch.tensor([2, 0, 1])
-    both = torch.cat([perm, perm + 3])
-    cat_pruning.reset(model)
-    permuted = run_steps(model, {k: v[both] for k, v in kw.items()}, STEPS)
-    assert torch.equal(model._cat_pruning.state.idx, idx[both])
-    for a, b in zip(out, permuted, strict=True):
-        torch.testing.assert_close(b, a[both], **TOL[torch.float32])
+    # [uncond x3; cond x3]
+    harness.check_samples_independent(SD3, tiny_sd3("sd3", layers=2), inputs(batch=6, seed=8), cfg_pairs=True)
 
 
 def test_stats_macs_match_flop_counter():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = tiny_sd3("sd35")
-    kw = inputs(batch=2, height=16, width=16, seed=10)
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch")
-    counter = FlopCounterMode(display=False)
-    # The math backend runs attention as matmuls the counter sees (CPU flash attention is not counted).
-    with counter, sdpa_kernel(SDPBackend.MATH):
-        run_steps(model, kw, STEPS)
-    s = cat_pruning.stats(model)
-    assert [st.mode for st in s.steps] == ["dense", "anchor", "fill"] + ["pruned"] * (STEPS - FULL)
-    assert s.steps[-1].tokens == s.tokens_kept == 20
-    measured = counter.get_total_flops() / 2
-    assert abs(s.macs - measured) / measured < 0.02, (s.macs, measured)
-    assert 0.3 < s.mac_fraction < 1.0
+    s = harness.check_macs_match_flop_counter(SD3, tiny_sd3("sd35"), inputs(batch=2, height=16, width=16, seed=10), 20)
     assert "pruned" in str(s) and s.cache_bytes > 0
     per_sample = FULL * s.num_tokens + (STEPS - FULL) * s.tokens_kept
     assert s.recomputed.shape == (2, 8, 8)
@@ -216,36 +116,11 @@ def test_stats_macs_match_flop_counter():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_meta_device(variant):
-    with torch.device("meta"):
-        model = tiny_sd3(variant)
-    kw = inputs(device="meta")
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL)
-    outs = run_steps(model, kw, STEPS)
-    assert outs[-1].shape == kw["hidden_states"].shape and outs[-1].device.type == "meta"
-    assert cat_pruning.stats(model).steps[-1].mode == "pruned"
+    harness.check_meta_device(SD3, lambda: tiny_sd3(variant), inputs(device="meta"))
 
 
 def test_torch_compile_fullgraph_matches_eager_with_few_graphs():
-    torch._dynamo.reset()
-    from torch._dynamo.utils import counters
-
-    model = tiny_sd3("sd35", layers=2)
-    kw = inputs(seed=11)
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch")
-    eager = run_steps(model, kw, STEPS)
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch", manual_steps=True)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    counters.clear()
-    outs = []
-    for _ in range(2):
-        cat_pruning.reset(model)
-        outs.append(run_steps(compiled, kw, STEPS, step_fn=lambda: cat_pruning.advance(model)))
-    for gen in outs:
-        for a, b in zip(eager, gen, strict=True):
-            torch.testing.assert_close(b, a, **TOL[torch.float32])
-    graphs = counters["stats"]["unique_graphs"]
-    assert 0 < graphs <= 6, graphs
-    torch._dynamo.reset()
+    harness.check_compile_fullgraph(SD3, tiny_sd3("sd35", layers=2), inputs(seed=11))
 
 
 def test_bare_transformer_under_compile_without_advance_is_refused():

@@ -1,0 +1,304 @@
+"""Machinery shared by the per-family model tests (SD3, PixArt, DiT, Flux, Sana): random tiny models,
+the toy denoising loop, and the checks every family runs against the dense diffusers path. Each
+check takes the family (its step loop, step counts), a model built by the family's builder, its
+inputs and what differs between families; the family files keep their builders, oracles and
+family-specific tests."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+import cat_pruning
+
+# One tolerance table per dtype. The patched model runs the same operations as the unpatched
+# one, but attention over compacted queries and the cached keys (and, in Sana, the 1x1 convs
+# over a K x 1 map) may change the summation order inside GEMMs and convs: allow a few ulps of
+# the output scale (|out| ~ 5 to 10 here).
+TOL = {
+    torch.float32: dict(atol=2e-4, rtol=1e-4),
+    torch.bfloat16: dict(atol=1e-1, rtol=2e-2),
+    torch.float16: dict(atol=2e-2, rtol=5e-3),
+}
+F32 = TOL[torch.float32]
+
+
+# ---------------------------------------------------------------------- models and the step loop
+
+
+def random_model(cls, seed: int, dtype: torch.dtype, **config):
+    """cls(**config) under a fixed seed with every parameter perturbed: random init leaves adaLN
+    gates, scale-shift tables and output projections at (or near) zero, so without this the
+    blocks would barely mix tokens and the output would not depend on all of them."""
+    torch.manual_seed(seed)
+    model = cls(**config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model.to(dtype).eval()
+
+
+def denoise(model, kw: dict, steps: int, step_fn=None, *, t_max: float = 1000.0, channels: int | None = None,
+            horizon: int | None = None):
+    """A toy denoising loop: the latent moves with the prediction so every step differs. The
+    timestep goes linearly from t_max towards 0 over `horizon` steps (default `steps`); with
+    `channels` only the first channels of the output (the noise of a learned-sigma model) move the
+    latent. step_fn runs after each step."""
+    x = kw["hidden_states"]
+    outs = []
+    for i in range(steps):
+        t = torch.full((x.shape[0],), t_max * (1 - i / (horizon or steps)), dtype=x.dtype, device=x.device)
+        with torch.no_grad():
+            out = model(**{**kw, "hidden_states": x}, timestep=t, return_dict=False)[0]
+        outs.append(out)
+        if step_fn is not None:
+            step_fn()
+        x = x - 0.1 * (out if channels is None else out[:, :channels])
+    return outs
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What the shared checks need of a family: its step loop (a `denoise` variant), the number of
+    steps a generation runs and the number of dense steps at its start."""
+
+    run: Callable
+    steps: int
+    full: int
+
+
+def tokens_of(out: torch.Tensor, height: int, width: int, p: int = 2) -> torch.Tensor:
+    """(B, C, H*p, W*p) model output -> (B, H*W, p*p*C) per-token rows in proj_out's layout."""
+    b, c = out.shape[:2]
+    return out.view(b, c, height, p, width, p).permute(0, 2, 4, 3, 5, 1).reshape(b, height * width, -1)
+
+
+def tiny_vae(latent_channels: int, levels: int = 1, **config):
+    """A tiny AutoencoderKL for the pipeline tests (the caller seeds the global RNG)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels, layers_per_block=1, latent_channels=latent_channels, **config,
+    ).eval()
+
+
+def assert_all_equal(xs, ys):
+    for a, b in zip(xs, ys, strict=True):
+        assert torch.equal(a, b)
+
+
+def assert_all_close(got, want, tol):
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(b, a, **tol)
+
+
+def permuted(v, perm, keys=None):
+    """The inputs with the batch permuted: nested dicts recursively, None kept; with `keys` only
+    those top-level entries (the others, e.g. position ids, have no batch dimension)."""
+    if isinstance(v, dict):
+        return {k: (permuted(x, perm) if keys is None or k in keys else x) for k, x in v.items()}
+    return v if v is None else v[perm]
+
+
+# ---------------------------------------------------------------------- the shared checks
+
+
+def check_keep_ratio_one_equals_dense(fam: Family, model, kw, tol):
+    dense = fam.run(model, kw, fam.steps)
+    cat_pruning.patch(model, keep_ratio=1.0, full_steps=fam.full, backend="torch")
+    patched = fam.run(model, kw, fam.steps)
+    assert [s.mode for s in cat_pruning.stats(model).steps][-1] == "pruned"
+    assert_all_close(patched, dense, tol)
+
+
+def check_dense_steps_equal_unpatched(fam: Family, model, kw):
+    dense = fam.run(model, kw, fam.full)
+    cat_pruning.patch(model, keep_ratio=0.3, full_steps=fam.full, backend="torch")
+    patched = fam.run(model, kw, fam.full)
+    assert_all_equal(dense, patched)
+
+
+def check_pruned_steps_match_oracle(fam: Family, model, kw, processor, to_tokens, num_tokens: int, *,
+                                    cfg_pairs: bool | None = None, unpaired_differ: bool = False,
+                                    extra_steps: int = 0, conv_hook=None, noise_width: int | None = None,
+                                    check_idx=None):
+    """Every pruned step against the masked-dense oracle of DESIGN.md section 3: a deep copy of the
+    unpatched model whose cached attentions get `processor(k_cache, v_cache, selected)` (and, with
+    `conv_hook(cache, selected)`, forward pre-hooks on the modules of the state's extra caches).
+    Selected tokens match the oracle; unselected ones return the noise cache from before the step,
+    bitwise. `to_tokens` maps an output to (B, N, D) rows. cfg_pairs None: patch without it.
+    With cfg_pairs the batch halves share a selection (with unpaired_differ they share it exactly
+    when cfg_pairs). extra_steps: steps run past the timestep horizon of fam.steps."""
+    oracle = copy.deepcopy(model)
+    patch_kw = {} if cfg_pairs is None else dict(cfg_pairs=cfg_pairs)
+    cat_pruning.patch(model, keep_ratio=0.3, full_steps=fam.full, backend="torch", **patch_kw)
+    state = model._cat_pruning.state
+    checked = 0
+
+    def step(**args):
+        nonlocal checked
+        if state.mode != "pruned":
+            return model(**args)
+        b = args["hidden_states"].shape[0]
+        idx = state.idx.clone()
+        selected = torch.zeros(b, num_tokens, dtype=torch.bool).scatter_(1, idx, True)
+        kv = {name: (kc.clone(), vc.clone()) for name, (kc, vc) in state.kv.items()}
+        extra = {name: c.clone() for name, c in state.extra.items()} if conv_hook is not None else {}
+        noise_before = state.noise_cache.clone()
+        result = model(**args)
+        out = result[0]
+        if check_idx is not None:
+            check_idx(idx)
+        for name, attn in model._cat_pruning.adapter.attention_modules(oracle).items():
+            attn.set_processor(processor(*kv[name], selected))
+        handles = [oracle.get_submodule(name).register_forward_pre_hook(conv_hook(cache, selected))
+                   for name, cache in extra.items()]
+        want = oracle(**args)[0]
+        for handle in handles:
+            handle.remove()
+        got_rows, want_rows = to_tokens(out), to_tokens(want)
+        torch.testing.assert_close(got_rows[selected], want_rows[selected], **F32)
+        if noise_width is not None:
+            assert noise_before.shape[-1] == noise_width
+        assert torch.equal(got_rows[~selected], noise_before[~selected])
+        if cfg_pairs or unpaired_differ:
+            half = b // 2
+            assert torch.equal(idx[:half], idx[half:]) == bool(cfg_pairs)
+        checked += 1
+        return result
+
+    fam.run(step, kw, fam.steps + extra_steps, horizon=fam.steps)
+    assert checked == fam.steps + extra_steps - fam.full
+
+
+def check_unpatch_bitwise(fam: Family, model, kw, *, patch_twice: bool = True, detour: dict | None = None,
+                          after_unpatch=None):
+    """Unpatching restores the dense outputs bitwise and leaves no cat_pruning processor behind
+    (after_unpatch(model): the family's own leftovers check). patch_twice: patching again with
+    the same config (after a `detour` patch with another config) runs exactly as patching once."""
+    before = fam.run(model, kw, fam.steps)
+    cat_pruning.patch(model, keep_ratio=0.5, full_steps=fam.full, backend="torch")
+    once = fam.run(model, kw, fam.steps)
+    if patch_twice:
+        if detour is not None:
+            cat_pruning.patch(model, backend="torch", **detour)
+        cat_pruning.patch(model, keep_ratio=0.5, full_steps=fam.full, backend="torch")
+        twice = fam.run(model, kw, fam.steps)
+        assert_all_equal(once, twice)
+    cat_pruning.unpatch(model)
+    assert not cat_pruning.is_patched(model)
+    after = fam.run(model, kw, fam.steps)
+    assert_all_equal(before, after)
+    processors = [m.processor for m in model.modules() if hasattr(m, "processor")]
+    assert not any(type(p).__module__.startswith("cat_pruning") for p in processors)
+    if after_unpatch is not None:
+        after_unpatch(model)
+
+
+def check_samples_independent(fam: Family, model, kw, *, cfg_pairs: bool | None = None, keys=None,
+                              perm=(2, 0, 1)):
+    """Permuting the samples permutes the selections and the outputs. cfg_pairs True: the batch
+    is two halves [x; y] permuted alike, which share a selection; None: patch without it. keys:
+    the batched inputs (default all)."""
+    perm = torch.tensor(perm)
+    if cfg_pairs:
+        perm = torch.cat([perm, perm + len(perm)])
+    patch_kw = {} if cfg_pairs is None else dict(cfg_pairs=cfg_pairs)
+    cat_pruning.patch(model, keep_ratio=0.3, full_steps=fam.full, backend="torch", **patch_kw)
+    out = fam.run(model, kw, fam.steps)
+    idx = model._cat_pruning.state.idx.clone()
+    if cfg_pairs:
+        half = len(perm) // 2
+        assert torch.equal(idx[:half], idx[half:])
+    cat_pruning.reset(model)
+    again = fam.run(model, permuted(kw, perm, keys), fam.steps)
+    assert torch.equal(model._cat_pruning.state.idx, idx[perm])
+    for a, b in zip(out, again, strict=True):
+        torch.testing.assert_close(b, a[perm], **F32)
+
+
+def check_macs_match_flop_counter(fam: Family, model, kw, tokens_kept: int):
+    """stats().macs within 2% of FlopCounterMode's count over a generation; returns the stats."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cat_pruning.patch(model, keep_ratio=0.3, full_steps=fam.full, backend="torch")
+    counter = FlopCounterMode(display=False)
+    # The math backend runs attention as matmuls the counter sees (CPU flash attention is not counted).
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        fam.run(model, kw, fam.steps)
+    s = cat_pruning.stats(model)
+    assert [st.mode for st in s.steps] == ["dense", "anchor", "fill"] + ["pruned"] * (fam.steps - fam.full)
+    assert s.steps[-1].tokens == s.tokens_kept == tokens_kept
+    measured = counter.get_total_flops() / 2
+    assert abs(s.macs - measured) / measured < 0.02, (s.macs, measured)
+    assert 0.3 < s.mac_fraction < 1.0
+    return s
+
+
+def check_meta_device(fam: Family, build, kw, out_shape=None):
+    """build() under the meta device, patched with the default backend, runs a whole generation;
+    the output has out_shape (default: the latent's)."""
+    with torch.device("meta"):
+        model = build()
+    cat_pruning.patch(model, keep_ratio=0.3, full_steps=fam.full)
+    outs = fam.run(model, kw, fam.steps)
+    want = kw["hidden_states"].shape if out_shape is None else out_shape
+    assert outs[-1].shape == want and outs[-1].device.type == "meta"
+    assert cat_pruning.stats(model).steps[-1].mode == "pruned"
+
+
+def check_real_config_macs_on_meta(fam: Family, model_cls, adapter, name: str, *, num_tokens: int,
+                                   tokens_kept: int, **patch_kw):
+    """adapter.REAL_CONFIGS[name] on the meta device in bf16: 10 steps, 8 of them dense."""
+    config, gen = adapter.REAL_CONFIGS[name]
+    with torch.device("meta"):
+        model = model_cls(**config).to(torch.bfloat16)
+    kw = adapter.real_inputs(config, gen, "meta", torch.bfloat16)
+    cat_pruning.patch(model, keep_ratio=0.3, full_steps=8, **patch_kw)
+    fam.run(model, kw, 10)
+    s = cat_pruning.stats(model)
+    assert s.num_tokens == num_tokens and s.tokens_kept == tokens_kept
+    assert 0.5 < s.mac_fraction < 1.0
+
+
+def check_compile_fullgraph(fam: Family, model, kw, max_graphs: int = 6):
+    """torch.compile(fullgraph=True) with manual_steps matches eager over two generations and
+    compiles at most max_graphs graphs."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    cat_pruning.patch(model, keep_ratio=0.3, full_steps=fam.full, backend="torch")
+    eager = fam.run(model, kw, fam.steps)
+    cat_pruning.patch(model, keep_ratio=0.3, full_steps=fam.full, backend="torch", manual_steps=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    counters.clear()
+    outs = []
+    for _ in range(2):
+        cat_pruning.reset(model)
+        outs.append(fam.run(compiled, kw, fam.steps, step_fn=lambda: cat_pruning.advance(model)))
+    for gen in outs:
+        assert_all_close(gen, eager, F32)
+    graphs = counters["stats"]["unique_graphs"]
+    assert 0 < graphs <= max_graphs, graphs
+    torch._dynamo.reset()
+
+
+def check_pipeline(fam: Family, pipe, call, check_pruned):
+    """The pipeline path: keep_ratio 1 matches dense, two pruned calls are equal and differ from
+    dense (check_pruned(pipe) checks the family's stats and state right after them), unpatching
+    restores dense bitwise."""
+    dense = call(pipe)
+    cat_pruning.patch(pipe, keep_ratio=1.0, full_steps=fam.full, backend="torch")
+    torch.testing.assert_close(call(pipe), dense, **F32)
+    cat_pruning.patch(pipe, keep_ratio=0.3, full_steps=fam.full, backend="torch")
+    first, second = call(pipe), call(pipe)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, dense)
+    check_pruned(pipe)
+    cat_pruning.unpatch(pipe)
+    assert torch.equal(call(pipe), dense)
