@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 
-.PHONY: install ext test demo lint clean
+.PHONY: install ext test test-min-diffusers demo lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,17 @@ ext: install
 
 test: install ext
 	$(PY) -m pytest -q
+	$(MAKE) test-min-diffusers
+
+# The oldest diffusers cat_pruning supports (python/cat_pruning/compat.py), installed beside the
+# venv and put first on PYTHONPATH: the equivalence and pipeline tests of every family on it.
+DIFFUSERS_MIN := $(shell sed -n 's/^DIFFUSERS_MIN = "\(.*\)"/\1/p' python/cat_pruning/compat.py)
+MIN_DIR := build/diffusers-$(DIFFUSERS_MIN)
+test-min-diffusers: install
+	test -d $(MIN_DIR) || ( $(PY) -m pip install -q --no-deps --target $(MIN_DIR).tmp diffusers==$(DIFFUSERS_MIN) \
+		&& $(PY) -m pip install -q --target $(MIN_DIR).tmp httpx && mv $(MIN_DIR).tmp $(MIN_DIR) )
+	CAT_EXPECT_DIFFUSERS=$(DIFFUSERS_MIN) PYTHONPATH=$(MIN_DIR) $(PY) -m pytest -q tests/models --ignore=tests/models/test_tiny_model.py \
+		-k "keep_ratio_one or oracle or pipeline" -p no:cacheprovider
 
 demo: install
 	$(PY) -m cat_pruning demo

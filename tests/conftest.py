@@ -21,3 +21,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_configure(config):
+    # `make test-min-diffusers` runs the model tests on the oldest supported diffusers; make sure
+    # that is what imports, or the run would silently test the venv's newest one again.
+    expected = os.environ.get("CAT_EXPECT_DIFFUSERS")
+    if expected:
+        import diffusers
+
+        if diffusers.__version__ != expected:
+            raise pytest.UsageError(f"expected diffusers {expected}, imported {diffusers.__version__}")

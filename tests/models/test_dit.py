@@ -79,8 +79,9 @@ def tiny_pipeline():
 
 
 def pipeline_call(pipe, guidance_scale=4.0, steps=7):
-    return pipe(class_labels=[3, 7], guidance_scale=guidance_scale, num_inference_steps=steps,
-                generator=torch.Generator().manual_seed(4), output_type="pt").images
+    images = pipe(class_labels=[3, 7], guidance_scale=guidance_scale, num_inference_steps=steps,
+                  generator=torch.Generator().manual_seed(4), output_type="pt").images
+    return torch.as_tensor(images)  # diffusers 0.36's DiTPipeline returns numpy even for "pt"
 
 
 def test_pipeline_patch_repeatable_and_keep_ratio_one_is_dense():
