@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import signal
 import sys
@@ -113,11 +114,20 @@ def resolve_device(args: argparse.Namespace) -> None:
 
 
 def load_suite(name: str):
-    """The suite module, or None when its file is missing (other import errors propagate)."""
-    module = SUITES[name]
-    if not (BENCH / f"{module}.py").exists():
+    """The suite module, or None when its file is missing (other import errors propagate).
+
+    Loaded from its file under a name of its own (bench_suite_<name>), so that a generic module
+    name such as `kernels` cannot resolve to something else on sys.path (tests/kernels/)."""
+    path = BENCH / f"{SUITES[name]}.py"
+    if not path.exists():
         return None
-    return importlib.import_module(module)
+    full = f"bench_suite_{name}"
+    if full not in sys.modules:
+        spec = importlib.util.spec_from_file_location(full, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[full] = module
+        spec.loader.exec_module(module)
+    return sys.modules[full]
 
 
 # --------------------------------------------------------------------------- table
