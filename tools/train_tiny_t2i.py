@@ -32,12 +32,13 @@ except ImportError:  # running from a checkout without an install
 
 import numpy as np
 import torch
-from cat_pruning.tiny.pipeline import TinyT2IPipeline, image_grid
-from cat_pruning.tiny.scenes import IMAGE_SIZE, VOCAB, make_batch
-from cat_pruning.tiny.text import TinyTextEncoder
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from PIL import Image
 from tqdm import tqdm
+
+from cat_pruning.tiny.pipeline import TinyT2IPipeline, image_grid
+from cat_pruning.tiny.scenes import IMAGE_SIZE, VOCAB, make_batch
+from cat_pruning.tiny.text import TinyTextEncoder
 
 SAMPLE_PROMPTS = [
     "a red circle on a yellow background",

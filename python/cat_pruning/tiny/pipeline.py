@@ -139,8 +139,10 @@ class TinyT2IPipeline(DiffusionPipeline):
 
 def load_tiny_pipeline(device="cpu", dtype=torch.float32, path: str | Path | None = None) -> TinyT2IPipeline:
     """Load the shipped tiny model (or a pipeline saved by tools/train_tiny_t2i.py at `path`)."""
-    pipe = TinyT2IPipeline.from_pretrained(str(path or WEIGHTS_DIR))  # fp32 on disk; cast below
-    return pipe.to(device=device, dtype=dtype)
+    pipe = TinyT2IPipeline.from_pretrained(str(path or WEIGHTS_DIR))  # fp32 on disk
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
+    return pipe.to(device)
 
 
 def image_grid(images: list, cols: int) -> np.ndarray:
