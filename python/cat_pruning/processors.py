@@ -36,7 +36,7 @@ def _project(attn: torch.nn.Module, hidden_states: Tensor) -> tuple[Tensor, Tens
     return query, key, value
 
 
-class _CachedAttention:
+class CachedAttentionProcessor:
     """What the CAT processors share: the replaced processor for the dense modes, and the
     layer's image K/V cache (filled at "fill", refreshed at the selected rows when "pruned")."""
 
@@ -56,7 +56,7 @@ class _CachedAttention:
         return k_cache, v_cache
 
 
-class CATJointAttnProcessor(_CachedAttention):
+class CATJointAttnProcessor(CachedAttentionProcessor):
     """SD3-style joint attention over [image; text] (``attn``) or image-only self attention
     (SD3.5's ``attn2``), with the image K/V rows cached between steps.
 
@@ -107,7 +107,7 @@ class CATJointAttnProcessor(_CachedAttention):
         return image_out, ctx_out
 
 
-class CATSelfAttnProcessor(_CachedAttention):
+class CATSelfAttnProcessor(CachedAttentionProcessor):
     """Image-only self attention (PixArt's and DiT's ``attn1``, diffusers' AttnProcessor2_0)
     with the image K/V rows cached between steps.
 

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from cat_kernels import ops
 
+from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
 from .base import Adapter, get_submodule, hidden_states_arg, pipeline_call_local
 
@@ -98,7 +99,7 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
 
 
-class CATFluxAttnProcessor:
+class CATFluxAttnProcessor(CachedAttentionProcessor):
     """Flux attention with the image K (after rotation) and V rows cached between steps.
 
     Double-stream blocks call it with the image rows and a separate text context
@@ -107,11 +108,6 @@ class CATFluxAttnProcessor:
     In the dense modes it defers to the processor it replaced, so those steps are the unpatched
     computation exactly; "fill" computes the same thing and keeps the image K/V.
     """
-
-    def __init__(self, state: CATState, name: str, original: object) -> None:
-        self.state = state
-        self.name = name
-        self.original = original
 
     def __call__(
         self,

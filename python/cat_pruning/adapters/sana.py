@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from cat_kernels import ops
 
+from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
 from .base import Adapter, get_submodule, hidden_states_arg
 
@@ -86,18 +87,13 @@ def real_inputs(config: dict[str, Any], gen: dict[str, int], device: str | torch
     )
 
 
-class CATSanaLinearAttnProcessor:
+class CATSanaLinearAttnProcessor(CachedAttentionProcessor):
     """Sana's linear self attention with the image K/V rows cached between steps and the key sums
     recomputed over all cached rows (in fp32, as the stock processor does).
 
     In the dense modes it defers to the processor it replaced, so those steps are the unpatched
     computation exactly; "fill" computes the same thing and keeps the K/V rows.
     """
-
-    def __init__(self, state: CATState, name: str, original: object) -> None:
-        self.state = state
-        self.name = name
-        self.original = original
 
     def __call__(
         self,
