@@ -512,8 +512,7 @@ def run(args: Any) -> list[dict]:
     by_id = {m.id: m for m in runnable}
     times: dict[str, list[float]] = {k: [] for k in order}
     scores: dict[str, list[tuple[float, float]]] = {k: [] for k in order[1:]}
-    examples: dict[str, list[torch.Tensor]] = {}
-    n_examples = min(opts.examples, len(items))
+    examples: dict[str, dict[int, torch.Tensor]] = {}
     bar = tqdm(total=len(items) * len(order), desc="quality: generations", unit="gen", file=sys.stderr,
                disable=no_bar)  # fmt: skip
     first_dense = None
@@ -542,9 +541,9 @@ def run(args: Any) -> list[dict]:
         for mid in order[1:]:
             if mid not in failed:
                 scores[mid].append((psnr(images[mid], dense), ssim(images[mid], dense)))
-        if i < n_examples:
-            for mid, im in images.items():
-                examples.setdefault(mid, []).append(im)
+        for mid, im in images.items():  # candidates for the example grid: dense, the reference CAT, peers
+            if mid in ("dense", ref) or (mid in by_id and by_id[mid].group == "peer"):
+                examples.setdefault(mid, {})[i] = im
     bar.close()
     dense_again, _ = generate(ctx, items[0])
     dense_reproducible = bool(torch.equal(dense_again, first_dense))
@@ -589,8 +588,21 @@ def run(args: Any) -> list[dict]:
     cols = [("dense", "dense"), (ref, by_id[ref].name if ref in by_id else "")]
     if best_peer is not None:
         cols.append((best_peer["provider"], best_peer["name"]))
-    cols = [(k, label) for k, label in cols if k in examples]
-    write_examples(examples, cols, items[:n_examples], examples_path)
+    cols = [(k, label) for k, label in cols if k in examples and len(examples[k]) == len(items)]
+    # rows: the first prompts (seed 0), then the image on which the reference CAT setting scores worst
+    rows = list(range(0, len(items), opts.seeds))[: max(1, opts.examples - 1)]
+    by_rec = {r["provider"]: r for r in records}
+    if ref in by_rec and "per_item" in by_rec[ref]:
+        worst = min(range(len(items)), key=lambda i: by_rec[ref]["per_item"][i]["psnr"])
+        rows = [i for i in range(0, len(items), opts.seeds) if i != worst][: max(0, opts.examples - 1)] + [worst]
+
+    def caption(i: int) -> str:
+        db = ", ".join(f"{label.split(' ')[0] if k == ref else 'peer'} {by_rec[k]['per_item'][i]['psnr']:.1f} dB"
+                       for k, label in cols[1:])  # fmt: skip
+        tail = " - worst for CAT" if by_rec.get(ref, {}).get("per_item") and i == rows[-1] else ""
+        return f"{items[i][0]} (seed {items[i][1]}){tail}: {db}"
+
+    write_examples(examples, cols, [(i, caption(i)) for i in rows], examples_path)
     outputs["examples"] = str(examples_path)
     md_path.write_text(markdown(records, shape, opts, plot_note, examples_path, plot_path))
     import common
@@ -712,9 +724,13 @@ def reading(records: list[dict]) -> str:
     for p in sorted(peers, key=lambda r: -r["psnr_mean"]):
         d = c["psnr_mean"] - p["psnr_mean"]
         verdict = "CAT wins" if d > 0.1 else ("CAT loses" if d < -0.1 else "a tie")
-        out.append(f"Against {p['name']} at {100 * p['mac_fraction']:.1f}% MACs: {verdict} on mean PSNR by "
-                   f"{abs(d):.2f} dB (worst case {c['psnr_worst']:.2f} vs {p['psnr_worst']:.2f} dB), while the "
-                   f"peer runs at {p['speedup']:.2f}x.")  # fmt: skip
+        wins = sum(a["psnr"] > b["psnr"] for a, b in zip(c["per_item"], p["per_item"], strict=True))
+        out.append(
+            f"Against {p['name']} at {100 * p['mac_fraction']:.1f}% MACs: {verdict} on mean PSNR by {abs(d):.2f} dB "
+            f"(CAT higher on {wins} of {len(c['per_item'])} images; worst case {c['psnr_worst']:.2f} vs "
+            f"{p['psnr_worst']:.2f} dB; SSIM {c['ssim_mean']:.4f} vs {p['ssim_mean']:.4f}), while the peer runs at "
+            f"{p['speedup']:.2f}x."
+        )
     failed = [r for r in records if r.get("status") == "error"]
     if failed:
         out.append(
@@ -751,12 +767,15 @@ def reading(records: list[dict]) -> str:
                 + ", ".join(f"{r['params'].get('importance_fraction', 0.25):g} -> {r['psnr_mean']:.2f} dB" for r in imp)
                 + "."
             )
-        out.append(
-            f"{', '.join(better)} beat{'s' if len(better) == 1 else ''} the full policy by more than 0.1 dB "
-            "on this model."
-            if better
-            else "No ablation beats the full policy by more than 0.1 dB."
-        )
+        ties = [f"{short(r)} (SSIM {r['ssim_mean']:.4f} vs {c['ssim_mean']:.4f})" for r in abl
+                if abs(r["psnr_mean"] - c["psnr_mean"]) <= 0.1]  # fmt: skip
+        if better:
+            out.append(f"{', '.join(better)} beat{'s' if len(better) == 1 else ''} the full policy by more than "
+                       "0.1 dB on this model.")  # fmt: skip
+        else:
+            out.append("No ablation beats the full policy by more than 0.1 dB.")
+        if ties:
+            out.append(f"Within 0.1 dB of it: {', '.join(ties)}.")
     sweep = sorted((r for r in ok.values() if r["group"] == "cat"), key=lambda r: r["mac_fraction"])
     if len(sweep) > 1:
         out.append(
@@ -804,7 +823,7 @@ def write_plot(records: list[dict], path: Path, shape: dict) -> str | None:
         g = r["group"]
         x, y = r["mac_fraction"], r["psnr_mean"]
         ax.plot([x, x], [r["psnr_worst"], y], color=colors[g], alpha=0.35, lw=1)
-        ax.scatter([x], [y], color=colors[g], marker=markers[g], s=45, zorder=3,
+        ax.scatter([x], [y], color=colors[g], marker=markers[g], s=45, zorder={"ablation": 3}.get(g, 4),
                    label={"cat": "CAT settings", "ablation": "CAT ablations (k=0.3 f=8)",
                           "peer": "peers"}[g] if g not in seen else None)  # fmt: skip
         seen.add(g)
@@ -828,25 +847,29 @@ def write_plot(records: list[dict], path: Path, shape: dict) -> str | None:
     return None
 
 
-def write_examples(examples: dict[str, list[torch.Tensor]], cols: list[tuple[str, str]],
-                   items: list[tuple[str, int]], path: Path, scale: int = 3) -> None:  # fmt: skip
+def write_examples(examples: dict[str, dict[int, torch.Tensor]], cols: list[tuple[str, str]],
+                   rows: list[tuple[int, str]], path: Path, scale: int = 3) -> None:  # fmt: skip
+    """A grid: one column per method (dense first), one row per image, a caption under each row."""
     from PIL import Image, ImageDraw
 
     def tile(im: torch.Tensor) -> np.ndarray:
         a = (im.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         return np.repeat(np.repeat(a, scale, 0), scale, 1)
 
-    h, w = tile(examples["dense"][0]).shape[:2]
-    pad, head, cap = 8, 18, 16
-    canvas = Image.new("RGB", (len(cols) * (w + pad) + pad, head + len(items) * (h + cap + pad)), "white")
+    h, w = tile(next(iter(examples["dense"].values()))).shape[:2]
+    pad, head, cap = 8, 18, 28
+    width = max(len(cols) * (w + pad) + pad, 560)
+    canvas = Image.new("RGB", (width, head + len(rows) * (h + cap + pad)), "white")
     draw = ImageDraw.Draw(canvas)
     for j, (_, label) in enumerate(cols):
         draw.text((pad + j * (w + pad), 3), label[:34], fill="black")
-    for i, (prompt, seed) in enumerate(items):
-        y = head + i * (h + cap + pad)
+    for r, (i, text) in enumerate(rows):
+        y = head + r * (h + cap + pad)
         for j, (mid, _) in enumerate(cols):
             canvas.paste(Image.fromarray(tile(examples[mid][i])), (pad + j * (w + pad), y))
-        draw.text((pad, y + h + 2), f"{prompt[:70]} (seed {seed})", fill="black")
+        cut = text.rfind(" ", 0, 90) if len(text) > 90 else len(text)
+        draw.text((pad, y + h + 2), text[:cut], fill="black")
+        draw.text((pad, y + h + 14), text[cut:].strip()[:90], fill="black")
     canvas.save(path)
 
 
