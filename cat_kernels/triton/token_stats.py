@@ -9,8 +9,21 @@ from torch import Tensor
 
 __all__ = ["token_stats"]
 
-BLOCK_N = 64  # token rows per program of the main pass
+BLOCK_N = 32  # token rows per program of the main pass
 BLOCK_NC = 16  # clusters per program of the finishing pass
+
+
+def _block_c(C: int) -> int:
+    # BLOCK_C follows the channel count C (a model dimension), capped so a tile stays in registers.
+    return min(triton.next_power_of_2(C), 128)
+
+
+def _num_warps(block_c: int) -> int:
+    # About 8 tile elements per thread. With runtime strides every element carries its own
+    # 64-bit address; ptxas -v on the AOT build (SD3: C = 64, bf16/fp32, sm_80/sm_90): 64 rows
+    # x 64 with 4 warps spilled 128-172 bytes at 255 registers; 32 rows with 8 warps uses
+    # 114-121 registers (58-62 for contiguous inputs) and no spills.
+    return max(4, min(8, BLOCK_N * block_c // 256))
 
 
 @triton.jit
@@ -51,8 +64,10 @@ def _token_stats_kernel(
         diff = o.to(tl.float32) - a.to(tl.float32)
         sumsq += tl.sum(diff * diff, axis=1)
         for cl in range(lo, hi + 1):
+            # Rows out of range carry lab = -1, so in_cl needs no 2-D mask; padded columns
+            # are dropped by the atomic's col_ok (keeping m live here cost registers).
             in_cl = (lab == cl)[:, None]
-            cmax = tl.max(tl.where(in_cl & m, diff, float("-inf")), axis=0)
+            cmax = tl.max(tl.where(in_cl, diff, float("-inf")), axis=0)
             present = tl.max(in_cl.to(tl.int32), axis=0) > 0
             # max is order-independent, so concurrent atomics from other tiles stay deterministic.
             tl.atomic_max(cmax_ptr + (b * num_clusters + cl) * C + cols, cmax, mask=col_ok & present)
@@ -90,13 +105,12 @@ def token_stats_triton(out: Tensor, anchor: Tensor, labels: Tensor, num_clusters
     cmax = torch.full((B, num_clusters, C), float("-inf"), device=out.device, dtype=torch.float32)
     if N == 0:
         return d, score.fill_(float("-inf"))
-    # BLOCK_C follows the channel count C (a model dimension), capped so a tile stays in registers.
-    block_c = min(triton.next_power_of_2(C), 128)
+    block_c = _block_c(C)
     _token_stats_kernel[(B, triton.cdiv(N, BLOCK_N))](
         out, anchor, labels, d, cmax, N, C, num_clusters,
         out.stride(0), out.stride(1), out.stride(2), anchor.stride(0), anchor.stride(1), anchor.stride(2),
         labels.stride(0), labels.stride(1),
-        BLOCK_N=BLOCK_N, BLOCK_C=block_c, num_warps=4,
+        BLOCK_N=BLOCK_N, BLOCK_C=block_c, num_warps=_num_warps(block_c),
     )
     _cluster_score_kernel[(B, triton.cdiv(num_clusters, BLOCK_NC))](
         cmax, score, C, num_clusters, BLOCK_NC=BLOCK_NC, BLOCK_C=block_c, num_warps=4,

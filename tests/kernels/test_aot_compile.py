@@ -1,6 +1,7 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90 (no GPU needed), at the
 SD3/Flux shapes (C = 64 output channels, head dim 64/128, N = 4096 tokens, 20 clusters), and
-reports ptxas registers and spills (printed, and as junit properties).
+reports ptxas registers and spills (printed, and as junit properties); a kernel in NO_SPILLS
+that spills fails.
 
 Each compile runs in a subprocess without TRITON_INTERPRET: under the interpreter (which the
 conftest turns on without a GPU) the kernels are InterpretedFunction objects and cannot compile.
@@ -36,49 +37,68 @@ def _sig(kernel, types, constexprs):
     return sig
 
 
+def _contiguous(ones, div16):
+    """The launcher's specialisation for contiguous inputs: stride 1 becomes a constant and
+    pointers and sizes divisible by 16 carry that hint (what enables vector loads)."""
+    return {"ones": ones, "div16": div16}
+
+
+_TS_BF16 = {"out_ptr": "*bf16", "anchor_ptr": "*bf16", "labels_ptr": "*i64", "d_ptr": "*fp32", "cmax_ptr": "*fp32"}
+_TS_FP32 = dict(_TS_BF16, out_ptr="*fp32", anchor_ptr="*fp32")
+_TS_CONST = {"BLOCK_N": token_stats.BLOCK_N, "BLOCK_C": token_stats._block_c(64)}
+_TS_NW = token_stats._num_warps(token_stats._block_c(64))
+_TS_CONTIG = _contiguous(["s_oc", "s_ac", "s_ln"], ["N", "C", "s_ob", "s_on", "s_ab", "s_an", "s_lb"])
+_KM_TYPES = {"x_ptr": "*fp32", "cent_ptr": "*fp32", "labels_ptr": "*i64"}
+_KM_CONST = {"BLOCK_N": kmeans.BLOCK_N, "BLOCK_F": kmeans._block_f(66)}
+_SEL_TYPES = {
+    "d_ptr": "*fp32", "score_ptr": "*fp32", "labels_ptr": "*i64", "stale_ptr": "*fp32",
+    "idx_ptr": "*i64", "scratch_ptr": "*i32", "decay": "fp32",
+}
+
+# name: (kernel, pointer/float types, constexprs, num_warps, compile options, specialisation).
+# Configs come from the launchers' own helpers at the SD3 shapes (C = 64, F = 66, N = 4096).
+# Strides are runtime values unless a specialisation is given: the generic (strided) build is
+# the one with the most address registers.
 KERNELS = {
-    "token_stats": (
-        token_stats._token_stats_kernel,
-        {"out_ptr": "*bf16", "anchor_ptr": "*bf16", "labels_ptr": "*i64", "d_ptr": "*fp32", "cmax_ptr": "*fp32"},
-        {"BLOCK_N": token_stats.BLOCK_N, "BLOCK_C": 64},
-        4,
-    ),
+    "token_stats": (token_stats._token_stats_kernel, _TS_BF16, _TS_CONST, _TS_NW, {}, None),
+    "token_stats_fp32": (token_stats._token_stats_kernel, _TS_FP32, _TS_CONST, _TS_NW, {}, None),
+    "token_stats_contiguous": (token_stats._token_stats_kernel, _TS_BF16, _TS_CONST, _TS_NW, {}, _TS_CONTIG),
     "cluster_score": (
         token_stats._cluster_score_kernel,
         {"cmax_ptr": "*fp32", "score_ptr": "*fp32"},
         {"BLOCK_NC": token_stats.BLOCK_NC, "BLOCK_C": 64},
-        4,
+        4, {}, None,
     ),
     "gather_tokens": (
         gather_scatter._gather_tokens_kernel,
         {"x_ptr": "*bf16", "idx_ptr": "*i64", "y_ptr": "*bf16"},
         {"BLOCK_K": gather_scatter.BLOCK_K, "BLOCK_D": 128},
-        4,
+        4, {}, None,
     ),
     "scatter_kv": (
         gather_scatter._scatter_rows_kernel,
         {"dst_ptr": "*bf16", "src_ptr": "*bf16", "dst2_ptr": "*bf16", "src2_ptr": "*bf16", "idx_ptr": "*i64"},
         {"TWO": True, "BLOCK_K": gather_scatter.BLOCK_K, "BLOCK_D": 128},
-        4,
+        4, {}, None,
     ),
     "kmeans_assign": (
-        kmeans._kmeans_assign_kernel,
-        {"x_ptr": "*fp32", "cent_ptr": "*fp32", "labels_ptr": "*i64"},
-        {"BLOCK_N": kmeans.BLOCK_N, "BLOCK_F": 128},
-        4,
+        kmeans._kmeans_assign_kernel, _KM_TYPES, _KM_CONST, kmeans.NUM_WARPS, {"enable_fp_fusion": False}, None,
+    ),
+    "kmeans_assign_contiguous": (
+        kmeans._kmeans_assign_kernel, _KM_TYPES, _KM_CONST, kmeans.NUM_WARPS, {"enable_fp_fusion": False},
+        _contiguous(["s_xf"], ["N", "s_xb"]),
     ),
     # The biggest compile (three 4096-key bitonic sorts): the later-step path, a superset of
     # the first-step one; about a minute per arch on two cores.
     "select_tokens": (
-        select._select_tokens_kernel,
-        {
-            "d_ptr": "*fp32", "score_ptr": "*fp32", "labels_ptr": "*i64", "stale_ptr": "*fp32",
-            "idx_ptr": "*i64", "scratch_ptr": "*i32", "decay": "fp32",
-        },
+        select._select_tokens_kernel, _SEL_TYPES,
         {"FIRST": False, "BLOCK_N": 4096, "BLOCK_NC": 32},
-        select._num_warps(4096),
+        select._num_warps(4096), {"enable_fp_fusion": False}, None,
     ),
 }
+
+# Kernels that must compile without register spills (a regression fails the test).
+NO_SPILLS = set(KERNELS)
 
 
 def _ptxas_usage(ptx: str, cc: int) -> tuple[int, int]:
@@ -97,9 +117,15 @@ def _ptxas_usage(ptx: str, cc: int) -> tuple[int, int]:
 
 
 def _compile(name: str, cc: int) -> dict:
-    kernel, types, constexprs, num_warps = KERNELS[name]
-    src = ASTSource(fn=kernel, signature=_sig(kernel, types, constexprs), constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
+    kernel, types, constexprs, num_warps, options, spec = KERNELS[name]
+    constexprs, attrs = dict(constexprs), {}
+    if spec:
+        constexprs.update({arg: 1 for arg in spec["ones"]})
+        for i, arg in enumerate(kernel.arg_names):
+            if arg.endswith("_ptr") or arg in spec["div16"]:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=_sig(kernel, types, constexprs), constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, **options})
     assert compiled.asm["cubin"]
     regs, spills = _ptxas_usage(compiled.asm["ptx"], cc)
     return {"regs": regs, "spills": spills, "shared": compiled.metadata.shared, "num_warps": num_warps}
@@ -118,6 +144,8 @@ def test_aot_compile(name, cc, record_property):
     record_property(f"{name}_sm{cc}_spill_bytes", info["spills"])
     print(f"{name} sm_{cc} num_warps={info['num_warps']}: {info['regs']} registers, "
           f"{info['spills']} spill bytes, {info['shared']} B shared")
+    if name in NO_SPILLS:
+        assert info["spills"] == 0, f"{name} sm_{cc} spills {info['spills']} bytes ({info['regs']} registers)"
 
 
 if __name__ == "__main__":
