@@ -141,14 +141,14 @@ def heatmap(counts: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return np.repeat(np.repeat(rgb, ry, 0), rx, 1).astype(np.uint8)
 
 
-def _panel(dense: np.ndarray, cat: np.ndarray, heat: np.ndarray, caption: str, scale: int = 4):
+def _panel(dense: np.ndarray, cat: np.ndarray, heat: np.ndarray, heat_label: str, caption: str, scale: int = 4):
     from PIL import Image, ImageDraw
 
     tiles = [np.repeat(np.repeat(a, scale, 0), scale, 1) for a in (dense, cat, heat)]
     h, w = tiles[0].shape[:2]
     canvas = Image.new("RGB", (3 * w + 20, h + 40), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, (tile, label) in enumerate(zip(tiles, ("dense", "CAT", "tokens recomputed"), strict=True)):
+    for i, (tile, label) in enumerate(zip(tiles, ("dense", "CAT", heat_label), strict=True)):
         canvas.paste(Image.fromarray(tile), (i * (w + 10), 0))
         draw.text((i * (w + 10) + 4, h + 4), label, fill="black")
     draw.text((4, h + 22), caption[:110], fill="black")
@@ -176,7 +176,9 @@ def demo(args: argparse.Namespace) -> int:
             stats = cat_pruning.stats(pipe)
         counts = stats.recomputed[-1]  # the cond sample under CFG
         png = args.out / f"{i:02d}.png"
-        _panel(_to_uint8(dense[0]), _to_uint8(cat[0]), heatmap(counts, tuple(dense.shape[-2:])), prompt).save(png)
+        label = f"steps computed per token: {int(counts.min())} (dark) to {int(counts.max())} (bright) of {args.steps}"
+        heat = heatmap(counts, tuple(dense.shape[-2:]))
+        _panel(_to_uint8(dense[0]), _to_uint8(cat[0]), heat, label, prompt).save(png)
         rows.append(dict(prompt=prompt, dense_s=t_dense, cat_s=t_cat, speedup=t_dense / t_cat,
                          mac_fraction=stats.mac_fraction, psnr_db=psnr(cat, dense), ssim=ssim(cat, dense),
                          png=str(png)))
