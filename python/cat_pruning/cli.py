@@ -110,7 +110,7 @@ def _images(output) -> torch.Tensor:
     """(B, 3, H, W) float in [0, 1] on the CPU from a pipeline output of any type."""
     images = output.images
     if isinstance(images, torch.Tensor):
-        return images.float().cpu()
+        return images.float().cpu()  # after the generation: no denoising step is running
     arrays = [np.asarray(im, dtype=np.float32) / (255.0 if not isinstance(im, np.ndarray) else 1.0) for im in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 

@@ -23,17 +23,17 @@ def _heads(x: Tensor, batch: int, heads: int) -> Tensor:
     return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
 
 
-def _project(attn: torch.nn.Module, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Image queries, keys, values (B, H, rows, D) after the optional qk-norm, as diffusers does."""
+_IMAGE = ("to_q", "to_k", "to_v", "norm_q", "norm_k")
+_CONTEXT = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
+
+
+def _project(attn: torch.nn.Module, hidden_states: Tensor, names: tuple[str, ...] = _IMAGE) -> tuple[Tensor, ...]:
+    """Queries, keys, values (B, H, rows, D) of the image (or, with _CONTEXT, the text) stream,
+    after the optional qk-norm, as diffusers' processors compute them."""
     batch = hidden_states.shape[0]
-    query = _heads(attn.to_q(hidden_states), batch, attn.heads)
-    key = _heads(attn.to_k(hidden_states), batch, attn.heads)
-    value = _heads(attn.to_v(hidden_states), batch, attn.heads)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    return query, key, value
+    q, k, v = (_heads(getattr(attn, n)(hidden_states), batch, attn.heads) for n in names[:3])
+    norm_q, norm_k = getattr(attn, names[3]), getattr(attn, names[4])
+    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
 
 
 class CachedAttentionProcessor:
@@ -84,13 +84,7 @@ class CATJointAttnProcessor(CachedAttentionProcessor):
         key, value = self._cached_kv(key, value)
 
         if encoder_hidden_states is not None:
-            ctx_query = _heads(attn.add_q_proj(encoder_hidden_states), batch, attn.heads)
-            ctx_key = _heads(attn.add_k_proj(encoder_hidden_states), batch, attn.heads)
-            ctx_value = _heads(attn.add_v_proj(encoder_hidden_states), batch, attn.heads)
-            if attn.norm_added_q is not None:
-                ctx_query = attn.norm_added_q(ctx_query)
-            if attn.norm_added_k is not None:
-                ctx_key = attn.norm_added_k(ctx_key)
+            ctx_query, ctx_key, ctx_value = _project(attn, encoder_hidden_states, _CONTEXT)
             query = torch.cat([query, ctx_query], dim=2)
             key = torch.cat([key, ctx_key], dim=2)
             value = torch.cat([value, ctx_value], dim=2)
