@@ -75,9 +75,10 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
 
     Args:
         obj: a pipeline with a supported `.transformer` (its state resets at every call and the
-            CFG pairing follows `do_classifier_free_guidance`), or the transformer itself (call
-            :func:`reset` before each generation; pass cfg_pairs=True if its batch is
-            [uncond; cond]).
+            CFG pairing follows whether that call runs classifier-free guidance, as the family's
+            adapter reads it), or the transformer itself (call :func:`reset` before each
+            generation; pass cfg_pairs=True if its batch is two CFG halves; with torch.compile,
+            patch with manual_steps=True and call :func:`advance` after each step).
         config: a :class:`CATConfig`; default CATConfig().
         **overrides: fields of CATConfig to change, e.g. keep_ratio=0.5.
 
