@@ -147,6 +147,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-guidance", type=float, default=4.0)
     ap.add_argument("--no-samples", action="store_true")
     ap.add_argument("--tiny-config", action="store_true", help="a very small model (for tests)")
+    ap.add_argument("--patch-size", type=int, default=None,
+                    help="override the patch size (64x64 pixels: 4 -> 256 image tokens, 2 -> 1024)")
+    ap.add_argument("--device", default="cpu", help="where to train, e.g. cuda (the data are made on the CPU)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -155,9 +158,12 @@ def main(argv=None) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     cfg = dict(TINY if args.tiny_config else FULL)
+    if args.patch_size:
+        cfg["patch"] = args.patch_size
+    dev = torch.device(args.device)
 
     transformer, text_encoder = build_models(cfg)
-    models = torch.nn.ModuleDict({"transformer": transformer, "text_encoder": text_encoder}).train()
+    models = torch.nn.ModuleDict({"transformer": transformer, "text_encoder": text_encoder}).to(dev).train()
     ema = copy.deepcopy(models).eval().requires_grad_(False)
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     decay, no_decay = [], []
@@ -186,9 +192,10 @@ def main(argv=None) -> int:
         x0 = torch.from_numpy(x0)
         drop = torch.rand(len(caps), generator=gen) < args.caption_dropout
         caps = ["" if d else c for c, d in zip(caps, drop.tolist(), strict=True)]
-        ids = tok(caps)
-        noise = torch.randn(x0.shape, generator=gen)
-        sigma = torch.sigmoid(torch.randn(len(caps), generator=gen))  # logit-normal(0, 1)
+        ids = {k: v.to(dev) for k, v in tok(caps).items()}
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        sigma = torch.sigmoid(torch.randn(len(caps), generator=gen)).to(dev)  # logit-normal(0, 1)
+        x0 = x0.to(dev)
         s = sigma.view(-1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         hidden, pooled = text_encoder(ids["input_ids"], ids["attention_mask"])
