@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cat_kernels import ops
+
 from .adapters import Adapter, find_adapter, supported_families
 from .adapters.base import get_submodule
 from .compat import check_diffusers
@@ -139,8 +141,6 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
 
 
 def _gather(state: CATState, x: torch.Tensor) -> torch.Tensor:
-    from cat_kernels import ops
-
     return ops.gather_tokens(x, state.idx, 1, backend=state.config.backend)
 
 
