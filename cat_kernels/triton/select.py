@@ -1,11 +1,13 @@
 """Triton CAT token selection (DESIGN.md section 4): one program per sample, all N tokens in registers.
 
 Every ordering of the reference (cat_kernels.reference.select_tokens) is a lexicographic sort on
-(group, float value, token index). Here each becomes one bitonic sort (_sort_keys) of packed int64 keys:
-    group (<= 11 bits) << 52 | orderable(value) (32 bits) << 20 | token index (20 bits),
-so ties break by the lower index exactly as the reference's stable sorts do. Per-group counts
-come from tl.histogram; permutations are inverted through a small global scratch row with a
-barrier between the store and the load (the program owns its row).
+(group, float value, token index), done with a bitonic sort (_sort_keys) of packed unique int32
+keys, so ties break by the lower index exactly as the reference's stable sorts do. Two launches,
+no host sync: _rank_tokens_kernel turns each float order (by -d, by staleness) into a rank table,
+sorting (value, index) as two radix passes of (16-bit half, 14-bit index or rank) keys; then
+_select_tokens_kernel sorts (group << 14 | rank) keys. 32-bit keys (not int64) are what let
+N = 16384 fit in registers. Per-group counts come from tl.histogram; permutations are inverted
+through global scratch rows with a barrier between the store and the load (a program owns its rows).
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from .. import reference
 
 __all__ = ["select_tokens"]
 
-# Largest token count one program holds (keys of 8 bytes: 128 KiB of registers/shared at 16384);
-# see the report in the module README / commit for the ptxas numbers. Larger N use the reference.
+# Largest token count one program holds (token indices are packed in 14 bits; keys of 4 bytes:
+# 64 KiB of registers at 16384); ptxas numbers in tests/kernels/test_aot_compile.py. Larger N
+# use the reference.
 MAX_BLOCK_N = 16384
 _KEY_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # padding lanes sort after every real key
+# 32-bit keys stay below 2^30 so that the sort's pair sums do not overflow int32 either.
+_KEY32_MAX = tl.constexpr((1 << 30) - 1)
 
 
 @triton.constexpr_function
@@ -87,25 +92,90 @@ def _descending(v):
 
 
 @triton.jit
+def _halves(v, descending):
+    """(hi, lo) 16-bit halves of a 32-bit unsigned key ordered as v (or -v), -0.0 equal to +0.0."""
+    v = tl.where(v == 0.0, 0.0, v)
+    bits = v.to(tl.int32, bitcast=True)
+    # Negative floats order backwards as integers: flip their non-sign bits (signed order),
+    # then flip the sign bit of the high half (unsigned order).
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    hi = ((bits >> 16) & 0xFFFF) ^ 0x8000
+    lo = bits & 0xFFFF
+    hi = tl.where(descending, 0xFFFF - hi, hi)
+    lo = tl.where(descending, 0xFFFF - lo, lo)
+    return hi, lo
+
+
+@triton.jit
+def _rank_tokens_kernel(
+    d_ptr, stale_ptr, scratch_ptr, N, scratch_stride, s_db, s_dn, s_sb, s_sn,
+    BLOCK_N: tl.constexpr,
+):
+    """tok[m] = the token of rank m in (-d, index) order (program (b, 0)) or in (staleness,
+    index) order (program (b, 1), which also writes rank[tok[m]] = m).
+
+    d, staleness: (B, N) fp32, any strides. scratch: (B, 6, scratch_stride) int32, rows as in
+    _select_tokens_kernel. Grid (B, 1) for the first selection, else (B, 2).
+    The 46-bit key (value, index) is sorted as two least-significant-digit radix passes of 30-bit
+    keys: (lo16(value), index), then (hi16(value), rank in the first pass). The bitonic sort is
+    not stable, but every key is unique, so no order is lost.
+    """
+    tl.static_assert(BLOCK_N <= 16384, "token indices are packed in 14 bits")
+    IBITS: tl.constexpr = 14
+    IMASK: tl.constexpr = (1 << IBITS) - 1
+    b = tl.program_id(0).to(tl.int64)
+    w = tl.program_id(1)
+    if w == 0:
+        v_ptr = d_ptr + b * s_db
+        s_n = s_dn
+    else:
+        v_ptr = stale_ptr + b * s_sb
+        s_n = s_sn
+    scr = scratch_ptr + b * 6 * scratch_stride
+    tmp_ptr = scr + (1 + w) * scratch_stride
+    tok_ptr = scr + (3 + w) * scratch_stride
+    rank_ptr = scr + 5 * scratch_stride
+    descending = w == 0
+    i = tl.arange(0, BLOCK_N)
+    ok = i < N
+    _, lo = _halves(tl.load(v_ptr + i.to(tl.int64) * s_n, mask=ok, other=0.0), descending)
+    tok_a = _sort_keys(tl.where(ok, (lo << IBITS) | i, _KEY32_MAX)) & IMASK
+    tl.store(tmp_ptr + i, tok_a, mask=ok)
+    hi, _ = _halves(tl.load(v_ptr + tok_a.to(tl.int64) * s_n, mask=ok, other=0.0), descending)
+    lane_a = _sort_keys(tl.where(ok, (hi << IBITS) | i, _KEY32_MAX)) & IMASK
+    tl.debug_barrier()
+    tok = tl.load(tmp_ptr + lane_a, mask=ok, other=0)
+    tl.store(tok_ptr + i, tok, mask=ok)
+    tl.store(rank_ptr + tok, i, mask=ok & (w == 1))
+
+
+@triton.jit
 def _select_tokens_kernel(
-    d_ptr, score_ptr, labels_ptr, stale_ptr, idx_ptr, scratch_ptr,
+    score_ptr, labels_ptr, stale_ptr, idx_ptr, scratch_ptr,
     N, nc, k, first_quota, base, budget, decay, scratch_stride,
-    s_db, s_dn, s_cb, s_cc, s_lb, s_ln, s_sb, s_sn,
+    s_cb, s_cc, s_lb, s_ln, s_sb, s_sn,
     FIRST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NC: tl.constexpr,
 ):
     """idx[b] = the k tokens of the CAT policy, ascending; staleness[b] = decay * s + [i in idx].
 
-    d, staleness: (B, N) fp32; cluster score: (B, nc) fp32; labels: (B, N) int32/int64; all any
-    strides. idx: (B, k) int64 contiguous. scratch: (B, 3, scratch_stride) int32. Grid (B,).
+    Runs after _rank_tokens_kernel, which fills the rank tables. Cluster score: (B, nc) fp32;
+    labels: (B, N) int32/int64; staleness: (B, N) fp32; all any strides. idx: (B, k) int64
+    contiguous. scratch: (B, 6, scratch_stride) int32, rows: cluster id -> rank; radix pass
+    scratch of d, later the selection mask; radix pass scratch of staleness; d rank -> token;
+    staleness rank -> token; token -> staleness rank. Grid (B,).
     FIRST selects the first-step policy (first_quota = k // 10 per cluster), else the later one
     (base = int(0.05 k), budget = int(importance_fraction k)). Source: DESIGN.md section 4 and
     cat_kernels/reference.py select_tokens, step by step.
     """
+    tl.static_assert(BLOCK_N <= 16384, "token indices are packed in 14 bits")
+    IBITS: tl.constexpr = 14
+    IMASK: tl.constexpr = (1 << IBITS) - 1
     b = tl.program_id(0).to(tl.int64)
-    scr_rank = scratch_ptr + b * 3 * scratch_stride
-    scr_chosen = scr_rank + scratch_stride
-    scr_sel = scr_chosen + scratch_stride
-    IMASK: tl.constexpr = (1 << 20) - 1
+    scr_rank = scratch_ptr + b * 6 * scratch_stride
+    scr_sel = scr_rank + scratch_stride
+    scr_tok_d = scr_rank + 3 * scratch_stride
+    scr_tok_s = scr_rank + 4 * scratch_stride
+    scr_rank_s = scr_rank + 5 * scratch_stride
 
     # --- cluster rank: score descending, ties by lower id (sort then invert via scratch).
     c = tl.arange(0, BLOCK_NC)
@@ -116,66 +186,63 @@ def _select_tokens_kernel(
     tl.store(scr_rank + c_sorted, c, mask=c_ok)
     tl.debug_barrier()
 
-    # --- token order 1: (rank, -d, index); p1 = position inside the rank group.
-    i = tl.arange(0, BLOCK_N)
-    ok = i < N
-    lab = tl.load(labels_ptr + b * s_lb + i.to(tl.int64) * s_ln, mask=ok, other=0).to(tl.int32)
+    # --- token order 1: (cluster rank, -d, index) = (cluster rank, d rank); p1 = position in
+    # the cluster. The keys are built in d-rank order (lane m holds the token of d rank m).
+    j = tl.arange(0, BLOCK_N)
+    ok = j < N
+    tok = tl.load(scr_tok_d + j, mask=ok, other=0)
+    lab = tl.load(labels_ptr + b * s_lb + tok.to(tl.int64) * s_ln, mask=ok, other=0).to(tl.int32)
     # Unchecked on the GPU (a host sync): an out-of-range label is clamped rather than faulting.
     lab = tl.minimum(tl.maximum(lab, 0), nc - 1)
     r = tl.load(scr_rank + lab, mask=ok, other=0)
-    d = tl.load(d_ptr + b * s_db + i.to(tl.int64) * s_dn, mask=ok, other=0.0)
-    dkey = _descending(d)
-    key1 = tl.where(ok, (r.to(tl.int64) << 52) | (dkey << 20) | i.to(tl.int64), _KEY_MAX)
     size = tl.histogram(r, BLOCK_NC, mask=ok)  # tokens per rank
     start = tl.cumsum(size, 0) - size
-    k1 = _sort_keys(key1)
-    j = tl.arange(0, BLOCK_N)
-    ok1 = j < N
-    r1 = tl.where(ok1, (k1 >> 52).to(tl.int32), 0)
-    i1 = (k1 & IMASK).to(tl.int32)
+    k1 = _sort_keys(tl.where(ok, (r << IBITS) | j, _KEY32_MAX))
+    r1 = tl.where(ok, k1 >> IBITS, 0)
+    m1 = k1 & IMASK  # d rank
     p1 = j - tl.gather(start, r1, 0)
 
     if FIRST:
-        # Walk clusters by rank taking each one's top k // 10 by d, stop at k.
-        cand = ok1 & (p1 < first_quota)
+        # Walk clusters by rank taking each one's top k // 10 by d, stop at k; fill with the
+        # largest d: key 3 is (not taken, d rank).
+        cand = ok & (p1 < first_quota)
         take = cand & (tl.cumsum(cand.to(tl.int32), 0) <= k)
-        tl.store(scr_chosen + i1, take.to(tl.int32), mask=ok1)
-        tl.debug_barrier()
-        chosen = tl.load(scr_chosen + i, mask=ok, other=0)
-        fill_key = dkey  # fill with the largest d
+        k3 = _sort_keys(tl.where(ok, ((1 - take.to(tl.int32)) << IBITS) | m1, _KEY32_MAX))
+        sel_tok = tl.load(scr_tok_d + (k3 & IMASK), mask=ok, other=0)
     else:
-        # Quota m_r * base (m = 3, 2, 1, ...) capped by the cluster size; tier 0 = top by d.
+        # Quota m_r * base (m = 3, 2, 1, ...) capped by the cluster size; tier 0 = top by d,
+        # ordered by d rank; tier 1 by staleness rank. Within a group all ranks are of one kind,
+        # so the keys stay unique.
         mult1 = tl.where(r1 == 0, 3, tl.where(r1 == 1, 2, 1))
         quota1 = tl.minimum(mult1 * base, tl.gather(size, r1, 0))
         tier = (p1 >= quota1).to(tl.int32)
         group = 2 * r1 + tier
-        s1 = tl.load(stale_ptr + b * s_sb + i1.to(tl.int64) * s_sn, mask=ok1, other=0.0)
-        # Tier 0 orders by -d (the 32 bits already in key 1), tier 1 by staleness ascending.
-        vkey = tl.where(tier == 0, (k1 >> 20) & 4294967295, _orderable(s1))
-        key2 = tl.where(ok1, (group.to(tl.int64) << 52) | (vkey << 20) | i1.to(tl.int64), _KEY_MAX)
-        gsize = tl.histogram(group, 2 * BLOCK_NC, mask=ok1)
+        tok1 = tl.load(scr_tok_d + m1, mask=ok & (tier != 0), other=0)
+        rank_s1 = tl.load(scr_rank_s + tok1, mask=ok & (tier != 0), other=0)
+        v1 = tl.where(tier == 0, m1, rank_s1)
+        gsize = tl.histogram(group, 2 * BLOCK_NC, mask=ok)
         gstart = tl.cumsum(gsize, 0) - gsize
-        k2 = _sort_keys(key2)
-        g2 = tl.where(ok1, (k2 >> 52).to(tl.int32), 0)
-        i2 = (k2 & IMASK).to(tl.int32)
+        k2 = _sort_keys(tl.where(ok, (group << IBITS) | v1, _KEY32_MAX))
+        g2 = tl.where(ok, k2 >> IBITS, 0)
+        v2 = k2 & IMASK
         p2 = j - tl.gather(gstart, g2, 0)
         r2 = g2 >> 1
         mult2 = tl.where(r2 == 0, 3, tl.where(r2 == 1, 2, 1))
         quota2 = tl.minimum(mult2 * base, tl.gather(size, r2, 0))
         # Candidates: tier 0, plus the quota // 2 stalest of tier 1 in clusters of rank >= 1.
-        cand = ok1 & (((g2 & 1) == 0) | ((r2 >= 1) & (p2 < quota2 // 2)))
+        tier0 = (g2 & 1) == 0
+        cand = ok & (tier0 | ((r2 >= 1) & (p2 < quota2 // 2)))
         take = cand & (tl.cumsum(cand.to(tl.int32), 0) <= budget)
-        tl.store(scr_chosen + i2, take.to(tl.int32), mask=ok1)
-        tl.debug_barrier()
-        chosen = tl.load(scr_chosen + i, mask=ok, other=0)
-        fill_key = _orderable(tl.load(stale_ptr + b * s_sb + i.to(tl.int64) * s_sn, mask=ok, other=0.0))
+        # Fill with the stalest: key 3 is (not taken, staleness rank).
+        tok2 = tl.load(scr_tok_d + v2, mask=ok & tier0, other=0)
+        v2s = tl.where(tier0, tl.load(scr_rank_s + tok2, mask=ok & tier0, other=0), v2)
+        k3 = _sort_keys(tl.where(ok, ((1 - take.to(tl.int32)) << IBITS) | v2s, _KEY32_MAX))
+        sel_tok = tl.load(scr_tok_s + (k3 & IMASK), mask=ok, other=0)
 
-    # --- fill: chosen first, then the lowest fill key (ties by index); the first k win.
-    key3 = tl.where(ok, ((1 - chosen).to(tl.int64) << 52) | (fill_key << 20) | i.to(tl.int64), _KEY_MAX)
-    k3 = _sort_keys(key3)
-    i3 = (k3 & IMASK).to(tl.int32)
-    tl.store(scr_sel + i3, (j < k).to(tl.int32), mask=ok1)
+    # --- the first k of order 3 win.
+    tl.store(scr_sel + sel_tok, (j < k).to(tl.int32), mask=ok)
     tl.debug_barrier()
+    i = tl.arange(0, BLOCK_N)
     sel = tl.load(scr_sel + i, mask=ok, other=0)
     # Ascending output without another sort: a token's slot is the count of selected before it.
     pos = tl.cumsum(sel, 0) - 1
@@ -188,9 +255,11 @@ def _select_tokens_kernel(
 
 
 def _num_warps(block_n: int) -> int:
-    # About 8 keys per thread: at BLOCK_N = 4096, sm_90, 16 warps use 128 registers and no
-    # spills where 8 warps hit 255 registers and spill (ptxas -v on the AOT build).
-    return max(4, min(32, block_n // 256))
+    # About 8 keys per thread up to 16 warps: at BLOCK_N = 4096, sm_90, 16 warps use 128
+    # registers and no spills where 8 warps hit 255 registers and spill. 32 warps cap a thread
+    # at 64 registers: at BLOCK_N = 16384 the selection then spills more than with 16 warps
+    # (and ptxas, left alone, even picks 32 registers), so 16 warps hold 32 keys per thread.
+    return max(4, min(16, block_n // 256))
 
 
 def select_tokens_triton(
@@ -205,7 +274,7 @@ def select_tokens_triton(
 ) -> Tensor:
     """CAT selection of k tokens per sample, ascending (B, k) int64; updates staleness in place.
 
-    Same contract as reference.select_tokens (validated by cat_kernels.ops). One launch.
+    Same contract as reference.select_tokens (validated by cat_kernels.ops). Two launches, no host sync.
     """
     B, N = d.shape
     nc = cluster_score.shape[1]
@@ -222,15 +291,22 @@ def select_tokens_triton(
         )
     idx = torch.empty((B, k), device=d.device, dtype=torch.int64)
     scratch_stride = max(block_n, block_nc)
-    scratch = torch.empty((B, 3, scratch_stride), device=d.device, dtype=torch.int32)
+    scratch = torch.empty((B, 6, scratch_stride), device=d.device, dtype=torch.int32)
+    num_warps = _num_warps(block_n)
+    # Two launches, no host sync: the float orders become rank tables first (d and staleness
+    # in parallel programs), so the selection sorts only 32-bit (group, rank) keys.
+    _rank_tokens_kernel[(B, 1 if first else 2)](
+        d, staleness, scratch, N, scratch_stride, d.stride(0), d.stride(1), staleness.stride(0), staleness.stride(1),
+        BLOCK_N=block_n, num_warps=num_warps,
+    )
     # The integer budgets are computed in Python exactly as the reference does.
     _select_tokens_kernel[(B,)](
-        d, cluster_score, labels, staleness, idx, scratch,
+        cluster_score, labels, staleness, idx, scratch,
         N, nc, k, k // 10, int(0.05 * k), int(importance_fraction * k), float(staleness_decay), scratch_stride,
-        d.stride(0), d.stride(1), cluster_score.stride(0), cluster_score.stride(1),
+        cluster_score.stride(0), cluster_score.stride(1),
         labels.stride(0), labels.stride(1), staleness.stride(0), staleness.stride(1),
         FIRST=bool(first), BLOCK_N=block_n, BLOCK_NC=block_nc,
-        num_warps=_num_warps(block_n), enable_fp_fusion=False,
+        num_warps=num_warps, enable_fp_fusion=False,
     )
     return idx
 

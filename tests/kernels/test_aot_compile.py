@@ -1,7 +1,8 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90 (no GPU needed), at the
-SD3/Flux shapes (C = 64 output channels, head dim 64/128, N = 4096 tokens, 20 clusters), and
-reports ptxas registers and spills (printed, and as junit properties); a kernel in NO_SPILLS
-that spills fails.
+SD3/Flux shapes (C = 64 output channels, head dim 64/128, N = 4096 tokens, 20 clusters; the
+selection also at N = 16384, Flux at 2048x2048), and
+reports ptxas registers and spills (printed, and as junit properties); a kernel that spills
+more than its SPILL_LIMITS entry fails.
 
 Each compile runs in a subprocess without TRITON_INTERPRET: under the interpreter (which the
 conftest turns on without a GPU) the kernels are InterpretedFunction objects and cannot compile.
@@ -32,7 +33,7 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 def _sig(kernel, types, constexprs):
     """Scalar args default to i32 (sizes and strides); constexprs are marked as such."""
     sig = {name: "i32" for name in kernel.arg_names}
-    sig.update(types)
+    sig.update({name: t for name, t in types.items() if name in kernel.arg_names})
     sig.update({name: "constexpr" for name in constexprs})
     return sig
 
@@ -88,17 +89,32 @@ KERNELS = {
         kmeans._kmeans_assign_kernel, _KM_TYPES, _KM_CONST, kmeans.NUM_WARPS, {"enable_fp_fusion": False},
         _contiguous(["s_xf"], ["N", "s_xb"]),
     ),
-    # The biggest compile (three 4096-key bitonic sorts): the later-step path, a superset of
-    # the first-step one; about a minute per arch on two cores.
+    # The selection: a rank kernel (two radix passes of 32-bit keys per float order) and the
+    # selection kernel (later-step path, a superset of the first-step one: three sorts).
+    "select_ranks": (
+        select._rank_tokens_kernel, _SEL_TYPES, {"BLOCK_N": 4096}, select._num_warps(4096), {}, None,
+    ),
     "select_tokens": (
         select._select_tokens_kernel, _SEL_TYPES,
         {"FIRST": False, "BLOCK_N": 4096, "BLOCK_NC": 32},
         select._num_warps(4096), {"enable_fp_fusion": False}, None,
     ),
+    # Flux at 2048x2048: N = 16384, the largest one program holds (select.MAX_BLOCK_N).
+    "select_ranks_16384": (
+        select._rank_tokens_kernel, _SEL_TYPES, {"BLOCK_N": 16384}, select._num_warps(16384), {}, None,
+    ),
+    "select_tokens_16384": (
+        select._select_tokens_kernel, _SEL_TYPES,
+        {"FIRST": False, "BLOCK_N": 16384, "BLOCK_NC": 32},
+        select._num_warps(16384), {"enable_fp_fusion": False}, None,
+    ),
 }
 
-# Kernels that must compile without register spills (a regression fails the test).
-NO_SPILLS = set(KERNELS)
+# Spill bytes (stores + loads) allowed per kernel: none, except where measured and bounded.
+# select_tokens_16384 holds 32 keys per thread in 128 registers (16 warps) and still spills a
+# little around its three sorts: measured 3164 B (sm_90) and 3172 B (sm_80) per thread, against
+# about 20 KB for the earlier one-kernel, int64-key version. The bound is that figure.
+SPILL_LIMITS = dict.fromkeys(KERNELS, 0) | {"select_tokens_16384": 3200}
 
 
 def _ptxas_usage(ptx: str, cc: int) -> tuple[int, int]:
@@ -144,8 +160,10 @@ def test_aot_compile(name, cc, record_property):
     record_property(f"{name}_sm{cc}_spill_bytes", info["spills"])
     print(f"{name} sm_{cc} num_warps={info['num_warps']}: {info['regs']} registers, "
           f"{info['spills']} spill bytes, {info['shared']} B shared")
-    if name in NO_SPILLS:
-        assert info["spills"] == 0, f"{name} sm_{cc} spills {info['spills']} bytes ({info['regs']} registers)"
+    limit = SPILL_LIMITS[name]
+    assert info["spills"] <= limit, (
+        f"{name} sm_{cc} spills {info['spills']} bytes ({info['regs']} registers), limit {limit}"
+    )
 
 
 if __name__ == "__main__":

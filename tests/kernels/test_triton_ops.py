@@ -100,6 +100,7 @@ SELECT_CASES = [
     (3, 77, 20),
     (1, 77, 5),
     (1, 4097, 20),
+    (1, 16384, 20),  # Flux at 2048x2048: the largest N one program holds, token index 2^14 - 1
 ]
 
 
