@@ -147,8 +147,12 @@ def _compile(name: str, cc: int) -> dict:
     return {"regs": regs, "spills": spills, "shared": compiled.metadata.shared, "num_warps": num_warps}
 
 
-@pytest.mark.parametrize("cc", [80, 90])
-@pytest.mark.parametrize("name", list(KERNELS))
+# select_tokens_16384 for sm_80 takes about 4.5 minutes of ptxas on these 2-core machines, too much
+# for every CI run: the same source compiles for sm_80 at N=4096 above, and for sm_90 at 16384.
+CASES = [(name, cc) for name in KERNELS for cc in (80, 90) if (name, cc) != ("select_tokens_16384", 80)]
+
+
+@pytest.mark.parametrize("name, cc", CASES)
 def test_aot_compile(name, cc, record_property):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
