@@ -179,9 +179,7 @@ class FluxAdapter(Adapter):
         if getattr(model, "is_cache_enabled", False):
             raise ValueError("cat_pruning: this Flux transformer has diffusers caching enabled (enable_cache); "
                              "call disable_cache() first, the two do not combine")
-        for name, attn in self.attention_modules(model).items():
-            if getattr(attn, "fused_projections", False):
-                raise ValueError(f"cat_pruning: {name} has fused QKV projections; call unfuse_qkv_projections() first")
+        super().check_model(model)
         get_submodule(model, "pos_embed")
 
     def attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:

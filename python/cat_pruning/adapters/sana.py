@@ -151,9 +151,8 @@ class SanaAdapter(Adapter):
     def check_model(self, model: nn.Module) -> None:
         from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
 
+        super().check_model(model)
         for name, attn in self.attention_modules(model).items():
-            if getattr(attn, "fused_projections", False):
-                raise ValueError(f"cat_pruning: {name} has fused QKV projections; call unfuse_qkv_projections() first")
             processor = getattr(attn.processor, "original", attn.processor)  # a patched model being re-patched
             if not isinstance(processor, SanaLinearAttnProcessor2_0):
                 raise ValueError(f"cat_pruning: {name} runs {type(processor).__name__}; only Sana's linear "

@@ -125,7 +125,7 @@ class TinyT2IPipeline(DiffusionPipeline):
         if output_type == "pt":
             pass
         elif output_type in ("np", "pil"):
-            image = image.permute(0, 2, 3, 1).cpu().float().numpy()
+            image = image.permute(0, 2, 3, 1).cpu().float().numpy()  # after the loop, not in a step
             if output_type == "pil":
                 image = self.numpy_to_pil(image)
         else:
