@@ -4,8 +4,8 @@ Same denoising loop shape as diffusers' StableDiffusion3Pipeline: one transforme
 on the CFG batch [uncond; cond], one scheduler.step per step, rectified-flow Euler sampling.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: diffusers 0.36 reads the __init__ annotations as classes
+# to load the components.
 from pathlib import Path
 
 import numpy as np
