@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from cat_pruning.cli import main
 
@@ -20,12 +21,19 @@ def test_generate_dense_and_cat(tmp_path, capsys):
         assert main(["generate", "--prompt", "a red circle on a blue background", "--steps", "3",
                      "--full-steps", "2", "--out", str(tmp_path), "--backend", "torch", *extra]) == 0
     names = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert names == ["seed0-cat-k0.3-f2.png", "seed0-dense.png"]
+    stem = "a-red-circle-on-a-blue-background-seed0"
+    assert names == [f"{stem}-cat-k0.3-f2-tokens.png", f"{stem}-cat-k0.3-f2.png", f"{stem}-dense.png"]
     assert "pruned" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "--prompt", "x", "--model", "/nonexistent"], "not a diffusers pipeline folder"),
+    (["generate", "--prompt", "x", "--model", "/nonexistent"], "no such folder"),
+    (["generate", "--prompt", "x", "--model", "/"], "not a diffusers pipeline folder"),
+    (["generate", "--prompt", "x", "--guidance", "nan"], "must be finite"),
+    (["generate", "--prompt", "x", "--guidance", "-1"], "must be >= 0"),
+    (["generate", "--prompt", "x", "--steps", "ten"], "not an integer"),
+    (["generate", "--prompt", "x", "--keep-ratio", "half"], "not a number"),
+    (["generate", "--prompt", "x", "--device", "tpu9"], "--device"),
     (["generate", "--prompt", "x", "--keep-ratio", "0"], "must lie in"),
     (["generate", "--prompt", "x", "--full-steps", "1"], "must be >= 2"),
     (["demo", "--steps", "0"], "must be >= 1"),
@@ -34,3 +42,9 @@ def test_bad_input_is_a_clear_error(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert message in str(exc.value) + capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error():
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        main(["generate", "--prompt", "x", "--device", "cuda"])

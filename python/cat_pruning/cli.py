@@ -3,13 +3,18 @@
 demo       generates a handful of prompts with the shipped tiny model, dense and with CAT, and
            writes one PNG per prompt (dense | CAT | how often each token was recomputed), with
            wall time, speedup, MAC fraction and PSNR/SSIM against dense.
-generate   one prompt with the shipped model or any supported diffusers pipeline saved on disk.
+generate   one prompt with the shipped model or any supported diffusers pipeline saved on disk,
+           and (with CAT) a picture of how often each token was recomputed. For DiT, which is
+           class-conditional, the prompt is an ImageNet class name ("golden retriever").
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,22 +32,46 @@ DEMO_PROMPTS = [
 ]
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
 def _ratio(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
     return value
 
 
+def _guidance(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _full_steps(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be >= 2, got {value}")
     return value
@@ -52,26 +81,29 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cat_pruning", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser, steps: int) -> None:
+    def common(p: argparse.ArgumentParser, steps: int | None, guidance: float | None) -> None:
+        own = "the pipeline's own default"
         p.add_argument("--keep-ratio", type=_ratio, default=0.3, help="share of tokens recomputed (default 0.3)")
         p.add_argument("--full-steps", type=_full_steps, default=8, help="dense steps first (default 8)")
-        p.add_argument("--steps", type=_positive_int, default=steps, help=f"denoising steps (default {steps})")
-        p.add_argument("--guidance", type=float, default=4.0, help="CFG scale (default 4.0)")
-        p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+        p.add_argument("--steps", type=_positive_int, default=steps, help=f"denoising steps (default {steps or own})")
+        p.add_argument("--guidance", type=_guidance, default=guidance, help=f"CFG scale (default {guidance or own})")
+        p.add_argument("--seed", type=_int, default=0, help="seed (default 0)")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                        help="default float32 on cpu, bfloat16 on cuda")
         p.add_argument("--backend", choices=["auto", "triton", "cuda", "torch"], default="auto")
 
     demo = sub.add_parser("demo", help="dense vs CAT on the shipped tiny model, PNGs and a table")
-    common(demo, 28)
+    common(demo, 28, 4.0)
     demo.add_argument("--prompts", type=_positive_int, default=4, help=f"how many (1..{len(DEMO_PROMPTS)})")
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default out/demo)")
 
     gen = sub.add_parser("generate", help="one prompt, with CAT unless --dense")
-    common(gen, 28)
+    common(gen, None, None)
     gen.add_argument("--model", default="tiny", help="'tiny' (the shipped model) or a pipeline folder")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, help="the text (for DiT: an ImageNet class name)")
+    gen.add_argument("--height", type=_positive_int, default=None, help="pixels (default: the pipeline's)")
+    gen.add_argument("--width", type=_positive_int, default=None, help="pixels (default: the pipeline's)")
     gen.add_argument("--out", type=Path, default=Path("out"), help="output folder (default out)")
     gen.add_argument("--dense", action="store_true", help="run the unpatched model")
     return parser
@@ -82,28 +114,60 @@ def _dtype(args: argparse.Namespace) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    """Fail before anything loads: a device torch does not know or cannot use, or a kernel
+    backend that cannot run there (otherwise it would fail at the first pruned step)."""
+    from cat_kernels.backend import resolve
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise SystemExit(f"error: --device {args.device!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}: CUDA is not available on this machine")
+    try:
+        resolve(device, args.backend)
+    except (RuntimeError, ValueError) as err:
+        raise SystemExit(f"error: --backend {args.backend}: {err}") from None
+
+
 def load_pipeline(model: str, device: str, dtype: torch.dtype):
-    """The shipped tiny pipeline ("tiny") or a diffusers pipeline folder whose transformer is supported."""
-    from .adapters import find_adapter
+    """The shipped tiny pipeline ("tiny"), a folder written by tools/train_tiny_t2i.py, or a
+    diffusers pipeline folder whose transformer class cat_pruning supports (checked before loading)."""
+    from .adapters import ADAPTERS, supported_families
+    from .tiny import TinyT2IPipeline, load_tiny_pipeline
 
     if model == "tiny":
-        from .tiny import load_tiny_pipeline
-
         return load_tiny_pipeline(device=device, dtype=dtype)
     path = Path(model)
-    if not (path / "model_index.json").is_file():
-        raise SystemExit(f"error: {model!r} is not a diffusers pipeline folder (no model_index.json there)")
+    if not path.exists():
+        raise SystemExit(f"error: --model {model!r}: no such folder (a local pipeline folder is needed; "
+                         "nothing is downloaded)")
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise SystemExit(f"error: --model {model!r} is not a diffusers pipeline folder (no model_index.json there)")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"error: {index_file}: not valid JSON ({err})") from None
+    pipeline_class = index.get("_class_name")
+    if pipeline_class == TinyT2IPipeline.__name__:
+        return load_tiny_pipeline(device=device, dtype=dtype, path=path)
+    transformer = index.get("transformer")
+    if not isinstance(transformer, list) or len(transformer) != 2:
+        raise SystemExit(f"error: {pipeline_class} has no transformer; cat_pruning patches diffusion transformers "
+                         f"({supported_families()})")
+    supported = {name for adapter in ADAPTERS for name in adapter.model_classes}
+    if transformer[1] not in supported:
+        raise SystemExit(f"error: {pipeline_class}'s transformer {transformer[1]} is not supported; supported: "
+                         f"{supported_families()}")
+    import warnings
+
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype)
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is None:
-        raise SystemExit(f"error: {type(pipe).__name__} has no transformer; cat_pruning patches diffusion transformers")
-    try:
-        find_adapter(transformer)
-    except TypeError as err:
-        raise SystemExit(f"error: {err}") from None
-    return pipe.to(device)
+    with warnings.catch_warnings():  # newer diffusers renamed it `dtype`; 0.36 knows only this name
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        return DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype).to(device)
 
 
 def _images(output) -> torch.Tensor:
@@ -115,11 +179,31 @@ def _images(output) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
+def _call_kwargs(pipe, prompt: str, args: argparse.Namespace) -> dict:
+    """The pipeline call: the prompt (DiT: its class label) and only the options that were set."""
+    kwargs = dict(generator=torch.Generator("cpu").manual_seed(args.seed), output_type="pt")
+    if hasattr(pipe, "get_label_ids"):  # DiTPipeline is class-conditional
+        try:
+            kwargs["class_labels"] = pipe.get_label_ids([prompt])
+        except ValueError as err:
+            raise SystemExit(f"error: {type(pipe).__name__} takes an ImageNet class name as --prompt: {err}") from None
+    else:
+        kwargs["prompt"] = prompt
+    accepted = inspect.signature(pipe.__call__).parameters
+    for key, value in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance),
+                       ("height", getattr(args, "height", None)), ("width", getattr(args, "width", None))):
+        if value is None:
+            continue
+        if key not in accepted:
+            raise SystemExit(f"error: {type(pipe).__name__} takes no {key} (the option for it was given)")
+        kwargs[key] = value
+    return kwargs
+
+
 def _run(pipe, prompt: str, args: argparse.Namespace) -> tuple[torch.Tensor, float]:
-    generator = torch.Generator("cpu").manual_seed(args.seed)
-    kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator)
+    kwargs = _call_kwargs(pipe, prompt, args)
     t0 = time.perf_counter()
-    out = pipe(prompt, output_type="pt", **kwargs)
+    out = pipe(**kwargs)
     if str(args.device).startswith("cuda"):
         torch.cuda.synchronize()
     return _images(out), time.perf_counter() - t0
@@ -136,9 +220,10 @@ def heatmap(counts: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     t = ((c - c.min()) / (c.max() - c.min()).clamp_min(1e-9)).numpy() * (len(stops) - 1)
     lo = np.floor(t).astype(int).clip(0, len(stops) - 2)
     frac = (t - lo)[..., None]
-    rgb = stops[lo] * (1 - frac) + stops[lo + 1] * frac
-    ry, rx = size[0] // counts.shape[0], size[1] // counts.shape[1]
-    return np.repeat(np.repeat(rgb, ry, 0), rx, 1).astype(np.uint8)
+    rgb = (stops[lo] * (1 - frac) + stops[lo + 1] * frac).astype(np.uint8)
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.NEAREST))
 
 
 def _panel(dense: np.ndarray, cat: np.ndarray, heat: np.ndarray, heat_label: str, caption: str, scale: int = 4):
@@ -155,6 +240,16 @@ def _panel(dense: np.ndarray, cat: np.ndarray, heat: np.ndarray, heat_label: str
     return canvas
 
 
+def _recompute_map(stats, size: tuple[int, int], steps: int) -> tuple[np.ndarray, str]:
+    counts = stats.recomputed[-1]  # the two halves of a CFG pair share one selection
+    label = f"steps computed per token: {int(counts.min())} (dark) to {int(counts.max())} (bright) of {steps}"
+    return heatmap(counts, size), label
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
+
+
 def demo(args: argparse.Namespace) -> int:
     import cat_pruning
 
@@ -165,7 +260,9 @@ def demo(args: argparse.Namespace) -> int:
     pipe = load_pipeline("tiny", args.device, _dtype(args))
     pipe.set_progress_bar_config(disable=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    _run(pipe, DEMO_PROMPTS[0], args)  # warm-up: first-call allocations and lazy imports
+    _run(pipe, DEMO_PROMPTS[0], args)  # warm-up: first-call allocations and lazy imports,
+    with cat_pruning.patched(pipe, keep_ratio=args.keep_ratio, full_steps=args.full_steps, backend=args.backend):
+        _run(pipe, DEMO_PROMPTS[0], args)  # and kernel compilation, so prompt 0's speedup is fair
     rows = []
     from tqdm.auto import tqdm
 
@@ -174,10 +271,8 @@ def demo(args: argparse.Namespace) -> int:
         with cat_pruning.patched(pipe, keep_ratio=args.keep_ratio, full_steps=args.full_steps, backend=args.backend):
             cat, t_cat = _run(pipe, prompt, args)
             stats = cat_pruning.stats(pipe)
-        counts = stats.recomputed[-1]  # the cond sample under CFG
         png = args.out / f"{i:02d}.png"
-        label = f"steps computed per token: {int(counts.min())} (dark) to {int(counts.max())} (bright) of {args.steps}"
-        heat = heatmap(counts, tuple(dense.shape[-2:]))
+        heat, label = _recompute_map(stats, tuple(dense.shape[-2:]), args.steps)
         _panel(_to_uint8(dense[0]), _to_uint8(cat[0]), heat, label, prompt).save(png)
         rows.append(dict(prompt=prompt, dense_s=t_dense, cat_s=t_cat, speedup=t_dense / t_cat,
                          mac_fraction=stats.mac_fraction, psnr_db=psnr(cat, dense), ssim=ssim(cat, dense),
@@ -196,24 +291,33 @@ def demo(args: argparse.Namespace) -> int:
 def generate(args: argparse.Namespace) -> int:
     import cat_pruning
 
+    _check_device(args)
     pipe = load_pipeline(args.model, args.device, _dtype(args))
     if not args.dense:
-        cat_pruning.patch(pipe, keep_ratio=args.keep_ratio, full_steps=args.full_steps, backend=args.backend)
+        try:
+            cat_pruning.patch(pipe, keep_ratio=args.keep_ratio, full_steps=args.full_steps, backend=args.backend)
+        except (TypeError, ValueError) as err:  # a model variant the adapter does not support
+            raise SystemExit(f"error: {err}") from None
     image, seconds = _run(pipe, args.prompt, args)
     args.out.mkdir(parents=True, exist_ok=True)
     from PIL import Image
 
     name = "dense" if args.dense else f"cat-k{args.keep_ratio}-f{args.full_steps}"
-    path = args.out / f"seed{args.seed}-{name}.png"
+    path = args.out / f"{_slug(args.prompt)}-seed{args.seed}-{name}.png"
     Image.fromarray(_to_uint8(image[0])).save(path)
     print(f"{path} ({seconds:.2f} s)")
     if not args.dense:
-        print(cat_pruning.stats(pipe))
+        stats = cat_pruning.stats(pipe)
+        heat, label = _recompute_map(stats, tuple(image.shape[-2:]), len(stats.steps))
+        heat_path = path.with_name(path.stem + "-tokens.png")
+        Image.fromarray(heat).save(heat_path)
+        print(f"{heat_path} ({label})")
+        print(stats)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.full_steps > args.steps:
+    if args.steps is not None and args.full_steps >= args.steps:
         print(f"note: full_steps {args.full_steps} >= steps {args.steps}: every step runs dense", file=sys.stderr)
     return {"demo": demo, "generate": generate}[args.command](args)
