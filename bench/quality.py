@@ -21,7 +21,7 @@ fp32, one prompt per pipeline call with CFG:
   CAPTION_SEED_BASE on), each with generator seeds 0..S-1;
 - ``dense``: the unpatched pipeline, the reference image of every prompt+seed;
 - CAT settings ``cat:K:F`` = cat_pruning.patched(pipe, keep_ratio=K, full_steps=F);
-- ablations ``cat:K:F:field=value`` (CATConfig.selection, importance_fraction);
+- ablations ``cat:K:F:field=value`` (any CATConfig field: selection, num_clusters, importance_fraction);
 - peers, each with its threshold tuned so that its MAC fraction lands near CAT's (0.3, 8):
   ``cache-dit-dbcache`` (cache-dit's DBCache, F1B0), ``cache-dit-taylorseer`` (DBCache with
   cache-dit's TaylorSeer calibrator), ``diffusers-fbc`` (diffusers' FirstBlockCache),
@@ -75,7 +75,8 @@ DEFAULT_METHODS = [
     # CAT settings
     "cat:0.3:8", "cat:0.5:8", "cat:0.2:8", "cat:0.3:4", "cat:0.3:12",
     # ablations, all at keep_ratio 0.3, full_steps 8
-    "cat:0.3:8:selection=topk", "cat:0.3:8:selection=cat-no-staleness", "cat:0.3:8:selection=random",
+    "cat:0.3:8:selection=topk", "cat:0.3:8:num_clusters=1", "cat:0.3:8:selection=cat-no-staleness",
+    "cat:0.3:8:selection=random",
     "cat:0.3:8:importance_fraction=0", "cat:0.3:8:importance_fraction=0.25",
     "cat:0.3:8:importance_fraction=0.5", "cat:0.3:8:importance_fraction=1",
     # peers at matched MAC budgets
@@ -160,10 +161,13 @@ def cat_method(spec: str) -> Method:
     if len(parts) < 3:
         raise SystemExit(f"bench quality: bad CAT method {spec!r}; expected cat:KEEP:FULL[:field=value...]")
     overrides: dict[str, Any] = dict(keep_ratio=float(parts[1]), full_steps=int(parts[2]))
-    extra = {}
+    defaults = cat_pruning.CATConfig()
+    extra: dict[str, Any] = {}
     for kv in parts[3:]:
         key, _, value = kv.partition("=")
-        extra[key] = float(value) if key in ("importance_fraction", "staleness_decay") else value
+        default = getattr(defaults, key, None)
+        # numbers take the type of the field's default (num_clusters=1 -> int, importance_fraction=0 -> float)
+        extra[key] = type(default)(value) if isinstance(default, (int, float)) and not isinstance(default, bool) else value
     overrides.update(extra)
     cat_pruning.CATConfig().replace(**overrides)  # validate now
 
@@ -173,7 +177,7 @@ def cat_method(spec: str) -> Method:
             yield None
 
     name = f"CAT k={overrides['keep_ratio']:g} f={overrides['full_steps']}"
-    name += "".join(f" {k}={v:g}" if isinstance(v, float) else f" {v}" for k, v in extra.items())
+    name += "".join(f" {v}" if isinstance(v, str) else f" {k}={v:g}" for k, v in extra.items())
     return Method(spec, name, "ablation" if extra else "cat", overrides, session)
 
 
