@@ -8,6 +8,13 @@ procedural scenes (cat_pruning.tiny.scenes), drawn fresh for every step from the
 
     python tools/train_tiny_t2i.py --out DIR [--steps N --batch-size B --tiny-config]
 
+The shipped weights (cat_pruning/tiny/weights: 64x64 RGB, patch 2 = 1024 image tokens) are
+
+    python tools/train_tiny_t2i.py --out DIR --steps 4200 --cosine --bf16 --max-minutes 57
+
+which ran all 4200 steps in 53 minutes on 2 cores of an Intel Xeon with AMX (bf16 autocast;
+without AMX, leave out --bf16 and expect about 1.3x longer).
+
 Writes to DIR a diffusers pipeline (model_index.json, transformer/, text_encoder/, scheduler/,
 with the EMA weights), train_log.csv (step, loss, lr, elapsed), train_summary.json and
 samples.png (+ samples.json with the prompts).
@@ -53,7 +60,7 @@ SAMPLE_PROMPTS = [
     "a black square right of a white circle on a red background",
 ]
 
-FULL = dict(layers=4, heads=4, head_dim=32, patch=4, text_dim=128, text_layers=2, max_length=20)
+FULL = dict(layers=4, heads=4, head_dim=32, patch=2, text_dim=128, text_layers=2, max_length=20)
 TINY = dict(layers=1, heads=2, head_dim=16, patch=8, text_dim=32, text_layers=1, max_length=20)
 
 
@@ -130,7 +137,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--steps", type=int, default=4000)
-    ap.add_argument("--batch-size", type=int, default=24)
+    ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--cosine", action="store_true", help="cosine decay to 10%% instead of a constant lr")
@@ -148,9 +155,15 @@ def main(argv=None) -> int:
     ap.add_argument("--no-samples", action="store_true")
     ap.add_argument("--tiny-config", action="store_true", help="a very small model (for tests)")
     ap.add_argument("--patch-size", type=int, default=None,
-                    help="override the patch size (64x64 pixels: 4 -> 256 image tokens, 2 -> 1024)")
+                    help="override the patch size (64x64 pixels: 2 -> 1024 image tokens, 4 -> 256)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16 autocast for the forward pass (weights, optimizer and EMA stay fp32); "
+                         "1.3x faster on a CPU with AMX")
     ap.add_argument("--device", default="cpu", help="where to train, e.g. cuda (the data are made on the CPU)")
     args = ap.parse_args(argv)
+    for name in ("steps", "batch_size", "log_every"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -198,15 +211,16 @@ def main(argv=None) -> int:
         x0 = x0.to(dev)
         s = sigma.view(-1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
-        hidden, pooled = text_encoder(ids["input_ids"], ids["attention_mask"])
-        pred = transformer(
-            hidden_states=xt,
-            timestep=sigma * 1000,
-            encoder_hidden_states=hidden,
-            pooled_projections=pooled,
-            return_dict=False,
-        )[0]
-        loss = torch.nn.functional.mse_loss(pred, noise - x0)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
+            hidden, pooled = text_encoder(ids["input_ids"], ids["attention_mask"])
+            pred = transformer(
+                hidden_states=xt,
+                timestep=sigma * 1000,
+                encoder_hidden_states=hidden,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
@@ -218,7 +232,8 @@ def main(argv=None) -> int:
 
         running += loss.item()
         n_run += 1
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+        out_of_time = bool(args.max_minutes) and time.time() - t0 > args.max_minutes * 60
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps or out_of_time:
             avg = running / n_run
             log.writerow([step + 1, f"{avg:.5f}", f"{lr:.3e}", f"{time.time() - t0:.1f}"])
             log_f.flush()
@@ -226,8 +241,9 @@ def main(argv=None) -> int:
             running, n_run = 0.0, 0
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save_pipeline(out, ema["transformer"], ema["text_encoder"], args.shift)
-        if args.max_minutes and time.time() - t0 > args.max_minutes * 60:
-            print(f"stopping at step {step + 1}: --max-minutes {args.max_minutes} reached", flush=True)
+        if out_of_time:
+            print(f"stopping at step {step + 1}: --max-minutes {args.max_minutes} reached "
+                  + ("" if args.cosine else f"(--steps {step + 1} reproduces this run)"), flush=True)
             break
     bar.close()
     log_f.close()
@@ -235,7 +251,8 @@ def main(argv=None) -> int:
     train_s = time.time() - t0
 
     pipe = save_pipeline(out, ema["transformer"], ema["text_encoder"], args.shift)
-    last = list(csv.reader(open(out / "train_log.csv")))[-1]
+    with open(out / "train_log.csv") as f:
+        last = list(csv.reader(f))[-1]
     summary = {
         "model": cfg,
         "params": n_params,
