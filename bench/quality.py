@@ -1,7 +1,7 @@
 """Quality suite: how close CAT Pruning's images stay to the dense ones, against its ablations and
 against step/block-caching peers at matched MAC budgets, on the shipped tiny model.
 
-    python bench/run.py --suite quality            # 32 prompts x 2 seeds (~20 min on one CPU thread)
+    python bench/run.py --suite quality            # 32 prompts x 2 seeds (19 min with --threads 2)
     python bench/run.py --suite quality --quick    # 4 prompts x 1 seed
 
 Unlike the kernels suite, this one runs its full set unless ``--quick`` is on the command line
@@ -108,10 +108,11 @@ def parse_suite_args(args: argparse.Namespace) -> argparse.Namespace:
     # run.py sets quick=True by default on CPU; this suite is quick only when asked for by name.
     quick = bool(getattr(args, "quick", False)) and "--quick" in sys.argv[1:]
     opts.quick = quick
-    opts.prompts = opts.prompts or (4 if quick else 32)
-    opts.seeds = opts.seeds or (1 if quick else 2)
-    opts.tune_items = opts.tune_items or (1 if quick else 3)
-    opts.mac_items = opts.mac_items or (2 if quick else 8)
+    for name, small, full in (("prompts", 4, 32), ("seeds", 1, 2), ("tune_items", 1, 3), ("mac_items", 2, 8)):
+        value = getattr(opts, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"bench quality: --{name.replace('_', '-')} must be >= 1, got {value}")
+        setattr(opts, name, value or (small if quick else full))
     opts.methods = [m.strip() for m in opts.methods.split(",") if m.strip()] if opts.methods else DEFAULT_METHODS
     return opts
 
@@ -761,8 +762,12 @@ def reading(records: list[dict]) -> str:
                 + ", ".join(f"{short(r)} {r['psnr_mean']:.2f} dB" for r in sel)
                 + f" (full policy {c['psnr_mean']:.2f} dB)."
             )
+        clusters = [r for r in abl if "num_clusters" in r["params"]]
+        for r in clusters:
+            out.append(f"Clustering: {short(r)} (one cluster: global quotas, staleness kept) {r['psnr_mean']:.2f} dB "
+                       f"against {c['psnr_mean']:.2f} dB with {c['params'].get('num_clusters', 20)} clusters.")
         imp = sorted(
-            (r for r in [c, *abl] if "selection" not in r["params"]),
+            (r for r in [c, *abl] if set(r["params"]) <= {"keep_ratio", "full_steps", "importance_fraction"}),
             key=lambda r: r["params"].get("importance_fraction", 0.25),
         )
         if len(imp) > 1:
@@ -800,7 +805,7 @@ def reading(records: list[dict]) -> str:
         out.append(
             "Measured CPU speedup as a share of the MAC-ideal 1/fraction: "
             + ", ".join(f"{r['name']} {100 * r['speedup'] * r['mac_fraction']:.0f}%" for r in eff)
-            + ". On this tiny model (small matrices, one CPU thread) per-op overhead and the pipeline's fixed costs "
+            + f". On this tiny model (small matrices, {records[0]['threads']} CPU thread(s)) per-op overhead and the pipeline's fixed costs "
             "weigh far more than on a GPU-sized model, and a cache that skips whole blocks also skips that overhead "
             "while token pruning keeps it; these speedups say little about GPU speed."
         )
