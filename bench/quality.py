@@ -168,7 +168,8 @@ def cat_method(spec: str) -> Method:
         key, _, value = kv.partition("=")
         default = getattr(defaults, key, None)
         # numbers take the type of the field's default (num_clusters=1 -> int, importance_fraction=0 -> float)
-        extra[key] = type(default)(value) if isinstance(default, (int, float)) and not isinstance(default, bool) else value
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        extra[key] = type(default)(value) if numeric else value
     overrides.update(extra)
     cat_pruning.CATConfig().replace(**overrides)  # validate now
 
@@ -805,8 +806,8 @@ def reading(records: list[dict]) -> str:
         out.append(
             "Measured CPU speedup as a share of the MAC-ideal 1/fraction: "
             + ", ".join(f"{r['name']} {100 * r['speedup'] * r['mac_fraction']:.0f}%" for r in eff)
-            + f". On this tiny model (small matrices, {records[0]['threads']} CPU thread(s)) per-op overhead and the pipeline's fixed costs "
-            "weigh far more than on a GPU-sized model, and a cache that skips whole blocks also skips that overhead "
+            + f". On this tiny model (small matrices, {records[0]['threads']} CPU thread(s)) per-op overhead and the "
+            "pipeline's fixed costs weigh far more than on a GPU-sized model, and a cache that skips whole blocks also skips that overhead "
             "while token pruning keeps it; these speedups say little about GPU speed."
         )
     return " ".join(out)
