@@ -807,8 +807,8 @@ def reading(records: list[dict]) -> str:
             "Measured CPU speedup as a share of the MAC-ideal 1/fraction: "
             + ", ".join(f"{r['name']} {100 * r['speedup'] * r['mac_fraction']:.0f}%" for r in eff)
             + f". On this tiny model (small matrices, {records[0]['threads']} CPU thread(s)) per-op overhead and the "
-            "pipeline's fixed costs weigh far more than on a GPU-sized model, and a cache that skips whole blocks also skips that overhead "
-            "while token pruning keeps it; these speedups say little about GPU speed."
+            "pipeline's fixed costs weigh far more than on a GPU-sized model, and a cache that skips whole blocks "
+            "also skips that overhead while token pruning keeps it; these speedups say little about GPU speed."
         )
     return " ".join(out)
 
