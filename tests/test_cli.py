@@ -48,3 +48,15 @@ def test_bad_input_is_a_clear_error(argv, message, capsys):
 def test_cuda_device_without_cuda_is_a_clear_error():
     with pytest.raises(SystemExit, match="CUDA is not available"):
         main(["generate", "--prompt", "x", "--device", "cuda"])
+
+
+def test_generate_shorter_than_full_steps(tmp_path, capsys):
+    """steps < full_steps: a note, every step dense, and a recompute map that counts the one step
+    (the caches exist from the last dense step on; their counts must not be left uninitialised)."""
+    assert main(["generate", "--prompt", "a red circle", "--steps", "1", "--full-steps", "2",
+                 "--out", str(tmp_path), "--backend", "torch"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "a-red-circle-seed0-cat-k0.3-f2-tokens.png", "a-red-circle-seed0-cat-k0.3-f2.png"]
+    captured = capsys.readouterr()
+    assert "every step runs dense" in captured.err and "0 pruned" in captured.out
+    assert "1 (dark) to 1 (bright) of 1" in captured.out

@@ -291,7 +291,6 @@ def demo(args: argparse.Namespace) -> int:
 def generate(args: argparse.Namespace) -> int:
     import cat_pruning
 
-    _check_device(args)
     pipe = load_pipeline(args.model, args.device, _dtype(args))
     if not args.dense:
         try:
@@ -308,10 +307,11 @@ def generate(args: argparse.Namespace) -> int:
     print(f"{path} ({seconds:.2f} s)")
     if not args.dense:
         stats = cat_pruning.stats(pipe)
-        heat, label = _recompute_map(stats, tuple(image.shape[-2:]), len(stats.steps))
-        heat_path = path.with_name(path.stem + "-tokens.png")
-        Image.fromarray(heat).save(heat_path)
-        print(f"{heat_path} ({label})")
+        if stats.recomputed is not None:  # None when the caches were never made (steps < full_steps - 1)
+            heat, label = _recompute_map(stats, tuple(image.shape[-2:]), len(stats.steps))
+            heat_path = path.with_name(path.stem + "-tokens.png")
+            Image.fromarray(heat).save(heat_path)
+            print(f"{heat_path} ({label})")
         print(stats)
     return 0
 
@@ -320,4 +320,5 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.steps is not None and args.full_steps >= args.steps:
         print(f"note: full_steps {args.full_steps} >= steps {args.steps}: every step runs dense", file=sys.stderr)
+    _check_device(args)
     return {"demo": demo, "generate": generate}[args.command](args)

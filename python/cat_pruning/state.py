@@ -124,7 +124,8 @@ class CATState:
         self.labels = empty(scored, g.num_tokens, dtype=torch.int64)
         self.staleness = empty(scored, g.num_tokens, dtype=torch.float32)
         self.idx = empty(g.batch, self.k, dtype=torch.int64)
-        self.recomputed = empty(g.batch, g.num_tokens, dtype=torch.float32)
+        # every token ran in the dense steps 0 .. full_steps-2; the fill step adds one more
+        self.recomputed = torch.full((g.batch, g.num_tokens), self.config.full_steps - 1.0, device=g.device)
         if g.device.type == "cuda":
             for t in [*(t for pair in self.kv.values() for t in pair), *self.extra.values(), self.noise_cache,
                       self.labels, self.staleness, self.idx, self.recomputed]:
@@ -193,7 +194,7 @@ class CATState:
             self.anchor = self._scored(out).detach().clone()
         elif mode == "fill":
             self.noise_cache.copy_(out)
-            self.recomputed.fill_(self.config.full_steps)  # every token ran in steps 0 .. full_steps-1
+            self.recomputed.add_(1)
             scored = self._scored(out).detach()
             self.labels.copy_(self._cluster(scored))
             self.staleness.zero_()
