@@ -27,7 +27,9 @@ fp32, one prompt per pipeline call with CFG:
   cache-dit's TaylorSeer calibrator), ``diffusers-fbc`` (diffusers' FirstBlockCache),
   ``diffusers-taylorseer`` (diffusers' TaylorSeerCacheConfig; the tiny pipeline opens no
   ``cache_context``, so one is opened around every transformer call here). A peer that cannot
-  run on SD3 is recorded with the exact error instead of being skipped.
+  run on SD3 is recorded with the exact error instead of being skipped. ``peer@cat:K:F`` tunes
+  the peer to that CAT setting's MAC fraction instead (the defaults add the two peers that run
+  at cat:0.2:8 and cat:0.5:8, so CAT is compared at three budgets).
 
 Measured per method: PSNR and SSIM of the final image against the dense image of the same
 prompt+seed (mean and worst over prompts); the MAC fraction, counted the same way for every
@@ -79,8 +81,10 @@ DEFAULT_METHODS = [
     "cat:0.3:8:selection=random",
     "cat:0.3:8:importance_fraction=0", "cat:0.3:8:importance_fraction=0.25",
     "cat:0.3:8:importance_fraction=0.5", "cat:0.3:8:importance_fraction=1",
-    # peers at matched MAC budgets
+    # peers at matched MAC budgets: CAT's default, and (those that run) the settings below and above it
     "cache-dit-dbcache", "cache-dit-taylorseer", "diffusers-fbc", "diffusers-taylorseer",
+    "cache-dit-dbcache@cat:0.2:8", "cache-dit-dbcache@cat:0.5:8",
+    "diffusers-taylorseer@cat:0.2:8", "diffusers-taylorseer@cat:0.5:8",
 ]  # fmt: skip
 PEERS = ("cache-dit-dbcache", "cache-dit-taylorseer", "diffusers-fbc", "diffusers-taylorseer")
 
@@ -149,6 +153,7 @@ class Method:
     probe_params: dict[str, Any] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     error: str | None = None
+    matched_to: str | None = None  # peers: the CAT setting whose MAC fraction they are tuned to (None: --target-cat)
 
 
 @contextlib.contextmanager
@@ -332,7 +337,15 @@ def make_methods(opts: argparse.Namespace) -> list[Method]:
     for spec in opts.methods:
         if spec == "dense":
             continue
-        out.append(cat_method(spec) if spec.startswith("cat:") else peer_method(spec, opts.peer_warmup))
+        if spec.startswith("cat:"):
+            out.append(cat_method(spec))
+            continue
+        peer, _, target = spec.partition("@")  # peer@cat:K:F: tuned to that CAT setting's MAC fraction
+        m = peer_method(peer, opts.peer_warmup)
+        if target:
+            cat_method(target)  # validate
+            m.id, m.name, m.matched_to = spec, f"{m.name} @ {target}", target
+        out.append(m)
     return out
 
 
@@ -492,16 +505,21 @@ def run(args: Any) -> list[dict]:
             macs[m.id] = [count_flops(ctx, items[0], reset) / ctx.dense_flops]
             stats_frac[m.id] = cat_pruning.stats(pipe).mac_fraction
     ref = opts.target_cat
-    if ref not in macs:  # the reference CAT setting is not among the methods: count it for the target anyway
-        with cat_method(ref).session(pipe) as reset:
-            macs[ref] = [count_flops(ctx, items[0], reset) / ctx.dense_flops]
-    ctx.target = macs[ref][0]
+
+    def cat_fraction(spec: str) -> float:  # counted here when that CAT setting is not among the methods
+        if spec not in macs:
+            with cat_method(spec).session(pipe) as reset:
+                macs[spec] = [count_flops(ctx, items[0], reset) / ctx.dense_flops]
+        return macs[spec][0]
+
     for m in methods:
         if m.group != "peer":
             continue
+        ctx.target = cat_fraction(m.matched_to or ref)
         prepare_peer(ctx, m)
         if m.error is None:
             macs[m.id] = mac_fraction(ctx, m, mac_items if m.data_dependent else mac_items[:1])
+    ctx.target = cat_fraction(ref)
     ctx.bar.close()
 
     # ---- quality and wall clock: per prompt+seed, dense and every method, rotating order
@@ -567,9 +585,10 @@ def run(args: Any) -> list[dict]:
     for m in methods:
         if alias.get(m.id, m.id) in failed:
             m.error = failed[alias.get(m.id, m.id)]
+        matched = dict(matched_to=m.matched_to or ref) if m.group == "peer" else {}
         if m.error is not None:
             records.append(dict(case=f"quality[{m.id}]", provider=m.id, name=m.name, group=m.group, params=m.params,
-                                status="error", error=m.error, notes=m.notes, **common_fields))  # fmt: skip
+                                status="error", error=m.error, notes=m.notes, **matched, **common_fields))  # fmt: skip
             continue
         src = alias.get(m.id, m.id)
         notes = list(m.notes) + ([f"same configuration as {src}: its runs are reused"] if src != m.id else [])
@@ -577,7 +596,7 @@ def run(args: Any) -> list[dict]:
                       common_fields, notes)  # fmt: skip
         if m.id in stats_frac:
             rec["stats_mac_fraction"] = stats_frac[m.id]
-        records.append(rec)
+        records.append({**rec, **matched})
 
     json_path = args.json or RESULTS / f"quality-{device}.json"
     md_path = json_path.with_suffix(".md")
@@ -589,8 +608,8 @@ def run(args: Any) -> list[dict]:
     plot_note = write_plot(records, plot_path, shape)
     if plot_note is None:
         outputs["plot"] = str(plot_path)
-    best_peer = max((r for r in records if r["group"] == "peer" and r.get("status") == "ok"),
-                    key=lambda r: r["psnr_mean"], default=None)  # fmt: skip
+    best_peer = max((r for r in records if r["group"] == "peer" and r.get("status") == "ok"
+                     and r["matched_to"] == ref), key=lambda r: r["psnr_mean"], default=None)  # fmt: skip
     cols = [("dense", "dense"), (ref, by_id[ref].name if ref in by_id else "")]
     if best_peer is not None:
         cols.append((best_peer["provider"], best_peer["name"]))
@@ -671,7 +690,7 @@ def markdown(records: list[dict], shape: dict, opts, plot_note, examples_path: P
         f"{env['threads']} torch thread(s), dense and every method interleaved prompt by prompt in the same run, "
         f"median over prompts of dense time / method time; on a shared 2-core machine these vary by ~10-20%. "
         f"Peers are tuned to land near the MAC fraction of CAT {env['reference_cat']} "
-        f"({env['target_mac_fraction']:.3f}). CAT kernels backend: `{env['cat_backend']}`"
+        f"({env['target_mac_fraction']:.3f}), or of the CAT setting named after their @. CAT kernels backend: `{env['cat_backend']}`"
         + (
             " (the compiled cat_kernels._C extension, its C++ CPU path)."
             if env["cat_backend"] == "cuda" and env["device"] == "cpu"
@@ -726,16 +745,20 @@ def reading(records: list[dict]) -> str:
         f"and keeps a mean PSNR of {c['psnr_mean']:.2f} dB (worst {c['psnr_worst']:.2f} dB, SSIM "
         f"{c['ssim_mean']:.4f}) at a {c['speedup']:.2f}x CPU speedup (MAC-ideal {1 / c['mac_fraction']:.2f}x)."
     ]
-    peers = [r for r in ok.values() if r["group"] == "peer"]
-    for p in sorted(peers, key=lambda r: -r["psnr_mean"]):
-        d = c["psnr_mean"] - p["psnr_mean"]
+    peers = [r for r in ok.values() if r["group"] == "peer" and r.get("matched_to", ref) in ok]
+    # the peers matched to the reference setting first, then those matched to other CAT settings
+    for p in sorted(peers, key=lambda r: (r.get("matched_to", ref) != ref, ok[r.get("matched_to", ref)]["mac_fraction"],
+                                          -r["psnr_mean"])):  # fmt: skip
+        cp = ok[p.get("matched_to", ref)]
+        d = cp["psnr_mean"] - p["psnr_mean"]
         verdict = "CAT wins" if d > 0.1 else ("CAT loses" if d < -0.1 else "a tie")
-        wins = sum(a["psnr"] > b["psnr"] for a, b in zip(c["per_item"], p["per_item"], strict=True))
+        wins = sum(a["psnr"] > b["psnr"] for a, b in zip(cp["per_item"], p["per_item"], strict=True))
+        against = "" if cp is c else f" (matched to {cp['name']}, {100 * cp['mac_fraction']:.1f}%)"
         out.append(
-            f"Against {p['name']} at {100 * p['mac_fraction']:.1f}% MACs: {verdict} on mean PSNR by {abs(d):.2f} dB "
-            f"(CAT higher on {wins} of {len(c['per_item'])} images; worst case {c['psnr_worst']:.2f} vs "
-            f"{p['psnr_worst']:.2f} dB; SSIM {c['ssim_mean']:.4f} vs {p['ssim_mean']:.4f}), while the peer runs at "
-            f"{p['speedup']:.2f}x."
+            f"Against {p['name']} at {100 * p['mac_fraction']:.1f}% MACs{against}: {verdict} on mean PSNR by "
+            f"{abs(d):.2f} dB (CAT higher on {wins} of {len(cp['per_item'])} images; worst case "
+            f"{cp['psnr_worst']:.2f} vs {p['psnr_worst']:.2f} dB; SSIM {cp['ssim_mean']:.4f} vs "
+            f"{p['ssim_mean']:.4f}), while the peer runs at {p['speedup']:.2f}x."
         )
     failed = [r for r in records if r.get("status") == "error"]
     if failed:
