@@ -1,7 +1,7 @@
 """Quality suite: how close CAT Pruning's images stay to the dense ones, against its ablations and
 against step/block-caching peers at matched MAC budgets, on the shipped tiny model.
 
-    python bench/run.py --suite quality            # 32 prompts x 2 seeds (19 min with --threads 2)
+    python bench/run.py --suite quality            # 32 prompts x 2 seeds (29 min with --threads 2)
     python bench/run.py --suite quality --quick    # 4 prompts x 1 seed
 
 Unlike the kernels suite, this one runs its full set unless ``--quick`` is on the command line
