@@ -49,32 +49,22 @@ def _float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _bounded(parse, ok, bound: str):
+    """An argparse type: `parse` the text, then require `ok(value)` ("must <bound>, got ...")."""
+
+    def convert(text: str):
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must {bound}, got {value}")
+        return value
+
+    return convert
 
 
-def _ratio(text: str) -> float:
-    value = _float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
-    return value
-
-
-def _guidance(text: str) -> float:
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _full_steps(text: str) -> int:
-    value = _int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be >= 2, got {value}")
-    return value
+_positive_int = _bounded(_int, lambda v: v >= 1, "be >= 1")
+_full_steps = _bounded(_int, lambda v: v >= 2, "be >= 2")
+_ratio = _bounded(_float, lambda v: 0.0 < v <= 1.0, "lie in (0, 1]")
+_guidance = _bounded(_float, lambda v: v >= 0, "be >= 0")
 
 
 def _parser() -> argparse.ArgumentParser:
