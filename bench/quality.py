@@ -690,7 +690,8 @@ def markdown(records: list[dict], shape: dict, opts, plot_note, examples_path: P
         f"{env['threads']} torch thread(s), dense and every method interleaved prompt by prompt in the same run, "
         f"median over prompts of dense time / method time; on a shared 2-core machine these vary by ~10-20%. "
         f"Peers are tuned to land near the MAC fraction of CAT {env['reference_cat']} "
-        f"({env['target_mac_fraction']:.3f}), or of the CAT setting named after their @. CAT kernels backend: `{env['cat_backend']}`"
+        f"({env['target_mac_fraction']:.3f}), or of the CAT setting named after their @. "
+        f"CAT kernels backend: `{env['cat_backend']}`"
         + (
             " (the compiled cat_kernels._C extension, its C++ CPU path)."
             if env["cat_backend"] == "cuda" and env["device"] == "cpu"
@@ -745,11 +746,13 @@ def reading(records: list[dict]) -> str:
         f"and keeps a mean PSNR of {c['psnr_mean']:.2f} dB (worst {c['psnr_worst']:.2f} dB, SSIM "
         f"{c['ssim_mean']:.4f}) at a {c['speedup']:.2f}x CPU speedup (MAC-ideal {1 / c['mac_fraction']:.2f}x)."
     ]
-    peers = [r for r in ok.values() if r["group"] == "peer" and r.get("matched_to", ref) in ok]
+    def matched(r: dict) -> str:  # the CAT setting a peer was tuned to (records without it: the reference)
+        return r.get("matched_to", ref)
+
+    peers = [r for r in ok.values() if r["group"] == "peer" and matched(r) in ok]
     # the peers matched to the reference setting first, then those matched to other CAT settings
-    for p in sorted(peers, key=lambda r: (r.get("matched_to", ref) != ref, ok[r.get("matched_to", ref)]["mac_fraction"],
-                                          -r["psnr_mean"])):  # fmt: skip
-        cp = ok[p.get("matched_to", ref)]
+    for p in sorted(peers, key=lambda r: (matched(r) != ref, ok[matched(r)]["mac_fraction"], -r["psnr_mean"])):
+        cp = ok[matched(p)]
         d = cp["psnr_mean"] - p["psnr_mean"]
         verdict = "CAT wins" if d > 0.1 else ("CAT loses" if d < -0.1 else "a tie")
         wins = sum(a["psnr"] > b["psnr"] for a, b in zip(cp["per_item"], p["per_item"], strict=True))
@@ -787,9 +790,11 @@ def reading(records: list[dict]) -> str:
                 + f" (full policy {c['psnr_mean']:.2f} dB)."
             )
         clusters = [r for r in abl if "num_clusters" in r["params"]]
+        default_clusters = c["params"].get("num_clusters", cat_pruning.CATConfig().num_clusters)
         for r in clusters:
-            out.append(f"Clustering: {short(r)} (one cluster: global quotas, staleness kept) {r['psnr_mean']:.2f} dB "
-                       f"against {c['psnr_mean']:.2f} dB with {c['params'].get('num_clusters', 20)} clusters.")
+            what = "(one cluster: global quotas, staleness kept) " if r["params"]["num_clusters"] == 1 else ""
+            out.append(f"Clustering: {short(r)} {what}{r['psnr_mean']:.2f} dB against {c['psnr_mean']:.2f} dB "
+                       f"with {default_clusters} clusters.")
         imp = sorted(
             (r for r in [c, *abl] if set(r["params"]) <= {"keep_ratio", "full_steps", "importance_fraction"}),
             key=lambda r: r["params"].get("importance_fraction", 0.25),
