@@ -65,3 +65,29 @@ def test_quality_suite_smoke(run_module, tmp_path, monkeypatch):
     assert path.with_name("quality-examples.png").is_file()
     if importlib.util.find_spec("matplotlib") is not None:
         assert path.with_suffix(".png").is_file()
+
+
+def test_method_specs(monkeypatch):
+    """cat:K:F:field=value overrides take the CATConfig field's type; peer@cat:K:F is tuned to that setting."""
+    import sys
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("bench_quality_specs", BENCH / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, quality)  # its dataclasses look their module up there
+    spec.loader.exec_module(quality)
+
+    def make(*specs):
+        return quality.make_methods(SimpleNamespace(methods=list(specs), peer_warmup=8))
+
+    clusters, importance, peer = make("cat:0.3:8:num_clusters=1", "cat:0.3:8:importance_fraction=0",
+                                      "diffusers-taylorseer@cat:0.5:8")  # fmt: skip
+    assert clusters.params["num_clusters"] == 1 and type(clusters.params["num_clusters"]) is int
+    assert clusters.name == "CAT k=0.3 f=8 num_clusters=1" and clusters.group == "ablation"
+    assert importance.params["importance_fraction"] == 0.0 and type(importance.params["importance_fraction"]) is float
+    assert (peer.id, peer.matched_to, peer.group) == ("diffusers-taylorseer@cat:0.5:8", "cat:0.5:8", "peer")
+    assert peer.name == "diffusers TaylorSeer @ cat:0.5:8"
+    assert make("diffusers-taylorseer")[0].matched_to is None
+    for bad in ("diffusers-taylorseer@cat:0.5", "cat:0.3:8:num_clusters=0", "no-such-peer"):
+        with pytest.raises((SystemExit, ValueError)):
+            make(bad)
