@@ -10,6 +10,7 @@ reads the geometry of a call, refuses inputs it cannot handle, and counts MACs.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -142,3 +143,16 @@ def pipeline_call_local(pipeline: Any, name: str, default: Any = None) -> Any:
             return local[name]
         frame = frame.f_back
     return default
+
+
+def random_inputs(device: str | torch.device, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """rand(*shape) for the adapters' real_inputs: standard-normal values drawn on the CPU from the
+    global RNG, or an empty tensor on the meta device (MAC counting needs shapes only)."""
+    meta = torch.device(device).type == "meta"
+
+    def rand(*shape: int) -> torch.Tensor:
+        if meta:
+            return torch.empty(shape, device=device, dtype=dtype)
+        return torch.randn(*shape).to(device, dtype)
+
+    return rand

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..processors import CATSelfAttnProcessor
 from ..state import CATState
-from .base import Adapter, pipeline_call_local
+from .base import Adapter, pipeline_call_local, random_inputs
 
 # Real architectures, for MAC counts on the meta device: (transformer config, generation), where
 # the generation gives the latent side, the text tokens (none) and the transformer batch (CFG).
@@ -52,11 +52,7 @@ def real_inputs(config: dict[str, Any], gen: dict[str, int], device: str | torch
     """Keyword arguments of one transformer call of a REAL_CONFIGS generation (random values;
     empty tensors on the meta device), timestep excluded. Class labels: [cond; null class]."""
     b, s = gen["batch"], gen["latent"]
-    shape = (b, config["in_channels"], s, s)
-    if torch.device(device).type == "meta":
-        hidden = torch.empty(shape, device=device, dtype=dtype)
-    else:
-        hidden = torch.randn(*shape).to(device, dtype)
+    hidden = random_inputs(device, dtype)(b, config["in_channels"], s, s)
     null = config["num_embeds_ada_norm"]
     labels = torch.tensor([i % null for i in range(b // 2)] + [null] * (b - b // 2), device=device)
     return dict(hidden_states=hidden, class_labels=labels)

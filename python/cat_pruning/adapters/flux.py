@@ -41,7 +41,7 @@ from cat_kernels import ops
 
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
-from .base import Adapter, get_submodule, hidden_states_arg, pipeline_call_local
+from .base import Adapter, get_submodule, hidden_states_arg, pipeline_call_local, random_inputs
 
 # Real architectures, for MAC counts on the meta device: (transformer config, generation), where
 # the generation gives the VAE latent side (packed 2x2 into tokens), the text tokens and the
@@ -67,10 +67,7 @@ def real_inputs(config: dict[str, Any], gen: dict[str, int], device: str | torch
     empty tensors on the meta device), timestep excluded."""
     b, side, t = gen["batch"], gen["latent"] // 2, gen["text"]
 
-    def rand(*shape: int) -> Tensor:
-        if torch.device(device).type == "meta":
-            return torch.empty(shape, device=device, dtype=dtype)
-        return torch.randn(*shape).to(device, dtype)
+    rand = random_inputs(device, dtype)
 
     return dict(
         hidden_states=rand(b, side * side, config["in_channels"]),

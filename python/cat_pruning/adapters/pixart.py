@@ -21,7 +21,7 @@ from torch import nn
 
 from ..processors import CATSelfAttnProcessor
 from ..state import CATState
-from .base import Adapter, pipeline_call_local
+from .base import Adapter, pipeline_call_local, random_inputs
 
 # Real architectures, for MAC counts on the meta device: (transformer config, generation), where
 # the generation gives the latent side, the text tokens and the transformer batch (CFG halves).
@@ -57,10 +57,7 @@ def real_inputs(config: dict[str, Any], gen: dict[str, int], device: str | torch
     empty tensors on the meta device), timestep excluded."""
     b, s, t = gen["batch"], gen["latent"], gen["text"]
 
-    def rand(*shape: int) -> torch.Tensor:
-        if torch.device(device).type == "meta":
-            return torch.empty(shape, device=device, dtype=dtype)
-        return torch.randn(*shape).to(device, dtype)
+    rand = random_inputs(device, dtype)
 
     pixels = torch.full((b, 2), 8.0 * s, device=device, dtype=dtype)
     return dict(

@@ -49,7 +49,7 @@ from cat_kernels import ops
 
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
-from .base import Adapter, get_submodule, hidden_states_arg
+from .base import Adapter, get_submodule, hidden_states_arg, random_inputs
 
 # Real architectures, for MAC counts on the meta device: (transformer config, generation), where
 # the generation gives the latent side, the text tokens and the transformer batch (CFG halves).
@@ -75,10 +75,7 @@ def real_inputs(config: dict[str, Any], gen: dict[str, int], device: str | torch
     empty tensors on the meta device), timestep excluded."""
     b, s, t = gen["batch"], gen["latent"], gen["text"]
 
-    def rand(*shape: int) -> Tensor:
-        if torch.device(device).type == "meta":
-            return torch.empty(shape, device=device, dtype=dtype)
-        return torch.randn(*shape).to(device, dtype)
+    rand = random_inputs(device, dtype)
 
     return dict(
         hidden_states=rand(b, config["in_channels"], s, s),

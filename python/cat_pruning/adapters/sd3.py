@@ -7,12 +7,11 @@ blocks, a second image-only self attention ``attn2`` (cached like ``attn``). The
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..processors import CATJointAttnProcessor
 from ..state import CATState
-from .base import Adapter
+from .base import Adapter, random_inputs
 
 
 class SD3Adapter(Adapter):
@@ -85,10 +84,7 @@ def real_inputs(config: dict, gen: dict[str, int], device, dtype) -> dict:
     empty tensors on the meta device), timestep excluded."""
     b, s, t = gen["batch"], gen["latent"], gen["text"]
 
-    def rand(*shape: int):
-        if torch.device(device).type == "meta":
-            return torch.empty(shape, device=device, dtype=dtype)
-        return torch.randn(*shape).to(device, dtype)
+    rand = random_inputs(device, dtype)
 
     return dict(
         hidden_states=rand(b, config["in_channels"], s, s),
