@@ -8,14 +8,15 @@ Usage (from the repository root)::
     python bench/run.py --filter gather --provider torch-ref,triton
 
 Suites are modules next to this file, imported lazily by name: ``kernels`` (bench/kernels.py),
-``e2e`` (bench/e2e.py), ``quality`` (bench/quality.py). Each exposes ``run(args) -> list[dict]``,
-one record per case; ``args`` is this script's argparse namespace, with the arguments this
-script does not know left in ``args.extra`` for the suite to parse. A missing suite module is
+``e2e`` (bench/e2e.py), ``quality`` (bench/quality.py and its quality_*.py parts). Each exposes
+``run(args) -> list[dict]``, one record per case; ``args`` is this script's argparse namespace,
+with the arguments this script does not know left in ``args.extra`` for the suite to parse. A missing suite module is
 reported; it is an error (exit 2) only when that suite was asked for by name, not under
 ``--suite all``.
 
 Output: a table on stdout, and JSON at ``--json PATH``; without --json it goes to
-``bench/results/<suite>-<device>.json`` (bench/results/ is git-ignored). The JSON is
+``bench/results/<suite>-<device>.json`` (bench/results/ is git-ignored), or where the suite's
+``results_path(args)`` says (the quality suite: one file per ``--model``). The JSON is
 ``{"schema": 1, "argv": [...], "environment": {...}, "records": [...]}``; every record also
 carries the environment fields (device_name, torch, triton, diffusers, git_sha, ...) and
 ``cmd``, a command line that reruns that one case. Record fields of the kernels suite: op,
@@ -128,6 +129,19 @@ def load_suite(name: str):
         sys.modules[full] = module
         spec.loader.exec_module(module)
     return sys.modules[full]
+
+
+def default_json(args: argparse.Namespace) -> Path:
+    """bench/results/<suite>-<device>.json, unless the suite names its own file (``results_path(args)``,
+    e.g. the quality suite's per-model names)."""
+    if args.suite != "all":
+        try:
+            hook = getattr(load_suite(args.suite), "results_path", None)
+        except Exception:  # noqa: BLE001 - the import error is reported when the suite runs
+            hook = None
+        if hook is not None:
+            return hook(args)
+    return RESULTS / f"{args.suite}-{args.device}.json"
 
 
 # --------------------------------------------------------------------------- table
@@ -244,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         print(f"bench: measured copy bandwidth {common.peak_bandwidth_gbps('cuda'):.0f} GB/s", file=sys.stderr)
 
-    path = args.json or RESULTS / f"{args.suite}-{args.device}.json"
+    path = args.json or default_json(args)
     path.parent.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
 

@@ -1,0 +1,274 @@
+"""Quality suite, the methods: what each method id means and how it is switched on around a pipeline.
+
+- ``cat:K:F[:field=value...]``: cat_pruning.patched(pipe, keep_ratio=K, full_steps=F, **overrides)
+  (any CATConfig field; with overrides the method is an ablation);
+- peers, each a threshold or interval that quality_peers.py tunes to a MAC budget:
+  ``cache-dit-dbcache``, ``cache-dit-taylorseer``, ``diffusers-fbc``, ``diffusers-taylorseer``;
+  ``peer@cat:K:F`` tunes the peer to that CAT setting's MAC fraction instead of --target-cat's.
+
+A method's ``session(pipe)`` is a context manager that installs it for the generations inside and
+yields a per-call reset (or None). Sessions look at the transformer they get, so the same peer
+runs on SD3 (transformer_blocks only) and on Flux (double- then single-stream blocks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from quality_peers import tune_continuous, tune_discrete
+
+import cat_pruning
+
+DEFAULT_METHODS = [
+    # CAT settings
+    "cat:0.3:8", "cat:0.5:8", "cat:0.2:8", "cat:0.3:4", "cat:0.3:12",
+    # ablations, all at keep_ratio 0.3, full_steps 8
+    "cat:0.3:8:selection=topk", "cat:0.3:8:num_clusters=1", "cat:0.3:8:selection=cat-no-staleness",
+    "cat:0.3:8:selection=random",
+    "cat:0.3:8:importance_fraction=0", "cat:0.3:8:importance_fraction=0.25",
+    "cat:0.3:8:importance_fraction=0.5", "cat:0.3:8:importance_fraction=1",
+    # peers at matched MAC budgets: CAT's default, and (those that run) the settings below and above it
+    "cache-dit-dbcache", "cache-dit-taylorseer", "diffusers-fbc", "diffusers-taylorseer",
+    "cache-dit-dbcache@cat:0.2:8", "cache-dit-dbcache@cat:0.5:8",
+    "diffusers-taylorseer@cat:0.2:8", "diffusers-taylorseer@cat:0.5:8",
+]  # fmt: skip
+PEERS = ("cache-dit-dbcache", "cache-dit-taylorseer", "diffusers-fbc", "diffusers-taylorseer")
+
+Session = Callable[[Any], contextlib.AbstractContextManager]  # pipe -> context yielding a per-call reset or None
+
+
+@dataclasses.dataclass
+class Method:
+    id: str
+    name: str
+    group: str  # dense | cat | ablation | peer
+    params: dict[str, Any]
+    session: Session
+    data_dependent: bool = False  # compute depends on the images (threshold-driven caches)
+    tune: Callable[..., None] | None = None  # peers: sets params to land near the target MACs
+    # peers: (label, params update) tried in order until one runs
+    variants: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)
+    # peers: knob values for the probe that make it cache as much as it can (so the cached path runs)
+    probe_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    error: str | None = None
+    matched_to: str | None = None  # peers: the CAT setting whose MAC fraction they are tuned to (None: --target-cat)
+
+
+@contextlib.contextmanager
+def _no_session(pipe) -> Iterator[None]:
+    yield None
+
+
+def cat_method(spec: str) -> Method:
+    """cat:K:F[:field=value...] -> CAT Pruning with keep_ratio K, full_steps F and CATConfig overrides."""
+    parts = spec.split(":")
+    if len(parts) < 3:
+        raise SystemExit(f"bench quality: bad CAT method {spec!r}; expected cat:KEEP:FULL[:field=value...]")
+    overrides: dict[str, Any] = dict(keep_ratio=float(parts[1]), full_steps=int(parts[2]))
+    defaults = cat_pruning.CATConfig()
+    extra: dict[str, Any] = {}
+    for kv in parts[3:]:
+        key, _, value = kv.partition("=")
+        default = getattr(defaults, key, None)
+        # numbers take the type of the field's default (num_clusters=1 -> int, importance_fraction=0 -> float)
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        extra[key] = type(default)(value) if numeric else value
+    overrides.update(extra)
+    cat_pruning.CATConfig().replace(**overrides)  # validate now
+
+    @contextlib.contextmanager
+    def session(pipe) -> Iterator[None]:
+        with cat_pruning.patched(pipe, **overrides):
+            yield None
+
+    name = f"CAT k={overrides['keep_ratio']:g} f={overrides['full_steps']}"
+    name += "".join(f" {v}" if isinstance(v, str) else f" {k}={v:g}" for k, v in extra.items())
+    return Method(spec, name, "ablation" if extra else "cat", overrides, session)
+
+
+def _cache_dit_session(params: dict[str, Any]) -> Session:
+    @contextlib.contextmanager
+    def session(pipe) -> Iterator[None]:
+        os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
+        import cache_dit
+        from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern, TaylorSeerCalibratorConfig
+
+        tr = pipe.transformer
+        calibrator = None
+        if params.get("taylorseer"):
+            calibrator = TaylorSeerCalibratorConfig(
+                taylorseer_order=params["taylorseer_order"],
+                enable_encoder_calibrator=params["enable_encoder_calibrator"],
+            )
+        if hasattr(tr, "single_transformer_blocks"):
+            # Flux: double- then single-stream blocks, both returning (encoder_hidden_states,
+            # hidden_states) in diffusers >= 0.35: Pattern_1 twice, as cache-dit's Flux adapter uses.
+            adapter = BlockAdapter(pipe=pipe, transformer=tr,
+                                   blocks=[tr.transformer_blocks, tr.single_transformer_blocks],
+                                   forward_pattern=[ForwardPattern.Pattern_1, ForwardPattern.Pattern_1])
+        else:
+            # SD3's blocks return (encoder_hidden_states, hidden_states): cache-dit's Pattern_1,
+            # as its own registered StableDiffusion3 adapter uses.
+            adapter = BlockAdapter(pipe=pipe, transformer=tr, blocks=tr.transformer_blocks,
+                                   forward_pattern=ForwardPattern.Pattern_1)
+        cache_dit.enable_cache(
+            adapter,
+            cache_config=DBCacheConfig(
+                Fn_compute_blocks=params["Fn_compute_blocks"],
+                Bn_compute_blocks=params["Bn_compute_blocks"],
+                residual_diff_threshold=params["residual_diff_threshold"],
+                max_warmup_steps=params["max_warmup_steps"],
+                enable_separate_cfg=False,  # a CFG batch [uncond; cond] runs in one forward (or there is none)
+            ),
+            calibrator_config=calibrator,
+        )  # fmt: skip
+        try:
+            yield None
+        finally:
+            cache_dit.disable_cache(pipe)
+
+    return session
+
+
+def _diffusers_hook_session(params: dict[str, Any], kind: str) -> Session:
+    """diffusers' FirstBlockCache / TaylorSeer hooks on the bare transformer. SD3Transformer2DModel
+    has no CacheMixin (no enable_cache, no cache_context) and the project's pipelines open no cache
+    context, so a context named "cond" is opened around every transformer call, and the hooks'
+    state is reset before every generation."""
+
+    @contextlib.contextmanager
+    def session(pipe) -> Iterator[Callable[[], None]]:
+        from diffusers.hooks import HookRegistry
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+        tr = pipe.transformer
+        registry = HookRegistry.check_if_exists_or_initialize(tr)
+        handles = []
+        try:
+            if kind == "fbc":
+                from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+                apply_first_block_cache(tr, FirstBlockCacheConfig(threshold=params["threshold"]))
+            else:
+                from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+
+                apply_taylorseer_cache(
+                    tr,
+                    TaylorSeerCacheConfig(
+                        cache_interval=params["cache_interval"],
+                        disable_cache_before_step=params["disable_cache_before_step"],
+                        max_order=params["max_order"],
+                        taylor_factors_dtype=torch.float32,  # the model runs in fp32 here
+                        cache_identifiers=params.get("cache_identifiers"),
+                        use_lite_mode=params.get("use_lite_mode", False),
+                    ),
+                )
+            registry.invalidate_child_registries_cache()
+            handles = [
+                tr.register_forward_pre_hook(lambda m, a, k: _set_cache_context(m, CacheContext("cond")),
+                                             with_kwargs=True),
+                tr.register_forward_hook(lambda m, a, o: _set_cache_context(m, None)),
+            ]  # fmt: skip
+
+            def reset() -> None:
+                registry.reset_stateful_hooks(recurse=True)
+
+            yield reset
+        finally:
+            for h in handles:
+                h.remove()
+            _set_cache_context(tr, None)
+            for name in ("fbc_leader_block_hook", "fbc_block_hook", "taylorseer_cache"):
+                registry.remove_hook(name, recurse=True)
+            registry.invalidate_child_registries_cache()
+
+    return session
+
+
+def peer_method(spec: str, warmup: int, arch: str = "SD3") -> Method:
+    """A peer with its starting knobs; arch "Flux" also hooks the single-stream blocks."""
+    if spec in ("cache-dit-dbcache", "cache-dit-taylorseer"):
+        ts = spec == "cache-dit-taylorseer"
+        params: dict[str, Any] = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.1,
+                                      max_warmup_steps=warmup)  # fmt: skip
+        if ts:
+            params.update(taylorseer=True, taylorseer_order=1, enable_encoder_calibrator=True)
+        m = Method(spec, "cache-dit DBCache" + (" + TaylorSeer" if ts else "") + " F1B0", "peer", params,
+                   session=lambda pipe: _cache_dit_session(m.params)(pipe), data_dependent=True)  # fmt: skip
+        if ts:
+            m.variants = [
+                ("cache-dit's default TaylorSeer calibrator (encoder calibrator on)", {}),
+                ("enable_encoder_calibrator=False", dict(enable_encoder_calibrator=False)),
+            ]
+        m.tune = lambda ctx: tune_continuous(ctx, m, "residual_diff_threshold", 0.005, 5.0)
+        m.probe_params = dict(residual_diff_threshold=5.0)
+        return m
+    if spec == "diffusers-fbc":
+        m = Method(
+            spec,
+            "diffusers FirstBlockCache",
+            "peer",
+            dict(threshold=0.1),
+            session=lambda pipe: _diffusers_hook_session(m.params, "fbc")(pipe),
+            data_dependent=True,
+        )
+        m.tune = lambda ctx: tune_continuous(ctx, m, "threshold", 0.005, 5.0)
+        m.probe_params = dict(threshold=5.0)
+        return m
+    if spec == "diffusers-taylorseer":
+        params = dict(cache_interval=3, disable_cache_before_step=warmup, max_order=1)
+        m = Method(
+            spec,
+            "diffusers TaylorSeer",
+            "peer",
+            params,
+            session=lambda pipe: _diffusers_hook_session(m.params, "taylorseer")(pipe),
+        )
+        # Whole blocks first (a step-level cache like cache-dit's), then diffusers' lite mode, then
+        # the attention and feed-forward submodules of every block (its norms and gates still run;
+        # diffusers' default hooks attention only, which cannot come near CAT's MAC budget).
+        if arch == "Flux":  # re.fullmatch: the single-stream blocks need their own names
+            m.variants = [
+                ("cache_identifiers=[(single_)transformer_blocks.N] (whole blocks)",
+                 dict(cache_identifiers=[r"(single_)?transformer_blocks\.\d+"], use_lite_mode=False)),
+                ("use_lite_mode=True", dict(cache_identifiers=None, use_lite_mode=True)),
+                ("cache_identifiers=[(single_)transformer_blocks.N.(attn|ff|ff_context|proj_mlp)]",
+                 dict(cache_identifiers=[r"(single_)?transformer_blocks\.\d+\.(attn|ff|ff_context|proj_mlp)"],
+                      use_lite_mode=False)),
+            ]  # fmt: skip
+        else:
+            m.variants = [
+                ("cache_identifiers=[transformer_blocks.N] (whole blocks)",
+                 dict(cache_identifiers=[r"transformer_blocks\.\d+"], use_lite_mode=False)),
+                ("use_lite_mode=True", dict(cache_identifiers=None, use_lite_mode=True)),
+                ("cache_identifiers=[transformer_blocks.N.(attn|ff|ff_context)]",
+                 dict(cache_identifiers=[r"transformer_blocks\.\d+\.(attn|ff|ff_context)"], use_lite_mode=False)),
+            ]  # fmt: skip
+        m.tune = lambda ctx: tune_discrete(ctx, m, "cache_interval", range(2, 15))
+        return m
+    raise SystemExit(f"bench quality: unknown method {spec!r}; peers are {PEERS}, CAT is cat:K:F[:field=value]")
+
+
+def make_methods(opts: argparse.Namespace) -> list[Method]:
+    out = []
+    for spec in opts.methods:
+        if spec == "dense":
+            continue
+        if spec.startswith("cat:"):
+            out.append(cat_method(spec))
+            continue
+        peer, _, target = spec.partition("@")  # peer@cat:K:F: tuned to that CAT setting's MAC fraction
+        m = peer_method(peer, opts.peer_warmup, getattr(opts, "arch", "SD3"))
+        if target:
+            cat_method(target)  # validate
+            m.id, m.name, m.matched_to = spec, f"{m.name} @ {target}", target
+        out.append(m)
+    return out
+

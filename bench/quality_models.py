@@ -1,0 +1,101 @@
+"""The models the quality suite runs on (``--model tiny|photos``): how to load each, its prompts,
+and the words the report uses for it. Everything model-specific in the suite is here.
+
+- ``tiny``: the shipped scene model (cat_pruning.tiny), a pixel-space SD3Transformer2DModel, one
+  prompt per call with CFG; prompts are distinct captions of its scene generator.
+- ``photos``: the photo model (cat_pruning.photos), a pixel-space FluxTransformer2DModel trained on
+  crops of scikit-image's photographs, Flux-style without a CFG batch; prompts are its captions
+  (photo name and zoom).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CAPTION_SEED_BASE = 900_000  # scene-generator seeds of the tiny model's prompts (captions are deduplicated)
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityModel:
+    name: str  # the --model value
+    arch: str  # short architecture name in the report ("SD3", "Flux")
+    title: str  # the model as the report's first sentence names it
+    prompt_source: str  # what the prompts are, in the report
+    call_note: str  # how the pipeline is called, in the report
+    plot_title: str
+    load: Callable[[str, Any], Any]  # (device, dtype) -> pipeline
+    prompts: Callable[[int], list[str]]
+    results_stem: str  # bench/results/<stem>-<device>.json, .md, .png; <examples> below
+    examples_name: str
+
+
+def tiny_prompts(n: int) -> list[str]:
+    """The first n distinct captions of the scene generator from CAPTION_SEED_BASE on."""
+    from cat_pruning.tiny import make_example
+
+    caps: list[str] = []
+    seed = CAPTION_SEED_BASE
+    while len(caps) < n:
+        cap = make_example(seed)[1]
+        seed += 1
+        if cap not in caps:
+            caps.append(cap)
+    return caps
+
+
+def _load_tiny(device: str, dtype: Any):
+    from cat_pruning.tiny import load_tiny_pipeline
+
+    return load_tiny_pipeline(device=device, dtype=dtype)
+
+
+def photo_prompts(n: int) -> list[str]:
+    """n captions of the photo model, every photo once before any photo twice (zoom levels rotate)."""
+    from cat_pruning.photos import eval_prompts
+
+    return eval_prompts(n)
+
+
+def _load_photos(device: str, dtype: Any):
+    from cat_pruning.photos import load_photo_pipeline
+
+    return load_photo_pipeline(device=device, dtype=dtype)
+
+
+MODELS: dict[str, QualityModel] = {
+    "tiny": QualityModel(
+        name="tiny",
+        arch="SD3",
+        title="Shipped tiny model (`cat_pruning.tiny`, SD3Transformer2DModel",
+        prompt_source="scene-generator captions",
+        call_note="one prompt per call with CFG",
+        plot_title="Tiny SD3 model",
+        load=_load_tiny,
+        prompts=tiny_prompts,
+        results_stem="quality",
+        examples_name="quality-examples.png",
+    ),
+    "photos": QualityModel(
+        name="photos",
+        arch="Flux",
+        title="Photo model (`cat_pruning.photos`, FluxTransformer2DModel trained on crops of scikit-image's "
+        "photographs",
+        prompt_source="photo captions: name and zoom",
+        call_note="one prompt per call, no CFG batch (Flux style)",
+        plot_title="Photo Flux model",
+        load=_load_photos,
+        prompts=photo_prompts,
+        results_stem="quality-photos",
+        examples_name="quality-photos-examples.png",
+    ),
+}
+
+
+def get(name: str) -> QualityModel:
+    if name not in MODELS:
+        raise SystemExit(f"bench quality: unknown --model {name!r}; choose from {sorted(MODELS)}")
+    return MODELS[name]
