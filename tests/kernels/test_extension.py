@@ -15,7 +15,9 @@ import torch
 
 from cat_kernels import reference
 
-ext = pytest.importorskip("cat_kernels.extension", reason="cat_kernels._C is not built (make ext)")
+ext = pytest.importorskip(
+    "cat_kernels.extension", reason="cat_kernels._C is not built (make ext)", exc_type=ImportError
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {  # d and cluster_score (fp32 outputs), per input dtype: fp32 math, summation order only
