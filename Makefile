@@ -34,8 +34,10 @@ test-min-diffusers: install
 	CAT_EXPECT_DIFFUSERS=$(DIFFUSERS_MIN) PYTHONPATH=$(MIN_DIR) $(PY) -m pytest -q tests/models tests/test_cli.py \
 		-k "keep_ratio_one or oracle or pipeline or tiny or cli" -p no:cacheprovider
 
+# Both shipped models: the scene model (SD3 architecture) and the photo model (Flux architecture).
 demo: install
-	$(PY) -m cat_pruning demo
+	$(PY) -m cat_pruning demo --model tiny --out out/demo/tiny
+	$(PY) -m cat_pruning demo --model photos --out out/demo/photos
 
 lint: install
 	$(PY) -m ruff check .

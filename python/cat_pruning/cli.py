@@ -1,11 +1,13 @@
 """Command line: ``python -m cat_pruning demo`` and ``python -m cat_pruning generate``.
 
-demo       generates a handful of prompts with the shipped tiny model, dense and with CAT, and
-           writes one PNG per prompt (dense | CAT | how often each token was recomputed), with
-           wall time, speedup, MAC fraction and PSNR/SSIM against dense.
-generate   one prompt with the shipped model or any supported diffusers pipeline saved on disk,
+demo       generates a handful of prompts with one of the shipped models (--model tiny, the scene
+           model, or photos, the Flux-architecture photo model), dense and with CAT, and writes
+           one PNG per prompt (dense | CAT | how often each token was recomputed), with wall
+           time, speedup, MAC fraction and PSNR/SSIM against dense.
+generate   one prompt with a shipped model or any supported diffusers pipeline saved on disk,
            and (with CAT) a picture of how often each token was recomputed. For DiT, which is
-           class-conditional, the prompt is an ImageNet class name ("golden retriever").
+           class-conditional, the prompt is an ImageNet class name ("golden retriever"); for the
+           photo model it is "<photo>, <zoom>" ("coffee, close-up").
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ DEMO_PROMPTS = [
     "a white square right of an orange circle on a blue background",
     "a black triangle on a white background",
 ]
+PHOTO_DEMO_PROMPTS = [
+    "coffee, full view",
+    "astronaut, medium",
+    "chelsea, close-up",
+    "brick, medium",
+    "hubble, full view",
+    "gravel, close-up",
+]
+SHIPPED = {"tiny": "shipped tiny model", "photos": "shipped photo model"}  # --model names of the shipped models
 
 
 def _int(text: str) -> int:
@@ -83,14 +94,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="default float32 on cpu, bfloat16 on cuda")
         p.add_argument("--backend", choices=["auto", "triton", "cuda", "torch"], default="auto")
 
-    demo = sub.add_parser("demo", help="dense vs CAT on the shipped tiny model, PNGs and a table")
-    common(demo, 28, 4.0)
+    demo = sub.add_parser("demo", help="dense vs CAT on a shipped model, PNGs and a table")
+    common(demo, 28, None)
+    demo.add_argument("--model", choices=sorted(SHIPPED), default="tiny",
+                      help="tiny (the scene model, SD3 architecture; default) or photos (Flux architecture)")
     demo.add_argument("--prompts", type=_positive_int, default=4, help=f"how many (1..{len(DEMO_PROMPTS)})")
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default out/demo)")
 
     gen = sub.add_parser("generate", help="one prompt, with CAT unless --dense")
     common(gen, None, None)
-    gen.add_argument("--model", default="tiny", help="'tiny' (the shipped model) or a pipeline folder")
+    gen.add_argument("--model", default="tiny",
+                     help="'tiny' (the shipped scene model), 'photos' (the shipped photo model) or a pipeline folder")
     gen.add_argument("--prompt", required=True, help="the text (for DiT: an ImageNet class name)")
     gen.add_argument("--height", type=_positive_int, default=None, help="pixels (default: the pipeline's)")
     gen.add_argument("--width", type=_positive_int, default=None, help="pixels (default: the pipeline's)")
@@ -122,13 +136,18 @@ def _check_device(args: argparse.Namespace) -> None:
 
 
 def load_pipeline(model: str, device: str, dtype: torch.dtype):
-    """The shipped tiny pipeline ("tiny"), a folder written by tools/train_tiny_t2i.py, or a
-    diffusers pipeline folder whose transformer class cat_pruning supports (checked before loading)."""
+    """A shipped pipeline ("tiny", "photos"), a folder written by tools/train_tiny_t2i.py or
+    tools/train_photo_model.py, or a diffusers pipeline folder whose transformer class cat_pruning
+    supports (checked before loading)."""
     from .adapters import ADAPTERS, supported_families
     from .tiny import TinyT2IPipeline, load_tiny_pipeline
 
     if model == "tiny":
         return load_tiny_pipeline(device=device, dtype=dtype)
+    if model == "photos":
+        from .photos import load_photo_pipeline
+
+        return load_photo_pipeline(device=device, dtype=dtype)
     path = Path(model)
     if not path.exists():
         raise SystemExit(f"error: --model {model!r}: no such folder (a local pipeline folder is needed; "
@@ -143,6 +162,10 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
     pipeline_class = index.get("_class_name")
     if pipeline_class == TinyT2IPipeline.__name__:
         return load_tiny_pipeline(device=device, dtype=dtype, path=path)
+    if pipeline_class == "PhotoFluxPipeline":
+        from .photos import load_photo_pipeline
+
+        return load_photo_pipeline(device=device, dtype=dtype, path=path)
     transformer = index.get("transformer")
     if not isinstance(transformer, list) or len(transformer) != 2:
         raise SystemExit(f"error: {pipeline_class} has no transformer; cat_pruning patches diffusion transformers "
@@ -232,6 +255,10 @@ def _panel(dense: np.ndarray, cat: np.ndarray, heat: np.ndarray, heat_label: str
 
 def _recompute_map(stats, size: tuple[int, int], steps: int) -> tuple[np.ndarray, str]:
     counts = stats.recomputed[-1]  # the two halves of a CFG pair share one selection
+    if counts.shape[0] == 1 and counts.numel() > 1:  # packed tokens without a grid (Flux): the image's aspect
+        rows = round((counts.numel() * size[0] / size[1]) ** 0.5)
+        if rows and counts.numel() % rows == 0:
+            counts = counts.reshape(rows, -1)
     label = f"steps computed per token: {int(counts.min())} (dark) to {int(counts.max())} (bright) of {steps}"
     return heatmap(counts, size), label
 
@@ -245,18 +272,19 @@ def demo(args: argparse.Namespace) -> int:
 
     from .metrics import psnr, ssim
 
-    if args.prompts > len(DEMO_PROMPTS):
-        raise SystemExit(f"error: --prompts must be at most {len(DEMO_PROMPTS)}")
-    pipe = load_pipeline("tiny", args.device, _dtype(args))
+    prompts = PHOTO_DEMO_PROMPTS if args.model == "photos" else DEMO_PROMPTS
+    if args.prompts > len(prompts):
+        raise SystemExit(f"error: --prompts must be at most {len(prompts)}")
+    pipe = load_pipeline(args.model, args.device, _dtype(args))
     pipe.set_progress_bar_config(disable=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    _run(pipe, DEMO_PROMPTS[0], args)  # warm-up: first-call allocations and lazy imports,
+    _run(pipe, prompts[0], args)  # warm-up: first-call allocations and lazy imports,
     with cat_pruning.patched(pipe, keep_ratio=args.keep_ratio, full_steps=args.full_steps, backend=args.backend):
-        _run(pipe, DEMO_PROMPTS[0], args)  # and kernel compilation, so prompt 0's speedup is fair
+        _run(pipe, prompts[0], args)  # and kernel compilation, so prompt 0's speedup is fair
     rows = []
     from tqdm.auto import tqdm
 
-    for i, prompt in enumerate(tqdm(DEMO_PROMPTS[: args.prompts], desc="demo", unit="prompt")):
+    for i, prompt in enumerate(tqdm(prompts[: args.prompts], desc="demo", unit="prompt")):
         dense, t_dense = _run(pipe, prompt, args)
         with cat_pruning.patched(pipe, keep_ratio=args.keep_ratio, full_steps=args.full_steps, backend=args.backend):
             cat, t_cat = _run(pipe, prompt, args)
@@ -267,7 +295,7 @@ def demo(args: argparse.Namespace) -> int:
         rows.append(dict(prompt=prompt, dense_s=t_dense, cat_s=t_cat, speedup=t_dense / t_cat,
                          mac_fraction=stats.mac_fraction, psnr_db=psnr(cat, dense), ssim=ssim(cat, dense),
                          png=str(png)))
-    print(f"\nCAT Pruning demo: shipped tiny model, {args.steps} steps, keep_ratio {args.keep_ratio}, "
+    print(f"\nCAT Pruning demo: {SHIPPED[args.model]}, {args.steps} steps, keep_ratio {args.keep_ratio}, "
           f"full_steps {args.full_steps}, {args.device} {_dtype(args)}".replace("torch.", ""))
     print(f"{'prompt':<62} {'dense s':>8} {'CAT s':>7} {'speedup':>8} {'MACs':>6} {'PSNR dB':>8} {'SSIM':>6}")
     for r in rows:
