@@ -31,9 +31,9 @@ CSRC = os.path.join(ROOT, "csrc")
 MODE_VAR = "CAT_KERNELS_BUILD_EXT"
 CUDA_VAR = "CAT_KERNELS_WITH_CUDA"
 DEFAULT_ARCHS = "8.0;9.0"
-CPU_SOURCES = ["csrc/ops.cpp", "csrc/module.cpp"]
-CUDA_SOURCES = ["csrc/ops_cuda.cu"]
-HEADERS = ["csrc/common.h", "csrc/ops.h"]
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/forecast.cpp", "csrc/module.cpp"]
+CUDA_SOURCES = ["csrc/ops_cuda.cu", "csrc/forecast_cuda.cu"]
+HEADERS = ["csrc/common.h", "csrc/ops.h", "csrc/forecast.h"]
 
 
 def _log(message: str) -> None:

@@ -14,7 +14,17 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (ImportError when not built; loading registers the ops)
 
-__all__ = ["token_stats", "select_tokens", "gather_tokens", "scatter_tokens_", "scatter_kv_", "kmeans", "kmeans_assign"]
+__all__ = [
+    "token_stats",
+    "select_tokens",
+    "gather_tokens",
+    "scatter_tokens_",
+    "scatter_kv_",
+    "forecast_tokens_",
+    "forecast_kv_",
+    "kmeans",
+    "kmeans_assign",
+]
 
 WITH_CUDA: bool = bool(_C.WITH_CUDA)
 _ops = torch.ops.cat_kernels
@@ -55,6 +65,31 @@ def scatter_tokens_(dst: Tensor, idx: Tensor, src: Tensor, dim: int) -> Tensor:
 def scatter_kv_(k_cache: Tensor, v_cache: Tensor, idx: Tensor, k: Tensor, v: Tensor, dim: int) -> None:
     """Both caches' rows at idx overwritten with the new K and V rows (one launch on CUDA)."""
     _ops.scatter_kv_(k_cache, v_cache, idx, k, v, dim)
+
+
+def forecast_tokens_(
+    base: Tensor, slope: Tensor, out: Tensor, pos: Tensor, rows: Tensor, weight: Tensor, inv_dt: Tensor, dim: int
+) -> None:
+    """One cache's forecast step in one pass (base, slope, out in place); see reference.forecast_tokens_."""
+    _ops.forecast_tokens_(base, slope, out, pos, rows, weight, inv_dt, dim)
+
+
+def forecast_kv_(
+    k_base: Tensor,
+    v_base: Tensor,
+    k_slope: Tensor,
+    v_slope: Tensor,
+    k_out: Tensor,
+    v_out: Tensor,
+    pos: Tensor,
+    k: Tensor,
+    v: Tensor,
+    weight: Tensor,
+    inv_dt: Tensor,
+    dim: int,
+) -> None:
+    """The K and V caches' forecast step (one launch on CUDA); see reference.forecast_kv_."""
+    _ops.forecast_kv_(k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim)
 
 
 def kmeans(features: Tensor, num_clusters: int, iters: int) -> Tensor:

@@ -18,7 +18,16 @@ from torch import Tensor
 
 from . import backend as _backend
 
-__all__ = ["token_stats", "select_tokens", "gather_tokens", "scatter_tokens_", "scatter_kv_", "kmeans"]
+__all__ = [
+    "token_stats",
+    "select_tokens",
+    "gather_tokens",
+    "scatter_tokens_",
+    "scatter_kv_",
+    "forecast_tokens_",
+    "forecast_kv_",
+    "kmeans",
+]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INTS = (torch.int32, torch.int64)
@@ -148,6 +157,45 @@ def _scatter_kv_op(k_cache: Tensor, v_cache: Tensor, idx: Tensor, k: Tensor, v: 
 
 @_scatter_kv_op.register_fake
 def _(k_cache, v_cache, idx, k, v, dim, backend):
+    return None
+
+
+@torch.library.custom_op("cat_ops::forecast_tokens_", mutates_args=("base", "slope", "out"))
+def _forecast_tokens_op(
+    base: Tensor, slope: Tensor, out: Tensor, pos: Tensor, rows: Tensor, weight: Tensor, inv_dt: Tensor, dim: int,
+    backend: str,
+) -> None:
+    _impl("forecast_tokens_", backend)(base, slope, out, pos, rows, weight, inv_dt, dim)
+
+
+@_forecast_tokens_op.register_fake
+def _(base, slope, out, pos, rows, weight, inv_dt, dim, backend):
+    return None
+
+
+@torch.library.custom_op(
+    "cat_ops::forecast_kv_", mutates_args=("k_base", "v_base", "k_slope", "v_slope", "k_out", "v_out")
+)
+def _forecast_kv_op(
+    k_base: Tensor,
+    v_base: Tensor,
+    k_slope: Tensor,
+    v_slope: Tensor,
+    k_out: Tensor,
+    v_out: Tensor,
+    pos: Tensor,
+    k: Tensor,
+    v: Tensor,
+    weight: Tensor,
+    inv_dt: Tensor,
+    dim: int,
+    backend: str,
+) -> None:
+    _impl("forecast_kv_", backend)(k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim)
+
+
+@_forecast_kv_op.register_fake
+def _(k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim, backend):
     return None
 
 
@@ -315,6 +363,132 @@ def scatter_kv_(
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
     _scatter_kv_op(k_cache, v_cache, idx, k, v, dim, _backend.resolve(k_cache.device, backend))
+
+
+def _check_forecast(
+    names: tuple[str, str, str, str], base: Tensor, slope: Tensor, out: Tensor, rows: Tensor, pos: Tensor, dim: int
+) -> None:
+    """One cache (base, slope, out) and its new rows against pos (B, N)."""
+    base_name, slope_name, out_name, rows_name = names
+    if dim not in (1, 2):
+        raise ValueError(f"dim must be 1 for (B, N, C) caches or 2 for (B, H, N, D) ones, got {dim}")
+    _check_tensor(base_name, base, dim + 2, _FLOATS)
+    for name, t in ((slope_name, slope), (out_name, out)):
+        _check_tensor(name, t, base.dim(), _FLOATS)
+        if t.shape != base.shape:
+            raise ValueError(f"{name} must have the shape of {base_name} {tuple(base.shape)}, got {tuple(t.shape)}")
+    if out.dtype != base.dtype:
+        raise ValueError(f"{out_name} must have the dtype of {base_name} ({base.dtype}), got {out.dtype}")
+    for name, t in ((base_name, base), (slope_name, slope), (out_name, out)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (a cache the caller allocates), got strides {t.stride()}")
+    _check_tensor(rows_name, rows, base.dim(), _FLOATS)
+    expected = list(base.shape)
+    expected[dim] = rows.shape[dim]
+    if list(rows.shape) != expected:
+        raise ValueError(f"{rows_name} must have shape {tuple(expected)} (N replaced by K), got {tuple(rows.shape)}")
+    if pos.shape != (base.shape[0], base.shape[dim]):
+        raise ValueError(f"pos must have shape (B, N) = {(base.shape[0], base.shape[dim])}, got {tuple(pos.shape)}")
+    _check_same_device(**{base_name: base, slope_name: slope, out_name: out, rows_name: rows, "pos": pos})
+    # Aliases would break the math (a skipped token's out written over its base). Data pointers
+    # do not exist while tracing or on meta tensors.
+    if not torch.compiler.is_compiling() and base.device.type != "meta":
+        ptrs = {name: t.data_ptr() for name, t in ((base_name, base), (slope_name, slope), (out_name, out))}
+        if len(set(ptrs.values())) < 3 and base.numel():
+            raise ValueError(f"{base_name}, {slope_name} and {out_name} must be distinct tensors, got {ptrs}")
+
+
+def _check_forecast_inputs(pos: Tensor, weight: Tensor, inv_dt: Tensor, k_rows: int) -> None:
+    """pos (checked by the caller), weight and inv_dt: (B, N), and pos's values on CPU."""
+    for name, t in (("weight", weight), ("inv_dt", inv_dt)):
+        _check_tensor(name, t, 2, (torch.float32,))
+        if t.shape != pos.shape:
+            raise ValueError(f"{name} must have the shape of pos {tuple(pos.shape)}, got {tuple(t.shape)}")
+    _check_same_device(pos=pos, weight=weight, inv_dt=inv_dt)
+    if _values_checkable(pos) and pos.numel() and (int(pos.min()) < -1 or int(pos.max()) >= k_rows):
+        raise ValueError(
+            f"pos must lie in [-1, K={k_rows}) (-1: not computed), got values in [{int(pos.min())}, {int(pos.max())}]"
+        )
+
+
+def forecast_tokens_(
+    base: Tensor,
+    slope: Tensor,
+    out: Tensor,
+    pos: Tensor,
+    rows: Tensor,
+    weight: Tensor,
+    inv_dt: Tensor,
+    dim: int = 1,
+    *,
+    backend: str | None = None,
+) -> None:
+    """First-order forecast of a token cache, in place, in one pass over its N rows.
+
+    Computed tokens (pos[b, n] = j >= 0) take new = rows[b, ..., j, :] (rounded to base's
+    dtype): slope[n] = (new - base[n]) * inv_dt[b, n], base[n] = new, out[n] = new. Skipped
+    tokens (pos = -1) keep base and slope and read out[n] = base[n] + weight[b, n] * slope[n].
+    All math in fp32, one rounding per stored value. With weight = 0, out is the plain scatter of
+    rows into base (reuse); see :func:`cat_kernels.reference.forecast_tokens_`.
+
+    Args:
+        base: (B, N, C) with dim=1 or (B, H, N, D) with dim=2, float32/float16/bfloat16,
+            contiguous: each token's value at its last computation. Updated in place.
+        slope: base's shape, contiguous, any of those float dtypes (fp32 next to a bf16 base is
+            fine): change per unit time between the last two computations. Updated in place.
+        out: base's shape and dtype, contiguous: what the consumer reads. Written in place.
+        pos: (B, N) int32/int64, the token's row in `rows` if computed this step, else -1;
+            values in [-1, K).
+        rows: the new rows, base's shape with N replaced by K (0 <= K); any strides and float dtype.
+        weight: (B, N) float32, the forecast horizon of each token (time since its last
+            computation times any damping); 0 gives plain reuse.
+        inv_dt: (B, N) float32, 1 / (time between a computed token's last two computations).
+        dim: the token dimension, 1 or 2.
+        backend: "auto" (default), "triton", "cuda" or "torch".
+    """
+    _check_tensor("pos", pos, 2, _INTS)
+    _check_forecast(("base", "slope", "out", "rows"), base, slope, out, rows, pos, dim)
+    _check_forecast_inputs(pos, weight, inv_dt, rows.shape[dim])
+    _check_same_device(base=base, pos=pos, weight=weight)
+    _forecast_tokens_op(base, slope, out, pos, rows, weight, inv_dt, dim, _backend.resolve(base.device, backend))
+
+
+def forecast_kv_(
+    k_base: Tensor,
+    v_base: Tensor,
+    k_slope: Tensor,
+    v_slope: Tensor,
+    k_out: Tensor,
+    v_out: Tensor,
+    pos: Tensor,
+    k: Tensor,
+    v: Tensor,
+    weight: Tensor,
+    inv_dt: Tensor,
+    dim: int = 2,
+    *,
+    backend: str | None = None,
+) -> None:
+    """:func:`forecast_tokens_` for a layer's K and V caches together, in one launch.
+
+    Same rules for the triples (k_base, k_slope, k_out) with new rows k and (v_base, v_slope,
+    v_out) with v; the two caches must have equal shapes (dtypes may differ) and share pos,
+    weight and inv_dt. dim defaults to 2: caches (B, H, N, D), new rows (B, H, K, D), typically
+    a transposed view of attention's (B, K, H, D).
+    """
+    _check_tensor("pos", pos, 2, _INTS)
+    _check_forecast(("k_base", "k_slope", "k_out", "k"), k_base, k_slope, k_out, k, pos, dim)
+    _check_forecast(("v_base", "v_slope", "v_out", "v"), v_base, v_slope, v_out, v, pos, dim)
+    if v_base.shape != k_base.shape:
+        raise ValueError(f"v_base must have the shape of k_base {tuple(k_base.shape)}, got {tuple(v_base.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    _check_forecast_inputs(pos, weight, inv_dt, k.shape[dim])
+    _check_same_device(k_base=k_base, v_base=v_base, pos=pos, weight=weight)
+    _forecast_kv_op(
+        k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim,
+        _backend.resolve(k_base.device, backend),
+    )  # fmt: skip
 
 
 def kmeans(features: Tensor, num_clusters: int, iters: int = 10, *, backend: str | None = None) -> Tensor:

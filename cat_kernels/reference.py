@@ -24,6 +24,8 @@ __all__ = [
     "gather_tokens",
     "scatter_tokens_",
     "scatter_kv_",
+    "forecast_tokens_",
+    "forecast_kv_",
     "kmeans",
     "kmeans_assign",
 ]
@@ -157,6 +159,61 @@ def scatter_kv_(k_cache: Tensor, v_cache: Tensor, idx: Tensor, k: Tensor, v: Ten
     """Both caches' rows at idx overwritten with the new K and V rows (one launch in kernels)."""
     scatter_tokens_(k_cache, idx, k, dim)
     scatter_tokens_(v_cache, idx, v, dim)
+
+
+def forecast_tokens_(
+    base: Tensor, slope: Tensor, out: Tensor, pos: Tensor, rows: Tensor, weight: Tensor, inv_dt: Tensor, dim: int
+) -> None:
+    """First-order forecast of one cache: computed tokens refresh base and slope, the others are
+    read as base + weight * slope. All math in fp32, one rounding per stored value.
+
+    base, out: (B, N, C) with dim=1 or (B, H, N, D) with dim=2, one float dtype; slope: same
+    shape, any float dtype; rows: the new rows, N replaced by K; pos: (B, N) integer, the row of
+    each token in `rows` or -1 (values outside [0, K) count as -1); weight, inv_dt: (B, N) fp32.
+    For pos[b, n] = j >= 0, with new = rows[b, ..., j, :] rounded to base's dtype:
+        slope[n] = (new - base[n]) * inv_dt[b, n];  base[n] = new;  out[n] = new.
+    For pos[b, n] = -1: base, slope unchanged;  out[n] = base[n] + weight[b, n] * slope[n].
+    Source: issue 10 (CAT-F); DESIGN.md section 7 (forecasting the skipped rows).
+    """
+    B, N = pos.shape
+    K = rows.shape[dim]
+    shape = (B, *([1] * (dim - 1)), N, 1)  # per-token values broadcast over heads and channels
+    p = pos.long().view(shape)
+    computed = (p >= 0) & (p < K)
+    b_old = base.float()
+    s_old = slope.float()
+    if K > 0:
+        index = torch.where(computed, p, 0).expand(base.shape)
+        new = rows.to(base.dtype).gather(dim, index).float()
+    else:
+        new = b_old
+    w = weight.float().view(shape)
+    idt = inv_dt.float().view(shape)
+    # Two roundings (product, then sum), never a fused multiply-add: the kernels do the same.
+    forecast = b_old + w * s_old
+    new_slope = (new - b_old) * idt
+    out.copy_(torch.where(computed, new, forecast))
+    slope.copy_(torch.where(computed, new_slope, s_old))
+    base.copy_(torch.where(computed, new, b_old))
+
+
+def forecast_kv_(
+    k_base: Tensor,
+    v_base: Tensor,
+    k_slope: Tensor,
+    v_slope: Tensor,
+    k_out: Tensor,
+    v_out: Tensor,
+    pos: Tensor,
+    k: Tensor,
+    v: Tensor,
+    weight: Tensor,
+    inv_dt: Tensor,
+    dim: int,
+) -> None:
+    """:func:`forecast_tokens_` for the K and the V cache of one layer (one launch in kernels)."""
+    forecast_tokens_(k_base, k_slope, k_out, pos, k, weight, inv_dt, dim)
+    forecast_tokens_(v_base, v_slope, v_out, pos, v, weight, inv_dt, dim)
 
 
 def kmeans_assign(features: Tensor, centroids: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90 (no GPU needed), at the
 SD3/Flux shapes (C = 64 output channels, head dim 64/128, N = 4096 tokens, 20 clusters; the
-selection also at N = 16384, Flux at 2048x2048), and
+selection also at N = 16384, Flux at 2048x2048; the forecast of K/V and of the noise cache), and
 reports ptxas registers and spills (printed, and as junit properties); a kernel that spills
 more than its SPILL_LIMITS entry fails.
 
@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 # Submodules by name: the package re-exports functions called token_stats and kmeans.
 token_stats = importlib.import_module("cat_kernels.triton.token_stats")
 gather_scatter = importlib.import_module("cat_kernels.triton.gather_scatter")
+forecast = importlib.import_module("cat_kernels.triton.forecast")
 kmeans = importlib.import_module("cat_kernels.triton.kmeans")
 select = importlib.import_module("cat_kernels.triton.select")
 
@@ -56,6 +57,27 @@ _SEL_TYPES = {
     "idx_ptr": "*i64", "scratch_ptr": "*i32", "decay": "fp32",
 }
 
+_FC_KV = {
+    name: "*bf16"
+    for name in ("base_ptr", "slope_ptr", "out_ptr", "rows_ptr", "base2_ptr", "slope2_ptr", "out2_ptr", "rows2_ptr")
+} | {"pos_ptr": "*i64", "w_ptr": "*fp32", "idt_ptr": "*fp32"}
+# The noise cache: bf16 base/out, an fp32 slope, int32 pos; the second cache's pointers unused.
+_FC_NOISE = _FC_KV | {"slope_ptr": "*fp32", "slope2_ptr": "*fp32", "pos_ptr": "*i32"}
+
+
+def _fc_const(D, two):
+    block_n, block_d = forecast._blocks(D)
+    return {"TWO": two, "ROUND_BF16": False, "BLOCK_N": block_n, "BLOCK_D": block_d}
+
+
+# What the launcher sees for contiguous caches and (B, K, H, D) new rows viewed as (B, H, K, D).
+# (16-byte vector loads and stores of every stream, checked in the PTX.)
+_FC_CONTIG = _contiguous(
+    ["s_rd", "s_r2d", "s_pn", "s_wn", "s_tn"],
+    ["N", "D", "s_rb", "s_rh", "s_rk", "s_r2b", "s_r2h", "s_r2k", "s_pb", "s_wb", "s_tb"],
+)
+_FC_OPTS = {"enable_fp_fusion": False}
+
 # name: (kernel, pointer/float types, constexprs, num_warps, compile options, specialisation).
 # Configs come from the launchers' own helpers at the SD3 shapes (C = 64, F = 66, N = 4096).
 # Strides are runtime values unless a specialisation is given: the generic (strided) build is
@@ -81,6 +103,15 @@ KERNELS = {
         {"dst_ptr": "*bf16", "src_ptr": "*bf16", "dst2_ptr": "*bf16", "src2_ptr": "*bf16", "idx_ptr": "*i64"},
         {"TWO": True, "BLOCK_K": gather_scatter.BLOCK_K, "BLOCK_D": 128},
         4, {}, None,
+    ),
+    # Forecast: K and V together at SD3 (D = 64) and Flux (D = 128) head dims, and the noise cache.
+    "forecast_kv_sd3": (forecast._forecast_kernel, _FC_KV, _fc_const(64, True), forecast.NUM_WARPS, _FC_OPTS, None),
+    "forecast_kv_flux": (forecast._forecast_kernel, _FC_KV, _fc_const(128, True), forecast.NUM_WARPS, _FC_OPTS, None),
+    "forecast_kv_flux_contiguous": (
+        forecast._forecast_kernel, _FC_KV, _fc_const(128, True), forecast.NUM_WARPS, _FC_OPTS, _FC_CONTIG,
+    ),
+    "forecast_tokens_noise": (
+        forecast._forecast_kernel, _FC_NOISE, _fc_const(64, False), forecast.NUM_WARPS, _FC_OPTS, None,
     ),
     "kmeans_assign": (
         kmeans._kmeans_assign_kernel, _KM_TYPES, _KM_CONST, kmeans.NUM_WARPS, {"enable_fp_fusion": False}, None,

@@ -1,0 +1,155 @@
+// The forecast ops (issue 10, CAT-F): schemas (a TORCH_LIBRARY_FRAGMENT of cat_kernels), the CPU
+// (C++) implementation and the Meta one. Mirrors forecast_tokens_ / forecast_kv_ in
+// cat_kernels/reference.py bit for bit: fp32 math, one rounding per stored value.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "forecast.h"
+
+namespace cat_kernels {
+namespace {
+
+// A computed token's row: slope = (new - base) * inv_dt, base = out = new. Restrict-qualified and
+// with a unit-stride case, so the compiler can vectorize the dtype conversions.
+template <typename scalar_t, typename slope_t>
+inline void refresh_row(scalar_t* __restrict__ bs, slope_t* __restrict__ ss, scalar_t* __restrict__ os,
+                        const scalar_t* __restrict__ row, int64_t stride, int64_t D, float idt) {
+  if (stride == 1) {
+    for (int64_t e = 0; e < D; ++e) {
+      ss[e] = static_cast<slope_t>(forecast_slope(static_cast<float>(row[e]), static_cast<float>(bs[e]), idt));
+      bs[e] = row[e];
+      os[e] = row[e];
+    }
+  } else {
+    for (int64_t e = 0; e < D; ++e) {
+      const scalar_t now = row[e * stride];
+      ss[e] = static_cast<slope_t>(forecast_slope(static_cast<float>(now), static_cast<float>(bs[e]), idt));
+      bs[e] = now;
+      os[e] = now;
+    }
+  }
+}
+
+// A skipped token's row: out = base + w * slope.
+template <typename scalar_t, typename slope_t>
+inline void forecast_row(const scalar_t* __restrict__ bs, const slope_t* __restrict__ ss, scalar_t* __restrict__ os,
+                         int64_t D, float w) {
+  for (int64_t e = 0; e < D; ++e) {
+    os[e] = static_cast<scalar_t>(forecast_value(static_cast<float>(bs[e]), static_cast<float>(ss[e]), w));
+  }
+}
+
+// One pass over the B*H*N cache rows (all contiguous, so row r starts at r * D). The new rows
+// are already in base's dtype; pos is contiguous int64, checked to lie in [-1, K).
+template <typename scalar_t, typename slope_t>
+void forecast_rows_cpu(const at::Tensor& base, const at::Tensor& slope, const at::Tensor& out, const at::Tensor& rows4,
+                       const at::Tensor& index, const at::Tensor& weight, const at::Tensor& inv_dt) {
+  const int64_t B = rows4.size(0), H = rows4.size(1), K = rows4.size(2), D = rows4.size(3);
+  const int64_t N = index.size(1);
+  scalar_t* bp = base.data_ptr<scalar_t>();
+  slope_t* sp = slope.data_ptr<slope_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const scalar_t* rp = rows4.data_ptr<scalar_t>();
+  const auto rs = rows4.strides();
+  const int64_t* pos = index.data_ptr<int64_t>();
+  const float* wp = weight.data_ptr<float>();
+  const float* tp = inv_dt.data_ptr<float>();
+  const int64_t ws0 = weight.stride(0), ws1 = weight.stride(1), ts0 = inv_dt.stride(0), ts1 = inv_dt.stride(1);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+  at::parallel_for(0, B * H * N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (H * N), h = (r / N) % H, n = r % N;
+      const int64_t j = pos[b * N + n];
+      if (j >= 0 && j < K) {
+        refresh_row(bp + r * D, sp + r * D, op + r * D, rp + b * rs[0] + h * rs[1] + j * rs[2], rs[3], D,
+                    tp[b * ts0 + n * ts1]);
+      } else {
+        forecast_row(bp + r * D, sp + r * D, op + r * D, D, wp[b * ws0 + n * ws1]);
+      }
+    }
+  });
+}
+
+void forecast_one_cpu(at::Tensor& base, at::Tensor& slope, at::Tensor& out, const at::Tensor& rows, const at::Tensor& index,
+                      const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
+  if (base.numel() == 0) return;
+  const at::Tensor r4 = as_bhnd(rows.to(base.scalar_type()), dim);  // rounded once, as base stores it
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "forecast_cpu", [&] {
+    using cache_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, slope.scalar_type(), "forecast_cpu_slope", [&] {
+      forecast_rows_cpu<cache_t, scalar_t>(base, slope, out, r4, index, weight, inv_dt);
+    });
+  });
+}
+
+// pos as contiguous int64 after the range check [-1, K) (CPU only: values are readable).
+at::Tensor checked_pos_cpu(const at::Tensor& pos, int64_t K) {
+  at::Tensor p = pos.to(at::kLong).contiguous();
+  const int64_t* v = p.data_ptr<int64_t>();
+  for (int64_t i = 0, n = p.numel(); i < n; ++i) {
+    TORCH_CHECK(v[i] >= -1 && v[i] < K, "pos must lie in [-1, K=", K, ") (-1: not computed), got ", v[i]);
+  }
+  return p;
+}
+
+void forecast_tokens_cpu(at::Tensor& base, at::Tensor& slope, at::Tensor& out, const at::Tensor& pos, const at::Tensor& rows,
+                         const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
+  check_forecast("base", base, "slope", slope, "out", out, "rows", rows, pos, dim);
+  check_forecast_inputs(pos, weight, inv_dt);
+  CAT_CHECK_DEVICE_TYPE(base, at::kCPU);
+  check_forecast_distinct("base, slope and out", base, slope, out);
+  forecast_one_cpu(base, slope, out, rows, checked_pos_cpu(pos, rows.size(dim)), weight, inv_dt, dim);
+}
+
+void forecast_kv_cpu(at::Tensor& k_base, at::Tensor& v_base, at::Tensor& k_slope, at::Tensor& v_slope, at::Tensor& k_out,
+                     at::Tensor& v_out, const at::Tensor& pos, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
+  check_forecast_kv(k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim);
+  CAT_CHECK_DEVICE_TYPE(k_base, at::kCPU);
+  check_forecast_distinct("k_base, k_slope and k_out", k_base, k_slope, k_out);
+  check_forecast_distinct("v_base, v_slope and v_out", v_base, v_slope, v_out);
+  const at::Tensor index = checked_pos_cpu(pos, k.size(dim));
+  forecast_one_cpu(k_base, k_slope, k_out, k, index, weight, inv_dt, dim);
+  forecast_one_cpu(v_base, v_slope, v_out, v, index, weight, inv_dt, dim);
+}
+
+void forecast_tokens_meta(at::Tensor& base, at::Tensor& slope, at::Tensor& out, const at::Tensor& pos, const at::Tensor& rows,
+                          const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
+  check_forecast("base", base, "slope", slope, "out", out, "rows", rows, pos, dim);
+  check_forecast_inputs(pos, weight, inv_dt);
+}
+
+void forecast_kv_meta(at::Tensor& k_base, at::Tensor& v_base, at::Tensor& k_slope, at::Tensor& v_slope, at::Tensor& k_out,
+                      at::Tensor& v_out, const at::Tensor& pos, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
+  check_forecast_kv(k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim);
+}
+
+}  // namespace
+
+}  // namespace cat_kernels
+
+// In-place ops return nothing, so torch.compile can functionalize them.
+TORCH_LIBRARY_FRAGMENT(cat_kernels, m) {
+  m.def(
+      "forecast_tokens_(Tensor(a!) base, Tensor(b!) slope, Tensor(c!) out, Tensor pos, Tensor rows, Tensor weight, "
+      "Tensor inv_dt, int dim) -> ()");
+  m.def(
+      "forecast_kv_(Tensor(a!) k_base, Tensor(b!) v_base, Tensor(c!) k_slope, Tensor(d!) v_slope, Tensor(e!) k_out, "
+      "Tensor(f!) v_out, Tensor pos, Tensor k, Tensor v, Tensor weight, Tensor inv_dt, int dim) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(cat_kernels, CPU, m) {
+  using namespace cat_kernels;
+  m.impl("forecast_tokens_", &forecast_tokens_cpu);
+  m.impl("forecast_kv_", &forecast_kv_cpu);
+}
+
+TORCH_LIBRARY_IMPL(cat_kernels, Meta, m) {
+  using namespace cat_kernels;
+  m.impl("forecast_tokens_", &forecast_tokens_meta);
+  m.impl("forecast_kv_", &forecast_kv_meta);
+}

@@ -1,0 +1,95 @@
+// Shared by the CPU, CUDA and Meta implementations of the forecast ops (forecast.cpp,
+// forecast_cuda.cu): argument checks at the boundary (messages name the argument) and the two
+// fp32 formulas, written so that every backend rounds exactly as cat_kernels/reference.py.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <utility>
+#include <vector>
+
+#include "common.h"
+
+namespace cat_kernels {
+
+// One cache of the forecast ops: base, slope, out contiguous, of base's shape (out of its dtype),
+// rows of that shape with N replaced by K, pos (B, N). Names are the schema's argument names.
+inline void check_forecast(const char* base_name, const at::Tensor& base, const char* slope_name, const at::Tensor& slope,
+                           const char* out_name, const at::Tensor& out, const char* rows_name, const at::Tensor& rows,
+                           const at::Tensor& pos, int64_t dim) {
+  const std::pair<const char*, const at::Tensor*> all[] = {{base_name, &base}, {slope_name, &slope}, {out_name, &out},
+                                                            {rows_name, &rows}};
+  for (const auto& [name, t] : all) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf || t->scalar_type() == at::kBFloat16, name,
+                " must be float32/float16/bfloat16, got ", t->scalar_type());
+    TORCH_CHECK(t->device() == base.device(), name, " is on ", t->device(), " but ", base_name, " is on ", base.device());
+  }
+  check_token_dim(base_name, base, dim);
+  TORCH_CHECK(slope.sizes() == base.sizes(), slope_name, " must have the shape of ", base_name, " ", base.sizes(), ", got ",
+              slope.sizes());
+  TORCH_CHECK(out.sizes() == base.sizes(), out_name, " must have the shape of ", base_name, " ", base.sizes(), ", got ",
+              out.sizes());
+  TORCH_CHECK(out.scalar_type() == base.scalar_type(), out_name, " must have the dtype of ", base_name, " (",
+              base.scalar_type(), "), got ", out.scalar_type());
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK(all[i].second->is_contiguous(), all[i].first, " must be contiguous, got strides ", all[i].second->strides());
+  }
+  std::vector<int64_t> expected(base.sizes().begin(), base.sizes().end());
+  expected[dim] = rows.dim() == base.dim() ? rows.size(dim) : -1;
+  TORCH_CHECK(rows.sizes() == at::IntArrayRef(expected), rows_name, " must have shape ", at::IntArrayRef(expected),
+              " (N replaced by K), got ", rows.sizes());
+  TORCH_CHECK(pos.dim() == 2 && pos.size(0) == base.size(0) && pos.size(1) == base.size(dim), "pos must have shape (B, N) = (",
+              base.size(0), ", ", base.size(dim), "), got ", pos.sizes());
+  CAT_CHECK_SAME_DEVICE(pos, base);
+}
+
+// Aliases would break the math (a skipped token's out written over its base). CPU and CUDA only:
+// Meta and fake tensors have no data pointers.
+inline void check_forecast_distinct(const char* what, const at::Tensor& base, const at::Tensor& slope, const at::Tensor& out) {
+  if (base.numel() == 0) return;
+  TORCH_CHECK(base.data_ptr() != slope.data_ptr() && base.data_ptr() != out.data_ptr() && slope.data_ptr() != out.data_ptr(),
+              what, " must be distinct tensors");
+}
+
+inline void check_forecast_inputs(const at::Tensor& pos, const at::Tensor& weight, const at::Tensor& inv_dt) {
+  CAT_CHECK_INDEX(pos);
+  CAT_CHECK_FP32(weight);
+  CAT_CHECK_FP32(inv_dt);
+  TORCH_CHECK(weight.sizes() == pos.sizes(), "weight must have the shape of pos ", pos.sizes(), ", got ", weight.sizes());
+  TORCH_CHECK(inv_dt.sizes() == pos.sizes(), "inv_dt must have the shape of pos ", pos.sizes(), ", got ", inv_dt.sizes());
+  CAT_CHECK_SAME_DEVICE(weight, pos);
+  CAT_CHECK_SAME_DEVICE(inv_dt, pos);
+}
+
+inline void check_forecast_kv(const at::Tensor& k_base, const at::Tensor& v_base, const at::Tensor& k_slope,
+                              const at::Tensor& v_slope, const at::Tensor& k_out, const at::Tensor& v_out,
+                              const at::Tensor& pos, const at::Tensor& k, const at::Tensor& v, const at::Tensor& weight,
+                              const at::Tensor& inv_dt, int64_t dim) {
+  check_forecast("k_base", k_base, "k_slope", k_slope, "k_out", k_out, "k", k, pos, dim);
+  check_forecast("v_base", v_base, "v_slope", v_slope, "v_out", v_out, "v", v, pos, dim);
+  TORCH_CHECK(v_base.sizes() == k_base.sizes(), "v_base must have the shape of k_base ", k_base.sizes(), ", got ",
+              v_base.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  check_forecast_inputs(pos, weight, inv_dt);
+}
+
+// The forecast of a skipped token, base + w * slope with two roundings (never a fused multiply-add),
+// as the reference's torch ops compute it.
+CAT_HD float forecast_value(float base, float slope, float w) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(base, __fmul_rn(w, slope));
+#else
+  const float step = w * slope;  // a statement of its own: no contraction on x86-64 builds (no -mfma)
+  return base + step;
+#endif
+}
+
+CAT_HD float forecast_slope(float now, float before, float inv_dt) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(__fsub_rn(now, before), inv_dt);
+#else
+  return (now - before) * inv_dt;
+#endif
+}
+
+}  // namespace cat_kernels
