@@ -24,7 +24,10 @@ and ``tiny``, N=400, for smoke runs such as ``TRITON_INTERPRET=1 ... --device cp
 
 Bytes for GB/s count what the op must read and write at least once: gather/scatter move the
 K selected rows twice (read + write) plus the indices; token_stats reads out and anchor and the
-labels and writes d; select_tokens reads d, labels, staleness and writes staleness and idx.
+labels and writes d; select_tokens reads d, labels, staleness and writes staleness and idx;
+forecast_kv_ / forecast_tokens_ read base + slope of all N rows, the K new rows, pos, weight and
+inv_dt, and write out for all N rows and base + slope for the K computed rows (per cache; the
+forecast rows run at B = 1 on the Flux shapes, which have no CFG pair).
 k-means reports TFLOP/s from 3*B*N*nc*F per assignment (iters + 1 of them), no GB/s.
 """
 
@@ -51,7 +54,16 @@ try:
 except ImportError:  # run as a plain module from bench/ on sys.path
     import common  # type: ignore[no-redef]
 
-OPS = ("token_stats", "select_tokens", "gather_tokens", "scatter_tokens_", "scatter_kv_", "kmeans")
+OPS = (
+    "token_stats",
+    "select_tokens",
+    "gather_tokens",
+    "scatter_tokens_",
+    "scatter_kv_",
+    "forecast_kv_",
+    "forecast_tokens_",
+    "kmeans",
+)
 PROVIDERS = ("torch-ref", "torch-baseline", "triton", "ext", "ops-auto")
 NUM_CLUSTERS = 20
 OUT_CHANNELS = 64
@@ -68,6 +80,7 @@ class Model:
     H: int
     D: int
     C_out: int = OUT_CHANNELS
+    B_forecast: int = 0  # batch of the forecast rows; 0: B
 
     @property
     def K(self) -> int:
@@ -76,8 +89,9 @@ class Model:
 
 SHAPES = {
     "sd3-1024": Model("sd3-1024", B=2, N=4096, C=1536, H=24, D=64),
-    "flux-1024": Model("flux-1024", B=2, N=4096, C=3072, H=24, D=128),
-    "flux-2048": Model("flux-2048", B=2, N=16384, C=3072, H=24, D=128),
+    # Flux is guidance-distilled (no CFG pair): its forecast rows use one prompt, B = 1.
+    "flux-1024": Model("flux-1024", B=2, N=4096, C=3072, H=24, D=128, B_forecast=1),
+    "flux-2048": Model("flux-2048", B=2, N=16384, C=3072, H=24, D=128, B_forecast=1),
 }
 QUICK_SHAPES = ("sd3-1024",)
 # Shapes for the fused token_stats+select_tokens row (only N, B, C_out matter).
@@ -189,6 +203,15 @@ class _OpsAuto:
         return ops.scatter_kv_(k_cache, v_cache, idx, k, v, dim, backend="auto")
 
     @staticmethod
+    def forecast_kv_(k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim):
+        return ops.forecast_kv_(k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim,
+                                backend="auto")  # fmt: skip
+
+    @staticmethod
+    def forecast_tokens_(base, slope, out, pos, rows, weight, inv_dt, dim):
+        return ops.forecast_tokens_(base, slope, out, pos, rows, weight, inv_dt, dim, backend="auto")
+
+    @staticmethod
     def kmeans(features, num_clusters, iters):
         return ops.kmeans(features, num_clusters, iters, backend="auto")
 
@@ -216,6 +239,23 @@ def _randn(shape, dtype, device, g) -> torch.Tensor:
 def _indices(B: int, N: int, K: int, device: str, g: torch.Generator) -> torch.Tensor:
     """K unique sorted indices per sample (what select_tokens returns)."""
     return torch.rand(B, N, generator=g, device=device).argsort(dim=1)[:, :K].sort(dim=1).values
+
+
+def _positions(idx: torch.Tensor, N: int) -> torch.Tensor:
+    """pos (B, N) int64 for the forecast ops: token idx[b, j] -> j, the others -1."""
+    B, K = idx.shape
+    pos = torch.full((B, N), -1, dtype=torch.int64, device=idx.device)
+    return pos.scatter_(1, idx, torch.arange(K, device=idx.device).expand(B, K).contiguous())
+
+
+def _forecast_inputs(B: int, N: int, K: int, device: str, g: torch.Generator) -> dict[str, Any]:
+    """pos from K sorted random tokens, weights in (0, 3] (steps since the last computation,
+    damped) and 1 / dt in [0.25, 1.25)."""
+    return {
+        "pos": _positions(_indices(B, N, K, device, g), N),
+        "weight": torch.rand(B, N, generator=g, device=device) * 3 + 1e-3,
+        "inv_dt": torch.rand(B, N, generator=g, device=device) + 0.25,
+    }
 
 
 def _grid_labels(B: int, N: int, device: str) -> torch.Tensor:
@@ -418,6 +458,57 @@ def _cases_for(m: Model, device: str, mods: dict[str, Any], seed: int, quick: bo
         lambda fn, i: (fn(i["kc"], i["vc"], i["idx"], i["k"], i["v"], 2), i["kc"], i["vc"])[1:],
         exact=True,
         nbytes=4 * B * H * K * D * es + B * K * ids,
+    )
+
+    # forecast_kv_: a layer's K and V caches (base, slope, out; bf16) in one pass over N rows, the
+    # new rows a (B, K, H, D) view as in scatter_kv_. Bytes: base + slope read for all N rows, the
+    # new rows read, out written for all N rows, base + slope written for the K computed rows, and
+    # pos, weight, inv_dt read (computed rows do not actually read their old slope: the count is
+    # the op's nominal traffic, a little above what the kernels move).
+    Bf = m.B_forecast or B
+    fc_idx = Bf * N * (ids + 4 + 4)  # pos int64, weight and inv_dt fp32
+
+    def fkv_make():
+        g = _gen(device, seed)
+        i = {name: _randn((Bf, H, N, D), bf16, device, g) for name in ("kb", "vb", "ks", "vs", "ko", "vo")}
+        i["k"], i["v"] = (_randn((Bf, K, H, D), bf16, device, g).transpose(1, 2) for _ in range(2))
+        return i | _forecast_inputs(Bf, N, K, device, g)
+
+    yield from case(
+        "forecast_kv_",
+        "bhnd-src-view",
+        {"B": Bf, "H": H, "N": N, "D": D, "K": K},
+        bf16,
+        fkv_make,
+        lambda fn, i: (
+            fn(i["kb"], i["vb"], i["ks"], i["vs"], i["ko"], i["vo"], i["pos"], i["k"], i["v"], i["weight"],
+               i["inv_dt"], 2),
+            i["kb"], i["vb"], i["ks"], i["vs"], i["ko"], i["vo"],
+        )[1:],  # fmt: skip
+        exact=True,
+        nbytes=2 * Bf * H * D * (N * (es + es) + K * es + N * es + K * (es + es)) + fc_idx,
+    )
+
+    # forecast_tokens_ on the noise cache (B, N, C_out): bf16 base/out next to an fp32 slope.
+    def fnoise_make():
+        g = _gen(device, seed)
+        i = {"base": _randn((Bf, N, Co), bf16, device, g), "out": _randn((Bf, N, Co), bf16, device, g)}
+        i["slope"] = _randn((Bf, N, Co), f32, device, g)
+        i["rows"] = _randn((Bf, K, Co), bf16, device, g)
+        return i | _forecast_inputs(Bf, N, K, device, g)
+
+    yield from case(
+        "forecast_tokens_",
+        "noise-slope-fp32",
+        {"B": Bf, "N": N, "C": Co, "K": K},
+        bf16,
+        fnoise_make,
+        lambda fn, i: (
+            fn(i["base"], i["slope"], i["out"], i["pos"], i["rows"], i["weight"], i["inv_dt"], 1),
+            i["base"], i["slope"], i["out"],
+        )[1:],  # fmt: skip
+        exact=True,
+        nbytes=Bf * Co * (N * (es + 4) + K * es + N * es + K * (es + 4)) + fc_idx,
     )
 
     # kmeans on (B, N, C_out + 2) features: content plus a row/col code.
