@@ -4,6 +4,13 @@ Everything a patch installs is recorded in one `_Patch` object kept in one attri
 transformer (and of the pipeline, when patched through one), so `unpatch` can take exactly
 that back: the attention processors it replaced, the hooks it registered, the scheduler
 methods it wrapped on the instance. No class and no diffusers forward body is changed.
+
+Before every call (in eager code: the transformer's pre-hook, the scheduler's set_timesteps) the
+patch checks what was done to the model since (`_sync`): its hooks follow the layers at their
+paths (PEFT's LoRA layers take a Linear's place), a later set_attention_backend reaches the
+replaced processors, a pipeline's new scheduler (or a `from_pipe` pipeline's own) is wrapped;
+attention processors replaced after the patch (fuse_qkv_projections, set_attn_processor) and
+float64 are refused with an error that says what to do.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,16 +29,19 @@ from torch import nn
 from cat_kernels import ops
 
 from .adapters import Adapter, find_adapter, supported_families
-from .adapters.base import get_submodule
+from .adapters.base import PathHook, compute_dtype, get_submodule
 from .compat import check_diffusers
 from .config import CATConfig
 from .state import CATState
 from .stats import CATStats, StepStats
 
 _ATTR = "_cat_pruning"
+_MARK = "_cat_pruning_patch"  # on the scheduler wrappers: the _Patch they belong to
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what cat_kernels' ops take
+_SCHEDULER_METHODS = ("set_timesteps", "step")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Patch:
     state: CATState
     adapter: Adapter
@@ -37,7 +49,9 @@ class _Patch:
     pipeline: Any | None
     processors: dict[str, object]  # name -> the processor that was replaced
     handles: list
-    scheduler_methods: list[str]
+    installed: dict[str, tuple[nn.Module, object]] = dataclasses.field(default_factory=dict)  # name -> (attn, ours)
+    path_hooks: list[PathHook] = dataclasses.field(default_factory=list)
+    schedulers: list = dataclasses.field(default_factory=list)  # schedulers whose methods are wrapped
     text_tokens: int = 0
 
 
@@ -91,6 +105,7 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
     pipeline, transformer = _split(obj)
     adapter = find_adapter(transformer)
     adapter.check_model(transformer)
+    _check_dtype(_model_dtype(transformer))
     for path in (adapter.patch_embed, adapter.out_proj):
         get_submodule(transformer, path)
     if is_patched(obj):
@@ -100,19 +115,30 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
     state = CATState(config, driver, lambda geometry: adapter.cache_layout(transformer, geometry),
                      cond_first=adapter.cfg_cond_first)
     attns = adapter.attention_modules(transformer)
-    p = _Patch(state, adapter, transformer, pipeline, {n: a.processor for n, a in attns.items()}, [], [])
+    p = _Patch(state, adapter, transformer, pipeline, {n: a.processor for n, a in attns.items()}, [])
     for name, attn in attns.items():
-        attn.set_processor(adapter.make_processor(state, name, attn))
+        processor = adapter.make_processor(state, name, attn)
+        if hasattr(attn.processor, "_attention_backend"):
+            # set_attention_backend sets this on every processor that has it; _sync hands it on
+            # to the replaced processor, which the CAT processors run or take the backend from.
+            processor._attention_backend = attn.processor._attention_backend
+        attn.set_processor(processor)
+        p.installed[name] = (attn, processor)
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         adapter.check_call(args, kwargs)
-        if state.driver == "auto" and torch.compiler.is_compiling():
-            raise RuntimeError(
-                "cat_pruning: a bare transformer under torch.compile cannot count its own steps; patch it "
-                "with manual_steps=True and call cat_pruning.advance(transformer) after each denoising step, "
-                "or patch the pipeline instead"
-            )
-        state.begin_forward(adapter.geometry(module, args, kwargs))
+        if torch.compiler.is_compiling():
+            if state.driver == "auto":
+                raise RuntimeError(
+                    "cat_pruning: a bare transformer under torch.compile cannot count its own steps; patch it "
+                    "with manual_steps=True and call cat_pruning.advance(transformer) after each denoising step, "
+                    "or patch the pipeline instead"
+                )
+        else:  # compiled code is synced by the eager set_timesteps / reset before each generation
+            _sync(p, _running_pipeline(p) if state.driver == "pipeline" else None)
+        geometry = adapter.geometry(module, args, kwargs)
+        _check_dtype(geometry.dtype)
+        state.begin_forward(geometry)
         p.text_tokens = adapter.text_tokens(module, args, kwargs)
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -130,43 +156,135 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
     p.handles += [
         transformer.register_forward_pre_hook(pre_hook, with_kwargs=True),
         transformer.register_forward_hook(post_hook),
-        get_submodule(transformer, adapter.patch_embed).register_forward_hook(embed_hook),
-        get_submodule(transformer, adapter.out_proj).register_forward_hook(out_hook),
     ]
-    p.handles += adapter.install_hooks(transformer, state)
+    # By path: LoRA may wrap these layers (Flux's x_embedder, every proj_out) after the patch.
+    p.path_hooks += [PathHook(adapter.patch_embed, embed_hook), PathHook(adapter.out_proj, out_hook)]
+    for hook in adapter.install_hooks(transformer, state):
+        (p.path_hooks if isinstance(hook, PathHook) else p.handles).append(hook)
+    for hook in p.path_hooks:
+        hook.attach(transformer)
     if pipeline is not None:
-        _wrap_scheduler(p, pipeline)
+        _wrap_scheduler(p, pipeline.scheduler)
     setattr(transformer, _ATTR, p)
     return obj
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype the model computes in (diffusers' ModelMixin.dtype knows layerwise casting)."""
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next((t.dtype for t in model.parameters() if t.is_floating_point()), None)
+
+
+def _check_dtype(dtype: torch.dtype | None) -> None:
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(
+            f"cat_pruning: the transformer runs in {dtype}; CAT Pruning supports float32, float16 and bfloat16. "
+            "Convert it (e.g. pipe.to(torch.float32)) or call cat_pruning.unpatch first"
+        )
+
+
+def _running_pipeline(p: _Patch) -> Any | None:
+    """The pipeline whose __call__ is running this transformer, found up the Python stack (eager
+    code only): `DiffusionPipeline.from_pipe` makes pipelines that share the patched transformer,
+    and the scheduler may have been replaced since the patch."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        transformer = getattr(owner, "transformer", None) if owner is not None else None
+        if transformer is not None and getattr(transformer, "_orig_mod", transformer) is p.transformer \
+                and hasattr(owner, "scheduler"):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def _sync(p: _Patch, pipeline: Any | None = None) -> None:
+    """Bring the patch in line with what was done to the model since the last call (eager code).
+
+    Hooks follow the modules at their paths (LoRA loaded or unloaded after the patch); a later
+    set_attention_backend reaches the replaced processors; a pipeline scheduler that is not
+    wrapped (swapped after the patch, or a from_pipe copy given its own) is wrapped now and the
+    generation starts. Attention processors replaced after the patch (fuse_qkv_projections,
+    set_attn_processor) are refused: the CAT caches would no longer be filled."""
+    for hook in p.path_hooks:
+        hook.attach(p.transformer)
+    _check_dtype(compute_dtype(get_submodule(p.transformer, p.adapter.out_proj)))  # pipe.to(float64) since
+    for name, (attn, ours) in p.installed.items():
+        if attn.processor is not ours:
+            raise ValueError(
+                f"cat_pruning: the attention processor of {name} was replaced after cat_pruning.patch() (by "
+                f"{type(attn.processor).__name__}: fuse_qkv_projections, set_attn_processor, ...), so CAT's caches "
+                "would not be filled. Change processors before patching: cat_pruning.unpatch(pipe) (keeps the new "
+                "processors), then patch again (fused QKV projections are not supported: unfuse them first)"
+            )
+        if getattr(attn, "fused_projections", False):  # Flux fuses without changing processors
+            raise ValueError(
+                f"cat_pruning: {name} has fused QKV projections (fuse_qkv_projections() after cat_pruning.patch()); "
+                "CAT does not support them: call unfuse_qkv_projections() first, or cat_pruning.unpatch(pipe) to "
+                "run fused without CAT"
+            )
+        backend = getattr(ours, "_attention_backend", None)
+        if backend is not None and getattr(ours.original, "_attention_backend", None) != backend:
+            ours.original._attention_backend = backend
+    if pipeline is not None and not _wraps(p, pipeline.scheduler):
+        _wrap_scheduler(p, pipeline.scheduler)
+        _start_generation(p, pipeline)
+
+
+def _wraps(p: _Patch, scheduler: Any) -> bool:
+    return getattr(vars(scheduler).get("step"), _MARK, None) is p
+
+
+def _start_generation(p: _Patch, pipeline: Any) -> None:
+    """A pipeline call begins (its scheduler's timesteps are set): reset, read its CFG, and warn
+    when none of its steps can be pruned."""
+    state = p.state
+    state.reset()
+    cfg = state.config.cfg_pairs
+    state.cfg_pairs = p.adapter.cfg_pairs(pipeline) if cfg is None else cfg
+    timesteps = getattr(pipeline.scheduler, "timesteps", None)
+    steps = len(timesteps) if timesteps is not None else None
+    full = state.config.full_steps
+    if steps is not None and steps <= full:
+        warnings.warn(
+            f"cat_pruning: full_steps={full} and this generation has {steps} denoising steps, so no step is "
+            f"pruned (it runs as the unpatched pipeline); patch with full_steps < {steps} to prune",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def _gather(state: CATState, x: torch.Tensor) -> torch.Tensor:
     return ops.gather_tokens(x, state.idx, 1, backend=state.config.backend)
 
 
-def _wrap_scheduler(p: _Patch, pipeline: Any) -> None:
+def _wrap_scheduler(p: _Patch, scheduler: Any) -> None:
     """Reset at each pipeline call (it sets the timesteps once) and advance after each step.
 
     Both run in the pipeline's eager loop, outside any compiled transformer."""
-    scheduler = pipeline.scheduler
     set_timesteps, step = scheduler.set_timesteps, scheduler.step
     state = p.state
 
     @functools.wraps(set_timesteps)  # pipelines inspect its signature (retrieve_timesteps: sigmas, mu)
     def wrapped_set_timesteps(*args: Any, **kwargs: Any) -> Any:
-        state.reset()
-        cfg = state.config.cfg_pairs
-        state.cfg_pairs = p.adapter.cfg_pairs(pipeline) if cfg is None else cfg
-        return set_timesteps(*args, **kwargs)
+        out = set_timesteps(*args, **kwargs)
+        pipeline = _running_pipeline(p) or p.pipeline  # a from_pipe pipeline may share this scheduler
+        _sync(p)
+        _start_generation(p, pipeline)
+        return out
 
     @functools.wraps(step)
     def wrapped_step(*args: Any, **kwargs: Any) -> Any:
         state.advance()
         return step(*args, **kwargs)
 
+    setattr(wrapped_set_timesteps, _MARK, p)
+    setattr(wrapped_step, _MARK, p)
     scheduler.set_timesteps = wrapped_set_timesteps
     scheduler.step = wrapped_step
-    p.scheduler_methods = ["set_timesteps", "step"]
+    p.schedulers.append(scheduler)
 
 
 def unpatch(obj: Any) -> Any:
@@ -174,14 +292,21 @@ def unpatch(obj: Any) -> Any:
     p = _get(obj)
     if p is None:
         return obj
-    for handle in p.handles:
+    for handle in [*p.handles, *p.path_hooks]:
         handle.remove()
-    attns = p.adapter.attention_modules(p.transformer)
-    for name, original in p.processors.items():
-        attns[name].set_processor(original)
-    if p.pipeline is not None:
-        for method in p.scheduler_methods:
-            p.pipeline.scheduler.__dict__.pop(method, None)
+    originals = {id(ours): p.processors[name] for name, (_, ours) in p.installed.items()}
+    for name, (attn, ours) in p.installed.items():
+        if attn.processor is ours:  # one replaced since (fuse_qkv_projections, ...) stays
+            attn.set_processor(p.processors[name])
+    # fuse_qkv_projections() after the patch saved the CAT processors for unfuse_qkv_projections()
+    saved = getattr(p.transformer, "original_attn_processors", None)
+    if isinstance(saved, dict):
+        for key, processor in saved.items():
+            saved[key] = originals.get(id(processor), processor)
+    for scheduler in p.schedulers:
+        if _wraps(p, scheduler):
+            for method in _SCHEDULER_METHODS:
+                scheduler.__dict__.pop(method, None)
     p.state.reset()
     delattr(p.transformer, _ATTR)
     return obj
@@ -194,7 +319,9 @@ def is_patched(obj: Any) -> bool:
 
 def reset(obj: Any) -> None:
     """Start a new generation: the next forward is step 0. Pipelines do this at every call."""
-    _require(obj).state.reset()
+    p = _require(obj)
+    _sync(p)
+    p.state.reset()
 
 
 def advance(obj: Any) -> None:

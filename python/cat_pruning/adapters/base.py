@@ -9,6 +9,7 @@ reads the geometry of a call, refuses inputs it cannot handle, and counts MACs.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -58,7 +59,8 @@ class Adapter:
     def install_hooks(self, model: nn.Module, state: CATState) -> list:
         """Extra seams of a family beyond the patch embedding, the output projection and the
         attention processors (Flux's rotary gather, Sana's depthwise convolution); returns
-        handles with ``.remove()`` that unpatch removes."""
+        handles with ``.remove()`` that unpatch removes, or :class:`PathHook` objects (for hooks
+        on layers that LoRA may wrap), which the patch attaches and keeps attached."""
         return []
 
     def geometry(self, model: nn.Module, args: tuple, kwargs: dict) -> Geometry:
@@ -69,15 +71,15 @@ class Adapter:
         return Geometry(b, h // p, w // p, hidden.dtype, hidden.device)
 
     def cache_layout(self, model: nn.Module, geometry: Geometry) -> CacheLayout:
-        """One (B, H, N, D) K and V cache per attention layer, in its projection's dtype, and the
-        noise cache in the output projection's shape."""
+        """One (B, H, N, D) K and V cache per attention layer, in the dtype its projection computes
+        in, and the noise cache in the output projection's shape."""
         kv = {}
         for name, attn in self.attention_modules(model).items():
             heads = attn.heads
             shape = (geometry.batch, heads, geometry.num_tokens, attn.to_k.out_features // heads)
-            kv[name] = (shape, attn.to_k.weight.dtype)
+            kv[name] = (shape, compute_dtype(attn.to_k))
         out = get_submodule(model, self.out_proj)
-        return CacheLayout(kv, out.out_features, out.weight.dtype)
+        return CacheLayout(kv, out.out_features, compute_dtype(out))
 
     # ------------------------------------------------------------------ MAC accounting
 
@@ -115,6 +117,50 @@ class Adapter:
             inner = attn.to_q.out_features
             total += 2 * queries * keys * inner
         return total
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a layer's outputs have: the compute dtype of diffusers' layerwise casting when it
+    is on (the weights are stored in another dtype, e.g. float8, and cast for each forward), else
+    the weight's dtype. A PEFT LoRA layer answers for its base layer."""
+    base = getattr(module, "base_layer", module)
+    registry = getattr(base, "_diffusers_hook", None)
+    hook = registry.get_hook("layerwise_casting") if registry is not None else None
+    return hook.compute_dtype if hook is not None else base.weight.dtype
+
+
+@dataclasses.dataclass(eq=False)
+class PathHook:
+    """A forward hook (or pre-hook) registered by its module's path rather than on a module object.
+
+    PEFT's LoRA layers take the place of the Linear (or Conv) they adapt and call it as their
+    ``base_layer``; ``unload_lora_weights`` puts the base layer back. A hook left on the base layer
+    would see the base output only (the LoRA branch added after it, on the rows it did not
+    gather), so the patch calls :meth:`attach` before each call and the hook follows whatever
+    module sits at the path now. Adapters may return these from ``install_hooks``."""
+
+    path: str  # "" is the model itself
+    fn: Callable
+    pre: bool = False
+    with_kwargs: bool = False
+    module: nn.Module | None = None
+    handle: Any = None
+
+    def attach(self, model: nn.Module) -> None:
+        module = model.get_submodule(self.path) if self.path else model
+        if module is self.module:
+            return
+        self.remove()
+        if self.pre:
+            self.handle = module.register_forward_pre_hook(self.fn, with_kwargs=self.with_kwargs)
+        else:
+            self.handle = module.register_forward_hook(self.fn, with_kwargs=self.with_kwargs)
+        self.module = module
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+        self.module = self.handle = None
 
 
 def get_submodule(model: nn.Module, path: str) -> nn.Module:

@@ -41,7 +41,7 @@ from cat_kernels import ops
 
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
-from .base import Adapter, get_submodule, hidden_states_arg, pipeline_call_local, random_inputs
+from .base import Adapter, compute_dtype, get_submodule, hidden_states_arg, pipeline_call_local, random_inputs
 
 # Real architectures, for MAC counts on the meta device: (transformer config, generation), where
 # the generation gives the VAE latent side (packed 2x2 into tokens), the text tokens and the
@@ -239,10 +239,10 @@ class FluxAdapter(Adapter):
 
     def cache_layout(self, model: nn.Module, geometry: Geometry) -> CacheLayout:
         """(B, N, H*D) K (after rotation) and V caches: the layout the processor produces."""
-        kv = {name: ((geometry.batch, geometry.num_tokens, attn.to_k.out_features), attn.to_k.weight.dtype)
+        kv = {name: ((geometry.batch, geometry.num_tokens, attn.to_k.out_features), compute_dtype(attn.to_k))
               for name, attn in self.attention_modules(model).items()}
         out = get_submodule(model, self.out_proj)
-        return CacheLayout(kv, out.out_features, out.weight.dtype)
+        return CacheLayout(kv, out.out_features, compute_dtype(out))
 
     def text_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> int:
         ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)

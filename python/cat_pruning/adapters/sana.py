@@ -49,7 +49,7 @@ from cat_kernels import ops
 
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
-from .base import Adapter, get_submodule, hidden_states_arg, random_inputs
+from .base import Adapter, PathHook, compute_dtype, get_submodule, hidden_states_arg, random_inputs
 
 # Real architectures, for MAC counts on the meta device: (transformer config, generation), where
 # the generation gives the latent side, the text tokens and the transformer batch (CFG halves).
@@ -194,13 +194,14 @@ class SanaAdapter(Adapter):
             full = output.flatten(2).unsqueeze(-1)  # (B, 2*hidden, N, 1)
             return ops.gather_tokens(full, state.idx, 2, backend=state.config.backend)
 
-        handles = []
+        handles: list = []
         for i, block in enumerate(model.transformer_blocks):
             name = f"transformer_blocks.{i}.ff.conv_depth"
             handles += [
                 block.register_forward_pre_hook(block_pre_hook, with_kwargs=True),
-                block.ff.conv_depth.register_forward_pre_hook(conv_pre_hook(name)),
-                block.ff.conv_depth.register_forward_hook(conv_hook),
+                # by path: a LoRA on conv_depth takes its place
+                PathHook(name, conv_pre_hook(name), pre=True),
+                PathHook(name, conv_hook),
             ]
         return handles
 
@@ -218,13 +219,13 @@ class SanaAdapter(Adapter):
         """(B, N, H*D) K and V caches (the projections' layout) per linear attention, and per block
         the depthwise conv's input over all positions, (B, 2*hidden, N, 1)."""
         b, n = geometry.batch, geometry.num_tokens
-        kv = {name: ((b, n, attn.to_k.out_features), attn.to_k.weight.dtype)
+        kv = {name: ((b, n, attn.to_k.out_features), compute_dtype(attn.to_k))
               for name, attn in self.attention_modules(model).items()}
         extra = {f"transformer_blocks.{i}.ff.conv_depth": ((b, block.ff.conv_depth.in_channels, n, 1),
-                                                           block.ff.conv_depth.weight.dtype)
+                                                           compute_dtype(block.ff.conv_depth))
                  for i, block in enumerate(model.transformer_blocks)}
         out = get_submodule(model, self.out_proj)
-        return CacheLayout(kv, out.out_features, out.weight.dtype, extra)
+        return CacheLayout(kv, out.out_features, compute_dtype(out), extra)
 
     def text_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> int:
         ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
