@@ -8,6 +8,7 @@ import math
 from cat_kernels.backend import BACKENDS
 
 SELECTIONS = ("cat", "cat-no-staleness", "topk", "random")
+FORECASTS = ("none", "taylor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +22,11 @@ class CATConfig:
             Default 8. The last two record the anchor and the first caches.
         backend: kernel backend, "auto" (default), "triton", "cuda" or "torch"
             (see cat_kernels.backend).
+        forecast: how a pruned step reads the image tokens it does not compute: "none" (reuse
+            their value at their last computation, the paper) or "taylor" (a first-order
+            forecast from their last two computations, see cat_pruning.cache).
+        refresh_every: every refresh_every-th step after the first caching step recomputes all
+            tokens (so every forecast slope is fresh), >= 0. Default 0: never.
 
     Knobs for tinkering:
         num_clusters: spatial clusters for the per-cluster quotas, >= 1. Default 20.
@@ -38,6 +44,11 @@ class CATConfig:
         selection: "cat" (default, the paper's policy); ablations for the quality benchmark:
             "cat-no-staleness" (staleness slots go to the largest change), "topk" (global top-K by
             change, no clusters, no staleness), "random" (K tokens at random each step).
+        forecast_damping: multiplier of the forecast step of the model output (noise cache),
+            in [0, 1]. 0 reuses the last value.
+        forecast_kv_damping: the same for the attention K/V rows and extra caches, in [0, 1].
+        forecast_horizon: the forecast extrapolates at most this many time units past a token's
+            last computation, > 0; 0 (default): no cap.
         manual_steps: for a bare transformer only: the caller marks the end of every denoising
             step with `cat_pruning.advance(transformer)` instead of the transformer counting its
             own forwards. Needed under torch.compile, where the count cannot be kept inside the
@@ -56,10 +67,18 @@ class CATConfig:
     cfg_pairs: bool | None = None
     manual_steps: bool = False
     selection: str = "cat"
+    forecast: str = "none"
+    refresh_every: int = 0
+    forecast_damping: float = 0.7
+    forecast_kv_damping: float = 1.0
+    forecast_horizon: float = 0.0
 
     def __post_init__(self) -> None:
         def is_int(v: object) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_unit(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
 
         checks = [
             ("keep_ratio", isinstance(self.keep_ratio, (int, float)) and 0.0 < self.keep_ratio <= 1.0, "in (0, 1]"),
@@ -76,10 +95,27 @@ class CATConfig:
             ("cfg_pairs", self.cfg_pairs in (None, True, False), "None, True or False"),
             ("manual_steps", isinstance(self.manual_steps, bool), "a bool"),
             ("selection", self.selection in SELECTIONS, f"one of {SELECTIONS}"),
+            ("forecast", self.forecast in FORECASTS, f"one of {FORECASTS}"),
+            ("refresh_every", is_int(self.refresh_every) and self.refresh_every >= 0, "an int >= 0"),
+            ("forecast_damping", is_unit(self.forecast_damping), "in [0, 1]"),
+            ("forecast_kv_damping", is_unit(self.forecast_kv_damping), "in [0, 1]"),
+            ("forecast_horizon", isinstance(self.forecast_horizon, (int, float)) and not isinstance(
+                self.forecast_horizon, bool) and math.isfinite(self.forecast_horizon) and self.forecast_horizon >= 0,
+             "a finite number >= 0"),
         ]
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"CATConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+
+    def mode(self, step: int) -> str:
+        """What denoising step `step` (from 0) runs: "dense" before full_steps - 2, then "anchor"
+        and "fill", then "pruned", or "refresh" every refresh_every-th step from the fill step on."""
+        f, every = self.full_steps, self.refresh_every
+        if step < f - 2:
+            return "dense"
+        if step < f:
+            return ("anchor", "fill")[step - (f - 2)]
+        return "refresh" if every and (step - (f - 1)) % every == 0 else "pruned"
 
     def tokens_kept(self, num_tokens: int) -> int:
         """K = ceil(keep_ratio * N), at least 1."""

@@ -3,8 +3,9 @@
 Installed with diffusers' ``Attention.set_processor``; the blocks around them run unchanged
 on whatever rows they are given. Attention is the only place where tokens mix, so this is the
 only place that needs to know that a pruned step runs on K compacted image tokens: their new
-keys/values are written into the cache at ``state.idx`` and the K queries attend over the full
-cached image K/V plus the text K/V (ordinary dense attention of K queries against N + T keys).
+keys/values go to the cache store (cat_pruning.cache), which returns the image K/V of all N
+tokens (reused or forecast for the skipped ones), and the K queries attend over those plus the
+text K/V (ordinary dense attention of K queries against N + T keys).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from cat_kernels import ops
 
 from .state import CATState
 
@@ -37,8 +36,8 @@ def _project(attn: torch.nn.Module, hidden_states: Tensor, names: tuple[str, ...
 
 
 class CachedAttentionProcessor:
-    """What the CAT processors share: the replaced processor for the dense modes, and the
-    layer's image K/V cache (filled at "fill", refreshed at the selected rows when "pruned")."""
+    """What the CAT processors share: the replaced processor for the steps that keep no cache,
+    and the layer's image K/V rows in the cache store for the others."""
 
     def __init__(self, state: CATState, name: str, original: object) -> None:
         self.state = state
@@ -46,14 +45,9 @@ class CachedAttentionProcessor:
         self.original = original
 
     def _cached_kv(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        """The keys/values to attend over: this step's (fill) or the refreshed cache (pruned)."""
-        k_cache, v_cache = self.state.kv[self.name]
-        if self.state.mode == "fill":
-            k_cache.copy_(key)
-            v_cache.copy_(value)
-            return key, value
-        ops.scatter_kv_(k_cache, v_cache, self.state.idx, key, value, 2, backend=self.state.config.backend)
-        return k_cache, v_cache
+        """The image keys/values to attend over: this step's when all rows ran, else the cache
+        store's rows of all N tokens (refreshed at the selected ones)."""
+        return self.state.cache.kv(self.name, key, value)
 
 
 class CATJointAttnProcessor(CachedAttentionProcessor):
@@ -73,8 +67,7 @@ class CATJointAttnProcessor(CachedAttentionProcessor):
         *args: object,
         **kwargs: object,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        mode = self.state.mode
-        if mode in ("dense", "anchor"):
+        if not self.state.caching:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if attention_mask is not None:
             raise ValueError("cat_pruning: attention masks are not supported on pruned steps")
@@ -121,8 +114,7 @@ class CATSelfAttnProcessor(CachedAttentionProcessor):
         *args: object,
         **kwargs: object,
     ) -> Tensor:
-        mode = self.state.mode
-        if mode in ("dense", "anchor"):
+        if not self.state.caching:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         if encoder_hidden_states is not None:
             raise ValueError(f"cat_pruning: {self.name} is cached as self attention but was called with context")

@@ -8,6 +8,11 @@ The lifecycle (DESIGN.md sections 3 and 4), with F = full_steps and steps number
                            fills the noise cache, tokens are clustered, first selection
     step >= F    "pruned"  the K selected tokens run compacted; after the step the noise
                            cache is updated and the next K tokens are selected
+                 "refresh" every refresh_every-th step from F-1 on (if set): all tokens run,
+                           every cache row is fresh, then the next K tokens are selected
+
+The cached rows live in a cache store (cat_pruning.cache): reuse or forecast of the rows a
+pruned step skips.
 
 Only `mode` (a string that changes three times per generation) is read by code that
 torch.compile traces; the step counter is advanced in eager code outside the model (around
@@ -25,9 +30,10 @@ from torch import Tensor
 
 from cat_kernels import ops
 
+from .cache import make_store
 from .config import CATConfig
 
-MODES = ("dense", "anchor", "fill", "pruned")
+MODES = ("dense", "anchor", "fill", "refresh", "pruned")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +73,8 @@ class CATState:
         self.layout = layout
         self.cond_first = cond_first  # CFG batch order [cond; uncond] (DiT) instead of [uncond; cond]
         self.cfg_pairs = bool(config.cfg_pairs)
+        # one store for the state's lifetime (reset per generation): compiled code guards on it
+        self.cache = make_store(config)
         self.reset()
 
     # ------------------------------------------------------------------ lifecycle (eager)
@@ -74,26 +82,33 @@ class CATState:
     def reset(self) -> None:
         """Start a new generation: drop every cache and go back to step 0."""
         self.step = 0
-        self.mode = self.mode_for(0)
+        self.mode = self.config.mode(0)
+        self.caching = False  # whether this step's processors and hooks hand their rows to the cache store
         self.geometry: Geometry | None = None
         self.history: list[tuple[str, int]] = []  # (mode, image tokens computed per sample)
+        self.cache.reset()
+        self.allocated = False
         self.anchor: Tensor | None = None
-        self.noise_cache: Tensor | None = None
         self.labels: Tensor | None = None
         self.staleness: Tensor | None = None
         self.idx: Tensor | None = None
         self.recomputed: Tensor | None = None  # (B, N) times each token was computed this generation
-        self.kv: dict[str, tuple[Tensor, Tensor]] = {}
-        self.extra: dict[str, Tensor] = {}
         # (N, 2) token (row, col) positions for the clustering, set by adapters whose inputs carry
         # them (Flux's img_ids) when the token grid's height and width are not known from shapes
         self.positions: Tensor | None = None
 
-    def mode_for(self, step: int) -> str:
-        f = self.config.full_steps
-        if step < f - 2:
-            return "dense"
-        return ("anchor", "fill")[step - (f - 2)] if step < f else "pruned"
+    # the caches, as the processors of the reuse behaviour and the tests see them
+    @property
+    def kv(self) -> dict[str, tuple[Tensor, Tensor]]:
+        return self.cache.kv_cache
+
+    @property
+    def extra(self) -> dict[str, Tensor]:
+        return self.cache.extra
+
+    @property
+    def noise_cache(self) -> Tensor | None:
+        return self.cache.noise
 
     def advance(self) -> None:
         """Close the current step (called once per denoising step, outside compiled code)."""
@@ -102,8 +117,10 @@ class CATState:
         n = self.geometry.num_tokens
         self.history.append((self.mode, self.k if self.mode == "pruned" else n))
         self.step += 1
-        self.mode = self.mode_for(self.step)
-        if self.mode == "fill":
+        self.mode = self.config.mode(self.step)
+        if self.allocated:
+            self.cache.advance()
+        elif self.mode in self.cache.modes:
             self._allocate()
 
     def _allocate(self) -> None:
@@ -118,17 +135,16 @@ class CATState:
         def empty(*shape: int, dtype: torch.dtype) -> Tensor:
             return torch.empty(shape, dtype=dtype, device=g.device)
 
-        self.kv = {name: (empty(*shape, dtype=dt), empty(*shape, dtype=dt)) for name, (shape, dt) in layout.kv.items()}
-        self.extra = {name: empty(*shape, dtype=dt) for name, (shape, dt) in layout.extra.items()}
-        self.noise_cache = empty(g.batch, g.num_tokens, layout.out_channels, dtype=layout.out_dtype)
+        noise = ((g.batch, g.num_tokens, layout.out_channels), layout.out_dtype)
+        self.cache.allocate(layout.kv, layout.extra, noise, g.device)
         self.labels = empty(scored, g.num_tokens, dtype=torch.int64)
         self.staleness = empty(scored, g.num_tokens, dtype=torch.float32)
         self.idx = empty(g.batch, self.k, dtype=torch.int64)
-        # every token ran in the dense steps 0 .. full_steps-2; the fill step adds one more
-        self.recomputed = torch.full((g.batch, g.num_tokens), self.config.full_steps - 1.0, device=g.device)
+        # every token ran in the steps before this one; this and later dense-like steps add one each
+        self.recomputed = torch.full((g.batch, g.num_tokens), float(self.step), device=g.device)
+        self.allocated = True
         if g.device.type == "cuda":
-            for t in [*(t for pair in self.kv.values() for t in pair), *self.extra.values(), self.noise_cache,
-                      self.labels, self.staleness, self.idx, self.recomputed]:
+            for t in [*self.cache.tensors(), self.labels, self.staleness, self.idx, self.recomputed]:
                 torch._dynamo.mark_static_address(t)
 
     def begin_forward(self, geometry: Geometry) -> None:
@@ -139,6 +155,9 @@ class CATState:
             raise ValueError(f"cfg_pairs=True needs an even batch [uncond; cond], got batch {geometry.batch}")
         self.geometry = geometry
         self.k = self.config.tokens_kept(geometry.num_tokens)
+        self.caching = self.allocated and self.mode in self.cache.modes
+        if self.caching:
+            self.cache.begin_step(self.mode, self.idx)
 
     # ------------------------------------------------------------------ policy (traced)
 
@@ -190,25 +209,29 @@ class CATState:
     def on_output(self, out: Tensor) -> Tensor:
         """Per-token model output (B, rows, C_out) -> the full (B, N, C_out) output of the step."""
         mode = self.mode
+        if self.caching:
+            full = self.cache.output(out)
+        if self.caching and mode != "pruned":
+            self.recomputed.add_(1)
         if mode == "anchor":
             self.anchor = self._scored(out).detach().clone()
         elif mode == "fill":
-            self.noise_cache.copy_(out)
-            self.recomputed.add_(1)
             scored = self._scored(out).detach()
             self.labels.copy_(self._cluster(scored))
             self.staleness.zero_()
             self._select(scored, first=True)
+        elif mode == "refresh":
+            self.staleness.mul_(self.config.staleness_decay).add_(1.0)
+            self._select(self._scored(out).detach(), first=False)
         elif mode == "pruned":
-            ops.scatter_tokens_(self.noise_cache, self.idx, out, 1, backend=self.config.backend)
             self.recomputed.scatter_add_(1, self.idx, torch.ones_like(self.idx, dtype=torch.float32))
-            out = self.noise_cache.clone()
-            self._select(self._scored(self.noise_cache), first=False)
+            # scored on every token's last computed output (the forecast is never scored)
+            self._select(self._scored(self.cache.noise), first=False)
+        if self.caching:
+            self.cache.end_step()
+            return full
         return out
 
     def cache_bytes(self) -> int:
-        tensors = [t for pair in self.kv.values() for t in pair] + list(self.extra.values())
-        others = (self.anchor, self.noise_cache, self.labels, self.staleness, self.idx, self.recomputed)
-        tensors += [t for t in others if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
+        tensors = [t for t in (self.anchor, self.labels, self.staleness, self.idx, self.recomputed) if t is not None]
+        return self.cache.nbytes() + sum(t.numel() * t.element_size() for t in tensors)

@@ -12,7 +12,7 @@ from .config import CATConfig
 @dataclasses.dataclass(frozen=True)
 class StepStats:
     step: int
-    mode: str  # "dense", "anchor", "fill" or "pruned"
+    mode: str  # "dense", "anchor", "fill", "refresh" (all tokens, every forecast slope fresh) or "pruned"
     tokens: int  # image tokens computed per sample
 
 
@@ -49,16 +49,22 @@ class CATStats:
 
     def __str__(self) -> str:
         pruned = sum(s.mode == "pruned" for s in self.steps)
-        dense = len(self.steps) - pruned
+        refresh = sum(s.mode == "refresh" for s in self.steps)
+        dense = len(self.steps) - pruned - refresh
         lines = [
-            f"CAT Pruning on {self.family}: {len(self.steps)} steps ({dense} dense, {pruned} pruned), "
+            f"CAT Pruning on {self.family}: {len(self.steps)} steps ({dense} dense, "
+            + (f"{refresh} refresh, " if refresh else "") + f"{pruned} pruned), "
             f"batch {self.batch}, {self.num_tokens} image tokens, {self.tokens_kept} kept "
             f"(keep_ratio {self.config.keep_ratio}, full_steps {self.config.full_steps})",
             f"  MACs {_si(self.macs)} of {_si(self.macs_dense)} dense: "
             f"{100 * self.mac_fraction:.1f}% ({self.mac_speedup:.2f}x ideal speedup)",
-            f"  caches {self.cache_bytes / 2**20:,.2f} MiB",
+            f"  caches {self.cache_bytes / 2**20:,.2f} MiB" + (f" (forecast {self.config.forecast})"
+                                                               if self.config.forecast != "none" else ""),
             "  step  mode    tokens/sample",
         ]
+        if self.steps and not pruned:
+            lines.insert(1, f"  no step was pruned: full_steps {self.config.full_steps} >= the {len(self.steps)} steps "
+                            "of this generation")
         lines += [f"  {s.step:>4}  {s.mode:<6}  {s.tokens:>6}" for s in self.steps]
         return "\n".join(lines)
 

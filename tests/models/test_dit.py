@@ -18,21 +18,24 @@ DIT = Family(run_steps, STEPS, FULL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_keep_ratio_one_equals_dense(dtype):
-    harness.check_keep_ratio_one_equals_dense(DIT, tiny_dit(dtype=dtype), inputs(dtype=dtype), TOL[dtype])
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_keep_ratio_one_equals_dense(dtype, store):
+    harness.check_keep_ratio_one_equals_dense(DIT, tiny_dit(dtype=dtype), inputs(dtype=dtype), TOL[dtype],)
 
 
-def test_dense_steps_equal_unpatched():
-    harness.check_dense_steps_equal_unpatched(DIT, tiny_dit(), inputs(seed=5))
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_dense_steps_equal_unpatched(store):
+    harness.check_dense_steps_equal_unpatched(DIT, tiny_dit(), inputs(seed=5), patch_kw=store)
 
 
 @pytest.mark.parametrize("cfg_pairs", [False, True])
-def test_pruned_steps_match_masked_dense_oracle(cfg_pairs):
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_pruned_steps_match_masked_dense_oracle(cfg_pairs, store):
     kw = inputs(batch=4, seed=2, cfg=cfg_pairs)
     n = kw["hidden_states"].shape[-1] // 2
     # Unselected tokens return their last computed output, learned-sigma channels included.
     harness.check_pruned_steps_match_oracle(DIT, tiny_dit(), kw, SelfAttnOracle, lambda o: tokens_of(o, n, n), n * n,
-                                            cfg_pairs=cfg_pairs, noise_width=4 * 2 * IN_CHANNELS)
+                                            cfg_pairs=cfg_pairs, noise_width=4 * 2 * IN_CHANNELS, patch_kw=store)
 
 
 def test_cfg_pairs_are_scored_on_the_cond_half_first():
@@ -63,8 +66,9 @@ def test_meta_device():
     harness.check_meta_device(DIT, tiny_dit, inputs(device="meta"), out_shape=(2, OUT_CHANNELS, 10, 10))
 
 
-def test_torch_compile_fullgraph_matches_eager_with_few_graphs():
-    harness.check_compile_fullgraph(DIT, tiny_dit(), inputs(seed=11))
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_torch_compile_fullgraph_matches_eager_with_few_graphs(store):
+    harness.check_compile_fullgraph(DIT, tiny_dit(), inputs(seed=11), patch_kw=store)
 
 
 # ---------------------------------------------------------------------- the pipeline path

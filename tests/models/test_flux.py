@@ -18,12 +18,14 @@ FLUX = Family(run_steps, STEPS, FULL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_keep_ratio_one_equals_dense(dtype):
-    harness.check_keep_ratio_one_equals_dense(FLUX, tiny_flux(dtype=dtype), inputs(dtype=dtype), TOL[dtype])
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_keep_ratio_one_equals_dense(dtype, store):
+    harness.check_keep_ratio_one_equals_dense(FLUX, tiny_flux(dtype=dtype), inputs(dtype=dtype), TOL[dtype],)
 
 
-def test_dense_steps_equal_unpatched():
-    harness.check_dense_steps_equal_unpatched(FLUX, tiny_flux(), inputs(seed=5))
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_dense_steps_equal_unpatched(store):
+    harness.check_dense_steps_equal_unpatched(FLUX, tiny_flux(), inputs(seed=5), patch_kw=store)
 
 
 class OracleProcessor:
@@ -59,7 +61,8 @@ class OracleProcessor:
         return attn.to_out[0](out[:, text:]), attn.to_add_out(out[:, :text])
 
 
-def test_pruned_steps_match_masked_dense_oracle():
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_pruned_steps_match_masked_dense_oracle(store):
     kw = inputs(batch=3, seed=2)
 
     def own_selections(idx):  # no CFG batch: every sample has its own selection
@@ -67,7 +70,8 @@ def test_pruned_steps_match_masked_dense_oracle():
 
     # Outputs are token rows already; one step past the horizon (timestep 0).
     harness.check_pruned_steps_match_oracle(FLUX, tiny_flux(), kw, OracleProcessor, lambda o: o,
-                                            kw["hidden_states"].shape[1], extra_steps=1, check_idx=own_selections)
+                                            kw["hidden_states"].shape[1], extra_steps=1, check_idx=own_selections,
+                                            patch_kw=store)
 
 
 def test_unpatch_is_bitwise_and_patch_twice_equals_once():
@@ -99,8 +103,9 @@ def test_real_config_macs_on_meta():
                                            tokens_kept=1229)
 
 
-def test_torch_compile_fullgraph_matches_eager_with_few_graphs():
-    harness.check_compile_fullgraph(FLUX, tiny_flux(layers=1, single_layers=1), inputs(seed=11))
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_torch_compile_fullgraph_matches_eager_with_few_graphs(store):
+    harness.check_compile_fullgraph(FLUX, tiny_flux(layers=1, single_layers=1), inputs(seed=11), patch_kw=store)
 
 
 def tiny_pipeline():

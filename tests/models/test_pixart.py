@@ -20,25 +20,28 @@ PIXART = Family(run_steps, STEPS, FULL)
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_keep_ratio_one_equals_dense(variant, dtype):
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_keep_ratio_one_equals_dense(variant, dtype, store):
     harness.check_keep_ratio_one_equals_dense(PIXART, tiny_pixart(variant, dtype=dtype), inputs(variant, dtype=dtype),
-                                              TOL[dtype])
+                                              TOL[dtype], patch_kw=store)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_dense_steps_equal_unpatched(variant):
-    harness.check_dense_steps_equal_unpatched(PIXART, tiny_pixart(variant), inputs(variant, seed=5))
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_dense_steps_equal_unpatched(variant, store):
+    harness.check_dense_steps_equal_unpatched(PIXART, tiny_pixart(variant), inputs(variant, seed=5), patch_kw=store)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("cfg_pairs", [False, True])
-def test_pruned_steps_match_masked_dense_oracle(variant, cfg_pairs):
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_pruned_steps_match_masked_dense_oracle(variant, cfg_pairs, store):
     kw = inputs(variant, batch=4, seed=2)
     hh, w = kw["hidden_states"].shape[-2] // 2, kw["hidden_states"].shape[-1] // 2
     # Only the self attentions are cached; the cross attentions keep their processors. Unselected
     # tokens return their last computed noise (all 8 channels, learned sigma too).
     harness.check_pruned_steps_match_oracle(PIXART, tiny_pixart(variant), kw, SelfAttnOracle,
-                                            lambda o: tokens_of(o, hh, w), hh * w, cfg_pairs=cfg_pairs)
+                                            lambda o: tokens_of(o, hh, w), hh * w, cfg_pairs=cfg_pairs, patch_kw=store)
 
 
 def test_unpatch_is_bitwise_and_patch_twice_equals_once():
@@ -63,8 +66,9 @@ def test_meta_device(variant):
                               out_shape=(2, OUT_CHANNELS, 12, 10))
 
 
-def test_torch_compile_fullgraph_matches_eager_with_few_graphs():
-    harness.check_compile_fullgraph(PIXART, tiny_pixart("alpha"), inputs("alpha", seed=11))
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_torch_compile_fullgraph_matches_eager_with_few_graphs(store):
+    harness.check_compile_fullgraph(PIXART, tiny_pixart("alpha"), inputs("alpha", seed=11), patch_kw=store)
 
 
 def test_unsupported_inputs_and_models_are_refused():

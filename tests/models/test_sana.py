@@ -17,12 +17,15 @@ SANA = Family(run_steps, STEPS, FULL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_keep_ratio_one_equals_dense(dtype):
-    harness.check_keep_ratio_one_equals_dense(SANA, tiny_sana(dtype=dtype), inputs(dtype=dtype), TOL[dtype])
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_keep_ratio_one_equals_dense(dtype, store):
+    harness.check_keep_ratio_one_equals_dense(SANA, tiny_sana(dtype=dtype), inputs(dtype=dtype), TOL[dtype],
+                                              patch_kw=store)
 
 
-def test_dense_steps_equal_unpatched():
-    harness.check_dense_steps_equal_unpatched(SANA, tiny_sana(), inputs(seed=5))
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_dense_steps_equal_unpatched(store):
+    harness.check_dense_steps_equal_unpatched(SANA, tiny_sana(), inputs(seed=5), patch_kw=store)
 
 
 class OracleLinearAttn:
@@ -58,14 +61,16 @@ def oracle_conv_hook(cache, selected):
 
 
 @pytest.mark.parametrize("cfg_pairs", [False, True])
-def test_pruned_steps_match_masked_dense_oracle(cfg_pairs):
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_pruned_steps_match_masked_dense_oracle(cfg_pairs, store):
     kw = inputs(batch=4, seed=2)
     hh, w = kw["hidden_states"].shape[-2:]
     # Patch size 1: token rows are the output's pixels; one step past the horizon (timestep 0).
     # The batch halves share a selection exactly when cfg_pairs.
     harness.check_pruned_steps_match_oracle(SANA, tiny_sana(), kw, OracleLinearAttn,
                                             lambda o: o.flatten(2).transpose(1, 2), hh * w, cfg_pairs=cfg_pairs,
-                                            unpaired_differ=True, extra_steps=1, conv_hook=oracle_conv_hook)
+                                            unpaired_differ=True, extra_steps=1, conv_hook=oracle_conv_hook,
+                                            patch_kw=store)
 
 
 def test_unpatch_is_bitwise_and_patch_twice_equals_once():
@@ -100,8 +105,9 @@ def test_real_config_macs_on_meta():
                                            tokens_kept=308, cfg_pairs=True)
 
 
-def test_torch_compile_fullgraph_matches_eager_with_few_graphs():
-    harness.check_compile_fullgraph(SANA, tiny_sana(layers=1), inputs(seed=11))
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_torch_compile_fullgraph_matches_eager_with_few_graphs(store):
+    harness.check_compile_fullgraph(SANA, tiny_sana(layers=1), inputs(seed=11), patch_kw=store)
 
 
 def tiny_pipeline():

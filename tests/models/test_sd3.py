@@ -19,13 +19,16 @@ SD3 = Family(run_steps, STEPS, FULL)
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_keep_ratio_one_equals_dense(variant, dtype):
-    harness.check_keep_ratio_one_equals_dense(SD3, tiny_sd3(variant, dtype=dtype), inputs(dtype=dtype), TOL[dtype])
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_keep_ratio_one_equals_dense(variant, dtype, store):
+    harness.check_keep_ratio_one_equals_dense(SD3, tiny_sd3(variant, dtype=dtype), inputs(dtype=dtype), TOL[dtype],
+                                              patch_kw=store)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_dense_steps_equal_unpatched(variant):
-    harness.check_dense_steps_equal_unpatched(SD3, tiny_sd3(variant), inputs(seed=5))
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_dense_steps_equal_unpatched(variant, store):
+    harness.check_dense_steps_equal_unpatched(SD3, tiny_sd3(variant), inputs(seed=5), patch_kw=store)
 
 
 class OracleProcessor:
@@ -64,12 +67,13 @@ class OracleProcessor:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("cfg_pairs", [False, True])
-def test_pruned_steps_match_masked_dense_oracle(variant, cfg_pairs):
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_pruned_steps_match_masked_dense_oracle(variant, cfg_pairs, store):
     kw = inputs(batch=4, seed=2)
     hh, w = kw["hidden_states"].shape[-2] // 2, kw["hidden_states"].shape[-1] // 2
     # Token rows of the (B, 4, 2h, 2w) output: the selected ones cover exactly the selected 2x2 pixel patches.
     harness.check_pruned_steps_match_oracle(SD3, tiny_sd3(variant), kw, OracleProcessor, lambda o: tokens_of(o, hh, w),
-                                            hh * w, cfg_pairs=cfg_pairs)
+                                            hh * w, cfg_pairs=cfg_pairs, patch_kw=store)
 
 
 def test_unpatch_is_bitwise_and_patch_twice_equals_once():
@@ -119,8 +123,9 @@ def test_meta_device(variant):
     harness.check_meta_device(SD3, lambda: tiny_sd3(variant), inputs(device="meta"))
 
 
-def test_torch_compile_fullgraph_matches_eager_with_few_graphs():
-    harness.check_compile_fullgraph(SD3, tiny_sd3("sd35", layers=2), inputs(seed=11))
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_torch_compile_fullgraph_matches_eager_with_few_graphs(store):
+    harness.check_compile_fullgraph(SD3, tiny_sd3("sd35", layers=2), inputs(seed=11), patch_kw=store)
 
 
 def test_bare_transformer_under_compile_without_advance_is_refused():

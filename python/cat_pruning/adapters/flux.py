@@ -37,8 +37,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cat_kernels import ops
-
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
 from .base import Adapter, compute_dtype, get_submodule, hidden_states_arg, pipeline_call_local, random_inputs
@@ -119,7 +117,7 @@ class CATFluxAttnProcessor(CachedAttentionProcessor):
 
         state = self.state
         mode = state.mode
-        if mode in ("dense", "anchor"):
+        if not state.caching:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
         if attention_mask is not None:
             raise ValueError("cat_pruning: attention masks are not supported on Flux's pruned steps")
@@ -143,15 +141,11 @@ class CATFluxAttnProcessor(CachedAttentionProcessor):
         cos, sin = image_rotary_emb
         query, key = rotate(query, cos, sin), rotate(key, cos, sin)
 
-        k_cache, v_cache = state.kv[self.name]  # (B, N, H*D): keys after rotation
-        image_key, image_value = key[:, text:].flatten(2), value[:, text:].flatten(2)
-        if mode == "fill":
-            k_cache.copy_(image_key)
-            v_cache.copy_(image_value)
-        else:  # pruned: refresh the selected rows, attend over all cached image keys
-            ops.scatter_kv_(k_cache, v_cache, state.idx, image_key, image_value, 1, backend=state.config.backend)
-            key = torch.cat([key[:, :text], k_cache.unflatten(-1, (-1, head_dim))], dim=1)
-            value = torch.cat([value[:, :text], v_cache.unflatten(-1, (-1, head_dim))], dim=1)
+        # (B, rows, H*D) image rows, keys after rotation; the store returns all N of them
+        image_key, image_value = state.cache.kv(self.name, key[:, text:].flatten(2), value[:, text:].flatten(2))
+        if mode == "pruned":  # attend over every token's image keys
+            key = torch.cat([key[:, :text], image_key.unflatten(-1, (-1, head_dim))], dim=1)
+            value = torch.cat([value[:, :text], image_value.unflatten(-1, (-1, head_dim))], dim=1)
 
         out = dispatch_attention_fn(
             query, key, value, attn_mask=None,

@@ -101,8 +101,7 @@ class CATSanaLinearAttnProcessor(CachedAttentionProcessor):
         **kwargs: Any,
     ) -> Tensor:
         state = self.state
-        mode = state.mode
-        if mode in ("dense", "anchor"):
+        if not state.caching:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         if encoder_hidden_states is not None:
             raise ValueError("cat_pruning: Sana's linear attention is self attention; got a context")
@@ -116,13 +115,7 @@ class CATSanaLinearAttnProcessor(CachedAttentionProcessor):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        k_cache, v_cache = state.kv[self.name]  # (B, N, H*D)
-        if mode == "fill":
-            k_cache.copy_(key)
-            v_cache.copy_(value)
-        else:
-            ops.scatter_kv_(k_cache, v_cache, state.idx, key, value, 1, backend=state.config.backend)
-            key, value = k_cache, v_cache
+        key, value = state.cache.kv(self.name, key, value)  # (B, N, H*D) over every token
 
         query = F.relu(query.transpose(1, 2).unflatten(1, (attn.heads, -1))).float()  # (B, H, D, rows)
         key = F.relu(key.transpose(1, 2).unflatten(1, (attn.heads, -1)).transpose(2, 3)).float()  # (B, H, N, D)
@@ -176,15 +169,13 @@ class SanaAdapter(Adapter):
 
         def conv_pre_hook(name: str) -> Any:
             def hook(module: nn.Module, args: tuple) -> tuple | None:
-                mode = state.mode
-                if mode == "fill":  # the full (B, 2*hidden, H, W) input: keep it
-                    x = args[0]
-                    state.extra[name].copy_(x.flatten(2).unsqueeze(-1))
-                elif mode == "pruned":  # (B, 2*hidden, K, 1): refresh those rows, convolve the full map
-                    cache, g = state.extra[name], state.geometry
-                    ops.scatter_tokens_(cache, state.idx, args[0], 2, backend=state.config.backend)
-                    return (cache.view(*cache.shape[:2], g.height, g.width),)
-                return None
+                if not state.caching:
+                    return None
+                # the (B, 2*hidden, H, W) input of a full step, or the (B, 2*hidden, K, 1) rows of a
+                # pruned one: the store keeps them and returns all N, and the conv runs on the full map
+                x, g = args[0], state.geometry
+                full = state.cache.rows(name, x.flatten(2).unsqueeze(-1))
+                return (full.view(*full.shape[:2], g.height, g.width),) if state.mode == "pruned" else None
 
             return hook
 

@@ -1,0 +1,253 @@
+"""The cached image-token rows of a generation, and how a step reads the rows it does not compute.
+
+Every per-token tensor that a pruned step may skip lives here: each attention layer's image K
+and V, a family's extra caches (Sana's depthwise-convolution inputs) and the per-token model
+output (the noise cache). The processors and hooks only hand over the rows they computed and get
+back all N rows to use::
+
+    key, value = store.kv(name, key, value)     # attention: the K/V to attend over
+    x = store.rows(name, x)                     # an extra cache
+    out = store.output(out)                     # the step's (B, N, C_out) output
+
+so they do not know which of the two behaviours runs:
+
+- :class:`ReuseStore` (``forecast="none"``, the paper): a skipped row is its value at the token's
+  last computation.
+- :class:`ForecastStore` (``forecast="taylor"``): a skipped row is read as a first-order Taylor
+  forecast ``base + w * slope`` from the token's last two computations, where ``w`` is the time
+  since its last computation (in steps or in sigma), damped and capped. The forecast is written
+  into a separate buffer that the step reads; the stored values are never overwritten by it.
+
+Per cache the forecast keeps ``base`` (the value at the last computation), ``slope`` (change per
+unit time between the last two computations) and ``out`` (what the step reads); per token the
+time of its last computation. One op per cache and step updates the computed rows and forecasts
+the others in one pass (:func:`cat_kernels.ops.forecast_kv_`). Everything is written in place
+into buffers allocated once per generation in eager code, so CUDA graphs can capture the steps,
+and the times live in device tensors, so no Python value that changes per step is read by traced
+code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cat_kernels import ops
+
+from .config import CATConfig
+
+
+def _token_dim(shape: tuple[int, ...]) -> int:
+    """(B, N, C) caches have their tokens along 1, (B, H, N, D) caches along 2."""
+    return 1 if len(shape) == 3 else 2
+
+
+class ReuseStore:
+    """Skipped rows reuse their value at the token's last computation (CAT Pruning as published)."""
+
+    # the modes in which processors and hooks hand their rows to the store
+    modes = ("fill", "refresh", "pruned")
+
+    def __init__(self, config: CATConfig) -> None:
+        self.config = config
+        self.reset()
+
+    def reset(self) -> None:
+        self.kv_cache: dict[str, tuple[Tensor, Tensor]] = {}
+        self.extra: dict[str, Tensor] = {}
+        self.noise: Tensor | None = None
+        self.idx: Tensor | None = None
+        self.mode = "dense"
+
+    # ------------------------------------------------------------------ lifecycle (eager)
+
+    def allocate(self, kv: dict, extra: dict, noise: tuple, device: torch.device) -> None:
+        """Buffers for every cache: name -> (shape, dtype); noise = (shape, dtype)."""
+
+        def empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+            return torch.empty(shape, dtype=dtype, device=device)
+
+        self.kv_cache = {name: (empty(*spec), empty(*spec)) for name, spec in kv.items()}
+        self.extra = {name: empty(*spec) for name, spec in extra.items()}
+        self.noise = empty(*noise)
+
+    def tensors(self) -> list[Tensor]:
+        """Every buffer the store holds (for static-address marking and byte counts)."""
+        return [*(t for pair in self.kv_cache.values() for t in pair), *self.extra.values(), self.noise]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
+
+    def advance(self) -> None:
+        """The step closed (eager)."""
+
+    # ------------------------------------------------------------------ steps (traced)
+
+    def begin_step(self, mode: str, idx: Tensor | None) -> None:
+        """A forward starts in `mode`; `idx` (B, K) are the tokens a pruned step computes."""
+        self.mode, self.idx = mode, idx
+
+    def kv(self, name: str, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """This layer's new image K/V rows (all N, or the K selected on a pruned step) -> the
+        image K/V over all N tokens to attend over."""
+        k_cache, v_cache = self.kv_cache[name]
+        if self.mode != "pruned":
+            k_cache.copy_(key)
+            v_cache.copy_(value)
+            return key, value
+        ops.scatter_kv_(k_cache, v_cache, self.idx, key, value, _token_dim(k_cache.shape), backend=self.config.backend)
+        return k_cache, v_cache
+
+    def rows(self, name: str, x: Tensor) -> Tensor:
+        """The same for one extra cache."""
+        cache = self.extra[name]
+        if self.mode != "pruned":
+            cache.copy_(x)
+            return x
+        ops.scatter_tokens_(cache, self.idx, x, _token_dim(cache.shape), backend=self.config.backend)
+        return cache
+
+    def output(self, out: Tensor) -> Tensor:
+        """The step's per-token output rows -> the full (B, N, C_out) output (a fresh tensor)."""
+        if self.mode != "pruned":
+            self.noise.copy_(out)
+            return out
+        ops.scatter_tokens_(self.noise, self.idx, out, 1, backend=self.config.backend)
+        return self.noise.clone()
+
+    def end_step(self) -> None:
+        """After the output: the computed tokens' bookkeeping (traced)."""
+
+    def skipped_kv(self, name: str) -> tuple[Tensor, Tensor]:
+        """What the coming pruned step reads for this layer's skipped rows (eager, between steps;
+        the tests' masked-dense oracle uses it)."""
+        return self.kv_cache[name][0].clone(), self.kv_cache[name][1].clone()
+
+    def skipped_rows(self, name: str) -> Tensor:
+        return self.extra[name].clone()
+
+    def skipped_output(self) -> Tensor:
+        return self.noise.clone()
+
+
+class ForecastStore(ReuseStore):
+    """Skipped rows are read as a damped first-order Taylor forecast from their last two computations."""
+
+    modes = ("anchor", "fill", "refresh", "pruned")
+
+    def reset(self) -> None:
+        super().reset()
+        self.slopes: dict[str, Tensor] = {}  # cache name (K/V as name/k, name/v) -> slope buffer
+        self.reads: dict[str, Tensor] = {}  # ... -> the buffer the step reads (forecast + fresh rows)
+        self.last: Tensor | None = None  # (B, N) time of each token's last computation
+        self.clock: Tensor | None = None  # () the time of the current step
+        self.started: Tensor | None = None  # () 1 once a first value of every row is stored
+
+    def allocate(self, kv: dict, extra: dict, noise: tuple, device: torch.device) -> None:
+        super().allocate(kv, extra, noise, device)
+        slope_dtype = torch.float32
+        for name, base in self._bases().items():
+            self.slopes[name] = torch.empty(base.shape, dtype=slope_dtype, device=device)
+            self.reads[name] = torch.empty_like(base)
+        batch, n = self.noise.shape[:2]
+        self.last = torch.zeros(batch, n, dtype=torch.float32, device=device)
+        self.clock = torch.zeros((), dtype=torch.float32, device=device)
+        self.started = torch.zeros((), dtype=torch.float32, device=device)
+
+    def _bases(self) -> dict[str, Tensor]:
+        bases = {}
+        for name, (k, v) in self.kv_cache.items():
+            bases[f"{name}/k"], bases[f"{name}/v"] = k, v
+        bases.update({f"extra/{name}": t for name, t in self.extra.items()})
+        bases["noise"] = self.noise
+        return bases
+
+    def tensors(self) -> list[Tensor]:
+        return [*super().tensors(), *self.slopes.values(), *self.reads.values(), self.last, self.clock,
+                self.started]
+
+    def advance(self) -> None:
+        if self.clock is not None:
+            self.clock.add_(1.0)
+
+    # ------------------------------------------------------------------ steps (traced)
+
+    def begin_step(self, mode: str, idx: Tensor | None) -> None:
+        super().begin_step(mode, idx)
+        if self.clock is None:
+            return
+        batch, n = self.last.shape
+        elapsed = self.clock - self.last  # (B, N), >= 1 for every row stored before
+        # slope of a computed row: (new - base) / elapsed, or 0 before a first value exists
+        self.inv_dt = self.started / elapsed.clamp_min(1e-6)
+        self.weight_kv, self.weight_out = self._weights(elapsed)
+        if mode == "pruned":
+            k = idx.shape[1]
+            order = torch.arange(k, device=idx.device, dtype=torch.int64).expand(batch, k)
+            self.pos = torch.full((batch, n), -1, dtype=torch.int64, device=idx.device).scatter(1, idx, order)
+        else:  # every row is computed
+            self.pos = torch.arange(n, device=self.last.device, dtype=torch.int64).expand(batch, n).contiguous()
+
+    def _weights(self, elapsed: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, N) forecast weights of the K/V (and extra) rows and of the output rows."""
+        cfg = self.config
+        horizon = elapsed.clamp_max(cfg.forecast_horizon) if cfg.forecast_horizon else elapsed
+        return cfg.forecast_kv_damping * horizon, cfg.forecast_damping * horizon
+
+    def _update(self, name: str, new: Tensor, weight: Tensor) -> Tensor:
+        """One cache: the computed rows refresh their value and slope, the others are forecast."""
+        base = self._bases()[name]
+        if self.mode == "anchor":  # the first value of every row: nothing to forecast from yet
+            base.copy_(new)
+            return new
+        out = self.reads[name]
+        ops.forecast_tokens_(base, self.slopes[name], out, self.pos, new, weight, self.inv_dt,
+                             _token_dim(base.shape), backend=self.config.backend)
+        return out if self.mode == "pruned" else new
+
+    def kv(self, name: str, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        kb, vb = self.kv_cache[name]
+        if self.mode == "anchor":
+            kb.copy_(key)
+            vb.copy_(value)
+            return key, value
+        k_out, v_out = self.reads[f"{name}/k"], self.reads[f"{name}/v"]
+        ops.forecast_kv_(kb, vb, self.slopes[f"{name}/k"], self.slopes[f"{name}/v"], k_out, v_out, self.pos, key,
+                         value, self.weight_kv, self.inv_dt, _token_dim(kb.shape), backend=self.config.backend)
+        return (k_out, v_out) if self.mode == "pruned" else (key, value)
+
+    def rows(self, name: str, x: Tensor) -> Tensor:
+        return self._update(f"extra/{name}", x, self.weight_kv)
+
+    def output(self, out: Tensor) -> Tensor:
+        full = self._update("noise", out, self.weight_out)
+        return full.clone() if self.mode == "pruned" else full
+
+    def end_step(self) -> None:
+        if self.clock is None:
+            return
+        if self.mode == "pruned":
+            self.last.scatter_(1, self.idx, self.clock.expand(self.idx.shape))
+        else:
+            self.last.copy_(self.clock.expand_as(self.last))
+        self.started.fill_(1.0)
+
+    def _forecast(self, name: str, which: int) -> Tensor:
+        base = self._bases()[name]
+        weight = self._weights(self.clock - self.last)[which]
+        w = weight.view(weight.shape[0], *([1] * (_token_dim(base.shape) - 1)), weight.shape[1], 1)
+        return (base.float() + w * self.slopes[name].float()).to(base.dtype)
+
+    def skipped_kv(self, name: str) -> tuple[Tensor, Tensor]:
+        """The forecast of every row for the coming step (eager, between steps)."""
+        return self._forecast(f"{name}/k", 0), self._forecast(f"{name}/v", 0)
+
+    def skipped_rows(self, name: str) -> Tensor:
+        return self._forecast(f"extra/{name}", 0)
+
+    def skipped_output(self) -> Tensor:
+        return self._forecast("noise", 1)
+
+
+def make_store(config: CATConfig) -> ReuseStore:
+    return ForecastStore(config) if config.forecast == "taylor" else ReuseStore(config)

@@ -1,0 +1,112 @@
+"""The cache store (cat_pruning.cache) on its own: reuse and forecast of skipped rows, the step
+schedule with refresh steps, and the forecast knobs' validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cat_pruning import CATConfig
+from cat_pruning.cache import ForecastStore, ReuseStore, make_store
+
+B, H, N, D, C = 2, 3, 11, 5, 4
+
+
+def _store(cls, **cfg):
+    store = cls(CATConfig(backend="torch", **cfg))
+    kv = {"layer": ((B, H, N, D), torch.float32)}
+    extra = {"conv": ((B, C, N, 1), torch.float32)}
+    store.allocate(kv, extra, ((B, N, C), torch.float32), torch.device("cpu"))
+    return store
+
+
+def _linear(seed: int):
+    """Every cache row moving on a straight line in time: value(t) = a + b t."""
+    g = torch.Generator().manual_seed(seed)
+    k = [torch.randn(B, H, N, D, generator=g) for _ in range(2)]
+    v = [torch.randn(B, H, N, D, generator=g) for _ in range(2)]
+    x = [torch.randn(B, C, N, 1, generator=g) for _ in range(2)]
+    o = [torch.randn(B, N, C, generator=g) for _ in range(2)]
+    return lambda t, pair: pair[0] + t * pair[1], (k, v, x, o)
+
+
+def _steps(store, schedule, seed=0):
+    """Runs the store through (mode, idx) steps on linear signals; yields (t, what it returned, truth)."""
+    at, (k, v, x, o) = _linear(seed)
+    for t, (mode, idx) in enumerate(schedule):
+        idx_t = None if idx is None else torch.tensor([idx, idx[::-1]]).sort(dim=1).values
+        store.begin_step(mode, idx_t)
+
+        def rows(full, dim, idx_t=idx_t):
+            return full if idx_t is None else full.gather(dim, idx_t.view(B, *([1] * (dim - 1)), -1, 1).expand(
+                *full.shape[:dim], idx_t.shape[1], full.shape[-1]))
+
+        truth = (at(t, k), at(t, v), at(t, x), at(t, o))
+        got_k, got_v = store.kv("layer", rows(truth[0], 2), rows(truth[1], 2))
+        got_x = store.rows("conv", rows(truth[2], 2))
+        got_o = store.output(rows(truth[3], 1))
+        store.end_step()
+        store.advance()
+        yield t, mode, (got_k, got_v, got_x, got_o), truth
+
+
+SCHEDULE = [("anchor", None), ("fill", None), ("pruned", [0, 3, 7]), ("pruned", [1, 2, 9]), ("refresh", None),
+            ("pruned", [4, 5, 10]), ("pruned", [0, 6, 8])]
+
+
+def test_forecast_of_straight_lines_is_exact():
+    store = _store(ForecastStore, forecast="taylor", forecast_damping=1.0, forecast_kv_damping=1.0)
+    for t, mode, got, truth in _steps(store, SCHEDULE):
+        for g, w in zip(got, truth, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=f"step {t} ({mode})")
+
+
+def test_reuse_returns_the_last_computed_rows():
+    store = _store(ReuseStore)
+    at, (k, v, x, o) = _linear(0)
+    last = torch.zeros(N, dtype=torch.long)  # the step each token (same for both samples) was last computed
+    for t, mode, got, _ in _steps(store, SCHEDULE[1:]):  # the reuse store keeps nothing at the anchor
+        computed = SCHEDULE[1:][t][1] or range(N)
+        last[list(computed)] = t
+        want_o = torch.stack([at(int(s), o)[:, n] for n, s in enumerate(last)], 1)
+        want_k = torch.stack([at(int(s), k)[:, :, n] for n, s in enumerate(last)], 2)
+        assert torch.equal(got[3], want_o) and torch.equal(got[0], want_k), f"step {t} ({mode})"
+
+
+def test_damping_and_horizon_shape_the_forecast():
+    damped = _store(ForecastStore, forecast="taylor", forecast_damping=0.5, forecast_kv_damping=0.0, forecast_horizon=1)
+    for t, _, got, _ in _steps(damped, SCHEDULE[:4]):
+        if t == 3:  # token 4 was last computed at t=1: the output forecast moves half of one step, K/V none
+            at, (k, v, x, o) = _linear(0)
+            torch.testing.assert_close(got[3][:, 4], (at(1, o) + 0.5 * o[1])[:, 4], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[0][:, :, 4], at(1, k)[:, :, 4])
+
+
+def test_skipped_rows_preview_what_the_next_pruned_step_reads():
+    store = _store(ForecastStore, forecast="taylor")
+    steps = _steps(store, SCHEDULE)
+    for _ in range(3):
+        next(steps)
+    preview = store.skipped_output()
+    _, _, got, _ = next(steps)  # pruned, tokens 1, 2, 9 computed
+    skipped = torch.ones(N, dtype=torch.bool)
+    skipped[[1, 2, 9]] = False
+    assert torch.equal(got[3][:, skipped], preview[:, skipped])
+
+
+def test_make_store_and_schedule():
+    assert type(make_store(CATConfig())) is ReuseStore
+    assert type(make_store(CATConfig(forecast="taylor"))) is ForecastStore
+    cfg = CATConfig(full_steps=4, refresh_every=3)
+    assert [cfg.mode(s) for s in range(10)] == ["dense", "dense", "anchor", "fill", "pruned", "pruned", "refresh",
+                                               "pruned", "pruned", "refresh"]  # fmt: skip
+    assert [CATConfig(full_steps=2).mode(s) for s in range(3)] == ["anchor", "fill", "pruned"]
+
+
+@pytest.mark.parametrize("field, value", [("forecast", "linear"), ("refresh_every", -1), ("refresh_every", 1.5),
+                                          ("forecast_damping", 1.5), ("forecast_kv_damping", -0.1),
+                                          ("forecast_horizon", -1), ("forecast_horizon", float("inf")),
+                                          ("forecast_damping", True)])  # fmt: skip
+def test_bad_forecast_knobs_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        CATConfig(**{field: value})
