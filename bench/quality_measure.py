@@ -32,6 +32,7 @@ class Context:
     target: float = 0.0
     bar: Any = None
     arch: str = "SD3"  # the model's architecture, as the notes name it
+    tune_dense: dict = dataclasses.field(default_factory=dict)  # tuning item -> its dense image
 
 
 def generate(
@@ -83,25 +84,31 @@ def measure_macs(ctx: Context, methods: list[Method], mac_items: list[tuple[str,
     macs: dict[str, list[float]] = {"dense": [1.0]}
     stats_frac: dict[str, float] = {}
     for m in methods:
-        if m.group == "peer":
+        if m.tune is not None:
             continue
         with m.session(pipe) as reset:
             macs[m.id] = [count_flops(ctx, items[0], reset) / ctx.dense_flops]
             stats_frac[m.id] = cat_pruning.stats(pipe).mac_fraction
 
     def cat_fraction(spec: str) -> float:  # counted here when that CAT setting is not among the methods
+        if spec.startswith("mac:"):  # a budget given as a fraction
+            return float(spec[4:])
         if spec not in macs:
             with cat_method(spec).session(pipe) as reset:
                 macs[spec] = [count_flops(ctx, items[0], reset) / ctx.dense_flops]
         return macs[spec][0]
 
     for m in methods:
-        if m.group != "peer":
+        if m.tune is None:
             continue
         ctx.target = cat_fraction(m.matched_to or ref)
         prepare_peer(ctx, m)
         if m.error is None:
             macs[m.id] = mac_fraction(ctx, m, mac_items if m.data_dependent else mac_items[:1])
+            if m.group == "catf":
+                with m.session(pipe) as reset:
+                    generate(ctx, items[0], reset)
+                    stats_frac[m.id] = cat_pruning.stats(pipe).mac_fraction
     ctx.target = cat_fraction(ref)
     return macs, stats_frac
 
@@ -125,7 +132,7 @@ def measure_quality(ctx: Context, methods: list[Method], ref: str, no_bar: bool)
     """Quality and wall clock: per prompt+seed, dense and every runnable method, rotating order.
     Methods with the same CAT configuration run once. The dense image of the first item is made
     again at the end to check that nothing leaked into the unpatched pipeline."""
-    from quality_methods import _no_session
+    from quality_methods import _no_session, cat_config_fields
     from tqdm.auto import tqdm
 
     import cat_pruning
@@ -136,7 +143,7 @@ def measure_quality(ctx: Context, methods: list[Method], ref: str, no_bar: bool)
     unique: dict[str, Method] = {}
     alias: dict[str, str] = {}
     for m in runnable:
-        key = repr(cat_pruning.CATConfig().replace(**m.params)) if m.group != "peer" else m.id
+        key = repr(cat_pruning.CATConfig().replace(**cat_config_fields(m.params))) if m.group != "peer" else m.id
         if key in unique:
             alias[m.id] = unique[key].id
         else:
@@ -192,7 +199,7 @@ def build_records(methods: list[Method], q: QualityRun, macs: dict[str, list[flo
     for m in methods:
         if alias.get(m.id, m.id) in failed:
             m.error = failed[alias.get(m.id, m.id)]
-        matched = dict(matched_to=m.matched_to or ref) if m.group == "peer" else {}
+        matched = dict(matched_to=m.matched_to or ref) if m.group in ("peer", "catf") else {}
         if m.error is not None:
             records.append(dict(case=f"quality[{m.id}]", provider=m.id, name=m.name, group=m.group, params=m.params,
                                 status="error", error=m.error, notes=m.notes, **matched, **common_fields))  # fmt: skip

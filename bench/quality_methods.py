@@ -1,10 +1,14 @@
 """Quality suite, the methods: what each method id means and how it is switched on around a pipeline.
 
-- ``cat:K:F[:field=value...]``: cat_pruning.patched(pipe, keep_ratio=K, full_steps=F, **overrides)
-  (any CATConfig field; with overrides the method is an ablation);
+- ``cat:K:F[:field=value...]``: cat_pruning.patched(pipe, CATConfig.paper(), keep_ratio=K,
+  full_steps=F, **overrides) (any CATConfig field; with overrides the method is an ablation);
 - peers, each a threshold or interval that quality_peers.py tunes to a MAC budget:
   ``cache-dit-dbcache``, ``cache-dit-taylorseer``, ``diffusers-fbc``, ``diffusers-taylorseer``;
-  ``peer@cat:K:F`` tunes the peer to that CAT setting's MAC fraction instead of --target-cat's.
+  ``peer@cat:K:F`` tunes the peer to that CAT setting's MAC fraction instead of --target-cat's,
+  ``peer@mac:X`` to the fraction X;
+- ``catf@cat:K:F`` / ``catf@mac:X``: CAT-F (forecast="taylor") at its best schedule for that budget
+  (refresh_every and full_steps from a grid, keep_ratio solved for the budget, the best on the
+  tuning prompts kept), found the same way as diffusers TaylorSeer's best warm-up, interval and order.
 
 A method's ``session(pipe)`` is a context manager that installs it for the generations inside and
 yields a per-call reset (or None). Sessions look at the transformer they get, so the same peer
@@ -21,10 +25,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from quality_peers import tune_continuous, tune_discrete
+from quality_peers import tune_catf, tune_continuous, tune_taylorseer
 
 import cat_pruning
 
+# the fields in which the paper's CAT differs from patch()'s defaults (keep_ratio and full_steps are in the spec)
+PAPER = {k: v for k, v in dataclasses.asdict(cat_pruning.CATConfig.paper()).items()
+         if v != getattr(cat_pruning.CATConfig(), k) and k not in ("keep_ratio", "full_steps")}
+FORECAST_TARGETS = ("mac:0.35", "cat:0.2:8", "cat:0.3:8", "cat:0.5:8")
 DEFAULT_METHODS = [
     # CAT settings
     "cat:0.3:8", "cat:0.5:8", "cat:0.2:8", "cat:0.3:4", "cat:0.3:12",
@@ -37,6 +45,9 @@ DEFAULT_METHODS = [
     "cache-dit-dbcache", "cache-dit-taylorseer", "diffusers-fbc", "diffusers-taylorseer",
     "cache-dit-dbcache@cat:0.2:8", "cache-dit-dbcache@cat:0.5:8",
     "diffusers-taylorseer@cat:0.2:8", "diffusers-taylorseer@cat:0.5:8",
+    # CAT-F at four budgets (~35%, and CAT k=0.2 / 0.3 / 0.5's), against the peers tuned to the same
+    # budgets (those at the CAT settings are above)
+    *(f"catf@{t}" for t in FORECAST_TARGETS), "diffusers-taylorseer@mac:0.35", "cache-dit-dbcache@mac:0.35",
 ]  # fmt: skip
 PEERS = ("cache-dit-dbcache", "cache-dit-taylorseer", "diffusers-fbc", "diffusers-taylorseer")
 
@@ -47,7 +58,7 @@ Session = Callable[[Any], contextlib.AbstractContextManager]  # pipe -> context 
 class Method:
     id: str
     name: str
-    group: str  # dense | cat | ablation | peer
+    group: str  # dense | cat | ablation | catf | peer
     params: dict[str, Any]
     session: Session
     data_dependent: bool = False  # compute depends on the images (threshold-driven caches)
@@ -58,7 +69,7 @@ class Method:
     probe_params: dict[str, Any] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     error: str | None = None
-    matched_to: str | None = None  # peers: the CAT setting whose MAC fraction they are tuned to (None: --target-cat)
+    matched_to: str | None = None  # tuned methods: the budget (cat:K:F or mac:X) they are tuned to (None: --target-cat)
 
 
 @contextlib.contextmanager
@@ -71,7 +82,9 @@ def cat_method(spec: str) -> Method:
     parts = spec.split(":")
     if len(parts) < 3:
         raise SystemExit(f"bench quality: bad CAT method {spec!r}; expected cat:KEEP:FULL[:field=value...]")
-    overrides: dict[str, Any] = dict(keep_ratio=float(parts[1]), full_steps=int(parts[2]))
+    # the paper's CAT unless a field says otherwise: reuse of the skipped rows, no refresh steps
+    overrides: dict[str, Any] = dict(keep_ratio=float(parts[1]), full_steps=int(parts[2]),
+                                     **PAPER)
     defaults = cat_pruning.CATConfig()
     extra: dict[str, Any] = {}
     for kv in parts[3:]:
@@ -83,14 +96,47 @@ def cat_method(spec: str) -> Method:
     overrides.update(extra)
     cat_pruning.CATConfig().replace(**overrides)  # validate now
 
+    name = f"CAT k={overrides['keep_ratio']:g} f={overrides['full_steps']}"
+    extra = {k: v for k, v in extra.items() if PAPER.get(k) != v}
+    name += "".join(f" {v}" if isinstance(v, str) else f" {k}={v:g}" for k, v in extra.items())
+    return Method(spec, name, "ablation" if extra else "cat", overrides, _cat_session(overrides))
+
+
+def cat_config_fields(params: dict[str, Any]) -> dict[str, Any]:
+    """The CATConfig fields among a CAT method's params (tuned ones also carry their tuning log)."""
+    names = {f.name for f in dataclasses.fields(cat_pruning.CATConfig)}
+    return {k: v for k, v in params.items() if k in names}
+
+
+def _cat_session(params: dict[str, Any]) -> Session:
     @contextlib.contextmanager
     def session(pipe) -> Iterator[None]:
-        with cat_pruning.patched(pipe, **overrides):
+        with cat_pruning.patched(pipe, **cat_config_fields(params)):
             yield None
 
-    name = f"CAT k={overrides['keep_ratio']:g} f={overrides['full_steps']}"
-    name += "".join(f" {v}" if isinstance(v, str) else f" {k}={v:g}" for k, v in extra.items())
-    return Method(spec, name, "ablation" if extra else "cat", overrides, session)
+    return session
+
+
+def parse_target(target: str) -> str:
+    """A budget a method is tuned to: cat:K:F (that CAT setting's MAC fraction) or mac:X."""
+    if target.startswith("mac:"):
+        try:
+            x = float(target[4:])
+        except ValueError:
+            x = -1.0
+        if not 0.0 < x <= 1.0:
+            raise SystemExit(f"bench quality: bad budget {target!r}; expected mac:X with X in (0, 1]")
+    else:
+        cat_method(target)  # validate
+    return target
+
+
+def catf_method(target: str) -> Method:
+    """CAT-F at its best schedule for the budget `target` (tuned by quality_peers.tune_catf)."""
+    m = Method(f"catf@{target}", f"CAT-F @ {target}", "catf", dict(forecast="taylor"),
+               session=lambda pipe: _cat_session(m.params)(pipe), matched_to=target)  # fmt: skip
+    m.tune = lambda ctx: tune_catf(ctx, m)
+    return m
 
 
 def _cache_dit_session(params: dict[str, Any]) -> Session:
@@ -251,7 +297,7 @@ def peer_method(spec: str, warmup: int, arch: str = "SD3") -> Method:
                 ("cache_identifiers=[transformer_blocks.N.(attn|ff|ff_context)]",
                  dict(cache_identifiers=[r"transformer_blocks\.\d+\.(attn|ff|ff_context)"], use_lite_mode=False)),
             ]  # fmt: skip
-        m.tune = lambda ctx: tune_discrete(ctx, m, "cache_interval", range(2, 15))
+        m.tune = lambda ctx: tune_taylorseer(ctx, m, warmup)
         return m
     raise SystemExit(f"bench quality: unknown method {spec!r}; peers are {PEERS}, CAT is cat:K:F[:field=value]")
 
@@ -264,11 +310,15 @@ def make_methods(opts: argparse.Namespace) -> list[Method]:
         if spec.startswith("cat:"):
             out.append(cat_method(spec))
             continue
-        peer, _, target = spec.partition("@")  # peer@cat:K:F: tuned to that CAT setting's MAC fraction
+        peer, _, target = spec.partition("@")  # peer@cat:K:F / peer@mac:X: tuned to that MAC fraction
+        if peer == "catf":
+            if not target:
+                raise SystemExit("bench quality: catf needs a budget: catf@cat:K:F or catf@mac:X")
+            out.append(catf_method(parse_target(target)))
+            continue
         m = peer_method(peer, opts.peer_warmup, getattr(opts, "arch", "SD3"))
         if target:
-            cat_method(target)  # validate
-            m.id, m.name, m.matched_to = spec, f"{m.name} @ {target}", target
+            m.id, m.name, m.matched_to = spec, f"{m.name} @ {parse_target(target)}", target
         out.append(m)
     return out
 

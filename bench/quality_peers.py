@@ -5,9 +5,19 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from quality_measure import Context, _error_text, generate, mac_fraction
+
+# Schedules whose MAC fraction lands within BAND of the budget compete on PSNR over the tuning
+# prompts (diffusers TaylorSeer's integer intervals cannot land on a budget exactly; CAT-F's
+# keep_ratio is solved to land on it, so the band only ever favours the peer).
+BAND = 0.02
+TAYLORSEER_WARMUPS = (2, 4, 6, 8, 10)
+TAYLORSEER_ORDERS = (1, 2)
+CATF_REFRESH = (0, 2, 3, 4, 5, 6)  # refresh_every; 0 = never
+CATF_FULL = (4, 6, 8)  # those below the number of steps
 
 if TYPE_CHECKING:
     from quality_methods import Method
@@ -88,3 +98,108 @@ def prepare_peer(ctx: Context, m: Method) -> None:
     except Exception as exc:  # noqa: BLE001
         m.error = "tuning: " + _error_text(exc)
 
+
+
+def tune_psnr(ctx: Context, m: Method) -> float:
+    """Mean PSNR of the method against dense over the tuning prompts (dense images made once)."""
+    from quality_methods import _no_session
+
+    from cat_pruning.metrics import psnr
+
+    items = ctx.items[: ctx.tune_items]
+    for it in items:
+        if it not in ctx.tune_dense:
+            with _no_session(ctx.pipe):
+                ctx.tune_dense[it] = generate(ctx, it)[0]
+    scores = []
+    with m.session(ctx.pipe) as reset:
+        for it in items:
+            scores.append(psnr(generate(ctx, it, reset)[0], ctx.tune_dense[it]))
+            if ctx.bar is not None:
+                ctx.bar.update()
+    return statistics.fmean(scores)
+
+
+def pick_best(ctx: Context, m: Method, candidates: list[tuple[dict, float]], what: str) -> None:
+    """Among (params, MAC fraction) candidates within BAND of ctx.target (else the closest one),
+    keeps the one with the best PSNR on the tuning prompts."""
+    band = [c for c in candidates if abs(c[1] - ctx.target) <= BAND]
+    if not band:
+        band = [min(candidates, key=lambda c: abs(c[1] - ctx.target))]
+    tried = []
+    base = dict(m.params)
+    for params, frac in band:
+        m.params.clear()
+        m.params.update(base, **params)
+        tried.append((params, frac, tune_psnr(ctx, m)))
+    best = max(tried, key=lambda t: t[2])
+    m.params.clear()
+    m.params.update(base, **best[0])
+    m.params["tuning"] = [dict(**p, mac_fraction=f, tune_psnr=q) for p, f, q in tried]
+    m.notes.append(f"best {what} of {len(tried)} within {BAND:.2f} of the budget {ctx.target:.3f} on "
+                   f"{ctx.tune_items} tuning prompt(s): {best[0]} (MAC fraction {best[1]:.3f}, PSNR {best[2]:.2f} dB)")
+
+
+def tune_taylorseer(ctx: Context, m: Method, warmup: int) -> None:
+    """diffusers TaylorSeer at its best schedule for the budget: every warm-up (disable_cache_before_step)
+    of TAYLORSEER_WARMUPS and --peer-warmup, the cache intervals around the budget for each, both
+    Taylor orders; the best PSNR on the tuning prompts wins."""
+    candidates = []
+    for w in sorted({*TAYLORSEER_WARMUPS, warmup}):
+        m.params["disable_cache_before_step"] = w
+        for interval in range(2, 15):  # the fraction falls with the interval: stop once below the band
+            m.params["cache_interval"] = interval
+            frac = statistics.fmean(mac_fraction(ctx, m, ctx.items[:1]))
+            candidates += [(dict(disable_cache_before_step=w, cache_interval=interval, max_order=o), frac)
+                           for o in TAYLORSEER_ORDERS]  # fmt: skip
+            if frac < ctx.target - BAND:
+                break
+    pick_best(ctx, m, candidates, "TaylorSeer schedule")
+
+
+def catf_schedule_fraction(ctx: Context, full_steps: int, refresh_every: int, kept: int,
+                           step_fraction: Callable[[int], float]) -> float:  # fmt: skip
+    """MAC fraction of a CAT-F schedule: steps that run every token cost 1, a pruned step
+    step_fraction(K) (affine in the K tokens it computes)."""
+    import cat_pruning
+
+    cfg = cat_pruning.CATConfig(full_steps=full_steps, refresh_every=refresh_every)
+    pruned = [cfg.mode(s) for s in range(ctx.steps)].count("pruned")
+    return (ctx.steps - pruned + pruned * step_fraction(kept)) / ctx.steps
+
+
+def tune_catf(ctx: Context, m: Method) -> None:
+    """CAT-F at its best schedule for the budget: for each refresh_every of CATF_REFRESH and full_steps
+    of CATF_FULL, the keep_ratio that lands on the budget (the MAC fraction of a pruned step is affine
+    in the tokens it computes: measured at two keep ratios); the best PSNR on the tuning prompts wins."""
+    import cat_pruning
+
+    item = ctx.items[:1]
+    points = []
+    full = min(CATF_FULL[0], ctx.steps - 1)
+    for keep in (0.05, 0.5):  # every step after full_steps pruned: frac = (F + (S - F) f(K)) / S
+        m.params.update(keep_ratio=keep, full_steps=full, refresh_every=0)
+        frac = statistics.fmean(mac_fraction(ctx, m, item))
+        with m.session(ctx.pipe) as reset:
+            generate(ctx, item[0], reset)
+            s = cat_pruning.stats(ctx.pipe)
+        n = s.num_tokens
+        points.append((s.tokens_kept, (frac * ctx.steps - full) / (ctx.steps - full)))
+    (k0, f0), (k1, f1) = points
+    slope = (f1 - f0) / (k1 - k0)
+
+    def step_fraction(k: int) -> float:
+        return f0 + slope * (k - k0)
+
+    candidates = []
+    for full in (f for f in CATF_FULL if f < ctx.steps):
+        for every in CATF_REFRESH:
+            lo, hi = (catf_schedule_fraction(ctx, full, every, k, step_fraction) for k in (1, n))
+            if not lo <= ctx.target <= hi:
+                continue
+            kept = max(1, min(n, round(1 + (ctx.target - lo) / (hi - lo) * (n - 1))))
+            frac = catf_schedule_fraction(ctx, full, every, kept, step_fraction)
+            candidates.append((dict(keep_ratio=kept / n, full_steps=full, refresh_every=every), frac))
+    if not candidates:
+        raise ValueError(f"no CAT-F schedule reaches the budget {ctx.target:.3f}")
+    pick_best(ctx, m, candidates, "CAT-F schedule")

@@ -60,8 +60,8 @@ def write_outputs(records: list[dict], shape: dict, opts: Any, model: QualityMod
 
 def _settings(r: dict) -> str:
     p = {k: v for k, v in r.get("params", {}).items() if k != "tuning"}
-    if r["group"] in ("cat", "ablation"):
-        return ", ".join(f"{k}={v}" for k, v in p.items())
+    if r["group"] in ("cat", "ablation", "catf"):
+        return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
 
 
@@ -218,6 +218,7 @@ def reading(records: list[dict]) -> str:
             + ", ".join(f"{r['name'][4:]} {100 * r['mac_fraction']:.0f}% -> {r['psnr_mean']:.1f} dB" for r in sweep)
             + "."
         )
+    out += forecast_reading(ok)
     fastest = max((r for r in ok.values() if r["group"] != "dense"), key=lambda r: r["speedup"], default=None)
     if fastest is not None and fastest["provider"] != ref:
         out.append(
@@ -239,6 +240,27 @@ def reading(records: list[dict]) -> str:
     return " ".join(out)
 
 
+def forecast_reading(ok: dict[str, dict]) -> list[str]:
+    """Sentences on CAT-F against every peer tuned to the same budget: mean, worst, wins per image."""
+    out = []
+    for f in sorted((r for r in ok.values() if r["group"] == "catf"), key=lambda r: r["mac_fraction"]):
+        settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in f["params"].items()
+                             if k in ("keep_ratio", "full_steps", "refresh_every"))  # fmt: skip
+        parts = []
+        for p in sorted((r for r in ok.values() if r["group"] == "peer" and r.get("matched_to") == f["matched_to"]),
+                        key=lambda r: -r["psnr_mean"]):  # fmt: skip
+            d = f["psnr_mean"] - p["psnr_mean"]
+            wins = sum(a["psnr"] > b["psnr"] for a, b in zip(f["per_item"], p["per_item"], strict=True))
+            verdict = "wins" if d > 0.1 else ("loses" if d < -0.1 else "ties")
+            parts.append(f"{verdict} against {p['name']} ({100 * p['mac_fraction']:.1f}% MACs, "
+                         f"{p['psnr_mean']:.2f} dB, worst {p['psnr_worst']:.2f}) by {abs(d):.2f} dB, higher on {wins} "
+                         f"of {len(f['per_item'])} images")  # fmt: skip
+        out.append(f"CAT-F at {f['matched_to']} ({settings}; {100 * f['mac_fraction']:.1f}% MACs): "
+                   f"{f['psnr_mean']:.2f} dB mean, worst {f['psnr_worst']:.2f}, SSIM {f['ssim_mean']:.4f}"
+                   + (": " + "; ".join(parts) if parts else "") + ".")  # fmt: skip
+    return out
+
+
 def write_plot(records: list[dict], path: Path, shape: dict, model: QualityModel) -> str | None:
     """PSNR (mean, with a line down to the worst) against MAC fraction; None or why no plot."""
     try:
@@ -248,8 +270,8 @@ def write_plot(records: list[dict], path: Path, shape: dict, model: QualityModel
         import matplotlib.pyplot as plt
     except ImportError as exc:
         return f"matplotlib is not installed ({exc}); pip install 'cat-pruning[bench]'"
-    colors = {"cat": "tab:red", "ablation": "tab:orange", "peer": "tab:blue"}
-    markers = {"cat": "o", "ablation": "s", "peer": "^"}
+    colors = {"cat": "tab:red", "ablation": "tab:orange", "catf": "tab:green", "peer": "tab:blue"}
+    markers = {"cat": "o", "ablation": "s", "catf": "D", "peer": "^"}
     fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
     seen = set()
     labels = []
@@ -261,7 +283,7 @@ def write_plot(records: list[dict], path: Path, shape: dict, model: QualityModel
         ax.plot([x, x], [r["psnr_worst"], y], color=colors[g], alpha=0.35, lw=1)
         ax.scatter([x], [y], color=colors[g], marker=markers[g], s=45, zorder={"ablation": 3}.get(g, 4),
                    label={"cat": "CAT settings", "ablation": "CAT ablations (k=0.3 f=8)",
-                          "peer": "peers"}[g] if g not in seen else None)  # fmt: skip
+                          "catf": "CAT-F, best schedule per budget", "peer": "peers"}[g] if g not in seen else None)
         seen.add(g)
         label = r["name"].replace("CAT k=0.3 f=8 ", "") if g == "ablation" else r["name"]
         labels.append((x, y, label))

@@ -69,7 +69,7 @@ class CATConfig:
     selection: str = "cat"
     forecast: str = "none"
     refresh_every: int = 0
-    forecast_damping: float = 0.7
+    forecast_damping: float = 0.4
     forecast_kv_damping: float = 1.0
     forecast_horizon: float = 0.0
 
@@ -106,6 +106,12 @@ class CATConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"CATConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def paper(cls, **overrides: object) -> CATConfig:
+        """CAT Pruning as published (arXiv 2502.00433): keep_ratio 0.3, full_steps 8, skipped rows
+        reused (no forecast), no refresh steps; `overrides` change any field."""
+        return cls(keep_ratio=0.3, full_steps=8, forecast="none", refresh_every=0).replace(**overrides)
 
     def mode(self, step: int) -> str:
         """What denoising step `step` (from 0) runs: "dense" before full_steps - 2, then "anchor"
