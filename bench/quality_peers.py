@@ -23,10 +23,10 @@ if TYPE_CHECKING:
     from quality_methods import Method
 
 
-def tune_continuous(ctx: Context, m: Method, knob: str, lo: float, hi: float, iters: int = 8) -> None:
+def tune_continuous(ctx: Context, m: Method, knob: str, lo: float, hi: float, iters: int = 6) -> None:
     """Log-bisection of a threshold (larger = more caching = fewer MACs) towards the target fraction
-    on the tuning items; keeps the value whose fraction was closest."""
-    items = ctx.items[: ctx.tune_items]
+    on the first item; keeps the value whose fraction was closest."""
+    items = ctx.items[:1]  # FLOP counting is slow (about 10x a plain generation on the CPU)
     tried = []
     for _ in range(iters):
         value = math.sqrt(lo * hi)
@@ -140,19 +140,40 @@ def pick_best(ctx: Context, m: Method, candidates: list[tuple[dict, float]], wha
                    f"{ctx.tune_items} tuning prompt(s): {best[0]} (MAC fraction {best[1]:.3f}, PSNR {best[2]:.2f} dB)")
 
 
+def _computed_steps(ctx: Context, m: Method) -> int:
+    """Steps in which the peer ran the model's attention (a call counter on the first attention's
+    to_q, which a TaylorSeer forecast step skips): one plain generation, no FLOP counting."""
+    tr = ctx.pipe.transformer
+    name = next(n for n, _ in tr.named_modules() if n.endswith("attn.to_q"))
+    calls = []
+    handle = tr.get_submodule(name).register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with m.session(ctx.pipe) as reset:
+            generate(ctx, ctx.items[0], reset)
+    finally:
+        handle.remove()
+    return len(calls)
+
+
 def tune_taylorseer(ctx: Context, m: Method, warmup: int) -> None:
     """diffusers TaylorSeer at its best schedule for the budget: every warm-up (disable_cache_before_step)
     of TAYLORSEER_WARMUPS and --peer-warmup, the cache intervals around the budget for each, both
-    Taylor orders; the best PSNR on the tuning prompts wins."""
+    Taylor orders; the best PSNR on the tuning prompts wins. A schedule's MAC fraction follows from
+    the steps it computes: (n + (S - n) c) / S, with c, the cost of a forecast step, from one FLOP count."""
+    m.params.update(disable_cache_before_step=2, cache_interval=4)
+    frac0, n0 = statistics.fmean(mac_fraction(ctx, m, ctx.items[:1])), _computed_steps(ctx, m)
+    s = ctx.steps
+    c = (frac0 * s - n0) / (s - n0)
     candidates = []
     for w in sorted({*TAYLORSEER_WARMUPS, warmup}):
         m.params["disable_cache_before_step"] = w
         for interval in range(2, 15):  # the fraction falls with the interval: stop once below the band
             m.params["cache_interval"] = interval
-            frac = statistics.fmean(mac_fraction(ctx, m, ctx.items[:1]))
+            n = _computed_steps(ctx, m)
+            frac = (n + (s - n) * c) / s
             candidates += [(dict(disable_cache_before_step=w, cache_interval=interval, max_order=o), frac)
                            for o in TAYLORSEER_ORDERS]  # fmt: skip
-            if frac < ctx.target - BAND:
+            if frac < ctx.target - BAND or n == s:
                 break
     pick_best(ctx, m, candidates, "TaylorSeer schedule")
 

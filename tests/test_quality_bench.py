@@ -67,6 +67,12 @@ def test_quality_suite_smoke(run_module, tmp_path, monkeypatch):
         assert path.with_suffix(".png").is_file()
 
 
+def cat_config(params: dict, paper: bool = False):
+    import cat_pruning
+
+    return cat_pruning.CATConfig.paper(**params) if paper else cat_pruning.CATConfig(**params)
+
+
 def test_method_specs(monkeypatch):
     """cat:K:F:field=value overrides take the CATConfig field's type; peer@cat:K:F is tuned to that setting."""
     import sys
@@ -88,6 +94,28 @@ def test_method_specs(monkeypatch):
     assert (peer.id, peer.matched_to, peer.group) == ("diffusers-taylorseer@cat:0.5:8", "cat:0.5:8", "peer")
     assert peer.name == "diffusers TaylorSeer @ cat:0.5:8"
     assert make("diffusers-taylorseer")[0].matched_to is None
-    for bad in ("diffusers-taylorseer@cat:0.5", "cat:0.3:8:num_clusters=0", "no-such-peer"):
+    catf, budget = make("catf@mac:0.35", "cache-dit-dbcache@mac:0.35")
+    assert (catf.group, catf.matched_to, catf.params["forecast"]) == ("catf", "mac:0.35", "taylor")
+    assert catf.tune is not None and budget.matched_to == "mac:0.35"
+    paper = make("cat:0.3:8")[0]  # the paper's CAT, whatever patch()'s defaults are
+    assert cat_config(paper.params) == cat_config(dict(keep_ratio=0.3, full_steps=8), paper=True)
+    for bad in ("diffusers-taylorseer@cat:0.5", "cat:0.3:8:num_clusters=0", "no-such-peer", "catf",
+                "catf@mac:1.5", "diffusers-taylorseer@mac:x"):
         with pytest.raises((SystemExit, ValueError)):
             make(bad)
+
+
+def test_catf_schedule_fraction(monkeypatch):
+    """The MAC model the CAT-F tuning solves keep_ratio with: steps that run every token cost 1,
+    pruned steps what the per-step model says."""
+    import sys
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.delitem(sys.modules, "quality_peers", raising=False)
+    import quality_peers
+
+    ctx = SimpleNamespace(steps=28)
+    # full_steps 8, refresh every 3 from the fill step (7): steps 10, 13, ..., 25 refresh, 14 pruned
+    assert quality_peers.catf_schedule_fraction(ctx, 8, 3, 100, lambda k: k / 200) == pytest.approx((14 + 7) / 28)
+    assert quality_peers.catf_schedule_fraction(ctx, 8, 0, 100, lambda k: 0.25) == pytest.approx((8 + 5) / 28)
