@@ -102,9 +102,9 @@ def generate(model, inputs: dict, steps: int, advance: bool, guidance: float = 4
 
 
 def _cat(model, keep_ratio: float, full_steps: int, backend: str = "auto"):
-    return cat_pruning.patch(
-        model, keep_ratio=keep_ratio, full_steps=full_steps, cfg_pairs=True, manual_steps=True, backend=backend
-    )
+    """The paper's CAT at (keep_ratio, full_steps): these records measure it, not CAT-F's schedule."""
+    return cat_pruning.patch(model, cat_pruning.CATConfig.paper(
+        keep_ratio=keep_ratio, full_steps=full_steps, cfg_pairs=True, manual_steps=True, backend=backend))
 
 
 def real_configs() -> list[tuple[str, Any, dict, dict]]:
@@ -138,8 +138,8 @@ def macs_record(name: str, module: Any, config: dict, gen: dict, steps: int, kee
     counts = {}
     for label in ("dense", "cat"):
         if label == "cat":
-            cat_pruning.patch(model, keep_ratio=keep_ratio, full_steps=full_steps, cfg_pairs=gen.get("cfg", b == 2),
-                              manual_steps=True)
+            cat_pruning.patch(model, cat_pruning.CATConfig.paper(
+                keep_ratio=keep_ratio, full_steps=full_steps, cfg_pairs=gen.get("cfg", b == 2), manual_steps=True))
         counter = FlopCounterMode(display=False)
         with counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
             for i in range(steps):

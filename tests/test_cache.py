@@ -95,8 +95,8 @@ def test_skipped_rows_preview_what_the_next_pruned_step_reads():
 
 
 def test_make_store_and_schedule():
-    assert type(make_store(CATConfig())) is ReuseStore
-    assert type(make_store(CATConfig(forecast="taylor"))) is ForecastStore
+    assert type(make_store(CATConfig.paper())) is ReuseStore
+    assert type(make_store(CATConfig())) is ForecastStore
     cfg = CATConfig(full_steps=4, refresh_every=3)
     assert [cfg.mode(s) for s in range(10)] == ["dense", "dense", "anchor", "fill", "pruned", "pruned", "refresh",
                                                "pruned", "pruned", "refresh"]  # fmt: skip

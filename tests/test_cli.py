@@ -17,13 +17,17 @@ def test_demo_writes_pictures_and_numbers(tmp_path):
 
 
 def test_generate_dense_and_cat(tmp_path, capsys):
-    for extra in (["--dense"], []):
-        assert main(["generate", "--prompt", "a red circle on a blue background", "--steps", "3",
+    """Dense, CAT-F at patch()'s defaults, and the paper's CAT (--paper), each named by its settings."""
+    for extra in (["--dense"], [], ["--paper"]):
+        assert main(["generate", "--prompt", "a red circle on a blue background", "--steps", "5",
                      "--full-steps", "2", "--out", str(tmp_path), "--backend", "torch", *extra]) == 0
     names = sorted(p.name for p in tmp_path.glob("*.png"))
     stem = "a-red-circle-on-a-blue-background-seed0"
-    assert names == [f"{stem}-cat-k0.3-f2-tokens.png", f"{stem}-cat-k0.3-f2.png", f"{stem}-dense.png"]
-    assert "pruned" in capsys.readouterr().out
+    catf = "cat-k0.02-f2-r3-forecast"
+    assert names == sorted(f"{stem}-{n}" for n in (f"{catf}-tokens.png", f"{catf}.png", "cat-k0.3-f2-tokens.png",
+                                                   "cat-k0.3-f2.png", "dense.png"))
+    out = capsys.readouterr().out
+    assert "pruned" in out and "refresh" in out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -36,6 +40,8 @@ def test_generate_dense_and_cat(tmp_path, capsys):
     (["generate", "--prompt", "x", "--device", "tpu9"], "--device"),
     (["generate", "--prompt", "x", "--keep-ratio", "0"], "must lie in"),
     (["generate", "--prompt", "x", "--full-steps", "1"], "must be >= 2"),
+    (["generate", "--prompt", "x", "--refresh-every", "-1"], "must be >= 0"),
+    (["generate", "--prompt", "x", "--forecast", "linear"], "invalid choice"),
     (["demo", "--steps", "0"], "must be >= 1"),
 ])
 def test_bad_input_is_a_clear_error(argv, message, capsys):
@@ -56,7 +62,7 @@ def test_generate_shorter_than_full_steps(tmp_path, capsys):
     assert main(["generate", "--prompt", "a red circle", "--steps", "1", "--full-steps", "2",
                  "--out", str(tmp_path), "--backend", "torch"]) == 0
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [
-        "a-red-circle-seed0-cat-k0.3-f2-tokens.png", "a-red-circle-seed0-cat-k0.3-f2.png"]
+        "a-red-circle-seed0-cat-k0.02-f2-r3-forecast-tokens.png", "a-red-circle-seed0-cat-k0.02-f2-r3-forecast.png"]
     captured = capsys.readouterr()
     assert "every step runs dense" in captured.err and "0 pruned" in captured.out
     assert "1 (dark) to 1 (bright) of 1" in captured.out

@@ -1,7 +1,7 @@
 """cat_pruning: CAT Pruning (cluster-aware token pruning) for diffusion transformers in diffusers.
 
 import cat_pruning
-cat_pruning.patch(pipe)                 # or patch(pipe, keep_ratio=0.3, full_steps=8)
+cat_pruning.patch(pipe)                 # CAT-F; the paper's CAT: patch(pipe, CATConfig.paper())
 image = pipe(prompt).images[0]
 print(cat_pruning.stats(pipe))
 cat_pruning.unpatch(pipe)

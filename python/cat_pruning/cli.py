@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import CATConfig
+
 DEMO_PROMPTS = [
     "a red circle above a blue square on a yellow background",
     "a green triangle left of a white circle on a black background",
@@ -73,9 +75,23 @@ def _bounded(parse, ok, bound: str):
 
 
 _positive_int = _bounded(_int, lambda v: v >= 1, "be >= 1")
+_non_negative_int = _bounded(_int, lambda v: v >= 0, "be >= 0")
 _full_steps = _bounded(_int, lambda v: v >= 2, "be >= 2")
 _ratio = _bounded(_float, lambda v: 0.0 < v <= 1.0, "lie in (0, 1]")
 _guidance = _bounded(_float, lambda v: v >= 0, "be >= 0")
+
+
+def _config(args: argparse.Namespace) -> CATConfig:
+    """The CATConfig of a command: patch()'s defaults (or, with --paper, the paper's CAT) and the flags given."""
+    base = CATConfig.paper() if args.paper else CATConfig()
+    given = {k: getattr(args, k) for k in ("keep_ratio", "full_steps", "refresh_every", "forecast")
+             if getattr(args, k) is not None}
+    return base.replace(backend=args.backend, **given)
+
+
+def _describe(cfg: CATConfig) -> str:
+    return (f"keep_ratio {cfg.keep_ratio}, full_steps {cfg.full_steps}, refresh_every {cfg.refresh_every}, "
+            f"forecast {cfg.forecast}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,8 +100,17 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser, steps: int | None, guidance: float | None) -> None:
         own = "the pipeline's own default"
-        p.add_argument("--keep-ratio", type=_ratio, default=0.3, help="share of tokens recomputed (default 0.3)")
-        p.add_argument("--full-steps", type=_full_steps, default=8, help="dense steps first (default 8)")
+        d, paper = CATConfig(), CATConfig.paper()
+        p.add_argument("--keep-ratio", type=_ratio, default=None,
+                       help=f"share of tokens recomputed per pruned step (default {d.keep_ratio}; "
+                            f"--paper {paper.keep_ratio})")
+        p.add_argument("--full-steps", type=_full_steps, default=None,
+                       help=f"dense steps first (default {d.full_steps})")
+        p.add_argument("--refresh-every", type=_non_negative_int, default=None,
+                       help=f"every N-th step recomputes all tokens, 0 never (default {d.refresh_every}; --paper 0)")
+        p.add_argument("--forecast", choices=["taylor", "none"], default=None,
+                       help=f"read skipped tokens as a forecast or reuse them (default {d.forecast}; --paper none)")
+        p.add_argument("--paper", action="store_true", help="start from the paper's CAT (CATConfig.paper())")
         p.add_argument("--steps", type=_positive_int, default=steps, help=f"denoising steps (default {steps or own})")
         p.add_argument("--guidance", type=_guidance, default=guidance, help=f"CFG scale (default {guidance or own})")
         p.add_argument("--seed", type=_int, default=0, help="seed (default 0)")
@@ -279,14 +304,15 @@ def demo(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)
     args.out.mkdir(parents=True, exist_ok=True)
     _run(pipe, prompts[0], args)  # warm-up: first-call allocations and lazy imports,
-    with cat_pruning.patched(pipe, keep_ratio=args.keep_ratio, full_steps=args.full_steps, backend=args.backend):
+    config = _config(args)
+    with cat_pruning.patched(pipe, config):
         _run(pipe, prompts[0], args)  # and kernel compilation, so prompt 0's speedup is fair
     rows = []
     from tqdm.auto import tqdm
 
     for i, prompt in enumerate(tqdm(prompts[: args.prompts], desc="demo", unit="prompt")):
         dense, t_dense = _run(pipe, prompt, args)
-        with cat_pruning.patched(pipe, keep_ratio=args.keep_ratio, full_steps=args.full_steps, backend=args.backend):
+        with cat_pruning.patched(pipe, config):
             cat, t_cat = _run(pipe, prompt, args)
             stats = cat_pruning.stats(pipe)
         png = args.out / f"{i:02d}.png"
@@ -295,8 +321,8 @@ def demo(args: argparse.Namespace) -> int:
         rows.append(dict(prompt=prompt, dense_s=t_dense, cat_s=t_cat, speedup=t_dense / t_cat,
                          mac_fraction=stats.mac_fraction, psnr_db=psnr(cat, dense), ssim=ssim(cat, dense),
                          png=str(png)))
-    print(f"\nCAT Pruning demo: {SHIPPED[args.model]}, {args.steps} steps, keep_ratio {args.keep_ratio}, "
-          f"full_steps {args.full_steps}, {args.device} {_dtype(args)}".replace("torch.", ""))
+    print(f"\nCAT Pruning demo: {SHIPPED[args.model]}, {args.steps} steps, {_describe(config)}, "
+          f"{args.device} {_dtype(args)}".replace("torch.", ""))
     print(f"{'prompt':<62} {'dense s':>8} {'CAT s':>7} {'speedup':>8} {'MACs':>6} {'PSNR dB':>8} {'SSIM':>6}")
     for r in rows:
         print(f"{r['prompt'][:62]:<62} {r['dense_s']:8.2f} {r['cat_s']:7.2f} {r['speedup']:7.2f}x "
@@ -312,14 +338,16 @@ def generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, args.device, _dtype(args))
     if not args.dense:
         try:
-            cat_pruning.patch(pipe, keep_ratio=args.keep_ratio, full_steps=args.full_steps, backend=args.backend)
+            cat_pruning.patch(pipe, _config(args))
         except (TypeError, ValueError) as err:  # a model variant the adapter does not support
             raise SystemExit(f"error: {err}") from None
     image, seconds = _run(pipe, args.prompt, args)
     args.out.mkdir(parents=True, exist_ok=True)
     from PIL import Image
 
-    name = "dense" if args.dense else f"cat-k{args.keep_ratio}-f{args.full_steps}"
+    cfg = _config(args)
+    name = "dense" if args.dense else f"cat-k{cfg.keep_ratio}-f{cfg.full_steps}" + (
+        f"-r{cfg.refresh_every}" if cfg.refresh_every else "") + ("-forecast" if cfg.forecast != "none" else "")
     path = args.out / f"{_slug(args.prompt)}-seed{args.seed}-{name}.png"
     Image.fromarray(_to_uint8(image[0])).save(path)
     print(f"{path} ({seconds:.2f} s)")
@@ -336,7 +364,8 @@ def generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.steps is not None and args.full_steps >= args.steps:
-        print(f"note: full_steps {args.full_steps} >= steps {args.steps}: every step runs dense", file=sys.stderr)
+    full_steps = _config(args).full_steps
+    if args.steps is not None and full_steps >= args.steps:
+        print(f"note: full_steps {full_steps} >= steps {args.steps}: every step runs dense", file=sys.stderr)
     _check_device(args)
     return {"demo": demo, "generate": generate}[args.command](args)

@@ -37,7 +37,7 @@ def _generate(folder, tmp_path, *extra):
 
 
 def test_generate_on_a_saved_dit_pipeline(dit_folder, tmp_path, capsys):
-    assert _generate(dit_folder, tmp_path, "--prompt", "golden retriever") == 0
+    assert _generate(dit_folder, tmp_path, "--prompt", "golden retriever", "--paper") == 0
     assert _generate(dit_folder, tmp_path, "--prompt", "golden retriever", "--dense") == 0
     names = sorted(p.name for p in tmp_path.glob("*.png"))
     assert names == ["golden-retriever-seed0-cat-k0.3-f2-tokens.png", "golden-retriever-seed0-cat-k0.3-f2.png",

@@ -133,7 +133,7 @@ def pipeline_kwargs(batch: int = 2, seed: int = 0) -> dict:
 def test_pipeline_patch_runs_twice_and_keep_ratio_one_equals_dense():
     def check_pruned(pipe):
         s = cat_pruning.stats(pipe)
-        assert [st.mode for st in s.steps][-1] == "pruned" and s.batch == 2 and s.num_tokens == 30
+        assert "pruned" in [st.mode for st in s.steps] and s.batch == 2 and s.num_tokens == 30
 
     harness.check_pipeline(FLUX, tiny_pipeline(), lambda pipe: pipe(**pipeline_kwargs()).images, check_pruned)
 

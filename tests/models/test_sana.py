@@ -142,7 +142,7 @@ def pipeline_kwargs(batch: int = 2, seed: int = 0) -> dict:
 def test_pipeline_patch_runs_twice_and_keep_ratio_one_equals_dense():
     def check_pruned(pipe):
         s = cat_pruning.stats(pipe)
-        assert [st.mode for st in s.steps][-1] == "pruned" and s.batch == 4 and s.num_tokens == 32
+        assert "pruned" in [st.mode for st in s.steps] and s.batch == 4 and s.num_tokens == 32
         state = pipe.transformer._cat_pruning.state
         assert state.cfg_pairs and torch.equal(state.idx[:2], state.idx[2:])
 

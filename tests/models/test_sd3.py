@@ -113,7 +113,9 @@ def test_cfg_batch_pairs_share_selection_and_samples_are_independent():
 def test_stats_macs_match_flop_counter():
     s = harness.check_macs_match_flop_counter(SD3, tiny_sd3("sd35"), inputs(batch=2, height=16, width=16, seed=10), 20)
     assert "pruned" in str(s) and s.cache_bytes > 0
-    per_sample = FULL * s.num_tokens + (STEPS - FULL) * s.tokens_kept
+    per_sample = sum(st.tokens for st in s.steps)  # every token of the dense and refresh steps, K of the pruned
+    # one of the steps after FULL is a refresh step
+    assert per_sample == (FULL + 1) * s.num_tokens + (STEPS - FULL - 1) * s.tokens_kept
     assert s.recomputed.shape == (2, 8, 8)
     assert torch.equal(s.recomputed.sum((1, 2)), torch.full((2,), float(per_sample)))
 
@@ -185,8 +187,8 @@ def test_selection_ablations_pick_k_unique_tokens(selection):
     state = model._cat_pruning.state
     picks = []
 
-    def record():  # after a fill or pruned step, idx holds the selection for the next step
-        if state.history[-1][0] in ("fill", "pruned"):
+    def record():  # after a fill, refresh or pruned step, idx holds the selection for the next step
+        if state.history[-1][0] in ("fill", "refresh", "pruned"):
             picks.append(state.idx.clone())
 
     run_steps(model, inputs(), STEPS, step_fn=record)
