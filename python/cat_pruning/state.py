@@ -97,19 +97,6 @@ class CATState:
         # them (Flux's img_ids) when the token grid's height and width are not known from shapes
         self.positions: Tensor | None = None
 
-    # the caches, as the processors of the reuse behaviour and the tests see them
-    @property
-    def kv(self) -> dict[str, tuple[Tensor, Tensor]]:
-        return self.cache.kv_cache
-
-    @property
-    def extra(self) -> dict[str, Tensor]:
-        return self.cache.extra
-
-    @property
-    def noise_cache(self) -> Tensor | None:
-        return self.cache.noise
-
     def advance(self) -> None:
         """Close the current step (called once per denoising step, outside compiled code)."""
         if self.geometry is None:

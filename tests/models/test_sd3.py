@@ -198,5 +198,5 @@ def test_selection_ablations_pick_k_unique_tokens(selection):
         assert torch.equal(idx, idx.sort(1).values)
     assert any(not torch.equal(a, b) for a, b in zip(picks, picks[1:], strict=False))
     if selection == "topk":
-        d = (state.noise_cache - state.anchor).norm(dim=-1)
+        d = (state.cache.noise - state.anchor).norm(dim=-1)
         assert torch.equal(state.idx, d.topk(state.k).indices.sort(1).values)
