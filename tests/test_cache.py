@@ -110,3 +110,21 @@ def test_make_store_and_schedule():
 def test_bad_forecast_knobs_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         CATConfig(**{field: value})
+
+
+def test_forecast_starting_at_the_fill_step_stays_finite(monkeypatch):
+    """full_steps=2: the anchor is step 0, before any cache exists, so the fill step is the first the
+    store sees. Whatever memory the buffers come from (here: NaN), it stores the fill rows with
+    slope 0 and the first pruned step reuses them."""
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    store = _store(ForecastStore, forecast="taylor")
+    monkeypatch.undo()
+    schedule = [("fill", None), ("pruned", [0, 3, 7])]
+    (_, _, fill, _), (_, _, pruned, truth) = list(_steps(store, schedule))
+    for got, filled, want in zip(pruned, fill, truth, strict=True):
+        assert torch.isfinite(got).all()
+        dim = 2 if got.ndim == 4 else 1
+        skipped = [i for i in range(N) if i not in (0, 3, 7)]
+        torch.testing.assert_close(got.index_select(dim, torch.tensor(skipped)),
+                                   filled.index_select(dim, torch.tensor(skipped)), rtol=0, atol=0)

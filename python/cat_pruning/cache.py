@@ -147,7 +147,11 @@ class ForecastStore(ReuseStore):
         super().allocate(kv, extra, noise, device)
         slope_dtype = torch.float32
         for name, base in self._bases().items():
-            self.slopes[name] = torch.empty(base.shape, dtype=slope_dtype, device=device)
+            # Zeros, not empty: with full_steps=2 the anchor step is step 0, which runs before any
+            # cache exists, and the fill step then takes (new - base) * 0 as its slope: finite only
+            # when base is.
+            base.zero_()
+            self.slopes[name] = torch.zeros(base.shape, dtype=slope_dtype, device=device)
             self.reads[name] = torch.empty_like(base)
         batch, n = self.noise.shape[:2]
         self.last = torch.zeros(batch, n, dtype=torch.float32, device=device)

@@ -174,8 +174,8 @@ def test_layerwise_casting_caches_take_the_compute_dtype(family):
     want = run(fam, twin)
     close(run(fam, pipe), want)
     assert modes(pipe)[-1] == "pruned"
-    caches = [t for pair in state(pipe).kv.values() for t in pair] + [state(pipe).noise_cache]
-    caches += list(state(pipe).extra.values())
+    store = state(pipe).cache
+    caches = [t for pair in store.kv_cache.values() for t in pair] + [store.noise, *store.extra.values()]
     assert caches and all(t.dtype == torch.float32 for t in caches)
     patch(pipe, 0.5)
     pruned = run(fam, pipe)
@@ -204,7 +204,7 @@ def test_pipe_to_dtype_between_generations(family):
     close(run(fam, pipe), run(fam, twin))
     pipe.to(torch.bfloat16), twin.to(torch.bfloat16)
     close(run(fam, pipe), run(fam, twin), TOL[torch.bfloat16])
-    assert modes(pipe)[-1] == "pruned" and state(pipe).noise_cache.dtype == torch.bfloat16
+    assert modes(pipe)[-1] == "pruned" and state(pipe).cache.noise.dtype == torch.bfloat16
 
 
 @pytest.mark.gpu
@@ -216,12 +216,12 @@ def test_pipe_to_device_between_generations(family):
     run(fam, pipe)
     pipe.to("cuda"), twin.to("cuda")
     close(run(fam, pipe), run(fam, twin))
-    assert state(pipe).noise_cache.device.type == "cuda" and modes(pipe)[-1] == "pruned"
+    assert state(pipe).cache.noise.device.type == "cuda" and modes(pipe)[-1] == "pruned"
     patch(pipe, 0.5)
     on_gpu = run(fam, pipe)
     pipe.to("cpu")
     close(run(fam, pipe), on_gpu.cpu(), dict(atol=1e-3, rtol=1e-3))
-    assert state(pipe).noise_cache.device.type == "cpu"
+    assert state(pipe).cache.noise.device.type == "cpu"
 
 
 # ---------------------------------------------------------------------- full_steps >= steps
