@@ -4,22 +4,27 @@ demo       generates a handful of prompts with one of the shipped models (--mode
            model, or photos, the Flux-architecture photo model), dense and with CAT, and writes
            one PNG per prompt (dense | CAT | how often each token was recomputed), with wall
            time, speedup, MAC fraction and PSNR/SSIM against dense.
-generate   one prompt with a shipped model or any supported diffusers pipeline saved on disk,
-           and (with CAT) a picture of how often each token was recomputed. For DiT, which is
-           class-conditional, the prompt is an ImageNet class name ("golden retriever"); for the
-           photo model it is "<photo>, <zoom>" ("coffee, close-up").
+generate   one prompt (--prompt) or a file of them (--prompts-file) with a shipped model or any
+           supported diffusers pipeline saved on disk, and (with CAT) a picture of how often each
+           token was recomputed. For DiT, which is class-conditional, the prompt is an ImageNet
+           class name ("golden retriever"); for the photo model it is "<photo>, <zoom>"
+           ("coffee, close-up"). Under torchrun (or accelerate launch) a prompts file is shared
+           out over the processes, one pipeline each; see generate().
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import inspect
 import json
 import math
+import os
 import re
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -126,11 +131,18 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompts", type=_positive_int, default=4, help=f"how many (1..{len(DEMO_PROMPTS)})")
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default out/demo)")
 
-    gen = sub.add_parser("generate", help="one prompt, with CAT unless --dense")
+    gen = sub.add_parser("generate", help="one prompt or a file of them (data-parallel under torchrun), "
+                                          "with CAT unless --dense",
+                         description=inspect.cleandoc(generate.__doc__),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     common(gen, None, None)
     gen.add_argument("--model", default="tiny",
                      help="'tiny' (the shipped scene model), 'photos' (the shipped photo model) or a pipeline folder")
-    gen.add_argument("--prompt", required=True, help="the text (for DiT: an ImageNet class name)")
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the text (for DiT: an ImageNet class name)")
+    what.add_argument("--prompts-file", type=Path, default=None, metavar="FILE",
+                      help="one prompt a line (blank lines and lines starting with '#' skipped); prompt i (from 0) "
+                           "is seeded --seed + i and written as NNNN-<prompt>-seed<S>-<settings>.png")
     gen.add_argument("--height", type=_positive_int, default=None, help="pixels (default: the pipeline's)")
     gen.add_argument("--width", type=_positive_int, default=None, help="pixels (default: the pipeline's)")
     gen.add_argument("--out", type=Path, default=Path("out"), help="output folder (default out)")
@@ -217,14 +229,17 @@ def _images(output) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
-def _call_kwargs(pipe, prompt: str, args: argparse.Namespace) -> dict:
-    """The pipeline call: the prompt (DiT: its class label) and only the options that were set."""
-    kwargs = dict(generator=torch.Generator("cpu").manual_seed(args.seed), output_type="pt")
+def _call_kwargs(pipe, prompt: str, args: argparse.Namespace, seed: int | None = None) -> dict:
+    """The pipeline call: the prompt (DiT: its class label), the seed (default --seed) and only
+    the options that were set."""
+    seed = args.seed if seed is None else seed
+    kwargs = dict(generator=torch.Generator("cpu").manual_seed(seed), output_type="pt")
     if hasattr(pipe, "get_label_ids"):  # DiTPipeline is class-conditional
         try:
             kwargs["class_labels"] = pipe.get_label_ids([prompt])
         except ValueError as err:
-            raise SystemExit(f"error: {type(pipe).__name__} takes an ImageNet class name as --prompt: {err}") from None
+            raise SystemExit(f"error: {type(pipe).__name__} takes an ImageNet class name as the prompt, "
+                             f"not {prompt!r}: {err}") from None
     else:
         kwargs["prompt"] = prompt
     accepted = inspect.signature(pipe.__call__).parameters
@@ -238,8 +253,8 @@ def _call_kwargs(pipe, prompt: str, args: argparse.Namespace) -> dict:
     return kwargs
 
 
-def _run(pipe, prompt: str, args: argparse.Namespace) -> tuple[torch.Tensor, float]:
-    kwargs = _call_kwargs(pipe, prompt, args)
+def _run(pipe, prompt: str, args: argparse.Namespace, seed: int | None = None) -> tuple[torch.Tensor, float]:
+    kwargs = _call_kwargs(pipe, prompt, args, seed)
     t0 = time.perf_counter()
     out = pipe(**kwargs)
     if str(args.device).startswith("cuda"):
@@ -332,7 +347,96 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def generate(args: argparse.Namespace) -> int:
+def read_prompts(path: Path) -> list[str]:
+    """The prompts of a --prompts-file, in order: one a line, surrounding whitespace stripped, blank
+    lines and lines starting with '#' skipped. A missing, unreadable or empty file is a SystemExit."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SystemExit(f"error: --prompts-file {path}: no such file") from None
+    except IsADirectoryError:
+        raise SystemExit(f"error: --prompts-file {path} is a folder, not a text file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SystemExit(f"error: --prompts-file {path}: cannot read it as UTF-8 text ({err})") from None
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise SystemExit(f"error: --prompts-file {path} holds no prompts (blank lines and lines starting with '#' "
+                         "are skipped)")
+    return prompts
+
+
+class _Launch(NamedTuple):
+    """This process's place in a torchrun / accelerate launch; (0, 1, None) when started on its own."""
+
+    rank: int
+    world: int
+    local_rank: int | None
+
+
+def _launch() -> _Launch:
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them (accelerate launch runs torchrun's launcher)."""
+    env = os.environ
+    if "WORLD_SIZE" not in env:
+        return _Launch(0, 1, None)
+
+    def number(key: str, default: str | None) -> int:
+        text = env.get(key, default)
+        if text is None:
+            raise SystemExit(f"error: WORLD_SIZE is set but {key} is not: launch with torchrun --nproc_per_node N "
+                             "-m cat_pruning generate ...")
+        try:
+            return int(text)
+        except ValueError:
+            raise SystemExit(f"error: environment {key}={text!r} is not an integer") from None
+
+    world = number("WORLD_SIZE", None)
+    rank = number("RANK", "0" if world == 1 else None)
+    local_rank = number("LOCAL_RANK", "0")
+    if world < 1 or not 0 <= rank < world or local_rank < 0:
+        raise SystemExit(f"error: environment RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local_rank}: "
+                         "need 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0")
+    if world > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
+        raise SystemExit(f"error: WORLD_SIZE={world} but MASTER_ADDR / MASTER_PORT are not set: launch with "
+                         "torchrun --nproc_per_node N -m cat_pruning generate ...")
+    return _Launch(rank, world, local_rank)
+
+
+def _rank_device(device: str, launch: _Launch) -> str:
+    """--device cuda under a launcher means this process's own GPU, cuda:LOCAL_RANK."""
+    if device != "cuda" or launch.local_rank is None or not torch.cuda.is_available():
+        return device  # an explicit cuda:N is the user's; no CUDA at all is _check_device's to report
+    count = torch.cuda.device_count()
+    if launch.local_rank >= count:
+        raise SystemExit(f"error: LOCAL_RANK {launch.local_rank} but this machine has {count} CUDA device(s): "
+                         f"launch at most {count} processes per node (--nproc_per_node)")
+    return f"cuda:{launch.local_rank}"
+
+
+# The ranks meet once, after every image is written, so rank 0 can print the totals. An idle rank
+# waits there for the whole run, hence hours: the timeout only catches a rank that never arrives
+# (torchrun itself stops every rank when one fails).
+_MEET_TIMEOUT = datetime.timedelta(hours=24)
+
+
+def _gather(record: dict, launch: _Launch) -> list[dict]:
+    """Every rank's `record`, in rank order. Over gloo on CUDA too: a few numbers need no GPU
+    collective, and gloo, unlike nccl, also works when ranks share one GPU (--device cuda:0)."""
+    if launch.world == 1:
+        return [record]
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=_MEET_TIMEOUT)
+    try:
+        records: list = [None] * launch.world
+        dist.all_gather_object(records, record)
+    finally:
+        dist.destroy_process_group()
+    return records
+
+
+def _load_patched(args: argparse.Namespace):
+    """The pipeline, patched with CAT unless --dense, the same way on every rank."""
     import cat_pruning
 
     pipe = load_pipeline(args.model, args.device, _dtype(args))
@@ -341,25 +445,118 @@ def generate(args: argparse.Namespace) -> int:
             cat_pruning.patch(pipe, _config(args))
         except (TypeError, ValueError) as err:  # a model variant the adapter does not support
             raise SystemExit(f"error: {err}") from None
-    image, seconds = _run(pipe, args.prompt, args)
-    args.out.mkdir(parents=True, exist_ok=True)
+    return pipe
+
+
+def _settings_name(args: argparse.Namespace) -> str:
+    if args.dense:
+        return "dense"
+    cfg = _config(args)
+    return f"cat-k{cfg.keep_ratio}-f{cfg.full_steps}" + (f"-r{cfg.refresh_every}" if cfg.refresh_every else "") + (
+        "-forecast" if cfg.forecast != "none" else "")
+
+
+def _write(pipe, prompt: str, seed: int, prefix: str, args: argparse.Namespace):
+    """Generate `prompt` with `seed` and write <prefix><prompt>-seed<seed>-<settings>.png and, with CAT
+    once the caches exist, its map of recompute counts (-tokens.png).
+
+    Returns (image path, seconds, the CAT stats or None when dense, (map path, label) or None)."""
     from PIL import Image
 
-    cfg = _config(args)
-    name = "dense" if args.dense else f"cat-k{cfg.keep_ratio}-f{cfg.full_steps}" + (
-        f"-r{cfg.refresh_every}" if cfg.refresh_every else "") + ("-forecast" if cfg.forecast != "none" else "")
-    path = args.out / f"{_slug(args.prompt)}-seed{args.seed}-{name}.png"
+    import cat_pruning
+
+    image, seconds = _run(pipe, prompt, args, seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{prefix}{_slug(prompt)}-seed{seed}-{_settings_name(args)}.png"
     Image.fromarray(_to_uint8(image[0])).save(path)
+    if args.dense:
+        return path, seconds, None, None
+    stats = cat_pruning.stats(pipe)
+    if stats.recomputed is None:  # the caches were never made (steps < full_steps - 1)
+        return path, seconds, stats, None
+    heat, label = _recompute_map(stats, tuple(image.shape[-2:]), len(stats.steps))
+    heat_path = path.with_name(path.stem + "-tokens.png")
+    Image.fromarray(heat).save(heat_path)
+    return path, seconds, stats, (heat_path, label)
+
+
+def _generate_prompt(args: argparse.Namespace, launch: _Launch) -> int:
+    if launch.rank > 0:
+        print(f"[rank {launch.rank}] idle: one --prompt, which rank 0 generates")
+        return 0
+    path, seconds, stats, heat = _write(_load_patched(args), args.prompt, args.seed, "", args)
     print(f"{path} ({seconds:.2f} s)")
-    if not args.dense:
-        stats = cat_pruning.stats(pipe)
-        if stats.recomputed is not None:  # None when the caches were never made (steps < full_steps - 1)
-            heat, label = _recompute_map(stats, tuple(image.shape[-2:]), len(stats.steps))
-            heat_path = path.with_name(path.stem + "-tokens.png")
-            Image.fromarray(heat).save(heat_path)
-            print(f"{heat_path} ({label})")
+    if heat is not None:
+        print(f"{heat[0]} ({heat[1]})")
+    if stats is not None:
         print(stats)
     return 0
+
+
+def _generate_file(args: argparse.Namespace, launch: _Launch) -> int:
+    t0 = time.perf_counter()
+    prompts = read_prompts(args.prompts_file)
+    mine = range(launch.rank, len(prompts), launch.world)
+    digits = max(4, len(str(len(prompts) - 1)))  # zero-padded indices sort like the file
+    tag = f"[rank {launch.rank}] " if launch.world > 1 else ""
+    seconds, macs = [], []
+    if not mine:
+        print(f"{tag}idle: {len(prompts)} prompts for {launch.world} processes")
+    else:
+        pipe = _load_patched(args)
+        if hasattr(pipe, "get_label_ids"):  # DiT: refuse a bad class name before any image is made
+            for i, prompt in enumerate(prompts):
+                try:
+                    pipe.get_label_ids([prompt])
+                except ValueError as err:
+                    raise SystemExit(f"error: --prompts-file {args.prompts_file}, prompt {i} ({prompt!r}): "
+                                     f"{type(pipe).__name__} takes an ImageNet class name: {err}") from None
+        pipe.set_progress_bar_config(disable=True)  # one bar over the prompts, not one per image
+        from tqdm.auto import tqdm
+
+        bar = tqdm(mine, desc=f"rank {launch.rank}" if launch.world > 1 else "generate", unit="image")
+        for i in bar:
+            path, s, stats, _ = _write(pipe, prompts[i], args.seed + i, f"{i:0{digits}d}-", args)
+            seconds.append(s)
+            if stats is not None:
+                macs.append(stats.mac_fraction)
+            bar.write(f"{tag}{path} ({s:.2f} s" + (f", MACs {100 * stats.mac_fraction:.1f}% of dense)"
+                                                   if stats is not None else ")"))
+    records = _gather(dict(images=len(seconds), seconds=sum(seconds), macs=macs), launch)
+    if launch.rank == 0:
+        images = sum(r["images"] for r in records)
+        fractions = [f for r in records for f in r["macs"]]
+        per_image = sum(r["seconds"] for r in records) / images
+        print(f"{images} images of {args.prompts_file} over {launch.world} process(es) in "
+              f"{time.perf_counter() - t0:.1f} s, {per_image:.2f} s each"
+              + (f", MACs {100 * sum(fractions) / len(fractions):.1f}% of dense" if fractions else "")
+              + f": {args.out}/{'N' * digits}-<prompt>-seed<S>-{_settings_name(args)}.png"
+              + (" and -tokens.png (steps computed per token)" if fractions else ""))
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    """One prompt (--prompt) or a file of prompts (--prompts-file), with CAT unless --dense.
+
+    --prompt P writes <P>-seed<S>-<settings>.png, with CAT also <...>-tokens.png (how many steps
+    computed each token), and prints the generation's CAT stats.
+
+    --prompts-file FILE takes one prompt a line; blank lines and lines starting with '#' are
+    skipped. Prompt i (counting from 0 over the prompts kept) is seeded --seed + i and written as
+    NNNN-<prompt>-seed<S>-<settings>.png with NNNN = i (and its -tokens.png), so the folder holds
+    the same files whatever the number of processes.
+
+    Data parallel: launched by torchrun or accelerate launch, each process reads RANK, WORLD_SIZE
+    and LOCAL_RANK, loads and patches its own pipeline (--device cuda means cuda:LOCAL_RANK) and
+    generates prompts i with i % WORLD_SIZE == RANK; a process left without prompts says so. The
+    processes meet once, at the end (over gloo), for rank 0's summary. Each image depends only on
+    its prompt and seed, so N processes write the images one process writes (byte for byte on the
+    CPU at the same thread count; torchrun sets OMP_NUM_THREADS=1 unless it is set).
+
+      torchrun --nproc_per_node 8 -m cat_pruning generate --prompts-file prompts.txt --out out/run
+    """
+    launch = _launch()
+    return (_generate_file if args.prompts_file is not None else _generate_prompt)(args, launch)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -367,5 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     full_steps = _config(args).full_steps
     if args.steps is not None and full_steps >= args.steps:
         print(f"note: full_steps {full_steps} >= steps {args.steps}: every step runs dense", file=sys.stderr)
+    if args.command == "generate":
+        args.device = _rank_device(args.device, _launch())
     _check_device(args)
+    if args.device.startswith("cuda:"):  # kernels launch on the current device: make it this one
+        torch.cuda.set_device(torch.device(args.device))
     return {"demo": demo, "generate": generate}[args.command](args)
