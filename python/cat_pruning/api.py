@@ -26,12 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from cat_kernels import ops
-
 from .adapters import Adapter, find_adapter, supported_families
-from .adapters.base import PathHook, compute_dtype, get_submodule
+from .adapters.base import PathHook, compute_dtype, get_submodule, hidden_states_arg
 from .compat import check_diffusers
 from .config import CATConfig
+from .parallel import NONE, check_agreement, sharding
 from .state import CATState
 from .stats import CATStats, StepStats
 
@@ -39,6 +38,7 @@ _ATTR = "_cat_pruning"
 _MARK = "_cat_pruning_patch"  # on the scheduler wrappers: the _Patch they belong to
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what cat_kernels' ops take
 _SCHEDULER_METHODS = ("set_timesteps", "step")
+_PROCESSOR_ATTRS = ("_attention_backend", "_parallel_config")  # diffusers' per-processor settings
 
 
 @dataclasses.dataclass(eq=False)
@@ -111,6 +111,7 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
     if is_patched(obj):
         unpatch(obj)
 
+    shard = sharding(transformer, adapter.family, adapter.supports_parallel)
     driver = "pipeline" if pipeline is not None else ("manual" if config.manual_steps else "auto")
     state = CATState(config, driver, lambda geometry: adapter.cache_layout(transformer, geometry),
                      cond_first=adapter.cfg_cond_first)
@@ -118,12 +119,15 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
     p = _Patch(state, adapter, transformer, pipeline, {n: a.processor for n, a in attns.items()}, [])
     for name, attn in attns.items():
         processor = adapter.make_processor(state, name, attn)
-        if hasattr(attn.processor, "_attention_backend"):
-            # set_attention_backend sets this on every processor that has it; _sync hands it on
-            # to the replaced processor, which the CAT processors run or take the backend from.
-            processor._attention_backend = attn.processor._attention_backend
+        for attr in _PROCESSOR_ATTRS:
+            # enable_parallelism and set_attention_backend set these on every processor that has
+            # them; _sync hands them on to the replaced processor, which the CAT processors run
+            # in their dense steps and take the backend from.
+            if hasattr(attn.processor, attr):
+                setattr(processor, attr, getattr(attn.processor, attr))
         attn.set_processor(processor)
         p.installed[name] = (attn, processor)
+    state.shard = shard
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         adapter.check_call(args, kwargs)
@@ -138,6 +142,8 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
             _sync(p, _running_pipeline(p) if state.driver == "pipeline" else None)
         geometry = adapter.geometry(module, args, kwargs)
         _check_dtype(geometry.dtype)
+        if state.geometry is None and state.shard is not NONE and not torch.compiler.is_compiling():
+            check_agreement(state.shard, _generation_summary(state, geometry, args, kwargs))
         state.begin_forward(geometry)
         p.text_tokens = adapter.text_tokens(module, args, kwargs)
 
@@ -146,8 +152,9 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
             state.advance()
 
     def embed_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if state.mode == "pruned":
-            return _gather(state, output)
+        # under context parallelism the adapter gathers at the model's input, before diffusers' split
+        if state.mode == "pruned" and state.shard.cp_world == 1:
+            return state.gather(output)
         return None
 
     def out_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -167,6 +174,20 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
         _wrap_scheduler(p, pipeline.scheduler)
     setattr(transformer, _ATTR, p)
     return obj
+
+
+def _generation_summary(state: CATState, geometry: Any, args: tuple, kwargs: dict) -> dict[str, float]:
+    """What the ranks of a model-parallel group must agree on, at a generation's first call."""
+    cfg = state.config
+    summary = dict(image_tokens=geometry.num_tokens, batch=geometry.batch, keep_ratio=cfg.keep_ratio,
+                   full_steps=cfg.full_steps, refresh_every=cfg.refresh_every, forecast=cfg.forecast == "taylor")
+    inputs = {"hidden_states": hidden_states_arg(args, kwargs),
+              "encoder_hidden_states": kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)}
+    for name, x in inputs.items():
+        if isinstance(x, torch.Tensor):
+            summary[f"{name} shape"] = float(x.shape[1])
+            summary[f"{name} sum"] = float(x.double().sum())  # eager, once per generation
+    return summary
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype | None:
@@ -225,9 +246,11 @@ def _sync(p: _Patch, pipeline: Any | None = None) -> None:
                 "CAT does not support them: call unfuse_qkv_projections() first, or cat_pruning.unpatch(pipe) to "
                 "run fused without CAT"
             )
-        backend = getattr(ours, "_attention_backend", None)
-        if backend is not None and getattr(ours.original, "_attention_backend", None) != backend:
-            ours.original._attention_backend = backend
+        for attr in _PROCESSOR_ATTRS:
+            if hasattr(ours, attr) and getattr(ours.original, attr, None) is not getattr(ours, attr):
+                setattr(ours.original, attr, getattr(ours, attr))
+    # enable_parallelism may have run since the patch
+    p.state.shard = sharding(p.transformer, p.adapter.family, p.adapter.supports_parallel)
     if pipeline is not None and not _wraps(p, pipeline.scheduler):
         _wrap_scheduler(p, pipeline.scheduler)
         _start_generation(p, pipeline)
@@ -254,10 +277,6 @@ def _start_generation(p: _Patch, pipeline: Any) -> None:
             RuntimeWarning,
             stacklevel=4,
         )
-
-
-def _gather(state: CATState, x: torch.Tensor) -> torch.Tensor:
-    return ops.gather_tokens(x, state.idx, 1, backend=state.config.backend)
 
 
 def _wrap_scheduler(p: _Patch, scheduler: Any) -> None:
@@ -360,7 +379,7 @@ def stats(obj: Any) -> CATStats:
         family=p.adapter.family,
         config=state.config,
         num_tokens=n,
-        tokens_kept=state.config.tokens_kept(n) if n else 0,
+        tokens_kept=state.tokens_kept(n) if n else 0,
         batch=batch,
         steps=steps,
         macs=sum(batch * macs_of[t] for _, t in history),

@@ -32,6 +32,7 @@ from cat_kernels import ops
 
 from .cache import make_store
 from .config import CATConfig
+from .parallel import NONE
 
 MODES = ("dense", "anchor", "fill", "refresh", "pruned")
 
@@ -73,6 +74,7 @@ class CATState:
         self.layout = layout
         self.cond_first = cond_first  # CFG batch order [cond; uncond] (DiT) instead of [uncond; cond]
         self.cfg_pairs = bool(config.cfg_pairs)
+        self.shard = NONE  # diffusers model parallelism, read before every call (cat_pruning.parallel)
         # one store for the state's lifetime (reset per generation): compiled code guards on it
         self.cache = make_store(config)
         self.reset()
@@ -141,10 +143,18 @@ class CATState:
         if self.cfg_pairs and geometry.batch % 2:
             raise ValueError(f"cfg_pairs=True needs an even batch [uncond; cond], got batch {geometry.batch}")
         self.geometry = geometry
-        self.k = self.config.tokens_kept(geometry.num_tokens)
+        self.k = self.tokens_kept(geometry.num_tokens)
         self.caching = self.allocated and self.mode in self.cache.modes
         if self.caching:
             self.cache.begin_step(self.mode, self.idx)
+
+    def tokens_kept(self, num_tokens: int) -> int:
+        """K of a pruned step: the config's, rounded up to a multiple of the context-parallel
+        degree so that every rank carries K / W of the selected tokens."""
+        w = self.shard.cp_world
+        if num_tokens % w:
+            raise ValueError(f"cat_pruning: {num_tokens} image tokens do not split over ulysses_degree={w}")
+        return -(-self.config.tokens_kept(num_tokens) // w) * w
 
     # ------------------------------------------------------------------ policy (traced)
 
@@ -192,6 +202,10 @@ class CATState:
             idx = torch.sort(torch.topk(key, self.k, dim=1).indices, dim=1).values
             self.staleness.mul_(cfg.staleness_decay).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
         self.idx.copy_(self._broadcast(idx))
+
+    def gather(self, x: Tensor) -> Tensor:
+        """(B, N, C) rows of every image token -> (B, K, C) rows of the tokens this step computes."""
+        return ops.gather_tokens(x, self.idx, 1, backend=self.config.backend)
 
     def on_output(self, out: Tensor) -> Tensor:
         """Per-token model output (B, rows, C_out) -> the full (B, N, C_out) output of the step."""

@@ -28,6 +28,7 @@ class Adapter:
     patch_embed: str = ""  # submodule whose output is the (B, N, C) image tokens
     out_proj: str = ""  # submodule whose output is the (B, rows, C_out) per-token prediction
     cfg_cond_first: bool = False  # the pipeline's CFG batch is [cond; uncond] rather than [uncond; cond]
+    supports_parallel: bool = False  # its processors and hooks handle diffusers' model parallelism
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.model_classes

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..parallel import local_out_features, sharding, to_heads, to_sequence
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
 from .base import Adapter, compute_dtype, get_submodule, hidden_states_arg, pipeline_call_local, random_inputs
@@ -94,6 +95,14 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
 
 
+def _split_rows(x: Tensor, world: int, text: int) -> tuple[Tensor, Tensor]:
+    """(B, world * S, ...) rows, each rank's S = [text; image] rows in rank order -> (text rows,
+    image rows), both in rank order: with a global selection split in rank order, the image rows
+    are the computed tokens in the selection's order."""
+    x = x.unflatten(1, (world, -1))
+    return x[:, :, :text].flatten(1, 2), x[:, :, text:].flatten(1, 2)
+
+
 class CATFluxAttnProcessor(CachedAttentionProcessor):
     """Flux attention with the image K (after rotation) and V rows cached between steps.
 
@@ -124,7 +133,9 @@ class CATFluxAttnProcessor(CachedAttentionProcessor):
         if image_rotary_emb is None:
             raise ValueError("cat_pruning: Flux attention was called without its rotary embedding")
 
-        rows = state.k if mode == "pruned" else state.geometry.num_tokens  # image rows in this call
+        shard = state.shard
+        # image rows in this call (under context parallelism: on this rank)
+        rows = (state.k if mode == "pruned" else state.geometry.num_tokens) // shard.cp_world
         head_dim = attn.head_dim
         query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, head_dim)))
         key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (-1, head_dim)))
@@ -140,18 +151,21 @@ class CATFluxAttnProcessor(CachedAttentionProcessor):
 
         cos, sin = image_rotary_emb
         query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+        if shard.cp_world > 1:  # Ulysses: every rank's rows, this rank's heads
+            query, key, value = (to_heads(x, shard) for x in (query, key, value))
 
         # (B, rows, H*D) image rows, keys after rotation; the store returns all N of them
-        image_key, image_value = state.cache.kv(self.name, key[:, text:].flatten(2), value[:, text:].flatten(2))
+        (ctx_key, image_key), (ctx_value, image_value) = (_split_rows(x, shard.cp_world, text) for x in (key, value))
+        image_key, image_value = state.cache.kv(self.name, image_key.flatten(2), image_value.flatten(2))
         if mode == "pruned":  # attend over every token's image keys
-            key = torch.cat([key[:, :text], image_key.unflatten(-1, (-1, head_dim))], dim=1)
-            value = torch.cat([value[:, :text], image_value.unflatten(-1, (-1, head_dim))], dim=1)
+            key = torch.cat([ctx_key, image_key.unflatten(-1, (-1, head_dim))], dim=1)
+            value = torch.cat([ctx_value, image_value.unflatten(-1, (-1, head_dim))], dim=1)
 
-        out = dispatch_attention_fn(
-            query, key, value, attn_mask=None,
-            backend=getattr(self.original, "_attention_backend", None),
-            parallel_config=getattr(self.original, "_parallel_config", None),
-        )
+        # the exchanges are done here, so the attention itself is local
+        out = dispatch_attention_fn(query, key, value, attn_mask=None,
+                                    backend=getattr(self.original, "_attention_backend", None))
+        if shard.cp_world > 1:
+            out = to_sequence(out, shard)
         out = out.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return out
@@ -165,6 +179,7 @@ class FluxAdapter(Adapter):
     model_classes = ("FluxTransformer2DModel",)
     patch_embed = "x_embedder"
     out_proj = "proj_out"
+    supports_parallel = True  # Ulysses context parallelism and tensor parallelism (cat_pruning.parallel)
 
     def check_model(self, model: nn.Module) -> None:
         if getattr(model, "is_cache_enabled", False):
@@ -193,26 +208,41 @@ class FluxAdapter(Adapter):
         return False
 
     def install_hooks(self, model: nn.Module, state: CATState) -> list:
-        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen: dict[str, Tensor | None] = {"img_ids": None}  # fixed keys: torch.compile guards on them
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if module.is_cache_enabled:
                 raise ValueError("cat_pruning: diffusers caching (enable_cache) was enabled on a patched Flux "
                                  "transformer; the two do not combine")
             img_ids = kwargs.get("img_ids", args[4] if len(args) > 4 else None)
             if img_ids is None:
                 raise ValueError("cat_pruning: Flux was called without img_ids")
-            state.positions = (img_ids[0] if img_ids.ndim == 3 else img_ids)[:, 1:3]
+            seen["img_ids"] = img_ids[0] if img_ids.ndim == 3 else img_ids  # all N, before any split
+            state.positions = seen["img_ids"][:, 1:3]
+            if state.shard.cp_world == 1 or state.mode != "pruned":  # (this order: no guard on the mode)
+                return None
+            # Context parallelism: gather the K tokens before diffusers splits the sequence, so
+            # each rank carries K / W of them (the patch embedding is per token: same rows).
+            if "hidden_states" in kwargs:
+                return args, {**kwargs, "hidden_states": state.gather(kwargs["hidden_states"])}
+            return (state.gather(args[0]), *args[1:]), kwargs
 
         def rope_hook(module: nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor] | None:
             if state.mode != "pruned":
                 return None
-            idx = state.idx
-            text = output[0].shape[0] - state.geometry.num_tokens
+            idx, shard = state.idx, state.shard
+            text = output[0].shape[0] - state.geometry.num_tokens // shard.cp_world  # this rank's text rows
+            if shard.cp_world == 1:
+                image = output[0][text:], output[1][text:]
+            else:  # this rank's share of the selection, from the table of all N tokens
+                share = idx.shape[1] // shard.cp_world
+                idx = idx[:, shard.cp_rank * share:(shard.cp_rank + 1) * share]
+                image = module.forward(seen["img_ids"])
 
-            def select(freqs: Tensor) -> Tensor:  # (T + N, D) -> (B, T + K, D)
-                ctx = freqs[:text].expand(idx.shape[0], -1, -1)
-                return torch.cat([ctx, freqs[text:][idx]], dim=1)
+            def select(freqs: Tensor, image: Tensor) -> Tensor:  # -> (B, text + K, D)
+                return torch.cat([freqs[:text].expand(idx.shape[0], -1, -1), image[idx]], dim=1)
 
-            return select(output[0]), select(output[1])
+            return select(output[0], image[0]), select(output[1], image[1])
 
         return [
             model.register_forward_pre_hook(pre_hook, with_kwargs=True),
@@ -232,8 +262,11 @@ class FluxAdapter(Adapter):
         return Geometry(b, 1, n, hidden.dtype, hidden.device)
 
     def cache_layout(self, model: nn.Module, geometry: Geometry) -> CacheLayout:
-        """(B, N, H*D) K (after rotation) and V caches: the layout the processor produces."""
-        kv = {name: ((geometry.batch, geometry.num_tokens, attn.to_k.out_features), compute_dtype(attn.to_k))
+        """(B, N, H*D) K (after rotation) and V caches: the layout the processor produces (H: this
+        rank's heads under model parallelism)."""
+        shard = sharding(model, self.family, self.supports_parallel)
+        kv = {name: ((geometry.batch, geometry.num_tokens, local_out_features(attn.to_k) // shard.cp_world),
+                     compute_dtype(attn.to_k))
               for name, attn in self.attention_modules(model).items()}
         out = get_submodule(model, self.out_proj)
         return CacheLayout(kv, out.out_features, compute_dtype(out))

@@ -1,0 +1,124 @@
+"""One rank of the model-parallel tests (test_parallel.py): runs under torch.distributed.run with
+the gloo backend on the CPU, one short Flux generation per scenario, and saves what it got.
+
+    python -m torch.distributed.run --nproc_per_node 2 parallel_worker.py OUT_DIR SCENARIO...
+
+Also imported by the test for the one-process references (same pipeline, inputs and settings).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import cat_pruning
+
+STEPS = 6
+TEXT = 8  # text tokens: a multiple of the 2 ranks (diffusers splits them too)
+# full_steps 3 (step 0 dense, 1 anchor, 2 fill), then pruned, pruned, refresh (every 3)
+SETTINGS = dict(keep_ratio=0.4, full_steps=3, refresh_every=3, backend="torch")  # K = 12 of 30 tokens
+
+
+def build():
+    from test_flux import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, seed: int = 0) -> dict:
+    """Latents of one generation and, per step, the tokens the next step computes (when CAT
+    selected any)."""
+    from flux_models import JOINT_DIM, POOLED_DIM
+
+    g = torch.Generator().manual_seed(100)
+    picks = []
+
+    def record(pipeline, i, t, kwargs):
+        patch = getattr(pipeline.transformer, "_cat_pruning", None)
+        if patch is not None and patch.state.history[-1][0] in ("fill", "pruned", "refresh"):  # it selected
+            picks.append(patch.state.idx.clone())
+        return kwargs
+
+    latents = pipe(
+        prompt_embeds=torch.randn(1, TEXT, JOINT_DIM, generator=g), pooled_prompt_embeds=torch.randn(1, POOLED_DIM,
+                                                                                                      generator=g),
+        height=24, width=20, num_inference_steps=STEPS, guidance_scale=3.5, output_type="latent",
+        generator=torch.Generator().manual_seed(seed), callback_on_step_end=record, return_dict=False,
+    )[0]
+    out = {"latents": latents, "picks": picks}
+    patch = getattr(pipe.transformer, "_cat_pruning", None)
+    if patch is not None:
+        stats = cat_pruning.stats(pipe)
+        out.update(modes=[s.mode for s in stats.steps], tokens_kept=stats.tokens_kept)
+    return out
+
+
+def _config(kind: str):
+    from diffusers import ContextParallelConfig, TensorParallelConfig
+
+    world = dist.get_world_size()
+    if kind == "cp":
+        return ContextParallelConfig(ulysses_degree=world)
+    if kind == "ring":
+        return ContextParallelConfig(ring_degree=world)
+    import diffusers.hooks.tensor_parallel as tp  # diffusers refuses CPU meshes; gloo runs DTensor fine
+
+    if "cpu" not in tp._SUPPORTED_TP_DEVICES:
+        tp._SUPPORTED_TP_DEVICES = (*tp._SUPPORTED_TP_DEVICES, "cpu")
+    return TensorParallelConfig(tp_degree=world)
+
+
+def run(scenario: str) -> dict:
+    """`{cp,tp}-{dense,one,after,before}`: model parallelism alone, with CAT keep_ratio 1, with CAT
+    patched after or before enable_parallelism; `cp-disagree`: rank-dependent seeds; `ring`:
+    ring attention; `sd3`: a family without a plan."""
+    rank = dist.get_rank()
+    if scenario == "sd3":
+        from diffusers import ContextParallelConfig
+        from diffusers.models._modeling_parallel import ContextParallelInput
+        from test_sd3_pipeline import tiny_pipeline
+
+        pipe = tiny_pipeline()
+        pipe.transformer.enable_parallelism(
+            config=ContextParallelConfig(ulysses_degree=dist.get_world_size()),
+            cp_plan={"": {"hidden_states": ContextParallelInput(split_dim=2, expected_dims=4, split_output=False)}})
+        cat_pruning.patch(pipe, **SETTINGS)
+        return {}
+    pipe = build()
+    kind, _, how = scenario.partition("-")
+    if how == "before":
+        cat_pruning.patch(pipe, **SETTINGS)
+    pipe.transformer.enable_parallelism(config=_config(kind))
+    if how in ("after", "disagree") or kind == "ring":
+        cat_pruning.patch(pipe, **SETTINGS)
+    elif how == "one":
+        cat_pruning.patch(pipe, **{**SETTINGS, "keep_ratio": 1.0})
+    return generate(pipe, seed=rank if how == "disagree" else 0)
+
+
+def main() -> None:
+    out_dir, scenarios = sys.argv[1], sys.argv[2:]
+    torch.accelerator.device_count = lambda: 1  # diffusers divides by it; the CPU reports 0
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # every collective is bounded
+    rank = dist.get_rank()
+    results = {}
+    for scenario in scenarios:
+        try:
+            results[scenario] = run(scenario)
+        except Exception as err:  # the test checks which scenarios must fail, and how
+            results[scenario] = {"error": f"{type(err).__name__}: {err}",
+                                 "trace": traceback.format_exc(limit=4)}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    main()
