@@ -8,7 +8,8 @@ Usage (from the repository root)::
     python bench/run.py --filter gather --provider torch-ref,triton
 
 Suites are modules next to this file, imported lazily by name: ``kernels`` (bench/kernels.py),
-``e2e`` (bench/e2e.py), ``quality`` (bench/quality.py and its quality_*.py parts). Each exposes
+``e2e`` (bench/e2e.py), ``quality`` (bench/quality.py and its quality_*.py parts), ``parallel``
+(bench/parallel.py: CAT under diffusers' context / tensor parallelism, on ranks it launches). Each exposes
 ``run(args) -> list[dict]``, one record per case; ``args`` is this script's argparse namespace,
 with the arguments this script does not know left in ``args.extra`` for the suite to parse. A missing suite module is
 reported; it is an error (exit 2) only when that suite was asked for by name, not under
@@ -46,7 +47,7 @@ for p in (str(REPO), str(BENCH)):  # cat_kernels from the checkout, suites as to
     if p not in sys.path:
         sys.path.insert(0, p)
 
-SUITES = {"kernels": "kernels", "e2e": "e2e", "quality": "quality"}
+SUITES = {"kernels": "kernels", "e2e": "e2e", "quality": "quality", "parallel": "parallel"}
 RESULTS = BENCH / "results"
 
 

@@ -127,3 +127,121 @@ def test_every_op_has_cases(run_module, no_interpreter):
     full, _ = kernels.build_cases("cpu", quick=False)
     shapes = {c.case_id.split(",")[1] for c in full}
     assert shapes == {"sd3-1024", "flux-1024", "flux-2048", "n16384"}
+
+
+def _parallel_events(kind: str, modes: list[str], t: int, n: int, k: int, shape: dict, cat: bool, gen: int = 1) -> list:
+    """Fake collective events of one rank's generation, as CollectiveCounter records them: per
+    step, the calls the plans imply with the rows each mode computes (W=2, fp32)."""
+    events = []
+    for step, mode in enumerate(modes):
+        rows, image = (t + k, k) if mode == "pruned" else (t + n, n)
+        if kind == "cp":
+            src = "cat_pruning.parallel" if cat else "diffusers.models.attention_dispatch"
+            per_tensor = rows // 2 * shape["hidden"] * 4  # this rank's rows, all heads
+            for _ in range(4 * (shape["double"] + shape["single"])):  # q, k, v, out of every attention
+                events.append((gen, step, "funcol.all_to_all_single", src, "all_to_all", per_tensor))
+            events.append((gen, step, "funcol.all_gather_tensor", "diffusers.hooks.context_parallel", "all_gather",
+                           image // 2 * shape["out"] * 4))  # fmt: skip
+        else:
+            for _ in range(shape["double"]):
+                for r in (image, t, image, t):
+                    events.append((gen, step, "funcol.all_reduce", "torch.distributed.tensor.placement_types",
+                                   "all_reduce", r * shape["hidden"] * 4))  # fmt: skip
+            for _ in range(shape["single"]):
+                events.append((gen, step, "funcol.all_reduce", "torch.distributed.tensor.placement_types",
+                               "all_reduce", rows * shape["hidden"] * 4))  # fmt: skip
+    if cat:
+        events.append((gen, 0, "dist.all_gather", "cat_pruning.parallel", "all_gather", 80))  # the agreement check
+    return events
+
+
+def test_parallel_suite_options_and_records_without_ranks(run_module, tmp_path):
+    """The parallel suite's options, schedule, traffic accounting, checks and report, on the
+    events a 2-rank run records (built here, no launch)."""
+    import argparse
+
+    parallel = run_module.load_suite("parallel")
+    ns = argparse.Namespace(device="cpu", extra=["--scenarios", "cp-cat,1p-dense", "--steps", "5", "--repeats", "1",
+                                                 "--model", "flux-mini"])  # fmt: skip
+    opts = parallel.parse_suite_args(ns)
+    assert opts.scenarios == ["cp-dense", "cp-cat", "1p-dense"]  # the dense run of the ratios is added
+    assert opts.dtype == "float32" and opts.steps == 5
+    with pytest.raises(SystemExit, match="choose from"):
+        parallel.parse_suite_args(argparse.Namespace(device="cpu", extra=["--scenarios", "cp-ring"]))
+    with pytest.raises(SystemExit, match="unknown options"):
+        parallel.parse_suite_args(argparse.Namespace(device="cpu", extra=["--stepz", "3"]))
+    assert parallel.results_path(ns) == BENCH / "results" / "parallel-cpu.json"
+    assert [parallel.full_steps(s) for s in (28, 14, 5)] == [8, 4, 2]
+    assert parallel.model_shape("photos", 128)["heads"] == 3  # why --model auto falls back to flux-mini on 2 ranks
+
+    shape = parallel.model_shape("flux-mini", 128)
+    t, n, k = shape["T"], shape["N"], 22
+    cat_modes = [parallel.cat_config("default", 5).mode(i) for i in range(5)]
+    assert cat_modes == ["anchor", "fill", "pruned", "pruned", "refresh"]
+    latents = torch.randn(1, n, 64)
+
+    def result(kind, modes, kk=None, events=True):
+        ev = _parallel_events(kind, modes, t, n, kk or n, shape, cat=kk is not None) if events else []
+        out = dict(generations=[dict(total=0.5 + 0.1 * i, steps=[0.1] * 5) for i in range(2)], modes=modes,
+                   latents=latents, events=ev)
+        return {**out, "K": kk} if kk else out  # fmt: skip
+
+    results = {
+        "cp-dense": [result("cp", ["dense"] * 5)] * 2,
+        "cp-cat": [result("cp", cat_modes, k)] * 2,
+        "1p-dense": [result("1p", ["dense"] * 5, events=False)],
+    }
+    records = parallel.build_records(opts, "cpu", results, "test")
+    by = {r["scenario"]: r for r in records}
+    assert [r["check"] for r in records] == ["pass", "pass", "n/a"], [r.get("error") for r in records]
+    cat = by["cp-cat"]
+    assert cat["pruned_all_to_all_ratio"] == pytest.approx((t + k) / (t + n), abs=1e-12) == cat["pruned_ratio_ideal"]
+    assert set(cat["traffic"]["by_mode"]) == {"anchor", "fill", "pruned", "refresh"}
+    assert cat["mode_ratio"]["fill"] == pytest.approx(1.0, abs=1e-4)  # + the 80-byte agreement gather at step 0
+    dense_step = by["cp-dense"]["dense_step_bytes"]
+    pruned_step = cat["traffic"]["by_mode"]["pruned"]["bytes"]
+    assert cat["traffic_ratio"] == pytest.approx((3 * dense_step + 2 * pruned_step + 80) / (5 * dense_step))
+    assert 0 < cat["traffic_ratio_28"] < 1 and cat["traffic_ratio_28_ideal"] == pytest.approx(
+        (14 + 14 * (t + k) / (t + n)) / 28)  # the 28-step schedule: 14 of 28 steps pruned
+    assert by["cp-dense"]["max_abs_diff_vs_1p"] == 0 and cat["speedup"] == pytest.approx(1.0)
+    assert "--scenarios cp-cat" in cat["cmd"] and cat["cmd"].startswith("python bench/run.py --suite parallel")
+    md = parallel.report(records, opts, "cpu", "test", markdown=True)
+    assert "python bench/run.py --suite parallel --device cpu --model flux-mini --steps 5" in md
+    assert "| cp-cat | 22 |" in md and "13.0% (all-to-all)" in md
+
+    # a pruned step that moved dense rows, and a dense run whose counter missed a kind of call: FAIL
+    broken = [e if e[1] != 2 or e[4] != "all_to_all" else (*e[:5], e[5] * (t + n) // (t + k))
+              for e in results["cp-cat"][0]["events"]]  # fmt: skip
+    results["cp-cat"] = [{**results["cp-cat"][0], "events": broken}] * 2
+    results["cp-dense"] = [{**results["cp-dense"][0], "events": [e for e in results["cp-dense"][0]["events"]
+                                                                 if e[4] != "all_gather"]}] * 2  # fmt: skip
+    records = parallel.build_records(opts, "cpu", results, "test")
+    assert records[0]["check"] == "FAIL" and "plans imply" in records[0]["error"]
+    assert records[1]["check"] == "FAIL" and "not (T+K)/(T+N)" in records[1]["error"]
+
+
+def test_parallel_counter_counts_outermost_calls_and_restores(run_module, monkeypatch):
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    parallel = run_module.load_suite("parallel")
+
+    def fake_gather(x, gather_dim, group):
+        return x
+
+    def fake_all_to_all(x, output_split_sizes, input_split_sizes, group):
+        return funcol.all_gather_tensor(x, 0, group)  # nested: counted once, as the all-to-all
+
+    monkeypatch.setattr(funcol, "all_to_all_single", fake_all_to_all)
+    monkeypatch.setattr(funcol, "all_gather_tensor", fake_gather)
+    original_dist = dist.all_gather
+    counter = parallel.CollectiveCounter()
+    x = torch.randn(3, 5, dtype=torch.float64)[:, 1:4]  # a non-contiguous view: its 9 elements count
+    with counter:
+        assert funcol.all_to_all_single is not fake_all_to_all and dist.all_gather is not original_dist
+        counter.generation, counter.step = 1, 4
+        funcol.all_to_all_single(x, None, None, None)
+        funcol.all_gather_tensor(x[:1], gather_dim=0, group=None)
+    assert funcol.all_to_all_single is fake_all_to_all and dist.all_gather is original_dist
+    assert counter.events == [(1, 4, "funcol.all_to_all_single", __name__, "all_to_all", 72),
+                              (1, 4, "funcol.all_gather_tensor", __name__, "all_gather", 24)]  # fmt: skip
