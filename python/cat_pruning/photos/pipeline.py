@@ -13,10 +13,10 @@ by default (guidance_scale 1, as Flux.1 schnell/dev run); guidance_scale > 1 run
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..tiny.pipeline import SmallPipeline
 from ..tiny.text import TinyTextEncoder
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -43,9 +43,7 @@ def image_ids(rows: int, cols: int, device=None) -> torch.Tensor:
     return torch.stack([torch.zeros_like(r), r, c], -1).float()
 
 
-class PhotoFluxPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "text_encoder->transformer"
-
+class PhotoFluxPipeline(SmallPipeline):
     def __init__(
         self,
         transformer: FluxTransformer2DModel,
@@ -53,28 +51,9 @@ class PhotoFluxPipeline(DiffusionPipeline):
         scheduler: FlowMatchEulerDiscreteScheduler,
     ):
         super().__init__()
-        self.register_modules(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)
-        self._guidance_scale = 1.0
-        self._num_timesteps = 0
+        self._register(transformer, text_encoder, scheduler)
 
     image_size = 64  # the training resolution
-
-    @property
-    def tokenizer(self):
-        """The word tokenizer (its vocabulary is stored in the text encoder's config)."""
-        return self.text_encoder.tokenizer
-
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
 
     @torch.no_grad()
     def __call__(
@@ -119,43 +98,10 @@ class PhotoFluxPipeline(DiffusionPipeline):
             latents = latents.to(device=device, dtype=torch.float32)
         x = pack(latents)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for t in timesteps:
-                model_in = torch.cat([x] * 2) if self.do_classifier_free_guidance else x
-                timestep = (t / 1000).expand(model_in.shape[0])  # the transformer scales it by 1000
-                noise_pred = self.transformer(
-                    hidden_states=model_in.to(dtype),
-                    timestep=timestep,
-                    encoder_hidden_states=hidden,
-                    pooled_projections=pooled,
-                    img_ids=img_ids,
-                    txt_ids=txt_ids,
-                    return_dict=False,
-                )[0]
-                if self.do_classifier_free_guidance:
-                    uncond, cond = noise_pred.chunk(2)
-                    noise_pred = uncond + guidance_scale * (cond - uncond)
-                x = self.scheduler.step(noise_pred.float(), t, x, return_dict=False)[0]
-                progress_bar.update()
-
-        image = (unpack(x, height, width) / 2 + 0.5).clamp(0, 1)
-        if output_type == "pt":
-            pass
-        elif output_type in ("np", "pil"):
-            image = image.permute(0, 2, 3, 1).cpu().float().numpy()  # after the loop, not in a step
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
-        else:
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return ImagePipelineOutput(images=image)
+        # the transformer scales the timestep by 1000
+        x = self._denoise(x, num_inference_steps, guidance_scale, time_divisor=1000, encoder_hidden_states=hidden,
+                          pooled_projections=pooled, img_ids=img_ids, txt_ids=txt_ids)
+        return self._finish((unpack(x, height, width) / 2 + 0.5).clamp(0, 1), output_type, return_dict)
 
 
 def load_photo_pipeline(device="cpu", dtype=torch.float32, path: str | Path | None = None) -> PhotoFluxPipeline:

@@ -19,16 +19,13 @@ from .text import TinyTextEncoder
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
-class TinyT2IPipeline(DiffusionPipeline):
+class SmallPipeline(DiffusionPipeline):
+    """What the shipped models' pipelines share: the tiny word-level text encoder, guidance, the
+    Euler loop over the scheduler's timesteps and the output conversion."""
+
     model_cpu_offload_seq = "text_encoder->transformer"
 
-    def __init__(
-        self,
-        transformer: SD3Transformer2DModel,
-        text_encoder: TinyTextEncoder,
-        scheduler: FlowMatchEulerDiscreteScheduler,
-    ):
-        super().__init__()
+    def _register(self, transformer, text_encoder, scheduler) -> None:
         self.register_modules(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)
         self._guidance_scale = 1.0
         self._num_timesteps = 0
@@ -49,6 +46,55 @@ class TinyT2IPipeline(DiffusionPipeline):
     @property
     def num_timesteps(self) -> int:
         return self._num_timesteps
+
+    def _denoise(self, x: torch.Tensor, num_inference_steps: int, guidance_scale: float, time_divisor: float = 1,
+                 **transformer_kwargs) -> torch.Tensor:
+        """Euler steps from noise `x` (fp32; [uncond; cond] batches under CFG), the transformer
+        called with its timestep / time_divisor and `transformer_kwargs`."""
+        self.scheduler.set_timesteps(num_inference_steps, device=x.device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for t in timesteps:
+                model_in = torch.cat([x] * 2) if self.do_classifier_free_guidance else x
+                noise_pred = self.transformer(
+                    hidden_states=model_in.to(self.transformer.dtype),
+                    timestep=(t / time_divisor).expand(model_in.shape[0]),
+                    return_dict=False,
+                    **transformer_kwargs,
+                )[0]
+                if self.do_classifier_free_guidance:
+                    uncond, cond = noise_pred.chunk(2)
+                    noise_pred = uncond + guidance_scale * (cond - uncond)
+                x = self.scheduler.step(noise_pred.float(), t, x, return_dict=False)[0]
+                progress_bar.update()
+        return x
+
+    def _finish(self, image: torch.Tensor, output_type: str, return_dict: bool):
+        """(B, 3, H, W) in [0, 1] -> the pipeline output."""
+        if output_type == "pt":
+            pass
+        elif output_type in ("np", "pil"):
+            image = image.permute(0, 2, 3, 1).cpu().float().numpy()  # after the loop, not in a step
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+        else:
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+
+class TinyT2IPipeline(SmallPipeline):
+    def __init__(
+        self,
+        transformer: SD3Transformer2DModel,
+        text_encoder: TinyTextEncoder,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+    ):
+        super().__init__()
+        self._register(transformer, text_encoder, scheduler)
 
     def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, device, dtype):
         """(encoder_hidden_states, pooled_projections), with [uncond; cond] when CFG is on."""
@@ -100,41 +146,9 @@ class TinyT2IPipeline(DiffusionPipeline):
         else:
             latents = latents.to(device=device, dtype=torch.float32)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for t in timesteps:
-                model_in = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
-                timestep = t.expand(model_in.shape[0])
-                noise_pred = self.transformer(
-                    hidden_states=model_in.to(dtype),
-                    timestep=timestep,
-                    encoder_hidden_states=hidden,
-                    pooled_projections=pooled,
-                    return_dict=False,
-                )[0]
-                if self.do_classifier_free_guidance:
-                    uncond, cond = noise_pred.chunk(2)
-                    noise_pred = uncond + guidance_scale * (cond - uncond)
-                latents = self.scheduler.step(noise_pred.float(), t, latents, return_dict=False)[0]
-                progress_bar.update()
-
-        image = (latents / 2 + 0.5).clamp(0, 1)
-        if output_type == "pt":
-            pass
-        elif output_type in ("np", "pil"):
-            image = image.permute(0, 2, 3, 1).cpu().float().numpy()  # after the loop, not in a step
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
-        else:
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return ImagePipelineOutput(images=image)
+        latents = self._denoise(latents, num_inference_steps, guidance_scale, encoder_hidden_states=hidden,
+                                pooled_projections=pooled)
+        return self._finish((latents / 2 + 0.5).clamp(0, 1), output_type, return_dict)
 
 
 def load_tiny_pipeline(device="cpu", dtype=torch.float32, path: str | Path | None = None) -> TinyT2IPipeline:
