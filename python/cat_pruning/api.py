@@ -142,7 +142,7 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
             _sync(p, _running_pipeline(p) if state.driver == "pipeline" else None)
         geometry = adapter.geometry(module, args, kwargs)
         _check_dtype(geometry.dtype)
-        if state.geometry is None and state.shard is not NONE and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and state.geometry is None and state.shard is not NONE:
             check_agreement(state.shard, _generation_summary(state, geometry, args, kwargs))
         state.begin_forward(geometry)
         p.text_tokens = adapter.text_tokens(module, args, kwargs)
@@ -249,8 +249,9 @@ def _sync(p: _Patch, pipeline: Any | None = None) -> None:
         for attr in _PROCESSOR_ATTRS:
             if hasattr(ours, attr) and getattr(ours.original, attr, None) is not getattr(ours, attr):
                 setattr(ours.original, attr, getattr(ours, attr))
-    # enable_parallelism may have run since the patch
-    p.state.shard = sharding(p.transformer, p.adapter.family, p.adapter.supports_parallel)
+    shard = sharding(p.transformer, p.adapter.family, p.adapter.supports_parallel)  # enable_parallelism since?
+    if shard != p.state.shard:  # the same object otherwise: compiled code guards on it
+        p.state.shard = shard
     if pipeline is not None and not _wraps(p, pipeline.scheduler):
         _wrap_scheduler(p, pipeline.scheduler)
         _start_generation(p, pipeline)

@@ -20,6 +20,12 @@ Seams (diffusers 0.42.1):
 - ``proj_out`` is the output seam. Flux returns packed tokens (B, N, C_out), unpacked by the
   pipeline, so the full noise cache is the model output.
 
+Under diffusers' Ulysses context parallelism (cat_pruning.parallel) a pruned step gathers the K
+selected rows of ``hidden_states`` in the model's pre-hook, before diffusers splits the sequence;
+the rotary hook builds each rank's rows from the table of all N tokens, and the processors run
+the Ulysses all-to-alls themselves around the K/V caches (all N tokens, the rank's heads).
+Under tensor parallelism the projections are column-sharded: the caches hold the rank's heads.
+
 The clustering needs token positions; Flux's inputs carry no grid shape, only ``img_ids``, whose
 columns 1 and 2 are the (row, col) of every image token in token units, so they are used as the
 clustering positions (``state.positions``).
