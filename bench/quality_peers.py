@@ -193,6 +193,22 @@ def catf_schedule_fraction(ctx: Context, full_steps: int, refresh_every: int, ke
     return (ctx.steps - pruned + pruned * step_fraction(kept)) / ctx.steps
 
 
+def catf_candidates(ctx: Context, n: int, step_fraction: Callable[[int], float]) -> list[tuple[dict, float]]:
+    """(params, MAC fraction) of every CAT-F schedule within BAND of ctx.target: per full_steps and
+    refresh_every, the K of n tokens that lands on the budget, or the nearest K if none does,
+    with each K/V damping."""
+    candidates = []
+    for full in (f for f in CATF_FULL if f < ctx.steps):
+        for every in CATF_REFRESH:
+            lo, hi = (catf_schedule_fraction(ctx, full, every, k, step_fraction) for k in (1, n))
+            kept = max(1, min(n, round(1 + (ctx.target - lo) / (hi - lo) * (n - 1))))  # lands on the budget
+            frac = catf_schedule_fraction(ctx, full, every, kept, step_fraction)
+            if abs(frac - ctx.target) <= BAND:
+                candidates += [(dict(keep_ratio=kept / n, full_steps=full, refresh_every=every,
+                                     forecast_kv_damping=d), frac) for d in CATF_KV_DAMPING]  # fmt: skip
+    return candidates
+
+
 def tune_catf(ctx: Context, m: Method) -> None:
     """CAT-F at its best schedule for the budget: for each refresh_every of CATF_REFRESH, full_steps
     of CATF_FULL and forecast_kv_damping of CATF_KV_DAMPING, the keep_ratio that lands on the budget
@@ -217,16 +233,7 @@ def tune_catf(ctx: Context, m: Method) -> None:
     def step_fraction(k: int) -> float:
         return f0 + slope * (k - k0)
 
-    candidates = []
-    for full in (f for f in CATF_FULL if f < ctx.steps):
-        for every in CATF_REFRESH:
-            lo, hi = (catf_schedule_fraction(ctx, full, every, k, step_fraction) for k in (1, n))
-            kept = max(1, min(n, round(1 + (ctx.target - lo) / (hi - lo) * (n - 1))))  # lands on the budget
-            frac = catf_schedule_fraction(ctx, full, every, kept, step_fraction)
-            if abs(frac - ctx.target) > BAND:
-                continue
-            candidates += [(dict(keep_ratio=kept / n, full_steps=full, refresh_every=every, forecast_kv_damping=d),
-                            frac) for d in CATF_KV_DAMPING]
+    candidates = catf_candidates(ctx, n, step_fraction)
     if not candidates:
         raise ValueError(f"no CAT-F schedule reaches the budget {ctx.target:.3f}")
     pick_best(ctx, m, candidates, "CAT-F schedule")

@@ -119,3 +119,33 @@ def test_catf_schedule_fraction(monkeypatch):
     # full_steps 8, refresh every 3 from the fill step (7): steps 10, 13, ..., 25 refresh, 14 pruned
     assert quality_peers.catf_schedule_fraction(ctx, 8, 3, 100, lambda k: k / 200) == pytest.approx((14 + 7) / 28)
     assert quality_peers.catf_schedule_fraction(ctx, 8, 0, 100, lambda k: 0.25) == pytest.approx((8 + 5) / 28)
+
+
+def test_catf_candidates_follow_the_band_rule(monkeypatch):
+    """CAT-F candidates: K solved to land on the budget where the schedule can; else the nearest K,
+    kept only within BAND of the budget (the rule the peers' schedules follow); every K/V damping."""
+    import sys
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.delitem(sys.modules, "quality_peers", raising=False)
+    import quality_peers
+
+    n, steps = 100, 28
+    ctx = SimpleNamespace(steps=steps, target=0.45)
+    got = quality_peers.catf_candidates(ctx, n, lambda k: 0.05 + 0.9 * k / n)
+    schedules = {(p["full_steps"], p["refresh_every"]) for p, _ in got}
+    dampings = {}
+    for p, frac in got:
+        assert abs(frac - ctx.target) <= quality_peers.BAND
+        dampings.setdefault((p["full_steps"], p["refresh_every"], p["keep_ratio"]), set()).add(p["forecast_kv_damping"])
+    assert all(d == set(quality_peers.CATF_KV_DAMPING) for d in dampings.values())
+    for full in quality_peers.CATF_FULL:
+        for every in quality_peers.CATF_REFRESH:
+            one = quality_peers.catf_schedule_fraction(ctx, full, every, 1, lambda k: 0.05 + 0.9 * k / n)
+            reachable = one <= ctx.target  # K = 1 already costs more than the budget otherwise
+            assert ((full, every) in schedules) == (reachable or one - ctx.target <= quality_peers.BAND)
+            if (full, every) in schedules and not reachable:  # the nearest K: one token
+                assert {p["keep_ratio"] for p, _ in got if (p["full_steps"], p["refresh_every"]) == (full, every)} \
+                    == {1 / n}
+    assert any(abs(f - ctx.target) < 0.005 for _, f in got)  # some schedules land on the budget
