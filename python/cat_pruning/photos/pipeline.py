@@ -85,9 +85,7 @@ class PhotoFluxPipeline(SmallPipeline):
         if height % PATCH or width % PATCH:
             raise ValueError(f"height and width must be multiples of {PATCH}")
 
-        texts = ([""] * len(prompts) + prompts) if self.do_classifier_free_guidance else prompts
-        hidden, pooled = self.text_encoder.encode(texts, device=device)
-        hidden, pooled = hidden.to(dtype), pooled.to(dtype)
+        hidden, pooled = self.encode_prompt(prompts, [""] * len(prompts), device, dtype)
         txt_ids = torch.zeros(hidden.shape[1], 3, device=device)
         img_ids = image_ids(height // PATCH, width // PATCH, device)
 

@@ -47,6 +47,14 @@ class SmallPipeline(DiffusionPipeline):
     def num_timesteps(self) -> int:
         return self._num_timesteps
 
+    def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, device, dtype):
+        """(encoder_hidden_states, pooled_projections), with [uncond; cond] when CFG is on."""
+        texts = list(prompt)
+        if self.do_classifier_free_guidance:
+            texts = list(negative_prompt) + texts
+        hidden, pooled = self.text_encoder.encode(texts, device=device)
+        return hidden.to(dtype), pooled.to(dtype)
+
     def _denoise(self, x: torch.Tensor, num_inference_steps: int, guidance_scale: float, time_divisor: float = 1,
                  **transformer_kwargs) -> torch.Tensor:
         """Euler steps from noise `x` (fp32; [uncond; cond] batches under CFG), the transformer
@@ -95,14 +103,6 @@ class TinyT2IPipeline(SmallPipeline):
     ):
         super().__init__()
         self._register(transformer, text_encoder, scheduler)
-
-    def encode_prompt(self, prompt: list[str], negative_prompt: list[str] | None, device, dtype):
-        """(encoder_hidden_states, pooled_projections), with [uncond; cond] when CFG is on."""
-        texts = list(prompt)
-        if self.do_classifier_free_guidance:
-            texts = list(negative_prompt) + texts
-        hidden, pooled = self.text_encoder.encode(texts, device=device)
-        return hidden.to(dtype), pooled.to(dtype)
 
     @torch.no_grad()
     def __call__(
