@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, find_adapter, supported_families
-from .adapters.base import PathHook, compute_dtype, get_submodule, hidden_states_arg
+from .adapters.base import PathHook, compute_dtype, encoder_hidden_states_arg, get_submodule, hidden_states_arg
 from .compat import check_diffusers
 from .config import CATConfig
 from .parallel import NONE, check_agreement, sharding
@@ -113,7 +113,7 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
 
     shard = sharding(transformer, adapter.family, adapter.supports_parallel)
     driver = "pipeline" if pipeline is not None else ("manual" if config.manual_steps else "auto")
-    state = CATState(config, driver, lambda geometry: adapter.cache_layout(transformer, geometry),
+    state = CATState(config, driver, lambda geometry, shard: adapter.cache_layout(transformer, geometry, shard),
                      cond_first=adapter.cfg_cond_first)
     attns = adapter.attention_modules(transformer)
     p = _Patch(state, adapter, transformer, pipeline, {n: a.processor for n, a in attns.items()}, [])
@@ -182,7 +182,7 @@ def _generation_summary(state: CATState, geometry: Any, args: tuple, kwargs: dic
     summary = dict(image_tokens=geometry.num_tokens, batch=geometry.batch, keep_ratio=cfg.keep_ratio,
                    full_steps=cfg.full_steps, refresh_every=cfg.refresh_every, forecast=cfg.forecast == "taylor")
     inputs = {"hidden_states": hidden_states_arg(args, kwargs),
-              "encoder_hidden_states": kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)}
+              "encoder_hidden_states": encoder_hidden_states_arg(args, kwargs)}
     for name, x in inputs.items():
         if isinstance(x, torch.Tensor):
             summary[f"{name} shape"] = float(x.shape[1])

@@ -44,11 +44,6 @@ class Sharding:
     tp_world: int = 1  # tensor-parallel degree: ranks that split the heads
     tp_group: Any = None
 
-    @property
-    def heads_split(self) -> int:
-        """How many ranks share one attention layer's heads."""
-        return self.cp_world * self.tp_world
-
 
 NONE = Sharding()
 

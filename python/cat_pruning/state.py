@@ -32,7 +32,7 @@ from cat_kernels import ops
 
 from .cache import make_store
 from .config import CATConfig
-from .parallel import NONE
+from .parallel import NONE, Sharding
 
 MODES = ("dense", "anchor", "fill", "refresh", "pruned")
 
@@ -67,7 +67,11 @@ class CATState:
     """Everything one patched model remembers between the steps of a generation."""
 
     def __init__(
-        self, config: CATConfig, driver: str, layout: Callable[[Geometry], CacheLayout], cond_first: bool = False
+        self,
+        config: CATConfig,
+        driver: str,
+        layout: Callable[[Geometry, Sharding], CacheLayout],
+        cond_first: bool = False,
     ) -> None:
         self.config = config
         self.driver = driver  # "pipeline", "manual" or "auto" (eager forward post-hook)
@@ -118,7 +122,7 @@ class CATState:
         The compiled steps then only write into these tensors in place, so their addresses stay
         fixed: CUDA graphs (torch.compile mode="reduce-overhead") can capture the steps, and the
         caches are marked static so that they are not copied at every replay."""
-        g, layout = self.geometry, self.layout(self.geometry)
+        g, layout = self.geometry, self.layout(self.geometry, self.shard)
         scored = g.batch // 2 if self.cfg_pairs else g.batch
 
         def empty(*shape: int, dtype: torch.dtype) -> Tensor:

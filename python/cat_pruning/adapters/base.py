@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..parallel import NONE, Sharding
 from ..state import CacheLayout, CATState, Geometry
 
 
@@ -71,9 +72,10 @@ class Adapter:
         b, _, h, w = hidden.shape
         return Geometry(b, h // p, w // p, hidden.dtype, hidden.device)
 
-    def cache_layout(self, model: nn.Module, geometry: Geometry) -> CacheLayout:
+    def cache_layout(self, model: nn.Module, geometry: Geometry, shard: Sharding = NONE) -> CacheLayout:
         """One (B, H, N, D) K and V cache per attention layer, in the dtype its projection computes
-        in, and the noise cache in the output projection's shape."""
+        in, and the noise cache in the output projection's shape. `shard`: how the model is split
+        over ranks (families without model parallelism only ever get NONE)."""
         kv = {}
         for name, attn in self.attention_modules(model).items():
             heads = attn.heads
@@ -96,7 +98,7 @@ class Adapter:
 
     def text_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> int:
         """Default: the length of encoder_hidden_states (the second positional argument)."""
-        ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        ctx = encoder_hidden_states_arg(args, kwargs)
         return 0 if ctx is None else ctx.shape[1]
 
     def macs_per_sample(self, model: nn.Module, rows: int, num_tokens: int, text: int) -> int:
@@ -178,6 +180,11 @@ def hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     if not isinstance(hidden, torch.Tensor):
         raise ValueError("cat_pruning: the transformer was called without a hidden_states tensor")
     return hidden
+
+
+def encoder_hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The text context of a transformer call (keyword or second positional argument), if any."""
+    return kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
 
 
 def pipeline_call_local(pipeline: Any, name: str, default: Any = None) -> Any:

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..parallel import local_out_features, sharding, to_heads, to_sequence
+from ..parallel import NONE, Sharding, local_out_features, to_heads, to_sequence
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
 from .base import Adapter, compute_dtype, get_submodule, hidden_states_arg, pipeline_call_local, random_inputs
@@ -267,19 +267,14 @@ class FluxAdapter(Adapter):
         b, n, _ = hidden.shape
         return Geometry(b, 1, n, hidden.dtype, hidden.device)
 
-    def cache_layout(self, model: nn.Module, geometry: Geometry) -> CacheLayout:
+    def cache_layout(self, model: nn.Module, geometry: Geometry, shard: Sharding = NONE) -> CacheLayout:
         """(B, N, H*D) K (after rotation) and V caches: the layout the processor produces (H: this
         rank's heads under model parallelism)."""
-        shard = sharding(model, self.family, self.supports_parallel)
         kv = {name: ((geometry.batch, geometry.num_tokens, local_out_features(attn.to_k) // shard.cp_world),
                      compute_dtype(attn.to_k))
               for name, attn in self.attention_modules(model).items()}
         out = get_submodule(model, self.out_proj)
         return CacheLayout(kv, out.out_features, compute_dtype(out))
-
-    def text_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> int:
-        ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        return 0 if ctx is None else ctx.shape[1]
 
     def linear_stream(self, name: str) -> str | None:
         if name.startswith(("time_text_embed", "norm_out")) or ".norm1" in name or ".norm." in name:

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from cat_kernels import ops
 
+from ..parallel import NONE, Sharding
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
 from .base import Adapter, PathHook, compute_dtype, get_submodule, hidden_states_arg, random_inputs
@@ -206,7 +207,7 @@ class SanaAdapter(Adapter):
         b, _, h, w = hidden.shape
         return Geometry(b, h // p, w // p, hidden.dtype, hidden.device)
 
-    def cache_layout(self, model: nn.Module, geometry: Geometry) -> CacheLayout:
+    def cache_layout(self, model: nn.Module, geometry: Geometry, shard: Sharding = NONE) -> CacheLayout:
         """(B, N, H*D) K and V caches (the projections' layout) per linear attention, and per block
         the depthwise conv's input over all positions, (B, 2*hidden, N, 1)."""
         b, n = geometry.batch, geometry.num_tokens
@@ -217,10 +218,6 @@ class SanaAdapter(Adapter):
                  for i, block in enumerate(model.transformer_blocks)}
         out = get_submodule(model, self.out_proj)
         return CacheLayout(kv, out.out_features, compute_dtype(out), extra)
-
-    def text_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> int:
-        ctx = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        return 0 if ctx is None else ctx.shape[1]
 
     def linear_stream(self, name: str) -> str | None:
         if name.startswith("time_embed"):
