@@ -1,0 +1,174 @@
+"""Research prototype, not part of the package: what CAT-F would gain by forecasting each block's
+branch outputs (attention and feed-forward) instead of the attention K/V rows and the noise.
+
+diffusers' TaylorSeer, as the quality bench runs it on SD3 (cache_identifiers =
+transformer_blocks.N.(attn|ff|ff_context)), forecasts every block's attention and feed-forward
+outputs at its skipped steps and runs the rest of each block (the timestep-modulated norms, the
+gates, the residual adds) fresh. CAT-F forecasts K/V rows inside attention and the model output.
+This script measures the TaylorSeer mechanism with CAT's idea on top: at a skipped step, K tokens
+per sample get their branch outputs computed exactly and the others are forecast (first order,
+per token, from that token's last two computations).
+
+It computes every row and then replaces the skipped rows by their forecast, so its images are
+what a compact implementation would produce only approximately: the K computed tokens here attend
+over exact K/V of the (forecast) residual stream, where a compact step would attend over forecast
+K/V rows. Its MAC fraction is what that compact step would cost (cat_pruning's own accounting of a
+pruned step with K rows). Quality only; no timing.
+
+    python bench/experiments/branch_forecast.py --prompts 8 --runs '[{"interval": 3, "warmup": 4, "keep": 0}]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import quality_models  # noqa: E402
+
+from cat_pruning.adapters import find_adapter  # noqa: E402
+from cat_pruning.metrics import psnr  # noqa: E402
+
+
+class BranchForecast:
+    """Hooks on every SD3 block's attn, ff and ff_context: full steps record, skipped steps forecast."""
+
+    def __init__(self, model, steps: int, warmup: int, interval: int, keep: int, update_pruned: bool,
+                 select: str, damping: float = 1.0):
+        self.model, self.steps, self.warmup, self.interval = model, steps, warmup, interval
+        self.keep, self.update_pruned, self.select, self.damping = keep, update_pruned, select, damping
+        self.handles = [model.register_forward_pre_hook(self._begin)]
+        self.step = -1
+        self.state: dict[str, dict] = {}
+        self.modules = []
+        for i, block in enumerate(model.transformer_blocks):
+            for name in ("attn", "ff", "ff_context"):
+                mod = getattr(block, name, None)
+                if mod is not None:
+                    key = f"{i}.{name}"
+                    self.modules.append(key)
+                    self.handles.append(mod.register_forward_hook(self._hook(key, per_token=name != "ff_context")))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def full(self, s: int) -> bool:  # TaylorSeer's rule: warm-up, then every interval-th step
+        return s < self.warmup or (s - self.warmup - 1) % self.interval == 0
+
+    def _begin(self, module, args):
+        self.step += 1
+        s = self.step
+        self.idx = None
+        if self.full(s) or not self.state or self.keep == 0:
+            return
+        last = self.state[self.modules[-1]]
+        elapsed = (s - last["last"]).float()  # (B, N)
+        if self.select == "drift":  # expected forecast error: |slope| x time since computed
+            score = last["slope"].norm(dim=-1) * elapsed
+        else:  # stalest first, ties by slope
+            score = elapsed * 1e3 + last["slope"].norm(dim=-1)
+        half = score.shape[0] // 2
+        idx = torch.topk(score[half:], self.keep, dim=1).indices  # scored on the cond half
+        self.idx = torch.cat([idx, idx])
+
+    def _hook(self, key: str, per_token: bool):
+        def hook(module, args, out):
+            tup = isinstance(out, tuple)
+            x = out[0] if tup else out
+            s = self.step
+            st = self.state.get(key)
+            if self.full(s) or st is None:
+                if st is None:
+                    n = x.shape[1] if per_token else 1
+                    st = self.state[key] = dict(base=x.detach().clone(), slope=torch.zeros_like(x),
+                                                last=torch.full((x.shape[0], n), s, dtype=torch.long))
+                else:
+                    dt = (s - st["last"]).float().unsqueeze(-1)
+                    st["slope"] = (x - st["base"]) / dt
+                    st["base"] = x.detach().clone()
+                    st["last"].fill_(s)
+                res = x
+            else:
+                dt = (s - st["last"]).float().unsqueeze(-1)
+                fc = st["base"] + self.damping * st["slope"] * dt
+                if per_token and self.idx is not None:
+                    rows = self.idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+                    fresh = x.gather(1, rows)
+                    res = fc.scatter(1, rows, fresh)
+                    if self.update_pruned:
+                        old = st["base"].gather(1, rows)
+                        dts = dt.gather(1, self.idx.unsqueeze(-1))
+                        st["slope"] = st["slope"].scatter(1, rows, (fresh - old) / dts)
+                        st["base"] = st["base"].scatter(1, rows, fresh)
+                        st["last"].scatter_(1, self.idx, s)
+                elif not per_token and self.keep:
+                    res = x  # the text stream runs at every CAT step
+                else:
+                    res = fc
+            return (res, *out[1:]) if tup else res
+
+        return hook
+
+
+def mac_fraction(pipe, model, run: dict, steps: int, n: int, text: int) -> float:
+    adapter = find_adapter(model)
+    dense = adapter.macs_per_sample(model, n, n, text)
+    k = run.get("keep", 0)
+    pruned = adapter.macs_per_sample(model, k, n, text) if k else 0
+    bf = BranchForecast.full
+    fake = argparse.Namespace(warmup=run["warmup"], interval=run["interval"])
+    full = sum(bf(fake, s) for s in range(steps))
+    return (full + (steps - full) * pruned / dense) / steps
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--runs", required=True,
+                    help="JSON list of {interval, warmup, keep, update_pruned, select, damping}")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    from cat_pruning.tiny import load_tiny_pipeline
+
+    pipe = load_tiny_pipeline(device="cpu", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = quality_models.tiny_prompts(args.prompts)
+
+    def gen(p):
+        g = torch.Generator("cpu").manual_seed(0)
+        return pipe(p, num_inference_steps=args.steps, generator=g, output_type="pt").images[0]
+
+    cache = Path(f"/tmp/branch_dense_{args.prompts}_{args.steps}.pt")
+    dense = torch.load(cache) if cache.exists() else [gen(p) for p in prompts]
+    torch.save(dense, cache)
+    text = pipe.text_encoder.encode(["x"], device="cpu")[0].shape[1]
+    n = (pipe.transformer.config.sample_size // pipe.transformer.config.patch_size) ** 2
+    for run in json.loads(args.runs):
+        t0 = time.time()
+        bf = None
+        ims = []
+        for p in prompts:
+            bf = BranchForecast(pipe.transformer, args.steps, run["warmup"], run["interval"], run.get("keep", 0),
+                                run.get("update_pruned", True), run.get("select", "drift"), run.get("damping", 1.0))
+            try:
+                ims.append(gen(p))
+            finally:
+                bf.remove()
+        ps = [psnr(a, b) for a, b in zip(ims, dense, strict=True)]
+        frac = mac_fraction(pipe, pipe.transformer, run, args.steps, n, text)
+        print(json.dumps(run), f"MACs {frac:.3f}", f"PSNR {sum(ps) / len(ps):.2f} (worst {min(ps):.2f})",
+              f"{time.time() - t0:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
