@@ -37,6 +37,12 @@ from cat_pruning.adapters import find_adapter  # noqa: E402
 from cat_pruning.metrics import psnr  # noqa: E402
 
 
+def is_full(s: int, warmup: int, interval: int) -> bool:
+    """TaylorSeer's rule for the steps that run the whole model: the warm-up, then every
+    interval-th step."""
+    return s < warmup or (s - warmup - 1) % interval == 0
+
+
 class BranchForecast:
     """Hooks on every SD3 block's attn, ff and ff_context: full steps record, skipped steps forecast."""
 
@@ -60,8 +66,8 @@ class BranchForecast:
         for h in self.handles:
             h.remove()
 
-    def full(self, s: int) -> bool:  # TaylorSeer's rule: warm-up, then every interval-th step
-        return s < self.warmup or (s - self.warmup - 1) % self.interval == 0
+    def full(self, s: int) -> bool:
+        return is_full(s, self.warmup, self.interval)
 
     def _begin(self, module, args):
         self.step += 1
@@ -118,14 +124,12 @@ class BranchForecast:
         return hook
 
 
-def mac_fraction(pipe, model, run: dict, steps: int, n: int, text: int) -> float:
+def mac_fraction(model, run: dict, steps: int, n: int, text: int) -> float:
     adapter = find_adapter(model)
     dense = adapter.macs_per_sample(model, n, n, text)
     k = run.get("keep", 0)
     pruned = adapter.macs_per_sample(model, k, n, text) if k else 0
-    bf = BranchForecast.full
-    fake = argparse.Namespace(warmup=run["warmup"], interval=run["interval"])
-    full = sum(bf(fake, s) for s in range(steps))
+    full = sum(is_full(s, run["warmup"], run["interval"]) for s in range(steps))
     return (full + (steps - full) * pruned / dense) / steps
 
 
@@ -154,7 +158,6 @@ def main(argv=None) -> int:
     n = (pipe.transformer.config.sample_size // pipe.transformer.config.patch_size) ** 2
     for run in json.loads(args.runs):
         t0 = time.time()
-        bf = None
         ims = []
         for p in prompts:
             bf = BranchForecast(pipe.transformer, args.steps, run["warmup"], run["interval"], run.get("keep", 0),
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
             finally:
                 bf.remove()
         ps = [psnr(a, b) for a, b in zip(ims, dense, strict=True)]
-        frac = mac_fraction(pipe, pipe.transformer, run, args.steps, n, text)
+        frac = mac_fraction(pipe.transformer, run, args.steps, n, text)
         print(json.dumps(run), f"MACs {frac:.3f}", f"PSNR {sum(ps) / len(ps):.2f} (worst {min(ps):.2f})",
               f"{time.time() - t0:.0f}s", flush=True)
     return 0
