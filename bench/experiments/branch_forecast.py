@@ -46,21 +46,22 @@ def is_full(s: int, warmup: int, interval: int) -> bool:
 class BranchForecast:
     """Hooks on every SD3 block's attn, ff and ff_context: full steps record, skipped steps forecast."""
 
-    def __init__(self, model, steps: int, warmup: int, interval: int, keep: int, update_pruned: bool,
-                 select: str, damping: float = 1.0):
-        self.model, self.steps, self.warmup, self.interval = model, steps, warmup, interval
+    def __init__(self, model, warmup: int, interval: int, keep: int, update_pruned: bool, select: str,
+                 damping: float = 1.0):
+        self.warmup, self.interval = warmup, interval
         self.keep, self.update_pruned, self.select, self.damping = keep, update_pruned, select, damping
         self.handles = [model.register_forward_pre_hook(self._begin)]
         self.step = -1
-        self.state: dict[str, dict] = {}
-        self.modules = []
+        self.state: dict[str, dict] = {}  # "<block>.<module>/<output>" -> base, slope, last
+        self.last_image = ""  # the last block's image output: the selection scores its slopes
         for i, block in enumerate(model.transformer_blocks):
             for name in ("attn", "ff", "ff_context"):
                 mod = getattr(block, name, None)
                 if mod is not None:
                     key = f"{i}.{name}"
-                    self.modules.append(key)
-                    self.handles.append(mod.register_forward_hook(self._hook(key, per_token=name != "ff_context")))
+                    if name != "ff_context":
+                        self.last_image = f"{key}/0"
+                    self.handles.append(mod.register_forward_hook(self._hook(key, image=name != "ff_context")))
 
     def remove(self):
         for h in self.handles:
@@ -75,7 +76,7 @@ class BranchForecast:
         self.idx = None
         if self.full(s) or not self.state or self.keep == 0:
             return
-        last = self.state[self.modules[-1]]
+        last = self.state[self.last_image]
         elapsed = (s - last["last"]).float()  # (B, N)
         if self.select == "drift":  # expected forecast error: |slope| x time since computed
             score = last["slope"].norm(dim=-1) * elapsed
@@ -85,43 +86,48 @@ class BranchForecast:
         idx = torch.topk(score[half:], self.keep, dim=1).indices  # scored on the cond half
         self.idx = torch.cat([idx, idx])
 
-    def _hook(self, key: str, per_token: bool):
+    def _hook(self, key: str, image: bool):
+        """A module's outputs: the image rows (attn's first output, ff's) per token, the text
+        stream's (attn's second output, ff_context's) as a whole."""
+
         def hook(module, args, out):
-            tup = isinstance(out, tuple)
-            x = out[0] if tup else out
-            s = self.step
-            st = self.state.get(key)
-            if self.full(s) or st is None:
-                if st is None:
-                    n = x.shape[1] if per_token else 1
-                    st = self.state[key] = dict(base=x.detach().clone(), slope=torch.zeros_like(x),
-                                                last=torch.full((x.shape[0], n), s, dtype=torch.long))
-                else:
-                    dt = (s - st["last"]).float().unsqueeze(-1)
-                    st["slope"] = (x - st["base"]) / dt
-                    st["base"] = x.detach().clone()
-                    st["last"].fill_(s)
-                res = x
-            else:
-                dt = (s - st["last"]).float().unsqueeze(-1)
-                fc = st["base"] + self.damping * st["slope"] * dt
-                if per_token and self.idx is not None:
-                    rows = self.idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-                    fresh = x.gather(1, rows)
-                    res = fc.scatter(1, rows, fresh)
-                    if self.update_pruned:
-                        old = st["base"].gather(1, rows)
-                        dts = dt.gather(1, self.idx.unsqueeze(-1))
-                        st["slope"] = st["slope"].scatter(1, rows, (fresh - old) / dts)
-                        st["base"] = st["base"].scatter(1, rows, fresh)
-                        st["last"].scatter_(1, self.idx, s)
-                elif not per_token and self.keep:
-                    res = x  # the text stream runs at every CAT step
-                else:
-                    res = fc
-            return (res, *out[1:]) if tup else res
+            outs = list(out) if isinstance(out, tuple) else [out]
+            for j, x in enumerate(outs):
+                if x is not None:
+                    outs[j] = self._one(f"{key}/{j}", x, per_token=image and j == 0)
+            return tuple(outs) if isinstance(out, tuple) else outs[0]
 
         return hook
+
+    def _one(self, key: str, x: torch.Tensor, per_token: bool) -> torch.Tensor:
+        s = self.step
+        st = self.state.get(key)
+        if st is None:
+            n = x.shape[1] if per_token else 1
+            self.state[key] = dict(base=x.detach().clone(), slope=torch.zeros_like(x),
+                                   last=torch.full((x.shape[0], n), s, dtype=torch.long))
+            return x
+        if self.full(s):
+            dt = (s - st["last"]).float().unsqueeze(-1)
+            st["slope"] = (x - st["base"]) / dt
+            st["base"] = x.detach().clone()
+            st["last"].fill_(s)
+            return x
+        if not per_token and self.keep:
+            return x  # the text stream runs at every CAT step (and is counted in its MACs)
+        dt = (s - st["last"]).float().unsqueeze(-1)
+        fc = st["base"] + self.damping * st["slope"] * dt
+        if not per_token or self.idx is None:
+            return fc  # TaylorSeer: nothing computed at a skipped step
+        rows = self.idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        fresh = x.gather(1, rows)
+        if self.update_pruned:
+            old = st["base"].gather(1, rows)
+            dts = dt.gather(1, self.idx.unsqueeze(-1))
+            st["slope"] = st["slope"].scatter(1, rows, (fresh - old) / dts)
+            st["base"] = st["base"].scatter(1, rows, fresh)
+            st["last"].scatter_(1, self.idx, s)
+        return fc.scatter(1, rows, fresh)
 
 
 def mac_fraction(model, run: dict, steps: int, n: int, text: int) -> float:
@@ -160,7 +166,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         ims = []
         for p in prompts:
-            bf = BranchForecast(pipe.transformer, args.steps, run["warmup"], run["interval"], run.get("keep", 0),
+            bf = BranchForecast(pipe.transformer, run["warmup"], run["interval"], run.get("keep", 0),
                                 run.get("update_pruned", True), run.get("select", "drift"), run.get("damping", 1.0))
             try:
                 ims.append(gen(p))
