@@ -10,7 +10,7 @@ Unlike the kernels suite, this one runs its full set unless ``--quick`` is on th
 the run.py ones): ``--prompts N --seeds S`` (size), ``--steps N`` and ``--guidance G`` (default:
 the pipeline's own defaults, 28 and 4.0), ``--methods a,b`` (method ids, see below; the dense
 reference always runs), ``--peer-warmup W`` (dense steps the peers keep, default 8 = CAT's
-full_steps), ``--tune-items N`` (generations per peer-tuning evaluation), ``--mac-items N``
+full_steps), ``--tune-items N`` (held-out tuning prompts, see below), ``--mac-items N``
 (generations whose MACs are counted for data-dependent methods), ``--examples N``,
 ``--target-cat cat:K:F`` (the CAT setting whose MAC fraction the peers are tuned to, default
 cat:0.3:8, the paper's default), ``--model tiny|photos`` (default tiny; see quality_models.py).
@@ -20,6 +20,8 @@ fp32, one prompt per pipeline call with CFG:
 
 - the prompts are distinct captions of the project's scene generator (scene seeds from
   CAPTION_SEED_BASE on), each with generator seeds 0..S-1;
+- tuned methods (peers, CAT-F) pick their threshold or schedule by PSNR on ``--tune-items``
+  held-out items: the captions after the evaluated ones, with generator seed S, never scored;
 - ``dense``: the unpatched pipeline, the reference image of every prompt+seed;
 - CAT settings ``cat:K:F`` = cat_pruning.patched(pipe, keep_ratio=K, full_steps=F);
 - ablations ``cat:K:F:field=value`` (any CATConfig field: selection, num_clusters, importance_fraction);
@@ -145,9 +147,12 @@ def run(args: Any) -> list[dict]:
     defaults = inspect.signature(type(pipe).__call__).parameters
     steps = opts.steps or defaults["num_inference_steps"].default
     guidance = opts.guidance if opts.guidance is not None else defaults["guidance_scale"].default
-    items = [(p, s) for p in model.prompts(opts.prompts) for s in range(opts.seeds)]
-    ctx = Context(pipe, items, steps, guidance, arch=model.arch)
-    ctx.tune_items = min(opts.tune_items, len(items))
+    captions = model.prompts(opts.prompts + opts.tune_items)
+    items = [(p, s) for p in captions[: opts.prompts] for s in range(opts.seeds)]
+    # Tuning runs on held-out items: the captions after the evaluated ones, with a generator seed
+    # no evaluated item uses, so no schedule is picked on an image it is then scored on.
+    tune_set = [(p, opts.seeds) for p in captions[opts.prompts :]]
+    ctx = Context(pipe, items, steps, guidance, arch=model.arch, tune_set=tune_set)
     methods = make_methods(opts)
     mac_items = items[: min(opts.mac_items, len(items))]
     no_bar = os.environ.get("CAT_BENCH_NO_PROGRESS") == "1"
@@ -164,8 +169,8 @@ def run(args: Any) -> list[dict]:
 
     # ---- records
     backend = kernel_backend.resolve(torch.device(device))
-    shape = dict(prompts=opts.prompts, seeds=opts.seeds, items=len(items), steps=steps, guidance=guidance,
-                 size=int(q.first_dense.shape[-1]))  # fmt: skip
+    shape = dict(prompts=opts.prompts, seeds=opts.seeds, items=len(items), tune_items=len(tune_set), steps=steps,
+                 guidance=guidance, size=int(q.first_dense.shape[-1]))  # fmt: skip
     common_fields = dict(op="quality", device=device, shape=shape, dtype="float32", timer="perf_counter",
                          threads=torch.get_num_threads(), dense_flops=ctx.dense_flops,
                          target_mac_fraction=ctx.target, reference_cat=ref, cat_backend=backend,

@@ -27,7 +27,7 @@ class Context:
     items: list[tuple[str, int]]
     steps: int
     guidance: float
-    tune_items: int = 1
+    tune_set: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # held-out tuning items
     dense_flops: int = 0
     target: float = 0.0
     bar: Any = None

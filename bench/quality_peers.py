@@ -105,12 +105,12 @@ def prepare_peer(ctx: Context, m: Method) -> None:
 
 
 def tune_psnr(ctx: Context, m: Method) -> float:
-    """Mean PSNR of the method against dense over the tuning prompts (dense images made once)."""
+    """Mean PSNR of the method against dense over the held-out tuning items (dense images made once)."""
     from quality_methods import _no_session
 
     from cat_pruning.metrics import psnr
 
-    items = ctx.items[: ctx.tune_items]
+    items = ctx.tune_set
     for it in items:
         if it not in ctx.tune_dense:
             with _no_session(ctx.pipe):
@@ -141,7 +141,8 @@ def pick_best(ctx: Context, m: Method, candidates: list[tuple[dict, float]], wha
     m.params.update(base, **best[0])
     m.params["tuning"] = [dict(**p, mac_fraction=f, tune_psnr=q) for p, f, q in tried]
     m.notes.append(f"best {what} of {len(tried)} within {BAND:.2f} of the budget {ctx.target:.3f} on "
-                   f"{ctx.tune_items} tuning prompt(s): {best[0]} (MAC fraction {best[1]:.3f}, PSNR {best[2]:.2f} dB)")
+                   f"{len(ctx.tune_set)} held-out tuning prompt(s): {best[0]} "
+                   f"(MAC fraction {best[1]:.3f}, PSNR {best[2]:.2f} dB)")
 
 
 def _computed_steps(ctx: Context, m: Method) -> int:

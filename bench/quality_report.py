@@ -85,7 +85,9 @@ def markdown(records: list[dict], shape: dict, opts, plot_note, examples_path: P
         f"{env['threads']} torch thread(s), dense and every method interleaved prompt by prompt in the same run, "
         f"median over prompts of dense time / method time; on a shared 2-core machine these vary by ~10-20%. "
         f"Peers are tuned to land near the MAC fraction of CAT {env['reference_cat']} "
-        f"({env['target_mac_fraction']:.3f}), or of the CAT setting named after their @. "
+        f"({env['target_mac_fraction']:.3f}), or of the CAT setting named after their @; schedules are "
+        f"picked on {opts.tune_items} held-out tuning prompts (captions after the evaluated ones, generator "
+        f"seed {shape['seeds']}), none of them among the images scored. "
         f"CAT kernels backend: `{env['cat_backend']}`"
         + (
             " (the compiled cat_kernels._C extension, its C++ CPU path)."
