@@ -22,6 +22,11 @@ CATF_FULL = (4, 6, 8)  # those below the number of steps
 # forecast_kv_damping: full slope steps suit short horizons (refresh every 2-3 steps), damped
 # ones long horizons (measured on 8 prompts: refresh every 6, 35% MACs: 27.9 dB at 1.0, 34.1 at 0.5)
 CATF_KV_DAMPING = (1.0, 0.5)
+# forecast_from: "refresh" (forecast only from full and refresh steps) pays with few tokens between
+# refreshes and costs with many (8 prompts outside the bench's sets: +1.8 dB at 35% with keep 0.02,
+# refresh every 6; -1.7 dB at 65% with keep 0.33, refresh every 3). With one token the two differ
+# in that token only, so such schedules run "all" only.
+CATF_FORECAST_FROM = ("all", "refresh")
 
 if TYPE_CHECKING:
     from quality_methods import Method
@@ -197,7 +202,7 @@ def catf_schedule_fraction(ctx: Context, full_steps: int, refresh_every: int, ke
 def catf_candidates(ctx: Context, n: int, step_fraction: Callable[[int], float]) -> list[tuple[dict, float]]:
     """(params, MAC fraction) of every CAT-F schedule within BAND of ctx.target: per full_steps and
     refresh_every, the K of n tokens that lands on the budget, or the nearest K if none does,
-    with each K/V damping."""
+    with each K/V damping and each forecast_from (only "all" for K = 1)."""
     candidates = []
     for full in (f for f in CATF_FULL if f < ctx.steps):
         for every in CATF_REFRESH:
@@ -205,14 +210,16 @@ def catf_candidates(ctx: Context, n: int, step_fraction: Callable[[int], float])
             kept = max(1, min(n, round(1 + (ctx.target - lo) / (hi - lo) * (n - 1))))  # lands on the budget
             frac = catf_schedule_fraction(ctx, full, every, kept, step_fraction)
             if abs(frac - ctx.target) <= BAND:
+                sources = CATF_FORECAST_FROM if kept > 1 else ("all",)
                 candidates += [(dict(keep_ratio=kept / n, full_steps=full, refresh_every=every,
-                                     forecast_kv_damping=d), frac) for d in CATF_KV_DAMPING]  # fmt: skip
+                                     forecast_kv_damping=d, forecast_from=f), frac)
+                               for d in CATF_KV_DAMPING for f in sources]  # fmt: skip
     return candidates
 
 
 def tune_catf(ctx: Context, m: Method) -> None:
     """CAT-F at its best schedule for the budget: for each refresh_every of CATF_REFRESH, full_steps
-    of CATF_FULL and forecast_kv_damping of CATF_KV_DAMPING, the keep_ratio that lands on the budget
+    of CATF_FULL, forecast_kv_damping of CATF_KV_DAMPING and forecast_from, the keep_ratio that lands on the budget
     (the MAC fraction of a pruned step is affine in the tokens it computes: measured at two keep
     ratios), or the nearest one within BAND; the best PSNR on the tuning prompts wins."""
     import cat_pruning

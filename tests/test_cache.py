@@ -30,16 +30,19 @@ def _linear(seed: int):
     return lambda t, pair: pair[0] + t * pair[1], (k, v, x, o)
 
 
-def _steps(store, schedule, seed=0):
-    """Runs the store through (mode, idx) steps on linear signals; yields (t, what it returned, truth)."""
+def _steps(store, schedule, seed=0, pruned_offset=0.0):
+    """Runs the store through (mode, idx) steps on linear signals; yields (t, what it returned, truth).
+    The rows a pruned step hands over are the truth + pruned_offset."""
     at, (k, v, x, o) = _linear(seed)
     for t, (mode, idx) in enumerate(schedule):
         idx_t = None if idx is None else torch.tensor([idx, idx[::-1]]).sort(dim=1).values
         store.begin_step(mode, idx_t)
 
         def rows(full, dim, idx_t=idx_t):
-            return full if idx_t is None else full.gather(dim, idx_t.view(B, *([1] * (dim - 1)), -1, 1).expand(
-                *full.shape[:dim], idx_t.shape[1], full.shape[-1]))
+            if idx_t is None:
+                return full
+            index = idx_t.view(B, *([1] * (dim - 1)), -1, 1).expand(*full.shape[:dim], idx_t.shape[1], full.shape[-1])
+            return pruned_offset + full.gather(dim, index)
 
         truth = (at(t, k), at(t, v), at(t, x), at(t, o))
         got_k, got_v = store.kv("layer", rows(truth[0], 2), rows(truth[1], 2))
@@ -59,6 +62,35 @@ def test_forecast_of_straight_lines_is_exact():
     for t, mode, got, truth in _steps(store, SCHEDULE):
         for g, w in zip(got, truth, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=f"step {t} ({mode})")
+
+
+@pytest.mark.parametrize("forecast_from", ["all", "refresh"])
+def test_forecast_from_decides_whether_pruned_rows_feed_the_forecast(forecast_from):
+    """Rows computed at pruned steps land off the line (+3). Under "refresh" the step reads them and
+    the forecasts of later steps stay on the line drawn through the full and refresh steps;
+    under "all" they enter the base and the slope, so a token's forecast leaves the line while one
+    of its last two computations was off it."""
+    store = _store(ForecastStore, forecast="taylor", forecast_damping=1.0, forecast_kv_damping=1.0,
+                   forecast_from=forecast_from)
+    off_line = torch.zeros(2, N, dtype=torch.bool)  # per token: its last two computations off the line?
+    for t, mode, got, truth in _steps(store, SCHEDULE, pruned_offset=3.0):
+        computed = SCHEDULE[t][1] if mode == "pruned" else list(range(N))
+        skipped = [n for n in range(N) if n not in computed]
+        for g, w in zip(got, truth, strict=True):
+            dim = 2 if g.ndim == 4 else 1
+            torch.testing.assert_close(g.index_select(dim, torch.tensor(computed)),
+                                       w.index_select(dim, torch.tensor(computed)) + (3.0 if mode == "pruned" else 0),
+                                       msg=f"step {t} ({mode}), computed rows")  # fmt: skip
+            exact = [n for n in skipped if forecast_from == "refresh" or not off_line[:, n].any()]
+            stale = [n for n in skipped if n not in exact]
+            torch.testing.assert_close(g.index_select(dim, torch.tensor(exact, dtype=torch.long)),
+                                       w.index_select(dim, torch.tensor(exact, dtype=torch.long)),
+                                       msg=f"step {t} ({mode}), forecast rows")  # fmt: skip
+            if stale:
+                assert (g.index_select(dim, torch.tensor(stale)) - w.index_select(dim, torch.tensor(stale))
+                        ).abs().min() > 1.0, f"step {t} ({mode}): off-line rows were not used"
+        off_line[0, computed] = off_line[1, computed]
+        off_line[1, computed] = mode == "pruned"
 
 
 def test_reuse_returns_the_last_computed_rows():
@@ -106,7 +138,7 @@ def test_make_store_and_schedule():
 @pytest.mark.parametrize("field, value", [("forecast", "linear"), ("refresh_every", -1), ("refresh_every", 1.5),
                                           ("forecast_damping", 1.5), ("forecast_kv_damping", -0.1),
                                           ("forecast_horizon", -1), ("forecast_horizon", float("inf")),
-                                          ("forecast_damping", True)])  # fmt: skip
+                                          ("forecast_damping", True), ("forecast_from", "pruned")])  # fmt: skip
 def test_bad_forecast_knobs_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         CATConfig(**{field: value})

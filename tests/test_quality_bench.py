@@ -123,7 +123,8 @@ def test_catf_schedule_fraction(monkeypatch):
 
 def test_catf_candidates_follow_the_band_rule(monkeypatch):
     """CAT-F candidates: K solved to land on the budget where the schedule can; else the nearest K,
-    kept only within BAND of the budget (the rule the peers' schedules follow); every K/V damping."""
+    kept only within BAND of the budget (the rule the peers' schedules follow); every K/V damping,
+    and both forecast sources unless K is one token."""
     import sys
     from types import SimpleNamespace
 
@@ -138,8 +139,12 @@ def test_catf_candidates_follow_the_band_rule(monkeypatch):
     dampings = {}
     for p, frac in got:
         assert abs(frac - ctx.target) <= quality_peers.BAND
-        dampings.setdefault((p["full_steps"], p["refresh_every"], p["keep_ratio"]), set()).add(p["forecast_kv_damping"])
-    assert all(d == set(quality_peers.CATF_KV_DAMPING) for d in dampings.values())
+        key = (p["full_steps"], p["refresh_every"], p["keep_ratio"])
+        dampings.setdefault(key, set()).add((p["forecast_kv_damping"], p["forecast_from"]))
+    for (_, _, keep), d in dampings.items():
+        sources = quality_peers.CATF_FORECAST_FROM if keep > 1 / n else ("all",)
+        assert d == {(kv, f) for kv in quality_peers.CATF_KV_DAMPING for f in sources}
+    assert any(keep > 1 / n for _, _, keep in dampings) and any(keep == 1 / n for _, _, keep in dampings)
     for full in quality_peers.CATF_FULL:
         for every in quality_peers.CATF_REFRESH:
             one = quality_peers.catf_schedule_fraction(ctx, full, every, 1, lambda k: 0.05 + 0.9 * k / n)

@@ -185,7 +185,9 @@ class ForecastStore(ReuseStore):
         # slope of a computed row: (new - base) / elapsed, or 0 before a first value exists
         self.inv_dt = self.started / elapsed.clamp_min(1e-6)
         self.weight_kv, self.weight_out = self._weights(elapsed)
-        if mode == "pruned":
+        if mode == "pruned" and self.config.forecast_from == "refresh":  # no row updates the forecast state
+            self.pos = torch.full((batch, n), -1, dtype=torch.int64, device=idx.device)
+        elif mode == "pruned":
             k = idx.shape[1]
             order = torch.arange(k, device=idx.device, dtype=torch.int64).expand(batch, k)
             self.pos = torch.full((batch, n), -1, dtype=torch.int64, device=idx.device).scatter(1, idx, order)
@@ -198,6 +200,12 @@ class ForecastStore(ReuseStore):
         horizon = elapsed.clamp_max(cfg.forecast_horizon) if cfg.forecast_horizon else elapsed
         return cfg.forecast_kv_damping * horizon, cfg.forecast_damping * horizon
 
+    @property
+    def _rows_only_read(self) -> bool:
+        """A pruned step under forecast_from="refresh": its computed rows are read by this step and
+        then dropped; the forecast state keeps the values of the last full or refresh step."""
+        return self.mode == "pruned" and self.config.forecast_from == "refresh"
+
     def _update(self, name: str, new: Tensor, weight: Tensor) -> Tensor:
         """One cache: the computed rows refresh their value and slope, the others are forecast."""
         base = self._bases()[name]
@@ -205,8 +213,11 @@ class ForecastStore(ReuseStore):
             base.copy_(new)
             return new
         out = self.reads[name]
-        ops.forecast_tokens_(base, self.slopes[name], out, self.pos, new, weight, self.inv_dt,
-                             _token_dim(base.shape), backend=self.config.backend)
+        dim = _token_dim(base.shape)
+        ops.forecast_tokens_(base, self.slopes[name], out, self.pos, new, weight, self.inv_dt, dim,
+                             backend=self.config.backend)
+        if self._rows_only_read:
+            ops.scatter_tokens_(out, self.idx, new, dim, backend=self.config.backend)
         return out if self.mode == "pruned" else new
 
     def kv(self, name: str, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
@@ -216,8 +227,11 @@ class ForecastStore(ReuseStore):
             vb.copy_(value)
             return key, value
         k_out, v_out = self.reads[f"{name}/k"], self.reads[f"{name}/v"]
+        dim = _token_dim(kb.shape)
         ops.forecast_kv_(kb, vb, self.slopes[f"{name}/k"], self.slopes[f"{name}/v"], k_out, v_out, self.pos, key,
-                         value, self.weight_kv, self.inv_dt, _token_dim(kb.shape), backend=self.config.backend)
+                         value, self.weight_kv, self.inv_dt, dim, backend=self.config.backend)
+        if self._rows_only_read:
+            ops.scatter_kv_(k_out, v_out, self.idx, key, value, dim, backend=self.config.backend)
         return (k_out, v_out) if self.mode == "pruned" else (key, value)
 
     def rows(self, name: str, x: Tensor) -> Tensor:
@@ -230,7 +244,9 @@ class ForecastStore(ReuseStore):
     def end_step(self) -> None:
         if self.clock is None:
             return
-        if self.mode == "pruned":
+        if self._rows_only_read:
+            pass
+        elif self.mode == "pruned":
             self.last.scatter_(1, self.idx, self.clock.expand(self.idx.shape))
         else:
             self.last.copy_(self.clock.expand_as(self.last))

@@ -9,6 +9,7 @@ from cat_kernels.backend import BACKENDS
 
 SELECTIONS = ("cat", "cat-no-staleness", "topk", "random")
 FORECASTS = ("none", "taylor")
+FORECAST_FROM = ("all", "refresh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,10 @@ class CATConfig:
             Default 1.0.
         forecast_horizon: the forecast extrapolates at most this many time units past a token's
             last computation, > 0; 0 (default): no cap.
+        forecast_from: which computations a token's forecast starts from: "all" (default: every
+            one, the K rows of a pruned step included) or "refresh" (only full and refresh steps,
+            where every row sees exact context; the rows a pruned step computes are used by that
+            step only).
         manual_steps: for a bare transformer only: the caller marks the end of every denoising
             step with `cat_pruning.advance(transformer)` instead of the transformer counting its
             own forwards. Needed under torch.compile, where the count cannot be kept inside the
@@ -83,6 +88,7 @@ class CATConfig:
     forecast_damping: float = 0.4
     forecast_kv_damping: float = 1.0
     forecast_horizon: float = 0.0
+    forecast_from: str = "all"
 
     def __post_init__(self) -> None:
         def is_int(v: object) -> bool:
@@ -113,6 +119,7 @@ class CATConfig:
             ("forecast_horizon", isinstance(self.forecast_horizon, (int, float)) and not isinstance(
                 self.forecast_horizon, bool) and math.isfinite(self.forecast_horizon) and self.forecast_horizon >= 0,
              "a finite number >= 0"),
+            ("forecast_from", self.forecast_from in FORECAST_FROM, f"one of {FORECAST_FROM}"),
         ]
         for name, ok, expected in checks:
             if not ok:
