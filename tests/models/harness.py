@@ -107,6 +107,9 @@ def permuted(v, perm, keys=None):
 # The two cache-store behaviours the shared checks run under (ids for pytest): reuse (the paper),
 # and the Taylor forecast with a full refresh every second step, so refresh steps run too.
 STORES = {"reuse": dict(forecast="none", refresh_every=0), "forecast": dict(forecast="taylor", refresh_every=2)}
+# The masked-dense oracle (and SD3's torch.compile check) also run with forecast_from="refresh",
+# where a pruned step's rows are read but do not enter the forecast state.
+STATEFUL_STORES = {**STORES, "forecast-from-refresh": dict(forecast="taylor", refresh_every=2, forecast_from="refresh")}
 
 
 # ---------------------------------------------------------------------- the shared checks

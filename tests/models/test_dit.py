@@ -29,7 +29,7 @@ def test_dense_steps_equal_unpatched(store):
 
 
 @pytest.mark.parametrize("cfg_pairs", [False, True])
-@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+@pytest.mark.parametrize("store", harness.STATEFUL_STORES.values(), ids=harness.STATEFUL_STORES.keys())
 def test_pruned_steps_match_masked_dense_oracle(cfg_pairs, store):
     kw = inputs(batch=4, seed=2, cfg=cfg_pairs)
     n = kw["hidden_states"].shape[-1] // 2

@@ -61,7 +61,7 @@ class OracleProcessor:
         return attn.to_out[0](out[:, text:]), attn.to_add_out(out[:, :text])
 
 
-@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+@pytest.mark.parametrize("store", harness.STATEFUL_STORES.values(), ids=harness.STATEFUL_STORES.keys())
 def test_pruned_steps_match_masked_dense_oracle(store):
     kw = inputs(batch=3, seed=2)
 

@@ -34,7 +34,7 @@ def test_dense_steps_equal_unpatched(variant, store):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("cfg_pairs", [False, True])
-@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+@pytest.mark.parametrize("store", harness.STATEFUL_STORES.values(), ids=harness.STATEFUL_STORES.keys())
 def test_pruned_steps_match_masked_dense_oracle(variant, cfg_pairs, store):
     kw = inputs(variant, batch=4, seed=2)
     hh, w = kw["hidden_states"].shape[-2] // 2, kw["hidden_states"].shape[-1] // 2

@@ -61,7 +61,7 @@ def oracle_conv_hook(cache, selected):
 
 
 @pytest.mark.parametrize("cfg_pairs", [False, True])
-@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+@pytest.mark.parametrize("store", harness.STATEFUL_STORES.values(), ids=harness.STATEFUL_STORES.keys())
 def test_pruned_steps_match_masked_dense_oracle(cfg_pairs, store):
     kw = inputs(batch=4, seed=2)
     hh, w = kw["hidden_states"].shape[-2:]

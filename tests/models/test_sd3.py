@@ -67,7 +67,7 @@ class OracleProcessor:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("cfg_pairs", [False, True])
-@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+@pytest.mark.parametrize("store", harness.STATEFUL_STORES.values(), ids=harness.STATEFUL_STORES.keys())
 def test_pruned_steps_match_masked_dense_oracle(variant, cfg_pairs, store):
     kw = inputs(batch=4, seed=2)
     hh, w = kw["hidden_states"].shape[-2] // 2, kw["hidden_states"].shape[-1] // 2
@@ -125,7 +125,7 @@ def test_meta_device(variant):
     harness.check_meta_device(SD3, lambda: tiny_sd3(variant), inputs(device="meta"))
 
 
-@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+@pytest.mark.parametrize("store", harness.STATEFUL_STORES.values(), ids=harness.STATEFUL_STORES.keys())
 def test_torch_compile_fullgraph_matches_eager_with_few_graphs(store):
     harness.check_compile_fullgraph(SD3, tiny_sd3("sd35", layers=2), inputs(seed=11), patch_kw=store)
 
