@@ -66,6 +66,53 @@ def test_quality_suite_smoke(run_module, tmp_path, monkeypatch):
     if importlib.util.find_spec("matplotlib") is not None:
         assert path.with_suffix(".png").is_file()
 
+    # The same run split in two (dense in both) and merged back: one table with every method.
+    merge = _merge_module()
+    doc = json.loads(path.read_text())
+    dense, cat, peer = (records[k] for k in ("dense", "cat:0.5:2", "cache-dit-dbcache"))
+    for name, recs in (("a", [dense, cat]), ("b", [dense, peer])):
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(doc, records=recs)))
+    merged = tmp_path / "merged.json"
+    assert merge.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", str(merged)]) == 0
+    assert [r["provider"] for r in json.loads(merged.read_text())["records"]] == ["dense", "cat:0.5:2",
+                                                                                 "cache-dit-dbcache"]  # fmt: skip
+    merged_md = merged.with_suffix(".md").read_text()
+    assert "| CAT k=0.5 f=2 |" in merged_md and f"| {peer['name']} |" in merged_md
+
+
+def _merge_module():
+    spec = importlib.util.spec_from_file_location("bench_quality_merge", BENCH / "quality_merge.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _record(provider, **over):
+    items = [dict(prompt="a red square", seed=0, psnr=30.0), dict(prompt="a red square", seed=1, psnr=31.0)]
+    r = dict(provider=provider, model="tiny", shape=dict(items=2, steps=3), reference_cat="cat:0.3:8",
+             target_mac_fraction=0.5, git_sha="abc", device="cpu", threads=1, dense_flops=10, per_item=items)
+    r.update(over)
+    return r
+
+
+def test_quality_merge_refuses_runs_that_measured_different_things():
+    merge = _merge_module()
+    dense = _record("dense", per_item=None)
+    run = [dense, _record("cat:0.3:8")]
+    got = merge.merge([{"records": run}, {"records": [dense, _record("catf@cat:0.3:8")]}])
+    assert [r["provider"] for r in got] == ["dense", "cat:0.3:8", "catf@cat:0.3:8"]
+    bad = {
+        "shape": [dense, _record("catf", shape=dict(items=2, steps=4))],
+        "git_sha": [dict(dense, git_sha="def"), _record("catf")],
+        "more than one run": [dense, _record("cat:0.3:8")],
+        "other images": [dense, _record("catf", per_item=[dict(prompt="a blue circle", seed=0, psnr=1.0)] * 2)],
+        "dense record": [_record("catf")],
+        "reproduce": [dense, _record("catf", dense_reproducible=False)],
+    }
+    for why, second in bad.items():
+        with pytest.raises(ValueError, match=why):
+            merge.merge([{"records": run}, {"records": second}])
+
 
 def cat_config(params: dict, paper: bool = False):
     import cat_pruning
