@@ -17,6 +17,8 @@ so they do not know which of the two behaviours runs:
   forecast ``base + w * slope`` from the token's last two computations, where ``w`` is the time
   since its last computation (in steps or in sigma), damped and capped. The forecast is written
   into a separate buffer that the step reads; the stored values are never overwritten by it.
+  With ``forecast_from="refresh"`` the rows a pruned step computes are read by that step and
+  dropped, so every forecast starts from the last full or refresh step.
 
 Per cache the forecast keeps ``base`` (the value at the last computation), ``slope`` (change per
 unit time between the last two computations) and ``out`` (what the step reads); per token the
@@ -244,12 +246,10 @@ class ForecastStore(ReuseStore):
     def end_step(self) -> None:
         if self.clock is None:
             return
-        if self._rows_only_read:
-            pass
-        elif self.mode == "pruned":
-            self.last.scatter_(1, self.idx, self.clock.expand(self.idx.shape))
-        else:
+        if self.mode != "pruned":
             self.last.copy_(self.clock.expand_as(self.last))
+        elif not self._rows_only_read:
+            self.last.scatter_(1, self.idx, self.clock.expand(self.idx.shape))
         self.started.fill_(1.0)
 
     def _forecast(self, name: str, which: int) -> Tensor:

@@ -64,7 +64,7 @@ class CATConfig:
         forecast_from: which computations a token's forecast starts from: "all" (default: every
             one, the K rows of a pruned step included) or "refresh" (only full and refresh steps,
             where every row sees exact context; the rows a pruned step computes are used by that
-            step only).
+            step only). Only with forecast="taylor".
         manual_steps: for a bare transformer only: the caller marks the end of every denoising
             step with `cat_pruning.advance(transformer)` instead of the transformer counting its
             own forwards. Needed under torch.compile, where the count cannot be kept inside the
