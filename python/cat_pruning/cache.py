@@ -187,7 +187,7 @@ class ForecastStore(ReuseStore):
         # slope of a computed row: (new - base) / elapsed, or 0 before a first value exists
         self.inv_dt = self.started / elapsed.clamp_min(1e-6)
         self.weight_kv, self.weight_out = self._weights(elapsed)
-        if mode == "pruned" and self.config.forecast_from == "refresh":  # no row updates the forecast state
+        if self._rows_only_read:  # no row updates the forecast state
             self.pos = torch.full((batch, n), -1, dtype=torch.int64, device=idx.device)
         elif mode == "pruned":
             k = idx.shape[1]
