@@ -20,20 +20,21 @@ def _store(cls, **cfg):
     return store
 
 
-def _linear(seed: int):
-    """Every cache row moving on a straight line in time: value(t) = a + b t."""
+def _signals(seed: int, degree: int = 1):
+    """Every cache row moving on a polynomial in time: value(t) = sum_i c_i t^i (a straight line
+    for degree 1)."""
     g = torch.Generator().manual_seed(seed)
-    k = [torch.randn(B, H, N, D, generator=g) for _ in range(2)]
-    v = [torch.randn(B, H, N, D, generator=g) for _ in range(2)]
-    x = [torch.randn(B, C, N, 1, generator=g) for _ in range(2)]
-    o = [torch.randn(B, N, C, generator=g) for _ in range(2)]
-    return lambda t, pair: pair[0] + t * pair[1], (k, v, x, o)
+    k = [torch.randn(B, H, N, D, generator=g) for _ in range(degree + 1)]
+    v = [torch.randn(B, H, N, D, generator=g) for _ in range(degree + 1)]
+    x = [torch.randn(B, C, N, 1, generator=g) for _ in range(degree + 1)]
+    o = [torch.randn(B, N, C, generator=g) for _ in range(degree + 1)]
+    return lambda t, coeffs: sum(c * t**i for i, c in enumerate(coeffs)), (k, v, x, o)
 
 
-def _steps(store, schedule, seed=0, pruned_offset=0.0):
-    """Runs the store through (mode, idx) steps on linear signals; yields (t, what it returned, truth).
-    The rows a pruned step hands over are the truth + pruned_offset."""
-    at, (k, v, x, o) = _linear(seed)
+def _steps(store, schedule, seed=0, pruned_offset=0.0, degree=1):
+    """Runs the store through (mode, idx) steps on polynomial signals; yields (t, what it returned,
+    truth). The rows a pruned step hands over are the truth + pruned_offset."""
+    at, (k, v, x, o) = _signals(seed, degree)
     for t, (mode, idx) in enumerate(schedule):
         idx_t = None if idx is None else torch.tensor([idx, idx[::-1]]).sort(dim=1).values
         store.begin_step(mode, idx_t)
@@ -93,9 +94,42 @@ def test_forecast_from_decides_whether_pruned_rows_feed_the_forecast(forecast_fr
         off_line[1, computed] = mode == "pruned"
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_second_order_output_forecast_of_parabolas_is_exact(order):
+    """Signals on parabolas, unevenly sampled (pruned steps compute some tokens only). With
+    forecast_order=2 every skipped output row whose token has three computations behind it is
+    forecast exactly (Newton through them), the others first-order; at order 1 the same rows
+    miss. The K/V rows stay first order either way."""
+    store = _store(ForecastStore, forecast="taylor", forecast_damping=1.0, forecast_kv_damping=1.0,
+                   forecast_order=order)
+    at, (_, _, _, o) = _signals(0, 2)
+
+    def truth_at(step, n):
+        return at(step, o)[:, n]
+
+    times = [[] for _ in range(N)]  # per token: the steps it was computed at
+    missed = 0.0
+    for t, mode, got, truth in _steps(store, SCHEDULE, degree=2):
+        computed = SCHEDULE[t][1] if mode == "pruned" else list(range(N))
+        for n in range(N):
+            row, want = got[3][:, n], truth[3][:, n]
+            if n in computed:
+                torch.testing.assert_close(row, want, rtol=0, atol=0, msg=f"step {t}, computed token {n}")
+            elif len(times[n]) >= 3 and order == 2:
+                torch.testing.assert_close(row, want, rtol=1e-4, atol=1e-4, msg=f"step {t}, token {n}")
+            elif len(times[n]) >= 2:  # first order through the last two: off by the curvature
+                t1, t0 = times[n][-2:]
+                line = truth_at(t0, n) + (truth_at(t0, n) - truth_at(t1, n)) * (t - t0) / (t0 - t1)
+                torch.testing.assert_close(row, line, rtol=1e-4, atol=1e-4, msg=f"step {t}, token {n}")
+                missed = max(missed, float((row - want).abs().max()))
+        for n in computed:
+            times[n].append(t)
+    assert missed > 0.1  # the parabolas do bend: a first-order forecast misses them
+
+
 def test_reuse_returns_the_last_computed_rows():
     store = _store(ReuseStore)
-    at, (k, v, x, o) = _linear(0)
+    at, (k, v, x, o) = _signals(0)
     last = torch.zeros(N, dtype=torch.long)  # the step each token (same for both samples) was last computed
     for t, mode, got, _ in _steps(store, SCHEDULE[1:]):  # the reuse store keeps nothing at the anchor
         computed = SCHEDULE[1:][t][1] or range(N)
@@ -109,14 +143,15 @@ def test_damping_and_horizon_shape_the_forecast():
     damped = _store(ForecastStore, forecast="taylor", forecast_damping=0.5, forecast_kv_damping=0.0, forecast_horizon=1)
     for t, _, got, _ in _steps(damped, SCHEDULE[:4]):
         if t == 3:  # token 4 was last computed at t=1: the output forecast moves half of one step, K/V none
-            at, (k, v, x, o) = _linear(0)
+            at, (k, v, x, o) = _signals(0)
             torch.testing.assert_close(got[3][:, 4], (at(1, o) + 0.5 * o[1])[:, 4], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(got[0][:, :, 4], at(1, k)[:, :, 4])
 
 
-def test_skipped_rows_preview_what_the_next_pruned_step_reads():
-    store = _store(ForecastStore, forecast="taylor")
-    steps = _steps(store, SCHEDULE)
+@pytest.mark.parametrize("order", [1, 2])
+def test_skipped_rows_preview_what_the_next_pruned_step_reads(order):
+    store = _store(ForecastStore, forecast="taylor", forecast_order=order)
+    steps = _steps(store, SCHEDULE, degree=2)
     for _ in range(3):
         next(steps)
     preview = store.skipped_output()
@@ -138,7 +173,8 @@ def test_make_store_and_schedule():
 @pytest.mark.parametrize("field, value", [("forecast", "linear"), ("refresh_every", -1), ("refresh_every", 1.5),
                                           ("forecast_damping", 1.5), ("forecast_kv_damping", -0.1),
                                           ("forecast_horizon", -1), ("forecast_horizon", float("inf")),
-                                          ("forecast_damping", True), ("forecast_from", "pruned")])  # fmt: skip
+                                          ("forecast_damping", True), ("forecast_from", "pruned"),
+                                          ("forecast_order", 3), ("forecast_order", True)])  # fmt: skip
 def test_bad_forecast_knobs_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         CATConfig(**{field: value})

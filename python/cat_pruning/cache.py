@@ -18,12 +18,25 @@ so they do not know which of the two behaviours runs:
   since its last computation (in steps or in sigma), damped and capped. The forecast is written
   into a separate buffer that the step reads; the stored values are never overwritten by it.
   With ``forecast_from="refresh"`` the rows a pruned step computes are read by that step and
-  dropped, so every forecast starts from the last full or refresh step.
+  dropped, so every forecast starts from the last full or refresh step. With
+  ``forecast_order=2`` the model output is forecast through its last three computations.
 
 Per cache the forecast keeps ``base`` (the value at the last computation), ``slope`` (change per
 unit time between the last two computations) and ``out`` (what the step reads); per token the
 time of its last computation. One op per cache and step updates the computed rows and forecasts
-the others in one pass (:func:`cat_kernels.ops.forecast_kv_`). Everything is written in place
+the others in one pass (:func:`cat_kernels.ops.forecast_kv_`).
+
+The second-order output forecast is the same op twice, the first on the slopes: the Newton
+extrapolation through the last three computations (times t2 < t1 < t0, slopes s0 over t2..t1 and
+s1 over t1..t0) to t0 + h is
+
+    base + w * (s1 + (h + span) * curv),   curv = (s1 - s0) / (t0 - t2),   span = t0 - t1,
+
+so the slope cache (base s1, slope curv) is forecast first into a scratch buffer with weight
+h + span, and the value cache then reads that forecast slope with weight w (damped h). A
+computed row stores its new slope in both, so the second op refreshes what the first wrote.
+
+Everything is written in place
 into buffers allocated once per generation in eager code, so CUDA graphs can capture the steps,
 and the times live in device tensors, so no Python value that changes per step is read by traced
 code.
@@ -144,6 +157,11 @@ class ForecastStore(ReuseStore):
         self.last: Tensor | None = None  # (B, N) time of each token's last computation
         self.clock: Tensor | None = None  # () the time of the current step
         self.started: Tensor | None = None  # () 1 once a first value of every row is stored
+        # forecast_order=2 (the output only): curvature, the forecast slope the output op reads,
+        # and per token the time between its last two computations (0 until the slope is real)
+        self.curv: Tensor | None = None
+        self.slope_read: Tensor | None = None
+        self.span: Tensor | None = None
 
     def allocate(self, kv: dict, extra: dict, noise: tuple, device: torch.device) -> None:
         super().allocate(kv, extra, noise, device)
@@ -159,6 +177,10 @@ class ForecastStore(ReuseStore):
         self.last = torch.zeros(batch, n, dtype=torch.float32, device=device)
         self.clock = torch.zeros((), dtype=torch.float32, device=device)
         self.started = torch.zeros((), dtype=torch.float32, device=device)
+        if self.config.forecast_order == 2:
+            self.curv = torch.zeros(self.noise.shape, dtype=slope_dtype, device=device)
+            self.slope_read = torch.zeros_like(self.curv)
+            self.span = torch.zeros_like(self.last)
 
     def _bases(self) -> dict[str, Tensor]:
         bases = {}
@@ -169,8 +191,9 @@ class ForecastStore(ReuseStore):
         return bases
 
     def tensors(self) -> list[Tensor]:
+        order2 = [self.curv, self.slope_read, self.span] if self.curv is not None else []
         return [*super().tensors(), *self.slopes.values(), *self.reads.values(), self.last, self.clock,
-                self.started]
+                self.started, *order2]
 
     def advance(self) -> None:
         if self.clock is not None:
@@ -187,6 +210,10 @@ class ForecastStore(ReuseStore):
         # slope of a computed row: (new - base) / elapsed, or 0 before a first value exists
         self.inv_dt = self.started / elapsed.clamp_min(1e-6)
         self.weight_kv, self.weight_out = self._weights(elapsed)
+        if self.curv is not None:
+            # a new slope is real once started; its curvature needs the previous one real too
+            self.inv_span = self.started * (self.span > 0) / (elapsed + self.span).clamp_min(1e-6)
+            self.weight_slope = self._horizon(elapsed) + self.span
         if self._rows_only_read:  # no row updates the forecast state
             self.pos = torch.full((batch, n), -1, dtype=torch.int64, device=idx.device)
         elif mode == "pruned":
@@ -199,8 +226,12 @@ class ForecastStore(ReuseStore):
     def _weights(self, elapsed: Tensor) -> tuple[Tensor, Tensor]:
         """(B, N) forecast weights of the K/V (and extra) rows and of the output rows."""
         cfg = self.config
-        horizon = elapsed.clamp_max(cfg.forecast_horizon) if cfg.forecast_horizon else elapsed
+        horizon = self._horizon(elapsed)
         return cfg.forecast_kv_damping * horizon, cfg.forecast_damping * horizon
+
+    def _horizon(self, elapsed: Tensor) -> Tensor:
+        cap = self.config.forecast_horizon
+        return elapsed.clamp_max(cap) if cap else elapsed
 
     @property
     def _rows_only_read(self) -> bool:
@@ -216,11 +247,27 @@ class ForecastStore(ReuseStore):
             return new
         out = self.reads[name]
         dim = _token_dim(base.shape)
-        ops.forecast_tokens_(base, self.slopes[name], out, self.pos, new, weight, self.inv_dt, dim,
-                             backend=self.config.backend)
+        slope = self.slopes[name]
+        if name == "noise" and self.curv is not None:
+            slope = self._forecast_slope(base, new)
+        ops.forecast_tokens_(base, slope, out, self.pos, new, weight, self.inv_dt, dim, backend=self.config.backend)
         if self._rows_only_read:
             ops.scatter_tokens_(out, self.idx, new, dim, backend=self.config.backend)
         return out if self.mode == "pruned" else new
+
+    def _forecast_slope(self, base: Tensor, new: Tensor) -> Tensor:
+        """forecast_order=2: the output's slopes as a cache of their own (value s1, slope curv),
+        forecast into slope_read; the computed rows' new slopes computed as the output op will."""
+        backend = self.config.backend
+        if self.mode == "pruned":
+            old = ops.gather_tokens(base, self.idx, 1, backend=backend)
+            inv_dt = self.inv_dt.gather(1, self.idx)
+        else:
+            old, inv_dt = base, self.inv_dt
+        new_slope = (new.to(base.dtype).float() - old.float()) * inv_dt.unsqueeze(-1)
+        ops.forecast_tokens_(self.slopes["noise"], self.curv, self.slope_read, self.pos, new_slope,
+                             self.weight_slope, self.inv_span, 1, backend=backend)
+        return self.slope_read
 
     def kv(self, name: str, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         kb, vb = self.kv_cache[name]
@@ -247,16 +294,24 @@ class ForecastStore(ReuseStore):
         if self.clock is None:
             return
         if self.mode != "pruned":
+            if self.span is not None:
+                self.span.copy_(self.started * (self.clock - self.last))
             self.last.copy_(self.clock.expand_as(self.last))
         elif not self._rows_only_read:
+            if self.span is not None:
+                self.span.scatter_(1, self.idx, self.started * (self.clock - self.last.gather(1, self.idx)))
             self.last.scatter_(1, self.idx, self.clock.expand(self.idx.shape))
         self.started.fill_(1.0)
 
     def _forecast(self, name: str, which: int) -> Tensor:
         base = self._bases()[name]
-        weight = self._weights(self.clock - self.last)[which]
+        elapsed = self.clock - self.last
+        weight = self._weights(elapsed)[which]
         w = weight.view(weight.shape[0], *([1] * (_token_dim(base.shape) - 1)), weight.shape[1], 1)
-        return (base.float() + w * self.slopes[name].float()).to(base.dtype)
+        slope = self.slopes[name].float()
+        if name == "noise" and self.curv is not None:  # as _forecast_slope, in the same roundings
+            slope = slope + (self._horizon(elapsed) + self.span).unsqueeze(-1) * self.curv
+        return (base.float() + w * slope).to(base.dtype)
 
     def skipped_kv(self, name: str) -> tuple[Tensor, Tensor]:
         """The forecast of every row for the coming step (eager, between steps)."""

@@ -65,6 +65,13 @@ class CATConfig:
             one, the K rows of a pruned step included) or "refresh" (only full and refresh steps,
             where every row sees exact context; the rows a pruned step computes are used by that
             step only). Only with forecast="taylor".
+        forecast_order: order of the model-output (noise cache) forecast, 1 or 2. Default 1.
+            2 adds the curvature of the token's last three computations (a Newton
+            extrapolation through them; cat_pruning.cache), which pays with refresh steps every
+            2 steps and costs with longer gaps (scene model, 8 prompts outside the benchmark's
+            sets: at 65% MACs, refresh every 2, 47.2 dB at order 1 with damping 0.6 and 48.4 dB
+            at order 2 with damping 0.8; at 44%, refresh every 4: 40.9 against 40.1). The K/V
+            rows and extra caches stay first order (order 2 there measured no better).
         manual_steps: for a bare transformer only: the caller marks the end of every denoising
             step with `cat_pruning.advance(transformer)` instead of the transformer counting its
             own forwards. Needed under torch.compile, where the count cannot be kept inside the
@@ -89,6 +96,7 @@ class CATConfig:
     forecast_kv_damping: float = 1.0
     forecast_horizon: float = 0.0
     forecast_from: str = "all"
+    forecast_order: int = 1
 
     def __post_init__(self) -> None:
         def is_int(v: object) -> bool:
@@ -120,6 +128,7 @@ class CATConfig:
                 self.forecast_horizon, bool) and math.isfinite(self.forecast_horizon) and self.forecast_horizon >= 0,
              "a finite number >= 0"),
             ("forecast_from", self.forecast_from in FORECAST_FROM, f"one of {FORECAST_FROM}"),
+            ("forecast_order", is_int(self.forecast_order) and self.forecast_order in (1, 2), "1 or 2"),
         ]
         for name, ok, expected in checks:
             if not ok:
