@@ -27,6 +27,12 @@ CATF_KV_DAMPING = (1.0, 0.5)
 # refresh every 6; -1.7 dB at 65% with keep 0.33, refresh every 3). With one token the two differ
 # in that token only, so such schedules run "all" only.
 CATF_FORECAST_FROM = ("all", "refresh")
+# (forecast_order, forecast_damping) of the output forecast. Order 2 pays with refreshes every 2
+# steps and costs with longer gaps (8 prompts outside the bench's sets: 65%, refresh every 2:
+# 47.2 dB at order 1 (damping 0.6), 48.4 at order 2 (0.8); 44%, refresh every 4: 40.9 against
+# 40.1-40.8), so it competes only in schedules refreshing every CATF_ORDER2_REFRESH steps.
+CATF_OUTPUT = ((1, 0.4), (2, 0.8))
+CATF_ORDER2_REFRESH = (2, 3)
 
 if TYPE_CHECKING:
     from quality_methods import Method
@@ -202,7 +208,8 @@ def catf_schedule_fraction(ctx: Context, full_steps: int, refresh_every: int, ke
 def catf_candidates(ctx: Context, n: int, step_fraction: Callable[[int], float]) -> list[tuple[dict, float]]:
     """(params, MAC fraction) of every CAT-F schedule within BAND of ctx.target: per full_steps and
     refresh_every, the K of n tokens that lands on the budget, or the nearest K if none does,
-    with each K/V damping and each forecast_from (only "all" for K = 1)."""
+    with each K/V damping, each forecast_from (only "all" for K = 1) and each output forecast
+    (order 2 only when refreshing every CATF_ORDER2_REFRESH steps)."""
     candidates = []
     for full in (f for f in CATF_FULL if f < ctx.steps):
         for every in CATF_REFRESH:
@@ -211,15 +218,18 @@ def catf_candidates(ctx: Context, n: int, step_fraction: Callable[[int], float])
             frac = catf_schedule_fraction(ctx, full, every, kept, step_fraction)
             if abs(frac - ctx.target) <= BAND:
                 sources = CATF_FORECAST_FROM if kept > 1 else ("all",)
+                outputs = [o for o in CATF_OUTPUT if o[0] == 1 or every in CATF_ORDER2_REFRESH]
                 candidates += [(dict(keep_ratio=kept / n, full_steps=full, refresh_every=every,
-                                     forecast_kv_damping=d, forecast_from=f), frac)
-                               for d in CATF_KV_DAMPING for f in sources]  # fmt: skip
+                                     forecast_kv_damping=d, forecast_from=f, forecast_order=order,
+                                     forecast_damping=damping), frac)
+                               for d in CATF_KV_DAMPING for f in sources for order, damping in outputs]  # fmt: skip
     return candidates
 
 
 def tune_catf(ctx: Context, m: Method) -> None:
     """CAT-F at its best schedule for the budget: for each refresh_every of CATF_REFRESH, full_steps
-    of CATF_FULL, forecast_kv_damping of CATF_KV_DAMPING and forecast_from, the keep_ratio that lands on the budget
+    of CATF_FULL, forecast_kv_damping of CATF_KV_DAMPING, forecast_from and output forecast
+    (CATF_OUTPUT), the keep_ratio that lands on the budget
     (the MAC fraction of a pruned step is affine in the tokens it computes: measured at two keep
     ratios), or the nearest one within BAND; the best PSNR on the tuning prompts wins."""
     import cat_pruning

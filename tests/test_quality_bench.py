@@ -174,7 +174,8 @@ def test_catf_schedule_fraction(monkeypatch):
 def test_catf_candidates_follow_the_band_rule(monkeypatch):
     """CAT-F candidates: K solved to land on the budget where the schedule can; else the nearest K,
     kept only within BAND of the budget (the rule the peers' schedules follow); every K/V damping,
-    and both forecast sources unless K is one token."""
+    both forecast sources unless K is one token, and the second-order output forecast only where
+    refreshes are close."""
     import sys
     from types import SimpleNamespace
 
@@ -190,10 +191,13 @@ def test_catf_candidates_follow_the_band_rule(monkeypatch):
     for p, frac in got:
         assert abs(frac - ctx.target) <= quality_peers.BAND
         key = (p["full_steps"], p["refresh_every"], p["keep_ratio"])
-        dampings.setdefault(key, set()).add((p["forecast_kv_damping"], p["forecast_from"]))
-    for (_, _, keep), d in dampings.items():
+        dampings.setdefault(key, set()).add((p["forecast_kv_damping"], p["forecast_from"],
+                                             (p["forecast_order"], p["forecast_damping"])))  # fmt: skip
+    for (_, every, keep), d in dampings.items():
         sources = quality_peers.CATF_FORECAST_FROM if keep > 1 / n else ("all",)
-        assert d == {(kv, f) for kv in quality_peers.CATF_KV_DAMPING for f in sources}
+        outputs = [o for o in quality_peers.CATF_OUTPUT if o[0] == 1 or every in quality_peers.CATF_ORDER2_REFRESH]
+        assert d == {(kv, f, o) for kv in quality_peers.CATF_KV_DAMPING for f in sources for o in outputs}
+    assert any(p["forecast_order"] == 2 for p, _ in got) and any(p["forecast_order"] == 1 for p, _ in got)
     assert any(keep > 1 / n for _, _, keep in dampings) and any(keep == 1 / n for _, _, keep in dampings)
     for full in quality_peers.CATF_FULL:
         for every in quality_peers.CATF_REFRESH:
