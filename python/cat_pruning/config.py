@@ -68,10 +68,11 @@ class CATConfig:
         forecast_order: order of the model-output (noise cache) forecast, 1 or 2. Default 1.
             2 adds the curvature of the token's last three computations (a Newton
             extrapolation through them; cat_pruning.cache), which pays with refresh steps every
-            2 steps and costs with longer gaps (scene model, 8 prompts outside the benchmark's
-            sets: at 65% MACs, refresh every 2, 47.2 dB at order 1 with damping 0.6 and 48.4 dB
-            at order 2 with damping 0.8; at 44%, refresh every 4: 40.9 against 40.1). The K/V
-            rows and extra caches stay first order (order 2 there measured no better).
+            2-3 steps and costs with longer gaps (scene model, 8 prompts outside the benchmark's
+            sets, best damping of each order: at 65% MACs, refresh every 2, 47.2 dB at order 1
+            and 48.4 dB at order 2 (damping 0.8); at 51%, every 3: 44.7 against 45.2; at 44%,
+            every 4: 40.9 against 40.8). The K/V rows and extra caches stay first order (order
+            2 there measured no better). Only with forecast="taylor".
         manual_steps: for a bare transformer only: the caller marks the end of every denoising
             step with `cat_pruning.advance(transformer)` instead of the transformer counting its
             own forwards. Needed under torch.compile, where the count cannot be kept inside the
