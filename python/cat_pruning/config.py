@@ -71,7 +71,7 @@ class CATConfig:
             2-3 steps and costs with longer gaps (scene model, 8 prompts outside the benchmark's
             sets, best damping of each order: at 65% MACs, refresh every 2, 47.2 dB at order 1
             and 48.4 dB at order 2 (damping 0.8); at 51%, every 3: 44.7 against 45.2; at 44%,
-            every 4: 40.9 against 40.8). The K/V rows and extra caches stay first order (order
+            every 4: 40.9 against 40.3). The K/V rows and extra caches stay first order (order
             2 there measured no better). Only with forecast="taylor".
         manual_steps: for a bare transformer only: the caller marks the end of every denoising
             step with `cat_pruning.advance(transformer)` instead of the transformer counting its
