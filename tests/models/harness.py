@@ -109,9 +109,10 @@ def permuted(v, perm, keys=None):
 STORES = {"reuse": dict(forecast="none", refresh_every=0), "forecast": dict(forecast="taylor", refresh_every=2)}
 # The masked-dense oracle (and SD3's torch.compile check) also run with forecast_from="refresh",
 # where a pruned step's rows are read but do not enter the forecast state, and with the
-# second-order output forecast.
+# first-order output forecast (the default is second order).
 STATEFUL_STORES = {**STORES, "forecast-from-refresh": dict(forecast="taylor", refresh_every=2, forecast_from="refresh"),
-                   "forecast-order-2": dict(forecast="taylor", refresh_every=2, forecast_order=2)}
+                   "forecast-order-1": dict(forecast="taylor", refresh_every=2, forecast_order=1,
+                                                       forecast_damping=0.4)}
 
 
 # ---------------------------------------------------------------------- the shared checks
