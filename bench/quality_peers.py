@@ -27,10 +27,11 @@ CATF_KV_DAMPING = (1.0, 0.5)
 # refresh every 6; -1.7 dB at 65% with keep 0.33, refresh every 3). With one token the two differ
 # in that token only, so such schedules run "all" only.
 CATF_FORECAST_FROM = ("all", "refresh")
-# (forecast_order, forecast_damping) of the output forecast. Order 2 pays with refreshes every 2
+# (forecast_order, forecast_damping) of the output forecast. Order 2 pays with refreshes every 2-3
 # steps and costs with longer gaps (8 prompts outside the bench's sets: 65%, refresh every 2:
-# 47.2 dB at order 1 (damping 0.6), 48.4 at order 2 (0.8); 44%, refresh every 4: 40.9 against
-# 40.1-40.3), so it competes only in schedules refreshing every CATF_ORDER2_REFRESH steps.
+# 47.2 dB at order 1 (damping 0.6), 48.4 at order 2 (0.8); 51%, every 3: 44.7 against 45.2; 44%,
+# every 4: 40.9 against 40.1-40.3), so it competes only in schedules refreshing every
+# CATF_ORDER2_REFRESH steps.
 CATF_OUTPUT = ((1, 0.4), (2, 0.8))
 CATF_ORDER2_REFRESH = (2, 3)
 

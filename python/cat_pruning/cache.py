@@ -213,7 +213,7 @@ class ForecastStore(ReuseStore):
         if self.curv is not None:
             # a new slope is real once started; its curvature needs the previous one real too
             self.inv_span = self.started * (self.span > 0) / (elapsed + self.span).clamp_min(1e-6)
-            self.weight_slope = self._horizon(elapsed) + self.span
+            self.weight_slope = self._slope_weight(elapsed)
         if self._rows_only_read:  # no row updates the forecast state
             self.pos = torch.full((batch, n), -1, dtype=torch.int64, device=idx.device)
         elif mode == "pruned":
@@ -232,6 +232,10 @@ class ForecastStore(ReuseStore):
     def _horizon(self, elapsed: Tensor) -> Tensor:
         cap = self.config.forecast_horizon
         return elapsed.clamp_max(cap) if cap else elapsed
+
+    def _slope_weight(self, elapsed: Tensor) -> Tensor:
+        """(B, N) forecast_order=2: the weight of the curvature in the forecast slope, h + span."""
+        return self._horizon(elapsed) + self.span
 
     @property
     def _rows_only_read(self) -> bool:
@@ -310,7 +314,7 @@ class ForecastStore(ReuseStore):
         w = weight.view(weight.shape[0], *([1] * (_token_dim(base.shape) - 1)), weight.shape[1], 1)
         slope = self.slopes[name].float()
         if name == "noise" and self.curv is not None:  # as _forecast_slope, in the same roundings
-            slope = slope + (self._horizon(elapsed) + self.span).unsqueeze(-1) * self.curv
+            slope = slope + self._slope_weight(elapsed).unsqueeze(-1) * self.curv
         return (base.float() + w * slope).to(base.dtype)
 
     def skipped_kv(self, name: str) -> tuple[Tensor, Tensor]:

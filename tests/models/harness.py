@@ -111,8 +111,7 @@ STORES = {"reuse": dict(forecast="none", refresh_every=0), "forecast": dict(fore
 # where a pruned step's rows are read but do not enter the forecast state, and with the
 # first-order output forecast (the default is second order).
 STATEFUL_STORES = {**STORES, "forecast-from-refresh": dict(forecast="taylor", refresh_every=2, forecast_from="refresh"),
-                   "forecast-order-1": dict(forecast="taylor", refresh_every=2, forecast_order=1,
-                                                       forecast_damping=0.4)}
+                   "forecast-order-1": dict(forecast="taylor", refresh_every=2, forecast_order=1, forecast_damping=0.4)}
 
 
 # ---------------------------------------------------------------------- the shared checks
