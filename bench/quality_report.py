@@ -247,8 +247,9 @@ def forecast_reading(ok: dict[str, dict]) -> list[str]:
     out = []
     for f in sorted((r for r in ok.values() if r["group"] == "catf"), key=lambda r: r["mac_fraction"]):
         settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in f["params"].items()
-                             if k in ("keep_ratio", "full_steps", "refresh_every", "forecast_kv_damping",
-                                      "forecast_from", "forecast_order", "forecast_damping"))  # fmt: skip
+                             if k in ("keep_ratio", "full_steps", "refresh_every", "refresh_offset",
+                                      "forecast_kv_damping", "forecast_from", "forecast_order",
+                                      "forecast_damping"))  # fmt: skip
         parts = []
         for p in sorted((r for r in ok.values() if r["group"] == "peer" and r.get("matched_to") == f["matched_to"]),
                         key=lambda r: -r["psnr_mean"]):  # fmt: skip

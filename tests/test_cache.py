@@ -168,16 +168,32 @@ def test_make_store_and_schedule():
     assert [cfg.mode(s) for s in range(10)] == ["dense", "dense", "anchor", "fill", "pruned", "pruned", "refresh",
                                                "pruned", "pruned", "refresh"]  # fmt: skip
     assert [CATConfig(full_steps=2).mode(s) for s in range(3)] == ["anchor", "fill", "pruned"]
+    # refresh_offset: the first refresh that many steps after the fill step (3), then every 3;
+    # 0 is refresh_every's phase, and an offset past refresh_every skips the refreshes before it
+    def refreshes(**kw):
+        c = CATConfig(full_steps=4, refresh_every=3, **kw)
+        return [s for s in range(12) if c.mode(s) == "refresh"]
+
+    assert refreshes(refresh_offset=0) == refreshes(refresh_offset=3) == [6, 9]
+    assert refreshes(refresh_offset=1) == [4, 7, 10]
+    assert refreshes(refresh_offset=5) == [8, 11]
+    assert CATConfig(full_steps=4, refresh_every=3, refresh_offset=1).mode(3) == "fill"
 
 
 @pytest.mark.parametrize("field, value", [("forecast", "linear"), ("refresh_every", -1), ("refresh_every", 1.5),
                                           ("forecast_damping", 1.5), ("forecast_kv_damping", -0.1),
                                           ("forecast_horizon", -1), ("forecast_horizon", float("inf")),
                                           ("forecast_damping", True), ("forecast_from", "pruned"),
-                                          ("forecast_order", 3), ("forecast_order", True)])  # fmt: skip
+                                          ("forecast_order", 3), ("forecast_order", True),
+                                          ("refresh_offset", -1), ("refresh_offset", 2.0)])  # fmt: skip
 def test_bad_forecast_knobs_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         CATConfig(**{field: value})
+
+
+def test_refresh_offset_needs_refresh_steps():
+    with pytest.raises(ValueError, match="refresh_offset"):
+        CATConfig(refresh_every=0, refresh_offset=2)
 
 
 def test_forecast_starting_at_the_fill_step_stays_finite(monkeypatch):

@@ -179,6 +179,8 @@ def test_catf_candidates_follow_the_band_rule(monkeypatch):
     import sys
     from types import SimpleNamespace
 
+    import cat_pruning
+
     monkeypatch.syspath_prepend(str(BENCH))
     monkeypatch.delitem(sys.modules, "quality_peers", raising=False)
     import quality_peers
@@ -191,12 +193,24 @@ def test_catf_candidates_follow_the_band_rule(monkeypatch):
     for p, frac in got:
         assert abs(frac - ctx.target) <= quality_peers.BAND
         key = (p["full_steps"], p["refresh_every"], p["keep_ratio"])
-        dampings.setdefault(key, set()).add((p["forecast_kv_damping"], p["forecast_from"],
+        dampings.setdefault(key, set()).add((p["refresh_offset"], p["forecast_kv_damping"], p["forecast_from"],
                                              (p["forecast_order"], p["forecast_damping"])))  # fmt: skip
-    for (_, every, keep), d in dampings.items():
+    for (full, every, keep), d in dampings.items():
         sources = quality_peers.CATF_FORECAST_FROM if keep > 1 / n else ("all",)
         outputs = [o for o in quality_peers.CATF_OUTPUT if o[0] == 1 or every in quality_peers.CATF_ORDER2_REFRESH]
-        assert d == {(kv, f, o) for kv in quality_peers.CATF_KV_DAMPING for f in sources for o in outputs}
+        offsets = {0, quality_peers.end_aligned_offset(steps, full, every)}
+        assert d == {(o, kv, f, out) for o in offsets for kv in quality_peers.CATF_KV_DAMPING for f in sources
+                     for out in outputs}  # fmt: skip
+    assert any(p["refresh_offset"] for p, _ in got)
+    # an end-aligned phase keeps the number of refreshes (so the MACs) and ends them on the second-to-last step
+    for p, _ in got:
+        if p["refresh_offset"]:
+            cfg = cat_pruning.CATConfig(full_steps=p["full_steps"], refresh_every=p["refresh_every"],
+                            refresh_offset=p["refresh_offset"])  # fmt: skip
+            default = cfg.replace(refresh_offset=0)
+            refreshes = [s for s in range(steps) if cfg.mode(s) == "refresh"]
+            assert refreshes[-1] == steps - 2
+            assert len(refreshes) == [default.mode(s) for s in range(steps)].count("refresh")
     assert any(p["forecast_order"] == 2 for p, _ in got) and any(p["forecast_order"] == 1 for p, _ in got)
     assert any(keep > 1 / n for _, _, keep in dampings) and any(keep == 1 / n for _, _, keep in dampings)
     for full in quality_peers.CATF_FULL:
