@@ -1,6 +1,6 @@
 """Shared benchmark machinery: environment, timing, bandwidth ceiling, correctness, records.
 
-Used by bench/run.py and the suites (bench/kernels.py, bench/e2e.py, bench/quality.py).
+Used by bench/run.py and the suites (bench/kernel_bench.py, bench/e2e.py, bench/quality.py).
 
 Timing:
 - CUDA: ``triton.testing.do_bench`` with quantiles (0.5, 0.2, 0.8); it flushes L2 between

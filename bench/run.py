@@ -7,7 +7,7 @@ Usage (from the repository root)::
     python bench/run.py --suite all --device cuda --json out/bench-cuda.json
     python bench/run.py --filter gather --provider torch-ref,triton
 
-Suites are modules next to this file, imported lazily by name: ``kernels`` (bench/kernels.py),
+Suites are modules next to this file, imported lazily by name: ``kernels`` (bench/kernel_bench.py),
 ``e2e`` (bench/e2e.py), ``quality`` (bench/quality.py and its quality_*.py parts), ``parallel``
 (bench/parallel.py: CAT under diffusers' context / tensor parallelism, on ranks it launches). Each exposes
 ``run(args) -> list[dict]``, one record per case; ``args`` is this script's argparse namespace,
@@ -47,7 +47,7 @@ for p in (str(REPO), str(BENCH)):  # cat_kernels from the checkout, suites as to
     if p not in sys.path:
         sys.path.insert(0, p)
 
-SUITES = {"kernels": "kernels", "e2e": "e2e", "quality": "quality", "parallel": "parallel"}
+SUITES = {"kernels": "kernel_bench", "e2e": "e2e", "quality": "quality", "parallel": "parallel"}
 RESULTS = BENCH / "results"
 
 
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--provider", default=None, help="comma-separated providers to run (torch-ref, torch-baseline, triton, ext)"
     )
     parser.add_argument(
-        "--shapes", default=None, help="kernels suite: comma-separated shape names (see bench/kernels.py), e.g. tiny"
+        "--shapes", default=None, help="kernels suite: comma-separated shape names (see bench/kernel_bench.py), e.g. tiny"
     )
     parser.add_argument(
         "--threads",

@@ -23,7 +23,7 @@ REQUIRED = {
 def run_module():
     spec = importlib.util.spec_from_file_location("bench_run", BENCH / "run.py")
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # puts bench/ on sys.path, so `common` and `kernels` import
+    spec.loader.exec_module(mod)  # puts bench/ on sys.path, so `common` and the suites import
     return mod
 
 
