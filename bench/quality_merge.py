@@ -9,6 +9,14 @@ sha); each must have found its dense images reproducible. The dense record is ke
 first run); every other method must appear in one run only. Each record keeps what its own run
 measured, its CPU speedup included (paired with that run's dense timings). The example grid is
 the first run's (its path is linked, not redrawn): the merge has no images.
+
+Runs of one comparison made at different commits can be put in one table when the code that the
+kept methods run did not change between them (check it by reproducing some of their images at the
+newest commit): ``--across-commits`` lifts the same-sha rule, each record keeps its own
+``git_sha`` and the table's notes list them; ``RUN.json=METHOD,METHOD`` keeps only those methods
+(provider ids) of a run, so that a method measured again later is taken from one run only::
+
+    python bench/quality_merge.py --across-commits old.json=catf@mac:0.35,cat:0.3:8 new.json --json all.json
 """
 
 from __future__ import annotations
@@ -29,15 +37,23 @@ import quality_report  # noqa: E402
 SAME = ("model", "shape", "reference_cat", "target_mac_fraction", "git_sha", "device", "threads", "dense_flops")
 
 
-def merge(docs: list[dict]) -> list[dict]:
-    """The records of every run, dense once; ValueError where the runs do not measure the same thing."""
+def merge(docs: list[dict], across_commits: bool = False, keep: list[set[str] | None] | None = None) -> list[dict]:
+    """The records of every run, dense once; ValueError where the runs do not measure the same thing.
+    across_commits: runs may differ in git sha; keep: per run, the providers to take (None: all)."""
     first = docs[0]["records"][0]
+    same = [f for f in SAME if not (across_commits and f == "git_sha")]
+    keep = keep or [None] * len(docs)
     records, seen, items = [], set(), None
     for n, doc in enumerate(docs):
         if not any(r["provider"] == "dense" for r in doc["records"]):
             raise ValueError(f"run {n + 1} has no dense record")
+        missing = (keep[n] or set()) - {r["provider"] for r in doc["records"]}
+        if missing:
+            raise ValueError(f"run {n + 1} has no method {sorted(missing)}")
         for r in doc["records"]:
-            for field in SAME:
+            if keep[n] is not None and r["provider"] not in keep[n] | {"dense"}:
+                continue
+            for field in same:
                 if r.get(field) != first.get(field):
                     raise ValueError(f"run {n + 1} differs from run 1 in {field}: "
                                      f"{r.get(field)!r} != {first.get(field)!r}")  # fmt: skip
@@ -59,12 +75,18 @@ def merge(docs: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/quality_merge.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", type=Path, help="the quality-suite JSON files, the first one's examples kept")
+    p.add_argument("runs", nargs="+", help="the quality-suite JSON files (RUN.json=METHOD,... keeps those methods "
+                                           "only), the first one's examples kept")  # fmt: skip
     p.add_argument("--json", type=Path, required=True, help="the merged JSON; .md and .png go next to it")
+    p.add_argument("--across-commits", action="store_true",
+                   help="runs may come from different commits (each record keeps its git sha)")
     args = p.parse_args(argv)
+    split = [run.split(".json=", 1) for run in args.runs]
+    args.runs = [Path(parts[0] + ".json" if len(parts) == 2 else parts[0]) for parts in split]
+    keep = [set(parts[1].split(",")) if len(parts) == 2 else None for parts in split]
     docs = [json.loads(path.read_text()) for path in args.runs]
     try:
-        records = merge(docs)
+        records = merge(docs, args.across_commits, keep)
     except ValueError as exc:
         print(f"bench/quality_merge.py: {exc}", file=sys.stderr)
         return 2
@@ -78,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     plot_note = quality_report.write_plot(records, plot_path, shape, model)
     md = quality_report.markdown(records, shape, opts, plot_note, examples, plot_path, model)
-    merged_from = ", ".join(f"`{path}`" for path in args.runs)
-    md_path.write_text(md + f"\nMerged from {merged_from} (`python bench/quality_merge.py`).\n")
+    merged_from = ", ".join(f"`{path}`" + (f" (git {doc['records'][0].get('git_sha')}"
+                                            + (f"; {', '.join(sorted(k))}" if k else "") + ")")
+                            for path, doc, k in zip(args.runs, docs, keep, strict=True))  # fmt: skip
+    md_path.write_text(md + f"\nMerged from {merged_from} (`python bench/quality_merge.py"
+                       + (" --across-commits" if args.across_commits else "") + "`).\n")
     doc = dict(docs[0], argv=sys.argv[1:] if argv is None else argv, merged_from=[str(x) for x in args.runs],
                records=records)  # fmt: skip
     args.json.write_text(json.dumps(doc, indent=1, default=str) + "\n")

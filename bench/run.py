@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--provider", default=None, help="comma-separated providers to run (torch-ref, torch-baseline, triton, ext)"
     )
     parser.add_argument(
-        "--shapes", default=None, help="kernels suite: comma-separated shape names (see bench/kernel_bench.py), e.g. tiny"
+        "--shapes", default=None, help="kernels suite: comma-separated shape names (bench/kernel_bench.py), e.g. tiny"
     )
     parser.add_argument(
         "--threads",

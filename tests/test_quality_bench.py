@@ -117,6 +117,22 @@ def test_quality_merge_refuses_runs_that_measured_different_things():
             merge.merge([{"records": run}, {"records": second}])
 
 
+def test_quality_merge_across_commits_keeps_the_named_methods():
+    merge = _merge_module()
+    dense = _record("dense", per_item=None)
+    old = {"records": [dense, _record("cat:0.3:8"), _record("catf@cat:0.2:8")]}
+    new = {"records": [dict(dense, git_sha="def"), _record("catf@cat:0.2:8", git_sha="def")]}
+    with pytest.raises(ValueError, match="git_sha"):
+        merge.merge([old, new])
+    with pytest.raises(ValueError, match="more than one run"):  # the 44% row from both runs
+        merge.merge([old, new], across_commits=True)
+    got = merge.merge([old, new], across_commits=True, keep=[{"cat:0.3:8"}, None])
+    assert [(r["provider"], r["git_sha"]) for r in got] == [("dense", "abc"), ("cat:0.3:8", "abc"),
+                                                            ("catf@cat:0.2:8", "def")]  # fmt: skip
+    with pytest.raises(ValueError, match="no method"):
+        merge.merge([old, new], across_commits=True, keep=[{"cat:0.5:8"}, None])
+
+
 def cat_config(params: dict, paper: bool = False):
     import cat_pruning
 
