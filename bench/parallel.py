@@ -82,6 +82,7 @@ import torch
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
+LOCAL_RESULTS = RESULTS / "local"  # git-ignored: run.py's default output folder (no --json)
 PRODUCT_STEPS, PRODUCT_FULL_STEPS = 28, 8  # the product default schedule (CATConfig())
 MODES = ("dense", "anchor", "fill", "refresh", "pruned")
 
@@ -161,8 +162,8 @@ def parse_suite_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def results_path(args: argparse.Namespace) -> Path:
-    """bench/results/parallel-<device>.json (run.py's default JSON path for this suite)."""
-    return RESULTS / f"parallel-{args.device}.json"
+    """bench/results/local/parallel-<device>.json (run.py's default JSON path for this suite, git-ignored)."""
+    return LOCAL_RESULTS / f"parallel-{args.device}.json"
 
 
 def full_steps(steps: int) -> int:

@@ -51,7 +51,8 @@ paired ratio dense/method, with torch.set_num_threads(1) as run.py sets it on CP
 Outputs: one record per method in run.py's JSON; next to it a Markdown table sorted by MAC
 fraction (quality-<device>.md), PSNR against MAC fraction (quality-<device>.png) and a picture
 grid dense | CAT | best peer (quality-examples.png); for --model photos the names start with
-quality-photos- instead. With --json PATH they go next to PATH.
+quality-photos- instead. Without --json they go to bench/results/local/ (git-ignored); with
+--json PATH they go next to PATH (name a path in bench/results/ to update committed results).
 
 The parts, each readable on its own: quality_models.py (the models and their prompts),
 quality_methods.py (method ids -> sessions: CAT settings, ablations, peers), quality_peers.py
@@ -82,7 +83,7 @@ from quality_methods import (  # noqa: E402,F401
     make_methods,
     peer_method,
 )
-from quality_models import CAPTION_SEED_BASE, RESULTS  # noqa: E402,F401
+from quality_models import CAPTION_SEED_BASE, LOCAL_RESULTS, RESULTS  # noqa: E402,F401
 from quality_peers import prepare_peer  # noqa: E402
 from quality_report import markdown, output_paths, reading, summary, write_outputs  # noqa: E402,F401
 
@@ -122,8 +123,8 @@ def parse_suite_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def results_path(args: argparse.Namespace) -> Path:
-    """Where run.py writes this suite's JSON without --json: per model (quality-cpu.json for the
-    tiny model, quality-photos-cpu.json for the photo model)."""
+    """Where run.py writes this suite's JSON without --json: per model, in the git-ignored
+    bench/results/local/ (quality-cpu.json for the tiny model, quality-photos-cpu.json for the photo model)."""
     return output_paths(None, quality_models.get(parse_suite_args(args).model), args.device)[0]
 
 

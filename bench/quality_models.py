@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # committed: written only when --json names a path here
+LOCAL_RESULTS = RESULTS / "local"  # git-ignored: where a run without --json writes
 CAPTION_SEED_BASE = 900_000  # scene-generator seeds of the tiny model's prompts (captions are deduplicated)
 
 
@@ -29,7 +30,7 @@ class QualityModel:
     plot_title: str
     load: Callable[[str, Any], Any]  # (device, dtype) -> pipeline
     prompts: Callable[[int], list[str]]
-    results_stem: str  # bench/results/<stem>-<device>.json, .md, .png; <examples> below
+    results_stem: str  # bench/results/local/<stem>-<device>.json, .md, .png without --json; <examples> below
     examples_name: str
 
 

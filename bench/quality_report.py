@@ -9,15 +9,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from quality_models import RESULTS, QualityModel
+from quality_models import LOCAL_RESULTS, QualityModel
 
 import cat_pruning
 
 
 def output_paths(json_arg: Path | None, model: QualityModel, device: str) -> tuple[Path, Path, Path, Path]:
-    """(json, markdown, plot, examples): bench/results/<stem>-<device>.* without --json, else next to it."""
-    json_path = json_arg or RESULTS / f"{model.results_stem}-{device}.json"
-    examples_path = (RESULTS / model.examples_name if json_arg is None
+    """(json, markdown, plot, examples): bench/results/local/<stem>-<device>.* (git-ignored) without
+    --json, else next to it. The example grid is <json stem>-examples.png, except next to a JSON of
+    the default name (<stem>-<device>.json), where it is the model's examples_name, so that
+    ``--json bench/results/quality-cpu.json`` updates the committed bench/results/quality-examples.png."""
+    default_name = f"{model.results_stem}-{device}.json"
+    json_path = json_arg or LOCAL_RESULTS / default_name
+    examples_path = (json_path.with_name(model.examples_name) if json_path.name == default_name
                      else json_path.with_name(json_path.stem + "-examples.png"))  # fmt: skip
     return json_path, json_path.with_suffix(".md"), json_path.with_suffix(".png"), examples_path
 

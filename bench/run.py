@@ -15,9 +15,11 @@ with the arguments this script does not know left in ``args.extra`` for the suit
 reported; it is an error (exit 2) only when that suite was asked for by name, not under
 ``--suite all``.
 
-Output: a table on stdout, and JSON at ``--json PATH``; without --json it goes to
-``bench/results/<suite>-<device>.json`` (bench/results/ is git-ignored), or where the suite's
-``results_path(args)`` says (the quality suite: one file per ``--model``). The JSON is
+Output: a table on stdout, and JSON at ``--json PATH``. Without --json it goes to
+``bench/results/local/<suite>-<device>.json`` (bench/results/local/ is git-ignored), or where the
+suite's ``results_path(args)`` says, also under bench/results/local/ (the quality suite: one file
+per ``--model``); suites write their other files (Markdown, plots) next to the JSON. A run writes
+into the committed bench/results/ only when --json names a path there. The JSON is
 ``{"schema": 1, "argv": [...], "environment": {...}, "records": [...]}``; every record also
 carries the environment fields (device_name, torch, triton, diffusers, git_sha, ...) and
 ``cmd``, a command line that reruns that one case. Record fields of the kernels suite: op,
@@ -48,12 +50,20 @@ for p in (str(REPO), str(BENCH)):  # cat_kernels from the checkout, suites as to
         sys.path.insert(0, p)
 
 SUITES = {"kernels": "kernel_bench", "e2e": "e2e", "quality": "quality", "parallel": "parallel"}
-RESULTS = BENCH / "results"
+RESULTS = BENCH / "results"  # committed results: written only when --json names a path here
+LOCAL_RESULTS = RESULTS / "local"  # git-ignored: where runs without --json write
+OUTPUT_HELP = """\
+output:
+  The table goes to stdout and the records to --json PATH (Markdown and plots of the quality and
+  parallel suites next to it). Without --json: bench/results/local/<suite>-<device>.json, or the
+  suite's own name in that folder (quality: quality-<device>.json, quality-photos-<device>.json),
+  which is git-ignored; the committed files in bench/results/ are written only when --json names
+  them."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.split("\n\n")[0], epilog=OUTPUT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--suite", default="kernels", choices=[*SUITES, "all"], help="suite to run (default kernels)")
     parser.add_argument(
@@ -63,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--json",
         type=Path,
         default=None,
-        help="where to write the records (default bench/results/<suite>-<device>.json)",
+        help="where to write the records (default bench/results/local/<suite>-<device>.json, git-ignored; "
+        "name a path under bench/results/ to update committed results)",
     )
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument(
@@ -133,8 +144,8 @@ def load_suite(name: str):
 
 
 def default_json(args: argparse.Namespace) -> Path:
-    """bench/results/<suite>-<device>.json, unless the suite names its own file (``results_path(args)``,
-    e.g. the quality suite's per-model names)."""
+    """bench/results/local/<suite>-<device>.json (git-ignored), unless the suite names its own file
+    (``results_path(args)``, e.g. the quality suite's per-model names, also under bench/results/local/)."""
     if args.suite != "all":
         try:
             hook = getattr(load_suite(args.suite), "results_path", None)
@@ -142,7 +153,7 @@ def default_json(args: argparse.Namespace) -> Path:
             hook = None
         if hook is not None:
             return hook(args)
-    return RESULTS / f"{args.suite}-{args.device}.json"
+    return LOCAL_RESULTS / f"{args.suite}-{args.device}.json"
 
 
 # --------------------------------------------------------------------------- table

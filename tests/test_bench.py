@@ -109,6 +109,35 @@ def test_missing_suite(run_module, monkeypatch, tmp_path, capsys):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash script")
+def test_default_outputs_are_git_ignored(run_module, capsys):
+    """Without --json every suite writes under bench/results/local/ (git-ignored), never over a
+    committed result; the committed names are written only when --json names them."""
+    import argparse
+    import subprocess
+
+    quality_report = pytest.importorskip("quality_report")
+    quality_models = pytest.importorskip("quality_models")
+    local = BENCH / "results" / "local"
+    paths = []
+    for suite in [*run_module.SUITES, "all"]:
+        args = argparse.Namespace(suite=suite, device="cpu", extra=[], quick=False)
+        paths.append(run_module.default_json(args))
+    assert paths[0] == local / "kernels-cpu.json" and paths[-1] == local / "all-cpu.json"
+    for name, model in quality_models.MODELS.items():
+        paths += quality_report.output_paths(None, model, "cpu")
+        # a JSON of the default name, named by --json, keeps the committed examples name next to it
+        named = quality_report.output_paths(BENCH / "results" / f"{model.results_stem}-cpu.json", model, "cpu")
+        assert named[3] == BENCH / "results" / model.examples_name, name
+    assert all(p.parent == local for p in paths), paths
+    with pytest.raises(SystemExit):
+        run_module.parse_args(["--help"])
+    assert "bench/results/local/" in capsys.readouterr().out
+    git = subprocess.run(["git", "check-ignore", *map(str, paths)], cwd=BENCH.parent, capture_output=True, text=True)
+    if git.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert sorted(git.stdout.split()) == sorted(map(str, paths))
+
+
 def test_gpu_check_script_syntax():
     import subprocess
 
@@ -170,7 +199,7 @@ def test_parallel_suite_options_and_records_without_ranks(run_module, tmp_path):
         parallel.parse_suite_args(argparse.Namespace(device="cpu", extra=["--scenarios", "cp-ring"]))
     with pytest.raises(SystemExit, match="unknown options"):
         parallel.parse_suite_args(argparse.Namespace(device="cpu", extra=["--stepz", "3"]))
-    assert parallel.results_path(ns) == BENCH / "results" / "parallel-cpu.json"
+    assert parallel.results_path(ns) == BENCH / "results" / "local" / "parallel-cpu.json"
     assert [parallel.full_steps(s) for s in (28, 14, 5)] == [8, 4, 2]
     assert parallel.model_shape("photos", 128)["heads"] == 3  # why --model auto falls back to flux-mini on 2 ranks
 
