@@ -57,8 +57,10 @@ quality-photos- instead. Without --json they go to bench/results/local/ (git-ign
 The parts, each readable on its own: quality_models.py (the models and their prompts),
 quality_methods.py (method ids -> sessions: CAT settings, ablations, peers), quality_peers.py
 (probing and tuning a peer to a MAC budget), quality_measure.py (generations, MAC counting, the
-measuring passes, records), quality_report.py (Markdown, reading, plot, example grid). This file
-parses the options and runs the parts in order.
+measuring passes, records), quality_base.py (the Method type and the dense session they share),
+quality_report.py (Markdown, reading, plot, example grid). They import one way:
+quality_methods -> quality_peers -> quality_measure -> quality_base. This file parses the options
+and runs the parts in order.
 """
 from __future__ import annotations
 

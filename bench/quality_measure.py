@@ -11,14 +11,12 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from quality_base import Method, cat_config_fields, no_session
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-
-if TYPE_CHECKING:
-    from quality_methods import Method
 
 
 @dataclasses.dataclass
@@ -132,7 +130,6 @@ def measure_quality(ctx: Context, methods: list[Method], ref: str, no_bar: bool)
     """Quality and wall clock: per prompt+seed, dense and every runnable method, rotating order.
     Methods with the same CAT configuration run once. The dense image of the first item is made
     again at the end to check that nothing leaked into the unpatched pipeline."""
-    from quality_methods import _no_session, cat_config_fields
     from tqdm.auto import tqdm
 
     import cat_pruning
@@ -163,7 +160,7 @@ def measure_quality(ctx: Context, methods: list[Method], ref: str, no_bar: bool)
         for mid in order[rot:] + order[:rot]:
             if mid in failed:
                 continue
-            session = _no_session if mid == "dense" else by_id[mid].session
+            session = no_session if mid == "dense" else by_id[mid].session
             try:
                 with session(pipe) as reset:
                     images[mid], seconds = generate(ctx, item, reset)

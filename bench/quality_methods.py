@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from quality_base import Method, Session, cat_config_fields, no_session  # noqa: F401 - re-exported
 from quality_peers import tune_catf, tune_continuous, tune_taylorseer
 
 import cat_pruning
@@ -51,32 +52,6 @@ DEFAULT_METHODS = [
 ]  # fmt: skip
 PEERS = ("cache-dit-dbcache", "cache-dit-taylorseer", "diffusers-fbc", "diffusers-taylorseer")
 
-Session = Callable[[Any], contextlib.AbstractContextManager]  # pipe -> context yielding a per-call reset or None
-
-
-@dataclasses.dataclass
-class Method:
-    id: str
-    name: str
-    group: str  # dense | cat | ablation | catf | peer
-    params: dict[str, Any]
-    session: Session
-    data_dependent: bool = False  # compute depends on the images (threshold-driven caches)
-    tune: Callable[..., None] | None = None  # peers: sets params to land near the target MACs
-    # peers: (label, params update) tried in order until one runs
-    variants: list[tuple[str, dict[str, Any]]] = dataclasses.field(default_factory=list)
-    # peers: knob values for the probe that make it cache as much as it can (so the cached path runs)
-    probe_params: dict[str, Any] = dataclasses.field(default_factory=dict)
-    notes: list[str] = dataclasses.field(default_factory=list)
-    error: str | None = None
-    matched_to: str | None = None  # tuned methods: the budget (cat:K:F or mac:X) they are tuned to (None: --target-cat)
-
-
-@contextlib.contextmanager
-def _no_session(pipe) -> Iterator[None]:
-    yield None
-
-
 def cat_method(spec: str) -> Method:
     """cat:K:F[:field=value...] -> CAT Pruning with keep_ratio K, full_steps F and CATConfig overrides."""
     parts = spec.split(":")
@@ -100,12 +75,6 @@ def cat_method(spec: str) -> Method:
     extra = {k: v for k, v in extra.items() if PAPER.get(k) != v}
     name += "".join(f" {v}" if isinstance(v, str) else f" {k}={v:g}" for k, v in extra.items())
     return Method(spec, name, "ablation" if extra else "cat", overrides, _cat_session(overrides))
-
-
-def cat_config_fields(params: dict[str, Any]) -> dict[str, Any]:
-    """The CATConfig fields among a CAT method's params (tuned ones also carry their tuning log)."""
-    names = {f.name for f in dataclasses.fields(cat_pruning.CATConfig)}
-    return {k: v for k, v in params.items() if k in names}
 
 
 def _cat_session(params: dict[str, Any]) -> Session:

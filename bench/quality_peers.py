@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+from quality_base import Method, no_session
 from quality_measure import Context, _error_text, generate, mac_fraction
 
 # Schedules whose MAC fraction lands within BAND of the budget compete on PSNR over the tuning
@@ -39,9 +39,6 @@ CATF_ORDER2_REFRESH = (2, 3)
 # flow-matching scheduler barely moves the latent). 8 prompts outside the bench's sets, 44%: 40.9 dB
 # at keep 0.0586, full 6, every 4, refreshes 9-25; 42.2 at 10-26; the default schedule, 35% and 65%
 # picks: ties within 0.15 dB.
-
-if TYPE_CHECKING:
-    from quality_methods import Method
 
 
 def tune_continuous(ctx: Context, m: Method, knob: str, lo: float, hi: float, iters: int = 6) -> None:
@@ -123,14 +120,12 @@ def prepare_peer(ctx: Context, m: Method) -> None:
 
 def tune_psnr(ctx: Context, m: Method) -> float:
     """Mean PSNR of the method against dense over the held-out tuning items (dense images made once)."""
-    from quality_methods import _no_session
-
     from cat_pruning.metrics import psnr
 
     items = ctx.tune_set
     for it in items:
         if it not in ctx.tune_dense:
-            with _no_session(ctx.pipe):
+            with no_session(ctx.pipe):
                 ctx.tune_dense[it] = generate(ctx, it)[0]
     scores = []
     with m.session(ctx.pipe) as reset:

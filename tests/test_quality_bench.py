@@ -238,3 +238,16 @@ def test_catf_candidates_follow_the_band_rule(monkeypatch):
                 assert {p["keep_ratio"] for p, _ in got if (p["full_steps"], p["refresh_every"]) == (full, every)} \
                     == {1 / n}
     assert any(abs(f - ctx.target) < 0.005 for _, f in got)  # some schedules land on the budget
+
+
+def test_quality_parts_import_one_way():
+    """The quality parts import each other in one direction only (any import, also inside a function
+    or under TYPE_CHECKING): quality_methods -> quality_peers -> quality_measure -> quality_base."""
+    import ast
+
+    layers = ["quality_base", "quality_measure", "quality_peers", "quality_methods"]
+    for i, name in enumerate(layers):
+        tree = ast.parse((BENCH / f"{name}.py").read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert imported & set(layers) <= set(layers[:i]), (name, sorted(imported & set(layers)))
