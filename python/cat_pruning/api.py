@@ -100,6 +100,10 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
 
     Patching a patched object replaces the old patch. On any error the object is left as it was.
     """
+    if config is not None and not isinstance(config, CATConfig):
+        hint = " (for this dict: CATConfig(**d) or patch(obj, **d))" if isinstance(config, dict) else ""
+        raise TypeError(f"cat_pruning.patch: config must be a CATConfig, got {type(config).__name__}; pass "
+                        f"CATConfig(...) or keyword arguments, e.g. patch(pipe, keep_ratio=0.3){hint}")
     check_diffusers()
     config = (config or CATConfig()).replace(**overrides) if overrides else (config or CATConfig())
     pipeline, transformer = _split(obj)
