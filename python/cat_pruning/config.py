@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 from cat_kernels.backend import BACKENDS
 
@@ -112,42 +113,27 @@ class CATConfig:
     forecast_order: int = 2
 
     def __post_init__(self) -> None:
-        def is_int(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_unit(v: object) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
-
-        checks = [
-            ("keep_ratio", isinstance(self.keep_ratio, (int, float)) and 0.0 < self.keep_ratio <= 1.0, "in (0, 1]"),
-            ("full_steps", is_int(self.full_steps) and self.full_steps >= 2, "an int >= 2"),
-            ("num_clusters", is_int(self.num_clusters) and 1 <= self.num_clusters <= 1023, "an int in [1, 1023]"),
-            ("importance_fraction", isinstance(self.importance_fraction, (int, float))
-             and 0.0 <= self.importance_fraction <= 1.0, "in [0, 1]"),
-            ("staleness_decay", isinstance(self.staleness_decay, (int, float))
-             and 0.0 <= self.staleness_decay <= 1.0, "in [0, 1]"),
-            ("kmeans_iters", is_int(self.kmeans_iters) and self.kmeans_iters >= 0, "an int >= 0"),
-            ("cluster_content_weight", isinstance(self.cluster_content_weight, (int, float))
-             and self.cluster_content_weight >= 0, ">= 0"),
-            ("backend", self.backend in BACKENDS, f"one of {BACKENDS}"),
-            ("cfg_pairs", self.cfg_pairs in (None, True, False), "None, True or False"),
-            ("manual_steps", isinstance(self.manual_steps, bool), "a bool"),
-            ("selection", self.selection in SELECTIONS, f"one of {SELECTIONS}"),
-            ("forecast", self.forecast in FORECASTS, f"one of {FORECASTS}"),
-            ("refresh_every", is_int(self.refresh_every) and self.refresh_every >= 0, "an int >= 0"),
-            ("refresh_offset", is_int(self.refresh_offset) and self.refresh_offset >= 0
-             and (self.refresh_every > 0 or self.refresh_offset == 0), "an int >= 0, and 0 when refresh_every is 0"),
-            ("forecast_damping", is_unit(self.forecast_damping), "in [0, 1]"),
-            ("forecast_kv_damping", is_unit(self.forecast_kv_damping), "in [0, 1]"),
-            ("forecast_horizon", isinstance(self.forecast_horizon, (int, float)) and not isinstance(
-                self.forecast_horizon, bool) and math.isfinite(self.forecast_horizon) and self.forecast_horizon >= 0,
-             "a finite number >= 0"),
-            ("forecast_from", self.forecast_from in FORECAST_FROM, f"one of {FORECAST_FROM}"),
-            ("forecast_order", is_int(self.forecast_order) and self.forecast_order in (1, 2), "1 or 2"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"CATConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+        """Refuse what would run differently from what it says: a value of the wrong type is a
+        TypeError, a value out of its range (or a knob that the chosen forecast ignores) a
+        ValueError; each message names the field, what it takes and what it got."""
+        for name, kind, ok, expected in _RULES:
+            value = getattr(self, name)
+            if not _KINDS[kind](value):
+                raise TypeError(f"CATConfig.{name} must be {expected}, got {value!r} ({type(value).__name__})")
+            if ok is not None and not ok(value):
+                raise ValueError(f"CATConfig.{name} must be {expected}, got {value!r}")
+        if self.refresh_every == 0 and self.refresh_offset != 0:
+            raise ValueError(f"CATConfig.refresh_offset must be 0 when refresh_every is 0 (no refresh steps), "
+                             f"got {self.refresh_offset!r}")
+        if self.forecast != "taylor":
+            for name in _TAYLOR_ONLY:
+                value, default = getattr(self, name), _DEFAULTS[name]
+                if value != default:
+                    raise ValueError(
+                        f"CATConfig.{name}={value!r} only applies with forecast=\"taylor\"; with "
+                        f"forecast={self.forecast!r} it would be ignored: set forecast=\"taylor\" or leave "
+                        f"{name} at its default {default!r}"
+                    )
 
     @classmethod
     def paper(cls, **overrides: object) -> CATConfig:
@@ -177,3 +163,53 @@ class CATConfig:
         if unknown:
             raise TypeError(f"unknown CATConfig field(s) {unknown}; valid: {sorted(names)}")
         return dataclasses.replace(self, **overrides)
+
+
+# ------------------------------------------------------------------ validation rules of CATConfig
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _unit(v: float) -> bool:
+    return 0.0 <= v <= 1.0  # False for NaN
+
+
+_KINDS = {
+    "number": _is_number,
+    "int": _is_int,
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: v is True or v is False,  # not 0 / 1 or other objects equal to them
+    "bool or None": lambda v: v is None or v is True or v is False,
+}
+
+# (field, kind (a wrong one is a TypeError), value check (a failed one is a ValueError), what it takes)
+_RULES = (
+    ("keep_ratio", "number", lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
+    ("full_steps", "int", lambda v: v >= 2, "an int >= 2"),
+    ("backend", "str", lambda v: v in BACKENDS, f"one of {BACKENDS}"),
+    ("num_clusters", "int", lambda v: 1 <= v <= 1023, "an int in [1, 1023]"),
+    ("importance_fraction", "number", _unit, "a number in [0, 1]"),
+    ("staleness_decay", "number", _unit, "a number in [0, 1]"),
+    ("kmeans_iters", "int", lambda v: v >= 0, "an int >= 0"),
+    ("cluster_content_weight", "number", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ("cfg_pairs", "bool or None", None, "None, True or False"),
+    ("manual_steps", "bool", None, "True or False"),
+    ("selection", "str", lambda v: v in SELECTIONS, f"one of {SELECTIONS}"),
+    ("forecast", "str", lambda v: v in FORECASTS, f"one of {FORECASTS}"),
+    ("refresh_every", "int", lambda v: v >= 0, "an int >= 0"),
+    ("refresh_offset", "int", lambda v: v >= 0, "an int >= 0"),
+    ("forecast_damping", "number", _unit, "a number in [0, 1]"),
+    ("forecast_kv_damping", "number", _unit, "a number in [0, 1]"),
+    ("forecast_horizon", "number", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ("forecast_from", "str", lambda v: v in FORECAST_FROM, f"one of {FORECAST_FROM}"),
+    ("forecast_order", "int", lambda v: v in (1, 2), "1 or 2"),
+)
+# the knobs of the Taylor forecast, which forecast="none" (reuse) does not read
+_TAYLOR_ONLY = ("forecast_damping", "forecast_kv_damping", "forecast_horizon", "forecast_from", "forecast_order")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CATConfig)}
