@@ -158,7 +158,7 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
     def embed_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         # under context parallelism the adapter gathers at the model's input, before diffusers' split
         if state.mode == "pruned" and state.shard.cp_world == 1:
-            return state.gather(output)
+            return _gather_rows(state, output)
         return None
 
     def out_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -178,6 +178,18 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
         _wrap_scheduler(p, pipeline.scheduler)
     setattr(transformer, _ATTR, p)
     return obj
+
+
+def _gather_rows(state: CATState, tokens: torch.Tensor) -> torch.Tensor:
+    """The patch embedding's (B, N, C) output -> the (B, K, C) rows a pruned step computes, laid
+    out in memory as the embedding laid out its N rows. diffusers' PatchEmbed returns a
+    channel-major view (``flatten(2).transpose(1, 2)``), and the blocks' GEMMs and convolutions
+    may round differently on the other layout, so keep_ratio 1 would not be bitwise dense (Sana in
+    bfloat16 on the CPU). Strides are metadata: no host sync, and compiled code guards on them."""
+    rows = state.gather(tokens)
+    if tokens.dim() == 3 and not tokens.is_contiguous() and tokens.mT.is_contiguous():
+        return rows.mT.contiguous().mT
+    return rows
 
 
 def _generation_summary(state: CATState, geometry: Any, args: tuple, kwargs: dict) -> dict[str, float]:

@@ -54,7 +54,7 @@ def oracle_conv_hook(cache, selected):
 
     def hook(module, args):
         x = args[0]
-        mixed = torch.where(selected[:, None, :], x.flatten(2), cache[..., 0])
+        mixed = torch.where(selected[:, None, :], x.flatten(2), cache.transpose(1, 2))  # cache: (B, N, C)
         return (mixed.view_as(x),)
 
     return hook

@@ -22,11 +22,16 @@ Seams (diffusers 0.42.1):
   runs 1x1 conv, SiLU, 3x3 depthwise conv (``ff.conv_depth``), GLU gate, 1x1 conv. On a pruned
   step a block pre-hook passes (K, 1) as the map's height and width, so the reshapes and the
   1x1 convolutions run on the K rows as a K x 1 map; a pre-hook on ``conv_depth`` writes those K
-  input rows into a per-block cache of the conv's input over all N positions, (B, 2*hidden, N, 1),
+  input rows into a per-block cache of the conv's input over all N positions, (B, N, 2*hidden),
   and hands the conv the full (H, W) map; a forward hook gathers the K selected output
   positions back. So every selected token's convolution sees its neighbours' latest computed
   inputs (the unselected ones from the cache): exact in the masked-dense sense, at the cost of
   the depthwise conv over all N positions (9 MACs per channel and token, ~0.4% of the block).
+  The cache is token-major because the block's map is: ``unflatten(1, (H, W)).permute(0, 3, 1, 2)``
+  of its (B, N, C) rows is a channels-last map, so the cache views as the same channels-last map
+  without a copy and the conv runs the kernel the unpatched block runs. (A (B, 2*hidden, N, 1)
+  cache gave the conv a contiguous map: another CPU kernel, which rounded differently, so
+  keep_ratio 1 was not bitwise dense.)
 - ``proj_out`` is the output seam; the model unpatchifies the full (B, N, C_out) output itself.
 
 The masked-dense oracle for Sana: the unpatched model in which, inside every linear self
@@ -173,18 +178,23 @@ class SanaAdapter(Adapter):
                 if not state.caching:
                     return None
                 # the (B, 2*hidden, H, W) input of a full step, or the (B, 2*hidden, K, 1) rows of a
-                # pruned one: the store keeps them and returns all N, and the conv runs on the full map
+                # pruned one, as (B, rows, 2*hidden) rows (a view: the block's map is channels-last):
+                # the store keeps them and returns all N, and the conv runs on the full map
                 x, g = args[0], state.geometry
-                full = state.cache.rows(name, x.flatten(2).unsqueeze(-1))
-                return (full.view(*full.shape[:2], g.height, g.width),) if state.mode == "pruned" else None
+                full = state.cache.rows(name, x.permute(0, 2, 3, 1).flatten(1, 2))
+                if state.mode != "pruned":
+                    return None
+                # channels-last, as the block's own map: the conv computes what the unpatched one does
+                return (full.view(full.shape[0], g.height, g.width, full.shape[2]).permute(0, 3, 1, 2),)
 
             return hook
 
         def conv_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
             if state.mode != "pruned":
                 return None
-            full = output.flatten(2).unsqueeze(-1)  # (B, 2*hidden, N, 1)
-            return ops.gather_tokens(full, state.idx, 2, backend=state.config.backend)
+            full = output.permute(0, 2, 3, 1).flatten(1, 2)  # (B, N, 2*hidden)
+            rows = ops.gather_tokens(full, state.idx, 1, backend=state.config.backend)
+            return rows.transpose(1, 2).unsqueeze(-1)  # the (B, 2*hidden, K, 1) map, channels-last
 
         handles: list = []
         for i, block in enumerate(model.transformer_blocks):
@@ -209,11 +219,12 @@ class SanaAdapter(Adapter):
 
     def cache_layout(self, model: nn.Module, geometry: Geometry, shard: Sharding = NONE) -> CacheLayout:
         """(B, N, H*D) K and V caches (the projections' layout) per linear attention, and per block
-        the depthwise conv's input over all positions, (B, 2*hidden, N, 1)."""
+        the depthwise conv's input over all positions, token-major (B, N, 2*hidden): the block's
+        map is channels-last, so the cache views as that map without a copy."""
         b, n = geometry.batch, geometry.num_tokens
         kv = {name: ((b, n, attn.to_k.out_features), compute_dtype(attn.to_k))
               for name, attn in self.attention_modules(model).items()}
-        extra = {f"transformer_blocks.{i}.ff.conv_depth": ((b, block.ff.conv_depth.in_channels, n, 1),
+        extra = {f"transformer_blocks.{i}.ff.conv_depth": ((b, n, block.ff.conv_depth.in_channels),
                                                            compute_dtype(block.ff.conv_depth))
                  for i, block in enumerate(model.transformer_blocks)}
         out = get_submodule(model, self.out_proj)
