@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
+from cat_pruning import CATConfig
 from cat_pruning.cli import main
+from cat_pruning.stats import CATStats, StepStats
 
 
 def test_demo_writes_pictures_and_numbers(tmp_path):
@@ -64,5 +66,40 @@ def test_generate_shorter_than_full_steps(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [
         "a-red-circle-seed0-cat-k0.02-f2-r3-forecast-tokens.png", "a-red-circle-seed0-cat-k0.02-f2-r3-forecast.png"]
     captured = capsys.readouterr()
-    assert "every step runs dense" in captured.err and "0 pruned" in captured.out
+    assert "every step runs dense" in captured.err and "1 steps (1 anchor)" in captured.out
+    assert "no step was pruned" in captured.out and "caches never read" in captured.out
     assert "1 (dark) to 1 (bright) of 1" in captured.out
+
+
+# ------------------------------------------------------------------ stats as generate prints it
+
+
+def _stats(modes, recomputed=None):
+    steps = [StepStats(i, m, 4 if m == "pruned" else 16) for i, m in enumerate(modes)]
+    return CATStats("SD3", CATConfig(full_steps=2), 16, 4, 1, steps, macs=len(modes), macs_dense=len(modes),
+                    cache_bytes=1 << 20, recomputed=recomputed)
+
+
+def test_stats_before_any_generation_says_nothing_ran():
+    stats = _stats([])
+    assert str(stats) == ("CAT Pruning on SD3: nothing has run yet (no generation since the patch or the last reset; "
+                          "keep_ratio 0.02, full_steps 2)")
+
+
+def test_stats_header_counts_the_modes_of_the_table():
+    """The header used to say "8 dense" where the table showed 6 dense rows, anchor and fill."""
+    modes = ["dense"] * 6 + ["anchor", "fill", "pruned", "pruned", "refresh", "pruned"]
+    text = str(_stats(modes))
+    assert "12 steps (6 dense, 1 anchor, 1 fill, 1 refresh, 3 pruned)" in text.splitlines()[0]
+    rows = [line.split()[1] for line in text.splitlines() if line.strip()[:1].isdigit()]
+    assert rows == modes
+
+
+def test_an_all_dense_run_reports_no_cache_use():
+    """A generation shorter than full_steps read no cache: the 24.5 MiB the state allocated for the
+    next step are not reported as the run's caches."""
+    dense = _stats(["dense"] * 5 + ["anchor"])
+    assert not dense.caches_used
+    assert "caches never read; 1.00 MiB allocated for later steps, held until the next generation" in str(dense)
+    pruned = _stats(["anchor", "fill", "pruned"])
+    assert pruned.caches_used and "caches 1.00 MiB (forecast taylor)" in str(pruned)

@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from .config import CATConfig
+from .state import MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,24 +48,40 @@ class CATStats:
         """The speedup a perfectly MAC-bound run would see."""
         return self.macs_dense / self.macs if self.macs else 1.0
 
+    @property
+    def caches_used(self) -> bool:
+        """Whether a step read the caches (a pruned step). A generation that ends before its
+        first pruned step runs as the dense model; the caches it allocated (at the end of the
+        step before the anchor or fill step) were never read."""
+        return any(s.mode == "pruned" for s in self.steps)
+
     def __str__(self) -> str:
-        pruned = sum(s.mode == "pruned" for s in self.steps)
-        refresh = sum(s.mode == "refresh" for s in self.steps)
-        dense = len(self.steps) - pruned - refresh
+        cfg = self.config
+        if not self.steps:
+            return (f"CAT Pruning on {self.family}: nothing has run yet (no generation since the patch or the last "
+                    f"reset; keep_ratio {cfg.keep_ratio}, full_steps {cfg.full_steps})")
+        counts = {mode: sum(s.mode == mode for s in self.steps) for mode in MODES}
+        modes = ", ".join(f"{n} {mode}" for mode, n in counts.items() if n)
+        if self.caches_used:
+            caches = f"  caches {self.cache_bytes / 2**20:,.2f} MiB" + (f" (forecast {cfg.forecast})"
+                                                                      if cfg.forecast != "none" else "")
+        else:  # the state allocates them at the end of the step before the first caching step
+            caches = "  caches never read" + (f"; {self.cache_bytes / 2**20:,.2f} MiB allocated for later steps, "
+                                               "held until the next generation" if self.cache_bytes else "")
         lines = [
-            f"CAT Pruning on {self.family}: {len(self.steps)} steps ({dense} dense, "
-            + (f"{refresh} refresh, " if refresh else "") + f"{pruned} pruned), "
+            f"CAT Pruning on {self.family}: {len(self.steps)} steps ({modes}), "
             f"batch {self.batch}, {self.num_tokens} image tokens, {self.tokens_kept} kept "
-            f"(keep_ratio {self.config.keep_ratio}, full_steps {self.config.full_steps})",
+            f"(keep_ratio {cfg.keep_ratio}, full_steps {cfg.full_steps})",
             f"  MACs {_si(self.macs)} of {_si(self.macs_dense)} dense: "
             f"{100 * self.mac_fraction:.1f}% ({self.mac_speedup:.2f}x ideal speedup)",
-            f"  caches {self.cache_bytes / 2**20:,.2f} MiB" + (f" (forecast {self.config.forecast})"
-                                                               if self.config.forecast != "none" else ""),
+            caches,
             "  step  mode    tokens/sample",
         ]
-        if self.steps and not pruned:
-            lines.insert(1, f"  no step was pruned: full_steps {self.config.full_steps} >= the {len(self.steps)} steps "
+        if not counts["pruned"] and cfg.full_steps >= len(self.steps):
+            lines.insert(1, f"  no step was pruned: full_steps {cfg.full_steps} >= the {len(self.steps)} steps "
                             "of this generation")
+        elif not counts["pruned"]:
+            lines.insert(1, "  no step was pruned")
         lines += [f"  {s.step:>4}  {s.mode:<6}  {s.tokens:>6}" for s in self.steps]
         return "\n".join(lines)
 
