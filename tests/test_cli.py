@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from cat_pruning import CATConfig
+from cat_pruning import CATConfig, cli
 from cat_pruning.cli import main
 from cat_pruning.stats import CATStats, StepStats
 
@@ -69,6 +69,60 @@ def test_generate_shorter_than_full_steps(tmp_path, capsys):
     assert "every step runs dense" in captured.err and "1 steps (1 anchor)" in captured.out
     assert "no step was pruned" in captured.out and "caches never read" in captured.out
     assert "1 (dark) to 1 (bright) of 1" in captured.out
+
+
+# ------------------------------------------------------------------ sizes, help
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--height", "40", "--width", "72"], "--width 72: the shipped tiny model takes heights and widths that are "
+                                          "multiples of 2 pixels up to 64 (default 64x64)"),
+    (["--height", "33"], "--height 33: the shipped tiny model takes heights and widths that are multiples of 2"),
+    (["--model", "photos", "--width", "15"], "--width 15: the shipped photo model takes heights and widths that "
+                                             "are multiples of 2 pixels (default 64x64)"),
+])  # fmt: skip
+def test_a_size_the_model_cannot_take_is_refused_in_pixels(tmp_path, monkeypatch, extra, message):
+    """It used to end in diffusers' traceback about pos_embed_max_size, in token units."""
+    monkeypatch.setattr(cli, "_run", lambda *a, **k: pytest.fail("ran although the size is wrong"))
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--prompt", "x", "--out", str(tmp_path), "--device", "cpu", *extra])
+    assert message in str(exc.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_sizes_of_diffusers_pipelines():
+    """SD3 at 1024 pixels: latents 8x smaller, patch 2, a 192-token position table."""
+
+    class Config(dict):
+        pass
+
+    class SD3Transformer2DModel:
+        config = Config(patch_size=2, pos_embed_max_size=192, sample_size=128)
+
+    class FluxTransformer2DModel:
+        config = Config(patch_size=1)
+
+    class Pipe:
+        vae_scale_factor, default_sample_size = 8, 128
+
+    sd3, flux = Pipe(), Pipe()
+    sd3.transformer, flux.transformer = SD3Transformer2DModel(), FluxTransformer2DModel()
+    assert cli._sizes(sd3) == (16, 3072, (1024, 1024))
+    assert cli._sizes(flux) == (16, None, (1024, 1024))  # 2x2 latents packed per token
+
+
+@pytest.mark.parametrize("command", ["demo", "generate"])
+def test_help_is_plain_text_and_covers_every_option(command, capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert "`" not in top and "python -m cat_pruning demo" in top
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "`" not in out
+    assert "--device DEVICE torch device to run on" in out
+    assert "--backend {auto,triton,cuda,torch} kernels of CAT's token selection" in out
 
 
 # ------------------------------------------------------------------ stats as generate prints it

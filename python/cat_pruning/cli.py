@@ -1,4 +1,4 @@
-"""Command line: ``python -m cat_pruning demo`` and ``python -m cat_pruning generate``.
+"""Command line: python -m cat_pruning demo, python -m cat_pruning generate.
 
 demo       generates a handful of prompts with one of the shipped models (--model tiny, the scene
            model, or photos, the Flux-architecture photo model), dense and with CAT, and writes
@@ -9,7 +9,7 @@ generate   one prompt (--prompt) or a file of them (--prompts-file) with a shipp
            token was recomputed. For DiT, which is class-conditional, the prompt is an ImageNet
            class name ("golden retriever"); for the photo model it is "<photo>, <zoom>"
            ("coffee, close-up"). Under torchrun (or accelerate launch) a prompts file is shared
-           out over the processes, one pipeline each; see generate().
+           out over the processes, one pipeline each (see: generate --help).
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def _describe(cfg: CATConfig) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cat_pruning", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cat_pruning", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, steps: int | None, guidance: float | None) -> None:
@@ -119,10 +120,15 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=_positive_int, default=steps, help=f"denoising steps (default {steps or own})")
         p.add_argument("--guidance", type=_guidance, default=guidance, help=f"CFG scale (default {guidance or own})")
         p.add_argument("--seed", type=_int, default=0, help="seed (default 0)")
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        p.add_argument("--device", default=device,
+                       help=f"torch device to run on: cpu, cuda or cuda:N (default {device} on this machine)")
         p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                        help="default float32 on cpu, bfloat16 on cuda")
-        p.add_argument("--backend", choices=["auto", "triton", "cuda", "torch"], default="auto")
+        p.add_argument("--backend", choices=["auto", "triton", "cuda", "torch"], default="auto",
+                       help="kernels of CAT's token selection and caches: triton, cuda (the compiled extension), "
+                            "torch (plain PyTorch, any device) or auto (default: triton on CUDA if it imports, "
+                            "else the extension, else torch)")
 
     demo = sub.add_parser("demo", help="dense vs CAT on a shipped model, PNGs and a table")
     common(demo, 28, None)
@@ -143,8 +149,10 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--prompts-file", type=Path, default=None, metavar="FILE",
                       help="one prompt a line (blank lines and lines starting with '#' skipped); prompt i (from 0) "
                            "is seeded --seed + i and written as NNNN-<prompt>-seed<S>-<settings>.png")
-    gen.add_argument("--height", type=_positive_int, default=None, help="pixels (default: the pipeline's)")
-    gen.add_argument("--width", type=_positive_int, default=None, help="pixels (default: the pipeline's)")
+    gen.add_argument("--height", type=_positive_int, default=None,
+                     help="pixels (default: the pipeline's); the shipped models take multiples of 2, the tiny model "
+                          "at most 64")
+    gen.add_argument("--width", type=_positive_int, default=None, help="pixels (default: the pipeline's); as --height")
     gen.add_argument("--out", type=Path, default=Path("out"), help="output folder (default out)")
     gen.add_argument("--dense", action="store_true", help="run the unpatched model")
     return parser
@@ -436,16 +444,67 @@ def _gather(record: dict, launch: _Launch) -> list[dict]:
 
 
 def _load_patched(args: argparse.Namespace):
-    """The pipeline, patched with CAT unless --dense, the same way on every rank."""
+    """The pipeline, patched with CAT unless --dense, the same way on every rank; --height and
+    --width checked against the sizes it takes before anything runs."""
     import cat_pruning
 
     pipe = load_pipeline(args.model, args.device, _dtype(args))
+    _check_size(pipe, args)
     if not args.dense:
         try:
             cat_pruning.patch(pipe, _config(args))
         except (TypeError, ValueError) as err:  # a model variant the adapter does not support
             raise SystemExit(f"error: {err}") from None
     return pipe
+
+
+class _Sizes(NamedTuple):
+    """The image sizes a pipeline takes, in pixels (None: not known from its configuration)."""
+
+    multiple: int  # height and width must be multiples of this
+    maximum: int | None  # and at most this
+    default: tuple[int, int] | None  # (height, width) when none is given
+
+
+def _sizes(pipe) -> _Sizes:
+    """What the shipped pipelines (pixel space) and diffusers' latent pipelines take: multiples of
+    a token's side in pixels (patch size times the VAE's downsampling; Flux packs 2x2 latents per
+    token), at most the positional table's side (SD3's pos_embed_max_size, in tokens)."""
+    from .photos.pipeline import PATCH, PhotoFluxPipeline
+    from .tiny import TinyT2IPipeline
+
+    if isinstance(pipe, PhotoFluxPipeline):  # rotary positions: no maximum
+        return _Sizes(PATCH, None, (pipe.image_size, pipe.image_size))
+    transformer = getattr(pipe, "transformer", None)
+    config = getattr(transformer, "config", {}) or {}
+    patch = config.get("patch_size") or 1
+    if isinstance(pipe, TinyT2IPipeline):  # pixel space: the transformer's sizes are pixels
+        scale, default = 1, config.get("sample_size")
+    else:
+        scale = getattr(pipe, "vae_scale_factor", None)
+        if not isinstance(scale, int):
+            return _Sizes(1, None, None)
+        if type(transformer).__name__.startswith("Flux"):
+            patch *= 2
+        default = getattr(pipe, "default_sample_size", None)
+        default = default * scale if isinstance(default, int) else None
+    table = config.get("pos_embed_max_size")
+    return _Sizes(patch * scale, table * patch * scale if table else None,
+                  (default, default) if isinstance(default, int) else None)
+
+
+def _check_size(pipe, args: argparse.Namespace) -> None:
+    """--height / --width the pipeline cannot take: a message in pixels instead of diffusers'
+    traceback (in token units) from inside the first step."""
+    rules = _sizes(pipe)
+    for flag in ("height", "width"):
+        value = getattr(args, flag, None)
+        if value is None or (value % rules.multiple == 0 and (rules.maximum is None or value <= rules.maximum)):
+            continue
+        model = SHIPPED.get(args.model, f"{type(pipe).__name__} at {args.model}")
+        takes = f"multiples of {rules.multiple} pixels" + (f" up to {rules.maximum}" if rules.maximum else "")
+        default = f" (default {rules.default[0]}x{rules.default[1]})" if rules.default else ""
+        raise SystemExit(f"error: --{flag} {value}: the {model} takes heights and widths that are {takes}{default}")
 
 
 def _settings_name(args: argparse.Namespace) -> str:
@@ -540,6 +599,10 @@ def generate(args: argparse.Namespace) -> int:
 
     --prompt P writes <P>-seed<S>-<settings>.png, with CAT also <...>-tokens.png (how many steps
     computed each token), and prints the generation's CAT stats.
+
+    Sizes are checked before the model runs: the shipped models take multiples of 2 pixels (the
+    tiny model at most 64, the size of its position table); diffusers pipelines multiples of
+    their token's side in pixels and, for SD3, at most pos_embed_max_size tokens.
 
     --prompts-file FILE takes one prompt a line; blank lines and lines starting with '#' are
     skipped. Prompt i (counting from 0 over the prompts kept) is seeded --seed + i and written as
