@@ -2,12 +2,16 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cat_pruning import CATConfig, cli
 from cat_pruning.cli import main
 from cat_pruning.stats import CATStats, StepStats
+
+FAST = ["--steps", "3", "--full-steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--backend", "torch"]
 
 
 def test_demo_writes_pictures_and_numbers(tmp_path):
@@ -68,7 +72,7 @@ def test_generate_shorter_than_full_steps(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "every step runs dense" in captured.err and "1 steps (1 anchor)" in captured.out
     assert "no step was pruned" in captured.out and "caches never read" in captured.out
-    assert "1 (dark) to 1 (bright) of 1" in captured.out
+    assert "steps computed per token: 1 to 1 of 1 (colour bar 0 to 1)" in captured.out
 
 
 # ------------------------------------------------------------------ sizes, help
@@ -123,6 +127,39 @@ def test_help_is_plain_text_and_covers_every_option(command, capsys):
     assert "`" not in out
     assert "--device DEVICE torch device to run on" in out
     assert "--backend {auto,triton,cuda,torch} kernels of CAT's token selection" in out
+
+
+# ------------------------------------------------------------------ the token map
+
+
+def test_token_maps_of_a_run_share_one_colour_scale_with_a_labelled_bar():
+    """Two images of one run: a token computed 4 times has the same colour in both maps, whatever
+    the other counts (it used to be scaled min to max per image); the bar is labelled in steps."""
+    modes = ["anchor", "fill", "pruned", "refresh", "pruned", "pruned"]  # 3 steps compute every token
+    a = torch.full((1, 4, 4), 3.0)
+    a[0, 0, 0], a[0, 3, 3] = 4, 6
+    b = torch.full((1, 4, 4), 4.0)
+    b[0, 1, 1] = 5
+    assert cli._map_scale(_stats(modes)) == (3, 6)
+    maps = [cli._recompute_map(_stats(modes, counts), (64, 64)) for counts in (a, b)]
+    assert maps[0][1] == "steps computed per token: 3 to 6 of 6 (colour bar 3 to 6)"
+    first, second = (np.asarray(m) for m, _ in maps)
+    assert first.shape == second.shape and first.shape[1] > 256  # the map at 256 pixels, then the bar
+    # the token of count 4: (0, 0) in the first map, (0, 0) in the second too; count 3 nowhere in the second
+    assert (first[10, 10] == second[10, 10]).all()
+    assert (first[100, 100] != second[100, 100]).any()  # 3 in the first, 4 in the second
+    # the bar: brightest at the top (6 steps), darkest at the bottom (3), beside the map
+    bar = first[:256, 256 + 8 + 7]
+    assert (bar[0] == first[255, 255]).all() and (bar[255] == first[100, 100]).all()
+    labels = first[:256, 256 + 8 + 14 + 4:]
+    assert (labels < 128).any()  # the tick labels are drawn
+
+
+def test_the_token_map_written_by_generate_has_the_colour_bar(tmp_path):
+    assert main(["generate", "--prompt", "a red circle", "--out", str(tmp_path), *FAST]) == 0
+    (tokens,) = tmp_path.glob("*-tokens.png")
+    with Image.open(tokens) as picture:
+        assert picture.width > picture.height > 256  # 32 pixels drawn 8x, the bar beside, the caption below
 
 
 # ------------------------------------------------------------------ stats as generate prints it

@@ -274,41 +274,90 @@ def _to_uint8(image: torch.Tensor) -> np.ndarray:
     return (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def heatmap(counts: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """(h, w) recompute counts -> an (H, W, 3) uint8 picture, dark = rarely, bright = often."""
-    stops = np.array([[13, 8, 135], [126, 3, 168], [204, 71, 120], [248, 149, 64], [240, 249, 33]], np.float32)
-    c = counts.float()
-    t = ((c - c.min()) / (c.max() - c.min()).clamp_min(1e-9)).numpy() * (len(stops) - 1)
-    lo = np.floor(t).astype(int).clip(0, len(stops) - 2)
+_STOPS = np.array([[13, 8, 135], [126, 3, 168], [204, 71, 120], [248, 149, 64], [240, 249, 33]], np.float32)
+_GAMMA = 0.5  # the colour of count c sits at ((c - lo) / (hi - lo)) ** _GAMMA: one or two extra steps stay visible
+
+
+def _colours(t: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB on a dark-blue (0) to yellow (1) ramp."""
+    t = np.clip(t, 0.0, 1.0) * (len(_STOPS) - 1)
+    lo = np.floor(t).astype(int).clip(0, len(_STOPS) - 2)
     frac = (t - lo)[..., None]
-    rgb = (stops[lo] * (1 - frac) + stops[lo + 1] * frac).astype(np.uint8)
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.NEAREST))
+    return (_STOPS[lo] * (1 - frac) + _STOPS[lo + 1] * frac).round().astype(np.uint8)
 
 
-def _panel(dense: np.ndarray, cat: np.ndarray, heat: np.ndarray, heat_label: str, caption: str, scale: int = 4):
-    from PIL import Image, ImageDraw
+def _position(count: np.ndarray | float, lo: int, hi: int) -> np.ndarray:
+    """Where on the colour scale [lo, hi] (0 dark to 1 bright) a count of steps lies."""
+    return np.clip((np.asarray(count, np.float32) - lo) / max(hi - lo, 1), 0.0, 1.0) ** _GAMMA
 
-    tiles = [np.repeat(np.repeat(a, scale, 0), scale, 1) for a in (dense, cat, heat)]
-    h, w = tiles[0].shape[:2]
-    canvas = Image.new("RGB", (3 * w + 20, h + 40), "white")
+
+def token_map(counts: torch.Tensor, scale: tuple[int, int], size: tuple[int, int], min_side: int = 256):
+    """(h, w) counts of the steps that computed each token -> a PIL picture of them at `size` (H, W)
+    pixels (larger by a whole factor until its short side is at least `min_side`), with a colour
+    bar labelled in steps. `scale` = (lo, hi) fixes the colours: lo steps darkest, hi brightest,
+    the same for every picture of a run (_map_scale), whatever the counts of one picture."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    lo, hi = scale
+    factor = max(1, math.ceil(min_side / min(size)))
+    h, w = size[0] * factor, size[1] * factor
+    picture = Image.fromarray(_colours(_position(counts.float().numpy(), lo, hi))).resize((w, h), Image.NEAREST)
+    font = ImageFont.load_default()
+    bar_w, gap, label_w, caption_h = 14, 8, 8 + int(font.getlength(str(hi))) + 4, 18
+    canvas = Image.new("RGB", (w + gap + bar_w + label_w, h + caption_h), "white")
+    canvas.paste(picture, (0, 0))
+    ramp = _colours(np.linspace(1.0, 0.0, h, dtype=np.float32))[:, None].repeat(bar_w, 1)  # bright at the top
+    canvas.paste(Image.fromarray(np.ascontiguousarray(ramp)), (w + gap, 0))
     draw = ImageDraw.Draw(canvas)
-    for i, (tile, label) in enumerate(zip(tiles, ("dense", "CAT", heat_label), strict=True)):
-        canvas.paste(Image.fromarray(tile), (i * (w + 10), 0))
-        draw.text((i * (w + 10) + 4, h + 4), label, fill="black")
-    draw.text((4, h + 22), caption[:110], fill="black")
+    ticks: list[tuple[int, int]] = []  # (count, y): hi and lo, then the counts between that fit 14 pixels apart
+    for count in [hi, lo, *range(hi - 1, lo, -1)]:
+        y = round((1.0 - float(_position(count, lo, hi))) * (h - 1))
+        if all(abs(y - other) >= 14 for _, other in ticks):
+            ticks.append((count, y))
+    for count, y in ticks:
+        draw.line([(w + gap + bar_w, y), (w + gap + bar_w + 4, y)], fill="black")
+        draw.text((w + gap + bar_w + 7, min(max(y - 6, 0), h - 12)), str(count), fill="black", font=font)
+    draw.text((2, h + 3), f"steps computed per token (of {hi})", fill="black", font=font)
     return canvas
 
 
-def _recompute_map(stats, size: tuple[int, int], steps: int) -> tuple[np.ndarray, str]:
+def _map_scale(stats) -> tuple[int, int]:
+    """The colour scale of a run's token maps: from the steps that computed every token (dense,
+    anchor, fill and refresh steps) to all steps. Every image of a run has the same steps, so the
+    same colours mean the same counts in every map."""
+    steps = len(stats.steps)
+    everywhere = sum(s.mode != "pruned" for s in stats.steps)
+    return min(everywhere, steps - 1), steps
+
+
+def _recompute_map(stats, size: tuple[int, int]):
+    """(the token map picture, a line that says what it shows) of a CAT generation."""
     counts = stats.recomputed[-1]  # the two halves of a CFG pair share one selection
     if counts.shape[0] == 1 and counts.numel() > 1:  # packed tokens without a grid (Flux): the image's aspect
         rows = round((counts.numel() * size[0] / size[1]) ** 0.5)
         if rows and counts.numel() % rows == 0:
             counts = counts.reshape(rows, -1)
-    label = f"steps computed per token: {int(counts.min())} (dark) to {int(counts.max())} (bright) of {steps}"
-    return heatmap(counts, size), label
+    scale = _map_scale(stats)
+    label = (f"steps computed per token: {int(counts.min())} to {int(counts.max())} of {len(stats.steps)} "
+             f"(colour bar {scale[0]} to {scale[1]})")
+    return token_map(counts, scale, size), label
+
+
+def _panel(dense: np.ndarray, cat: np.ndarray, heat, heat_label: str, caption: str, scale: int = 4):
+    """dense | CAT | the token map (a PIL picture with its colour bar), labelled, one caption line."""
+    from PIL import Image, ImageDraw
+
+    tiles = [Image.fromarray(np.repeat(np.repeat(a, scale, 0), scale, 1)) for a in (dense, cat)] + [heat]
+    h, w = tiles[0].height, tiles[0].width
+    canvas = Image.new("RGB", (2 * (w + 10) + heat.width, max(h, heat.height) + 40), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (tile, label) in enumerate(zip(tiles, ("dense", "CAT", ""), strict=True)):
+        canvas.paste(tile, (i * (w + 10), 0))
+        if label:
+            draw.text((i * (w + 10) + 4, h + 4), label, fill="black")
+    draw.text((4, max(h, heat.height) + 4), heat_label[:150], fill="black")
+    draw.text((4, max(h, heat.height) + 22), caption[:110], fill="black")
+    return canvas
 
 
 def _slug(text: str, limit: int = 40) -> str:
@@ -339,7 +388,7 @@ def demo(args: argparse.Namespace) -> int:
             cat, t_cat = _run(pipe, prompt, args)
             stats = cat_pruning.stats(pipe)
         png = args.out / f"{i:02d}.png"
-        heat, label = _recompute_map(stats, tuple(dense.shape[-2:]), args.steps)
+        heat, label = _recompute_map(stats, (4 * dense.shape[-2], 4 * dense.shape[-1]))
         _panel(_to_uint8(dense[0]), _to_uint8(cat[0]), heat, label, prompt).save(png)
         rows.append(dict(prompt=prompt, dense_s=t_dense, cat_s=t_cat, speedup=t_dense / t_cat,
                          mac_fraction=stats.mac_fraction, psnr_db=psnr(cat, dense), ssim=ssim(cat, dense),
@@ -533,9 +582,9 @@ def _write(pipe, prompt: str, seed: int, prefix: str, args: argparse.Namespace):
     stats = cat_pruning.stats(pipe)
     if stats.recomputed is None:  # the caches were never made (steps < full_steps - 1)
         return path, seconds, stats, None
-    heat, label = _recompute_map(stats, tuple(image.shape[-2:]), len(stats.steps))
+    heat, label = _recompute_map(stats, tuple(image.shape[-2:]))
     heat_path = path.with_name(path.stem + "-tokens.png")
-    Image.fromarray(heat).save(heat_path)
+    heat.save(heat_path)
     return path, seconds, stats, (heat_path, label)
 
 
@@ -598,7 +647,8 @@ def generate(args: argparse.Namespace) -> int:
     """One prompt (--prompt) or a file of prompts (--prompts-file), with CAT unless --dense.
 
     --prompt P writes <P>-seed<S>-<settings>.png, with CAT also <...>-tokens.png (how many steps
-    computed each token), and prints the generation's CAT stats.
+    computed each token, with a colour bar in steps; the same colours in every map of a run), and
+    prints the generation's CAT stats.
 
     Sizes are checked before the model runs: the shipped models take multiples of 2 pixels (the
     tiny model at most 64, the size of its position table); diffusers pipelines multiples of
