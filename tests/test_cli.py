@@ -28,7 +28,7 @@ def test_generate_dense_and_cat(tmp_path, capsys):
         assert main(["generate", "--prompt", "a red circle on a blue background", "--steps", "5",
                      "--full-steps", "2", "--out", str(tmp_path), "--backend", "torch", *extra]) == 0
     names = sorted(p.name for p in tmp_path.glob("*.png"))
-    stem = "a-red-circle-on-a-blue-background-seed0"
+    stem = "a-red-circle-on-a-blue-background-seed0-tiny-64x64-5steps-g4-fp32"  # the tiny model's size and guidance
     catf = "cat-k0.02-f2-r3-forecast"
     assert names == sorted(f"{stem}-{n}" for n in (f"{catf}-tokens.png", f"{catf}.png", "cat-k0.3-f2-tokens.png",
                                                    "cat-k0.3-f2.png", "dense.png"))
@@ -67,12 +67,68 @@ def test_generate_shorter_than_full_steps(tmp_path, capsys):
     (the caches exist from the last dense step on; their counts must not be left uninitialised)."""
     assert main(["generate", "--prompt", "a red circle", "--steps", "1", "--full-steps", "2",
                  "--out", str(tmp_path), "--backend", "torch"]) == 0
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
-        "a-red-circle-seed0-cat-k0.02-f2-r3-forecast-tokens.png", "a-red-circle-seed0-cat-k0.02-f2-r3-forecast.png"]
+    stem = "a-red-circle-seed0-tiny-64x64-1steps-g4-fp32-cat-k0.02-f2-r3-forecast"
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"{stem}-tokens.png", f"{stem}.png"]
     captured = capsys.readouterr()
     assert "every step runs dense" in captured.err and "1 steps (1 anchor)" in captured.out
     assert "no step was pruned" in captured.out and "caches never read" in captured.out
     assert "steps computed per token: 1 to 1 of 1 (colour bar 0 to 1)" in captured.out
+
+
+# ------------------------------------------------------------------ file names: other settings, other files
+
+
+def _pngs(folder):
+    return {p.name: p.read_bytes() for p in folder.glob("*.png")}
+
+
+def test_other_model_steps_size_or_guidance_never_share_a_file(tmp_path):
+    """The issue's runs: --steps 4, then --model photos at another size, wrote one file name and
+    the second replaced the first; each setting is now in the name."""
+    base = ["generate", "--prompt", "x", "--dense", "--out", str(tmp_path), "--device", "cpu"]
+    runs = [["--steps", "2"], ["--steps", "2", "--model", "photos", "--height", "16", "--width", "16"],
+            ["--steps", "3"], ["--steps", "2", "--height", "32", "--width", "32"], ["--steps", "2", "--guidance", "2"],
+            ["--steps", "2", "--dtype", "bfloat16"]]  # fmt: skip
+    for extra in runs:
+        assert main([*base, *extra]) == 0
+    assert sorted(_pngs(tmp_path)) == sorted(f"x-seed0-{run}-dense.png" for run in [
+        "tiny-64x64-2steps-g4-fp32", "photos-16x16-2steps-g1-fp32", "tiny-64x64-3steps-g4-fp32",
+        "tiny-32x32-2steps-g4-fp32", "tiny-64x64-2steps-g2-fp32", "tiny-64x64-2steps-g4-bf16"])  # fmt: skip
+
+
+def test_an_existing_picture_is_refused_before_generating_unless_overwrite(tmp_path, monkeypatch, capsys):
+    argv = ["generate", "--prompt", "a red circle", "--out", str(tmp_path), *FAST]
+    assert main(argv) == 0
+    before = _pngs(tmp_path)
+    assert len(before) == 2  # the image and its token map
+    (first,) = [name for name in before if not name.endswith("-tokens.png")]
+    (tmp_path / first).write_bytes(b"an earlier picture")
+    real_run = cli._run
+    monkeypatch.setattr(cli, "_run", lambda *a, **k: pytest.fail("generated although the file exists"))
+    with pytest.raises(SystemExit, match=rf"{first} and 1 more files exist already.*--overwrite"):
+        main(argv)
+    assert (tmp_path / first).read_bytes() == b"an earlier picture"
+    # a prompts file is checked as a whole, before its first image
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blue square\na red circle\n")
+    file_argv = ["generate", "--prompts-file", str(prompts), "--out", str(tmp_path / "run"), *FAST]
+    monkeypatch.setattr(cli, "_run", real_run)
+    assert main(file_argv) == 0
+    monkeypatch.setattr(cli, "_run", lambda *a, **k: pytest.fail("generated although the files exist"))
+    with pytest.raises(SystemExit, match="0000-a-blue-square-seed0-.* and 3 more files exist already"):
+        main(file_argv)
+    monkeypatch.setattr(cli, "_run", real_run)
+    capsys.readouterr()
+    assert main([*argv, "--overwrite"]) == 0
+    assert _pngs(tmp_path) == before
+
+
+def test_the_overwrite_flag_is_documented(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--overwrite replace pictures that exist already" in out
+    assert "<model>-<H>x<W>-<steps>steps-g<guidance>-<dtype>-<dense or CAT settings>" in out
 
 
 # ------------------------------------------------------------------ sizes, help
@@ -132,6 +188,12 @@ def test_help_is_plain_text_and_covers_every_option(command, capsys):
 # ------------------------------------------------------------------ the token map
 
 
+def _stats(modes, recomputed=None):
+    steps = [StepStats(i, m, 4 if m == "pruned" else 16) for i, m in enumerate(modes)]
+    return CATStats("SD3", CATConfig(full_steps=2), 16, 4, 1, steps, macs=len(modes), macs_dense=len(modes),
+                    cache_bytes=1 << 20, recomputed=recomputed)
+
+
 def test_token_maps_of_a_run_share_one_colour_scale_with_a_labelled_bar():
     """Two images of one run: a token computed 4 times has the same colour in both maps, whatever
     the other counts (it used to be scaled min to max per image); the bar is labelled in steps."""
@@ -163,12 +225,6 @@ def test_the_token_map_written_by_generate_has_the_colour_bar(tmp_path):
 
 
 # ------------------------------------------------------------------ stats as generate prints it
-
-
-def _stats(modes, recomputed=None):
-    steps = [StepStats(i, m, 4 if m == "pruned" else 16) for i, m in enumerate(modes)]
-    return CATStats("SD3", CATConfig(full_steps=2), 16, 4, 1, steps, macs=len(modes), macs_dense=len(modes),
-                    cache_bytes=1 << 20, recomputed=recomputed)
 
 
 def test_stats_before_any_generation_says_nothing_ran():

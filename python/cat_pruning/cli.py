@@ -149,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--prompts-file", type=Path, default=None, metavar="FILE",
                       help="one prompt a line (blank lines and lines starting with '#' skipped); prompt i (from 0) "
                            "is seeded --seed + i and written as NNNN-<prompt>-seed<S>-<settings>.png")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="replace pictures that exist already (without it, an existing file is an error and nothing "
+                          "is generated)")
     gen.add_argument("--height", type=_positive_int, default=None,
                      help="pixels (default: the pipeline's); the shipped models take multiples of 2, the tiny model "
                           "at most 64")
@@ -556,43 +559,100 @@ def _check_size(pipe, args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --{flag} {value}: the {model} takes heights and widths that are {takes}{default}")
 
 
-def _settings_name(args: argparse.Namespace) -> str:
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _pipeline_default(pipe, name: str):
+    parameter = inspect.signature(pipe.__call__).parameters.get(name)
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
+def _run_name(pipe, args: argparse.Namespace, size: tuple[int, int] | None) -> str | None:
+    """Everything besides prompt and seed that decides a picture, for its file name:
+    <model>-<H>x<W>-<steps>steps-g<guidance>-<dtype>-<dense or CAT settings> (steps and guidance
+    as the pipeline runs them when not given). None while the size is not known."""
+    if size is None:
+        return None
+    model = args.model if args.model in SHIPPED else _slug(Path(args.model).resolve().name or "model")
+    parts = [model, f"{size[0]}x{size[1]}"]
+    steps = args.steps if args.steps is not None else _pipeline_default(pipe, "num_inference_steps")
+    if isinstance(steps, int):
+        parts.append(f"{steps}steps")
+    guidance = args.guidance if args.guidance is not None else _pipeline_default(pipe, "guidance_scale")
+    if isinstance(guidance, (int, float)):
+        parts.append(f"g{guidance:g}")
+    parts.append(_DTYPE_NAMES.get(_dtype(args), str(_dtype(args)).replace("torch.", "")))
     if args.dense:
-        return "dense"
-    cfg = _config(args)
-    return f"cat-k{cfg.keep_ratio}-f{cfg.full_steps}" + (f"-r{cfg.refresh_every}" if cfg.refresh_every else "") + (
-        "-forecast" if cfg.forecast != "none" else "")
+        parts.append("dense")
+    else:
+        cfg = _config(args)
+        parts.append(f"cat-k{cfg.keep_ratio}-f{cfg.full_steps}" + (f"-r{cfg.refresh_every}" if cfg.refresh_every
+                                                                    else "")
+                     + ("-forecast" if cfg.forecast != "none" else ""))
+    return "-".join(parts)
+
+
+def _expected_size(pipe, args: argparse.Namespace) -> tuple[int, int] | None:
+    default = _sizes(pipe).default
+    height = args.height if args.height is not None else (default[0] if default else None)
+    width = args.width if args.width is not None else (default[1] if default else None)
+    return (height, width) if height is not None and width is not None else None
+
+
+def _paths(prefix: str, prompt: str, seed: int, run: str, args: argparse.Namespace) -> tuple[Path, Path]:
+    """(image, token map) paths of one prompt."""
+    path = args.out / f"{prefix}{_slug(prompt)}-seed{seed}-{run}.png"
+    return path, path.with_name(path.stem + "-tokens.png")
+
+
+def _refuse_existing(paths, args: argparse.Namespace) -> None:
+    """Never replace an earlier picture silently: without --overwrite an existing file is an error."""
+    if args.overwrite:
+        return
+    existing = [p for p in paths if p.exists()]
+    if existing:
+        what = f"{existing[0]} and {len(existing) - 1} more files exist" if len(existing) > 1 else \
+            f"{existing[0]} exists"
+        raise SystemExit(f"error: {what} already, from a run with the same prompt, seed and settings: pass "
+                         "--overwrite to replace them, or another --out")
 
 
 def _write(pipe, prompt: str, seed: int, prefix: str, args: argparse.Namespace):
-    """Generate `prompt` with `seed` and write <prefix><prompt>-seed<seed>-<settings>.png and, with CAT
-    once the caches exist, its map of recompute counts (-tokens.png).
+    """Generate `prompt` with `seed` and write <prefix><prompt>-seed<seed>-<run>.png (_run_name) and,
+    with CAT once the caches exist, its map of recompute counts (-tokens.png), refusing to replace
+    existing files without --overwrite.
 
-    Returns (image path, seconds, the CAT stats or None when dense, (map path, label) or None)."""
+    Returns (image path, seconds, the CAT stats or None when dense, (map path, label) or None, the
+    run's part of the name)."""
     from PIL import Image
 
     import cat_pruning
 
     image, seconds = _run(pipe, prompt, args, seed)
+    run = _run_name(pipe, args, tuple(image.shape[-2:]))
+    path, heat_path = _paths(prefix, prompt, seed, run, args)
+    _refuse_existing([path, heat_path], args)  # checked before the run where the size was known
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{prefix}{_slug(prompt)}-seed{seed}-{_settings_name(args)}.png"
     Image.fromarray(_to_uint8(image[0])).save(path)
     if args.dense:
-        return path, seconds, None, None
+        return path, seconds, None, None, run
     stats = cat_pruning.stats(pipe)
     if stats.recomputed is None:  # the caches were never made (steps < full_steps - 1)
-        return path, seconds, stats, None
+        return path, seconds, stats, None, run
     heat, label = _recompute_map(stats, tuple(image.shape[-2:]))
-    heat_path = path.with_name(path.stem + "-tokens.png")
     heat.save(heat_path)
-    return path, seconds, stats, (heat_path, label)
+    return path, seconds, stats, (heat_path, label), run
 
 
 def _generate_prompt(args: argparse.Namespace, launch: _Launch) -> int:
     if launch.rank > 0:
         print(f"[rank {launch.rank}] idle: one --prompt, which rank 0 generates")
         return 0
-    path, seconds, stats, heat = _write(_load_patched(args), args.prompt, args.seed, "", args)
+    pipe = _load_patched(args)
+    run = _run_name(pipe, args, _expected_size(pipe, args))
+    if run is not None:
+        _refuse_existing(_paths("", args.prompt, args.seed, run, args), args)
+    path, seconds, stats, heat, _ = _write(pipe, args.prompt, args.seed, "", args)
     print(f"{path} ({seconds:.2f} s)")
     if heat is not None:
         print(f"{heat[0]} ({heat[1]})")
@@ -607,7 +667,7 @@ def _generate_file(args: argparse.Namespace, launch: _Launch) -> int:
     mine = range(launch.rank, len(prompts), launch.world)
     digits = max(4, len(str(len(prompts) - 1)))  # zero-padded indices sort like the file
     tag = f"[rank {launch.rank}] " if launch.world > 1 else ""
-    seconds, macs = [], []
+    seconds, macs, run = [], [], None  # rank 0, which prints the summary, always has prompt 0
     if not mine:
         print(f"{tag}idle: {len(prompts)} prompts for {launch.world} processes")
     else:
@@ -619,12 +679,16 @@ def _generate_file(args: argparse.Namespace, launch: _Launch) -> int:
                 except ValueError as err:
                     raise SystemExit(f"error: --prompts-file {args.prompts_file}, prompt {i} ({prompt!r}): "
                                      f"{type(pipe).__name__} takes an ImageNet class name: {err}") from None
+        run = _run_name(pipe, args, _expected_size(pipe, args))
+        if run is not None:  # before the first image, not at the 57th
+            _refuse_existing([p for i in mine for p in _paths(f"{i:0{digits}d}-", prompts[i], args.seed + i, run,
+                                                                args)], args)
         pipe.set_progress_bar_config(disable=True)  # one bar over the prompts, not one per image
         from tqdm.auto import tqdm
 
         bar = tqdm(mine, desc=f"rank {launch.rank}" if launch.world > 1 else "generate", unit="image")
         for i in bar:
-            path, s, stats, _ = _write(pipe, prompts[i], args.seed + i, f"{i:0{digits}d}-", args)
+            path, s, stats, _, run = _write(pipe, prompts[i], args.seed + i, f"{i:0{digits}d}-", args)
             seconds.append(s)
             if stats is not None:
                 macs.append(stats.mac_fraction)
@@ -638,7 +702,7 @@ def _generate_file(args: argparse.Namespace, launch: _Launch) -> int:
         print(f"{images} images of {args.prompts_file} over {launch.world} process(es) in "
               f"{time.perf_counter() - t0:.1f} s, {per_image:.2f} s each"
               + (f", MACs {100 * sum(fractions) / len(fractions):.1f}% of dense" if fractions else "")
-              + f": {args.out}/{'N' * digits}-<prompt>-seed<S>-{_settings_name(args)}.png"
+              + f": {args.out}/{'N' * digits}-<prompt>-seed<S>-{run}.png"
               + (" and -tokens.png (steps computed per token)" if fractions else ""))
     return 0
 
@@ -648,7 +712,13 @@ def generate(args: argparse.Namespace) -> int:
 
     --prompt P writes <P>-seed<S>-<settings>.png, with CAT also <...>-tokens.png (how many steps
     computed each token, with a colour bar in steps; the same colours in every map of a run), and
-    prints the generation's CAT stats.
+    prints the generation's CAT stats. <settings> is everything else that decides the picture:
+    <model>-<H>x<W>-<steps>steps-g<guidance>-<dtype>-<dense or CAT settings>, with the pipeline's
+    own steps, guidance and size where none is given, e.g.
+    a-red-circle-seed0-tiny-64x64-28steps-g4-fp32-cat-k0.02-f8-r3-forecast.png. Runs with other
+    settings never share a file; a file that exists already (the same settings, or another device
+    or --backend, which the name leaves out) is an error before anything is generated unless
+    --overwrite is given.
 
     Sizes are checked before the model runs: the shipped models take multiples of 2 pixels (the
     tiny model at most 64, the size of its position table); diffusers pipelines multiples of
