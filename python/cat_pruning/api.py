@@ -11,6 +11,9 @@ paths (PEFT's LoRA layers take a Linear's place), a later set_attention_backend 
 replaced processors, a pipeline's new scheduler (or a `from_pipe` pipeline's own) is wrapped;
 attention processors replaced after the patch (fuse_qkv_projections, set_attn_processor) and
 float64 are refused with an error that says what to do.
+
+A transformer patched on its own finds, in the same pre-hook, the pipeline whose call runs it, and
+counts that call's steps as a patched pipeline would (cat_pruning.generation has the bare-loop side).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .adapters import Adapter, find_adapter, supported_families
 from .adapters.base import PathHook, compute_dtype, encoder_hidden_states_arg, get_submodule, hidden_states_arg
 from .compat import check_diffusers
 from .config import CATConfig
+from .generation import Restart, TimestepWatch
 from .parallel import NONE, check_agreement, sharding
 from .state import CATState
 from .stats import CATStats, StepStats
@@ -53,6 +57,10 @@ class _Patch:
     path_hooks: list[PathHook] = dataclasses.field(default_factory=list)
     schedulers: list = dataclasses.field(default_factory=list)  # schedulers whose methods are wrapped
     text_tokens: int = 0
+    # what counts the steps outside a pipeline call: "pipeline" for a patched pipeline, else "auto" or
+    # "manual"; a transformer patched on its own counts a pipeline call's steps as a pipeline (_follow)
+    driver: str = "pipeline"
+    watch: TimestepWatch = dataclasses.field(default_factory=TimestepWatch)  # bare loops' timesteps
 
 
 def _split(obj: Any) -> tuple[Any | None, nn.Module]:
@@ -92,9 +100,14 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
     Args:
         obj: a pipeline with a supported `.transformer` (its state resets at every call and the
             CFG pairing follows whether that call runs classifier-free guidance, as the family's
-            adapter reads it), or the transformer itself (call :func:`reset` before each
-            generation; pass cfg_pairs=True if its batch is two CFG halves; with torch.compile,
-            patch with manual_steps=True and call :func:`advance` after each step).
+            adapter reads it), or the transformer itself. A transformer patched on its own runs
+            every call of a pipeline that holds it as that pipeline patched would (found in eager
+            code; a compiled one, after one eager call). In a bare denoising loop call
+            :func:`reset` before each generation (a loop whose timestep moves back without it is
+            reset with a warning where the timestep is on the CPU, refused a few steps late on
+            CUDA: cat_pruning.generation); pass cfg_pairs=True if its batch is two CFG halves;
+            with torch.compile, patch with manual_steps=True and call :func:`advance` after each
+            step.
         config: a :class:`CATConfig`; default CATConfig().
         **overrides: fields of CATConfig to change, e.g. keep_ratio=0.5.
 
@@ -120,7 +133,7 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
     state = CATState(config, driver, lambda geometry, shard: adapter.cache_layout(transformer, geometry, shard),
                      cond_first=adapter.cfg_cond_first)
     attns = adapter.attention_modules(transformer)
-    p = _Patch(state, adapter, transformer, pipeline, {n: a.processor for n, a in attns.items()}, [])
+    p = _Patch(state, adapter, transformer, pipeline, {n: a.processor for n, a in attns.items()}, [], driver=driver)
     for name, attn in attns.items():
         processor = adapter.make_processor(state, name, attn)
         for attr in _PROCESSOR_ATTRS:
@@ -135,7 +148,8 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         adapter.check_call(args, kwargs)
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if compiling:
             if state.driver == "auto":
                 raise RuntimeError(
                     "cat_pruning: a bare transformer under torch.compile cannot count its own steps; patch it "
@@ -143,9 +157,16 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
                     "or patch the pipeline instead"
                 )
         else:  # compiled code is synced by the eager set_timesteps / reset before each generation
-            _sync(p, _running_pipeline(p) if state.driver == "pipeline" else None)
+            running = _running_pipeline(p)
+            if pipeline is None:
+                _follow(p, running)
+            _sync(p, running if state.driver == "pipeline" else None)
         geometry = adapter.geometry(module, args, kwargs)
         _check_dtype(geometry.dtype)
+        if not compiling and state.driver != "pipeline" and geometry.device.type != "meta":
+            # a bare loop: a step whose timestep moves back starts a generation (cat_pruning.generation)
+            new_geometry = state.geometry is not None and state.geometry != geometry
+            p.watch.observe(state.step, kwargs.get("timestep"), new_geometry, lambda r: _restart(p, r))
         if not torch.compiler.is_compiling() and state.geometry is None and state.shard is not NONE:
             check_agreement(state.shard, _generation_summary(state, geometry, args, kwargs))
         state.begin_forward(geometry)
@@ -282,6 +303,8 @@ def _start_generation(p: _Patch, pipeline: Any) -> None:
     when none of its steps can be pruned."""
     state = p.state
     state.reset()
+    state.driver = "pipeline"
+    p.watch.clear()
     cfg = state.config.cfg_pairs
     state.cfg_pairs = p.adapter.cfg_pairs(pipeline) if cfg is None else cfg
     timesteps = getattr(pipeline.scheduler, "timesteps", None)
@@ -296,6 +319,50 @@ def _start_generation(p: _Patch, pipeline: Any) -> None:
         )
 
 
+def _follow(p: _Patch, running: Any | None) -> None:
+    """A transformer patched on its own, at a forward in eager code: inside a pipeline call it counts
+    as a patched pipeline does (that pipeline's scheduler is wrapped, so each of its calls starts a
+    generation at set_timesteps and each step ends at scheduler.step; the first call through a
+    pipeline starts its generation here, its timesteps already set); outside one its own driver
+    counts the steps again, from a new generation."""
+    state = p.state
+    if running is not None:
+        if not _wraps(p, running.scheduler):
+            _wrap_scheduler(p, running.scheduler)
+            _start_generation(p, running)
+        elif state.driver != "pipeline":  # a call that set no timesteps after a bare loop
+            _start_generation(p, running)
+    elif state.driver == "pipeline":
+        _start_bare_generation(p)
+
+
+def _start_bare_generation(p: _Patch) -> None:
+    """A bare loop's generation begins: step 0, the patch's own step driver and CFG pairing."""
+    state = p.state
+    state.reset()
+    state.driver = p.driver
+    state.cfg_pairs = bool(state.config.cfg_pairs)
+    p.watch.clear()
+
+
+def _restart(p: _Patch, restart: Restart) -> None:
+    """A bare loop's timestep moved back (cat_pruning.generation): a new generation started without
+    reset(). Seen before the step runs, the state resets and says so; seen late, steps ran on the
+    last generation's caches, so the patch resets and refuses to go on."""
+    p.state.reset()
+    moved = f"the timestep went from {restart.before:g} back to {restart.now:g}"
+    advice = ("call cat_pruning.reset(transformer) before each generation of a bare denoising loop (or patch "
+              "the pipeline, which starts one at every call)")
+    if restart.late:
+        raise RuntimeError(
+            f"cat_pruning: {moved} {restart.late} step(s) ago, so a new generation started without "
+            f"cat_pruning.reset(), and its steps since ran on the last generation's caches; {advice}. The patch "
+            "has reset: the next forward is step 0"
+        )
+    warnings.warn(f"cat_pruning: {moved}, so a new generation starts at this step; {advice}", RuntimeWarning,
+                  stacklevel=2)
+
+
 def _wrap_scheduler(p: _Patch, scheduler: Any) -> None:
     """Reset at each pipeline call (it sets the timesteps once) and advance after each step.
 
@@ -308,12 +375,16 @@ def _wrap_scheduler(p: _Patch, scheduler: Any) -> None:
         out = set_timesteps(*args, **kwargs)
         pipeline = _running_pipeline(p) or p.pipeline  # a from_pipe pipeline may share this scheduler
         _sync(p)
-        _start_generation(p, pipeline)
+        if pipeline is not None:
+            _start_generation(p, pipeline)
+        else:  # a bare loop setting the timesteps of a scheduler a transformer patch followed
+            _start_bare_generation(p)
         return out
 
     @functools.wraps(step)
     def wrapped_step(*args: Any, **kwargs: Any) -> Any:
-        state.advance()
+        if state.driver == "pipeline":  # else the bare loop's own driver counts (a followed pipeline's scheduler)
+            state.advance()
         return step(*args, **kwargs)
 
     setattr(wrapped_set_timesteps, _MARK, p)
@@ -354,20 +425,32 @@ def is_patched(obj: Any) -> bool:
 
 
 def reset(obj: Any) -> None:
-    """Start a new generation: the next forward is step 0. Pipelines do this at every call."""
+    """Start a new generation: the next forward is step 0. Pipelines do this at every call (also
+    when only their transformer is patched); a bare denoising loop calls it before each generation."""
     p = _require(obj)
     _sync(p)
-    p.state.reset()
+    if p.pipeline is None:
+        _start_bare_generation(p)
+    else:
+        p.state.reset()
 
 
 def advance(obj: Any) -> None:
     """Mark the end of a denoising step of a bare transformer patched with manual_steps=True
     (the way to run one under torch.compile without its pipeline)."""
-    state = _require(obj).state
-    if state.driver != "manual":
+    p = _require(obj)
+    state = p.state
+    if p.driver != "manual":
         raise ValueError(
             f"cat_pruning.advance is for transformers patched with manual_steps=True; this one counts its steps "
-            f"itself ({'through its pipeline' if state.driver == 'pipeline' else 'per forward call'})"
+            f"itself ({'through its pipeline' if p.driver == 'pipeline' else 'per forward call'})"
+        )
+    if state.driver == "pipeline":  # its last forward ran inside a pipeline call (_follow)
+        if _running_pipeline(p) is not None:
+            return  # that call's scheduler.step counts its steps
+        raise ValueError(
+            "cat_pruning.advance: this transformer last ran inside a pipeline call, which counted its steps; call "
+            "cat_pruning.reset(transformer) before each generation of a bare denoising loop"
         )
     state.advance()
 
