@@ -10,7 +10,9 @@ patch checks what was done to the model since (`_sync`): its hooks follow the la
 paths (PEFT's LoRA layers take a Linear's place), a later set_attention_backend reaches the
 replaced processors, a pipeline's new scheduler (or a `from_pipe` pipeline's own) is wrapped;
 attention processors replaced after the patch (fuse_qkv_projections, set_attn_processor) and
-float64 are refused with an error that says what to do.
+float64 are refused with an error that says what to do. set_default_attn_processor (PixArt) is
+the exception: the patch wraps it on the instance, and the plain processors it sets become the
+ones the CAT processors fall back to in dense steps and unpatch restores.
 
 A transformer patched on its own finds, in the same pre-hook, the pipeline whose call runs it, and
 counts that call's steps as a patched pipeline would (cat_pruning.generation has the bare-loop side).
@@ -42,6 +44,7 @@ _ATTR = "_cat_pruning"
 _MARK = "_cat_pruning_patch"  # on the scheduler wrappers: the _Patch they belong to
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what cat_kernels' ops take
 _SCHEDULER_METHODS = ("set_timesteps", "step")
+_TRANSFORMER_METHODS = ("set_default_attn_processor",)  # wrapped on the instance where the model has them
 _PROCESSOR_ATTRS = ("_attention_backend", "_parallel_config")  # diffusers' per-processor settings
 
 
@@ -197,6 +200,7 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
         hook.attach(transformer)
     if pipeline is not None:
         _wrap_scheduler(p, pipeline.scheduler)
+    _wrap_transformer(p)
     setattr(transformer, _ATTR, p)
     return obj
 
@@ -363,6 +367,46 @@ def _restart(p: _Patch, restart: Restart) -> None:
                   stacklevel=2)
 
 
+def _wrap_transformer(p: _Patch) -> None:
+    """set_default_attn_processor (PixArt; diffusers' test mixins call it after construction) swaps
+    every attention processor for a plain one: take those as the processors the CAT processors fall
+    back to in their dense steps and unpatch restores, and put the CAT processors back."""
+    method = getattr(p.transformer, "set_default_attn_processor", None)
+    if method is None:
+        return
+
+    @functools.wraps(method)
+    def wrapped_set_default_attn_processor(*args: Any, **kwargs: Any) -> Any:
+        out = method(*args, **kwargs)
+        _adopt_processors(p)
+        return out
+
+    setattr(wrapped_set_default_attn_processor, _MARK, p)
+    p.transformer.set_default_attn_processor = wrapped_set_default_attn_processor
+
+
+def _adopt_processors(p: _Patch) -> None:
+    """The processors that replaced the CAT processors become their fallbacks, if the adapter can
+    stand in for them (Sana's takes only its linear attention)."""
+    replaced = {name: attn.processor for name, (attn, ours) in p.installed.items() if attn.processor is not ours}
+    if not replaced:
+        return
+    try:
+        p.adapter.check_model(p.transformer)
+    except ValueError:
+        return  # processors CAT cannot stand in for: the next call refuses them (_sync says what to do)
+    for name, processor in replaced.items():
+        attn, ours = p.installed[name]
+        ours.original = processor
+        p.processors[name] = processor
+        for attr in _PROCESSOR_ATTRS:  # the attention backend settings follow the new processor
+            if hasattr(processor, attr):
+                setattr(ours, attr, getattr(processor, attr))
+            else:
+                vars(ours).pop(attr, None)
+        attn.set_processor(ours)
+
+
 def _wrap_scheduler(p: _Patch, scheduler: Any) -> None:
     """Reset at each pipeline call (it sets the timesteps once) and advance after each step.
 
@@ -414,6 +458,9 @@ def unpatch(obj: Any) -> Any:
         if _wraps(p, scheduler):
             for method in _SCHEDULER_METHODS:
                 scheduler.__dict__.pop(method, None)
+    for method in _TRANSFORMER_METHODS:
+        if getattr(vars(p.transformer).get(method), _MARK, None) is p:
+            del p.transformer.__dict__[method]
     p.state.reset()
     delattr(p.transformer, _ATTR)
     return obj

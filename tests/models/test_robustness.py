@@ -363,6 +363,41 @@ def test_processors_replaced_after_patch_are_refused_at_the_next_call(family):
     assert torch.equal(run(fam, pipe), run(fam, twin))
 
 
+def test_set_default_attn_processor_after_patch_becomes_the_fallback():
+    """PixArt's set_default_attn_processor() after the patch (diffusers' test mixins call it): the
+    plain processor is what the dense steps run and unpatch leaves, the cache processors stay; at
+    keep_ratio 1 the pipeline equals the patched one without the call and the unpatched one with it."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    fam = FAMILIES["pixart"]
+    pipe, twin, plain, dense = build(fam), build(fam), build(fam), build(fam)
+    patch(pipe, 1.0), patch(twin, 1.0)
+    # all three steps dense (before the anchor and fill steps): the unpatched computation
+    cat_pruning.patch(dense, keep_ratio=0.5, full_steps=STEPS + 2, backend="torch")
+    for p in (pipe, plain, dense):
+        p.transformer.set_default_attn_processor()
+    want = run(fam, plain)
+    with pytest.warns(RuntimeWarning, match="no step is pruned"):
+        assert torch.equal(run(fam, dense), want)
+    assert modes(dense) == ["dense"] * STEPS
+    got = run(fam, pipe)
+    assert modes(pipe)[-1] == "pruned"
+    # AttnProcessor and AttnProcessor2_0 (and the pruned steps, which run SDPA) round differently:
+    # 2.5e-3 apart after the 3 steps on latents up to ~1500
+    tol = dict(atol=5e-3, rtol=1e-4)
+    close(got, run(fam, twin), tol)
+    close(got, want, tol)
+    for attn in attention(pipe).values():
+        assert type(attn.processor).__module__.startswith("cat_pruning")
+        assert type(attn.processor.original) is AttnProcessor
+    patch(pipe, 0.5)
+    assert torch.isfinite(run(fam, pipe)).all() and modes(pipe)[-1] == "pruned"
+    cat_pruning.unpatch(pipe)
+    assert all(type(p) is AttnProcessor for p in pipe.transformer.attn_processors.values())
+    assert "set_default_attn_processor" not in vars(pipe.transformer)
+    assert torch.equal(run(fam, pipe), want)
+
+
 # Sana's fuse_qkv_projections fuses nothing in diffusers 0.42.1 (its attention is not an
 # AttentionModuleMixin) and DiT has none.
 @pytest.mark.parametrize("family", ["sd3", "flux", "pixart"])
