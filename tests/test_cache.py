@@ -127,6 +127,46 @@ def test_second_order_output_forecast_of_parabolas_is_exact(order):
     assert missed > 0.1  # the parabolas do bend: a first-order forecast misses them
 
 
+def test_rebase_moves_the_value_and_keeps_the_slope():
+    """forecast_from="rebase": a row computed at a pruned step (here off the line by +3) becomes its
+    token's value, and its slope stays the one of the full and refresh steps, so the token's next
+    forecast is the line shifted by +3, where "all" would draw a new slope through the offset row."""
+    store = _store(ForecastStore, forecast="taylor", forecast_damping=1.0, forecast_kv_damping=1.0,
+                   forecast_from="rebase", forecast_order=1)
+    checked = 0
+    for t, _mode, got, truth in _steps(store, SCHEDULE, pruned_offset=3.0):
+        if t not in (3, 6):  # the pruned steps right after another pruned step
+            continue
+        rebased = SCHEDULE[t - 1][1]
+        untouched = [n for n in range(N) if n not in rebased and n not in SCHEDULE[t][1]]
+        for g, w in zip(got, truth, strict=True):
+            dim = 2 if g.ndim == 4 else 1
+            pick = torch.tensor(rebased)
+            torch.testing.assert_close(g.index_select(dim, pick), w.index_select(dim, pick) + 3.0,
+                                       msg=f"step {t}: rebased rows")
+            if t == 3:  # every other skipped row still lies on the line of steps 0 and 1
+                pick = torch.tensor(untouched)
+                torch.testing.assert_close(g.index_select(dim, pick), w.index_select(dim, pick), msg=f"step {t}")
+            checked += 1
+    assert checked == 8
+
+
+def test_rebase_of_parabolas_stays_exact():
+    """forecast_order=2 with forecast_from="rebase", every computed row on the parabola: the output
+    forecast from a rebased value uses the quadratic's secant (the span grows by twice the time
+    since the slope's end), so every skipped output row from the first refresh on is exact, as
+    is the curvature drawn across a rebase at the next refresh."""
+    store = _store(ForecastStore, forecast="taylor", forecast_damping=1.0, forecast_kv_damping=1.0,
+                   forecast_from="rebase", forecast_order=2)
+    schedule = [*SCHEDULE, ("refresh", None), ("pruned", [1, 3, 5]), ("pruned", [2, 4, 9]), ("pruned", [0, 7, 10])]
+    checked = 0
+    for t, mode, got, truth in _steps(store, schedule, degree=2):
+        if t > 4 and mode == "pruned":
+            torch.testing.assert_close(got[3], truth[3], rtol=1e-4, atol=1e-4, msg=f"step {t}")
+            checked += 1
+    assert checked == 5
+
+
 def test_reuse_returns_the_last_computed_rows():
     store = _store(ReuseStore)
     at, (k, v, x, o) = _signals(0)
@@ -180,15 +220,41 @@ def test_make_store_and_schedule():
     assert CATConfig(full_steps=4, refresh_every=3, refresh_offset=1).mode(3) == "fill"
 
 
-@pytest.mark.parametrize("field, value", [("forecast", "linear"), ("refresh_every", -1), ("refresh_every", 1.5),
+@pytest.mark.parametrize("field, value", [("forecast", "linear"), ("refresh_every", -1),
                                           ("forecast_damping", 1.5), ("forecast_kv_damping", -0.1),
                                           ("forecast_horizon", -1), ("forecast_horizon", float("inf")),
-                                          ("forecast_damping", True), ("forecast_from", "pruned"),
-                                          ("forecast_order", 3), ("forecast_order", True),
-                                          ("refresh_offset", -1), ("refresh_offset", 2.0)])  # fmt: skip
+                                          ("forecast_from", "pruned"), ("forecast_order", 3),
+                                          ("refresh_offset", -1), ("final_full_steps", -1)])  # fmt: skip
 def test_bad_forecast_knobs_are_refused(field, value):
     with pytest.raises(ValueError, match=field):
         CATConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field, value", [("refresh_every", 1.5), ("forecast_damping", True), ("forecast_order", True),
+                                          ("refresh_offset", 2.0), ("final_full_steps", 1.0)])  # fmt: skip
+def test_forecast_knobs_of_the_wrong_type_are_refused(field, value):
+    with pytest.raises(TypeError, match=field):
+        CATConfig(**{field: value})
+
+
+def test_taylor_forecast_without_refresh_steps_is_refused():
+    """No refresh step lets every forecast drift to the end (14.7 dB against 23.2 for reuse)."""
+    with pytest.raises(ValueError, match="refresh_every"):
+        CATConfig(forecast="taylor", refresh_every=0)
+    with pytest.raises(ValueError, match="refresh_every"):
+        CATConfig.paper(forecast="taylor")
+    assert CATConfig.paper().refresh_every == 0  # reuse without refresh steps is the paper
+
+
+def test_final_full_steps_compute_the_last_steps_in_full():
+    cfg = CATConfig(full_steps=4, refresh_every=3, final_full_steps=2)
+    modes = [cfg.mode(s, 12) for s in range(12)]
+    assert modes == ["dense", "dense", "anchor", "fill", "pruned", "pruned", "refresh", "pruned", "pruned",
+                     "refresh", "refresh", "refresh"]  # fmt: skip
+    assert [CATConfig(full_steps=4, refresh_every=3).mode(s, 12) for s in range(12)][:10] == modes[:10]
+    with pytest.raises(ValueError, match="num_steps"):  # the last steps of an unknown count
+        cfg.mode(5)
+    assert cfg.mode(3) == "fill"  # the steps before pruning need no count
 
 
 def test_refresh_offset_needs_refresh_steps():

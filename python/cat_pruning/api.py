@@ -306,13 +306,13 @@ def _start_generation(p: _Patch, pipeline: Any) -> None:
     """A pipeline call begins (its scheduler's timesteps are set): reset, read its CFG, and warn
     when none of its steps can be pruned."""
     state = p.state
-    state.reset()
+    timesteps = getattr(pipeline.scheduler, "timesteps", None)
+    steps = len(timesteps) if timesteps is not None else None
+    state.reset(steps)
     state.driver = "pipeline"
     p.watch.clear()
     cfg = state.config.cfg_pairs
     state.cfg_pairs = p.adapter.cfg_pairs(pipeline) if cfg is None else cfg
-    timesteps = getattr(pipeline.scheduler, "timesteps", None)
-    steps = len(timesteps) if timesteps is not None else None
     full = state.config.full_steps
     if steps is not None and steps <= full:
         warnings.warn(

@@ -213,7 +213,7 @@ class ForecastStore(ReuseStore):
         if self.curv is not None:
             # a new slope is real once started; its curvature needs the previous one real too
             self.inv_span = self.started * (self.span > 0) / (elapsed + self.span).clamp_min(1e-6)
-            self.weight_slope = self._slope_weight(elapsed)
+            self.weight_slope = self._slope_weight(elapsed, self.span)
         if self._rows_only_read:  # no row updates the forecast state
             self.pos = torch.full((batch, n), -1, dtype=torch.int64, device=idx.device)
         elif mode == "pruned":
@@ -233,15 +233,25 @@ class ForecastStore(ReuseStore):
         cap = self.config.forecast_horizon
         return elapsed.clamp_max(cap) if cap else elapsed
 
-    def _slope_weight(self, elapsed: Tensor) -> Tensor:
+    def _slope_weight(self, elapsed: Tensor, span: Tensor) -> Tensor:
         """(B, N) forecast_order=2: the weight of the curvature in the forecast slope, h + span."""
-        return self._horizon(elapsed) + self.span
+        return self._horizon(elapsed) + span
 
     @property
     def _rows_only_read(self) -> bool:
-        """A pruned step under forecast_from="refresh": its computed rows are read by this step and
-        then dropped; the forecast state keeps the values of the last full or refresh step."""
-        return self.mode == "pruned" and self.config.forecast_from == "refresh"
+        """A pruned step under forecast_from="refresh" or "rebase": no computed row changes a slope.
+        The step forecasts every row, then reads its computed rows in place of their forecasts;
+        under "rebase" they also become their tokens' new base (value and time)."""
+        return self.mode == "pruned" and self.config.forecast_from != "all"
+
+    @property
+    def _rebase(self) -> bool:
+        return self.mode == "pruned" and self.config.forecast_from == "rebase"
+
+    @property
+    def keeps_pruned_rows(self) -> bool:
+        """Whether the rows a pruned step computes become their tokens' stored values."""
+        return self.config.forecast_from != "refresh"
 
     def _update(self, name: str, new: Tensor, weight: Tensor) -> Tensor:
         """One cache: the computed rows refresh their value and slope, the others are forecast."""
@@ -257,6 +267,8 @@ class ForecastStore(ReuseStore):
         ops.forecast_tokens_(base, slope, out, self.pos, new, weight, self.inv_dt, dim, backend=self.config.backend)
         if self._rows_only_read:
             ops.scatter_tokens_(out, self.idx, new, dim, backend=self.config.backend)
+        if self._rebase:
+            ops.scatter_tokens_(base, self.idx, new, dim, backend=self.config.backend)
         return out if self.mode == "pruned" else new
 
     def _forecast_slope(self, base: Tensor, new: Tensor) -> Tensor:
@@ -285,6 +297,8 @@ class ForecastStore(ReuseStore):
                          value, self.weight_kv, self.inv_dt, dim, backend=self.config.backend)
         if self._rows_only_read:
             ops.scatter_kv_(k_out, v_out, self.idx, key, value, dim, backend=self.config.backend)
+        if self._rebase:
+            ops.scatter_kv_(kb, vb, self.idx, key, value, dim, backend=self.config.backend)
         return (k_out, v_out) if self.mode == "pruned" else (key, value)
 
     def rows(self, name: str, x: Tensor) -> Tensor:
@@ -301,21 +315,37 @@ class ForecastStore(ReuseStore):
             if self.span is not None:
                 self.span.copy_(self.started * (self.clock - self.last))
             self.last.copy_(self.clock.expand_as(self.last))
-        elif not self._rows_only_read:
+        elif not self._rows_only_read or self._rebase:
             if self.span is not None:
-                self.span.scatter_(1, self.idx, self.started * (self.clock - self.last.gather(1, self.idx)))
+                elapsed = self.started * (self.clock - self.last.gather(1, self.idx))
+                if self._rebase:  # the slope is the quadratic's secant from the new base on (module doc)
+                    self.span.scatter_add_(1, self.idx, 2 * elapsed)
+                else:
+                    self.span.scatter_(1, self.idx, elapsed)
             self.last.scatter_(1, self.idx, self.clock.expand(self.idx.shape))
         self.started.fill_(1.0)
 
-    def _forecast(self, name: str, which: int) -> Tensor:
-        base = self._bases()[name]
-        elapsed = self.clock - self.last
+    def _forecast(self, name: str, which: int, idx: Tensor | None = None) -> Tensor:
+        """The forecast of a cache's rows at the current time: every row, or (a (B, N, C) cache
+        only) the rows of the tokens idx (B, K)."""
+        base, slope, elapsed = self._bases()[name], self.slopes[name], self.clock - self.last
+        curv, span = (self.curv, self.span) if name == "noise" else (None, None)
+        if idx is not None:
+            base, slope = (ops.gather_tokens(t, idx, 1, backend=self.config.backend) for t in (base, slope))
+            elapsed = elapsed.gather(1, idx)
+            if curv is not None:
+                curv, span = ops.gather_tokens(curv, idx, 1, backend=self.config.backend), span.gather(1, idx)
         weight = self._weights(elapsed)[which]
         w = weight.view(weight.shape[0], *([1] * (_token_dim(base.shape) - 1)), weight.shape[1], 1)
-        slope = self.slopes[name].float()
-        if name == "noise" and self.curv is not None:  # as _forecast_slope, in the same roundings
-            slope = slope + self._slope_weight(elapsed).unsqueeze(-1) * self.curv
+        slope = slope.float()
+        if curv is not None:  # as _forecast_slope, in the same roundings
+            slope = slope + self._slope_weight(elapsed, span).unsqueeze(-1) * curv
         return (base.float() + w * slope).to(base.dtype)
+
+    def forecast_output(self, idx: Tensor | None = None) -> Tensor:
+        """The output forecast for the current step (traced, before output()): every row, or the
+        rows of the tokens idx (B, K)."""
+        return self._forecast("noise", 1, idx)
 
     def skipped_kv(self, name: str) -> tuple[Tensor, Tensor]:
         """The forecast of every row for the coming step (eager, between steps)."""

@@ -10,7 +10,8 @@ from cat_kernels.backend import BACKENDS
 
 SELECTIONS = ("cat", "cat-no-staleness", "topk", "random")
 FORECASTS = ("none", "taylor")
-FORECAST_FROM = ("all", "refresh")
+FORECAST_FROM = ("all", "refresh", "rebase")
+IMPORTANCES = ("auto", "change", "forecast-error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +31,14 @@ class CATConfig:
         full_steps: denoising steps run on the whole model before pruning starts, >= 2.
             Default 8. The last two record the anchor and the first caches.
         refresh_every: every refresh_every-th step from the fill step on recomputes all tokens,
-            so every forecast slope is fresh, >= 0. Default 3 (the paper: 0, never). With
-            forecast="taylor" and no refresh steps the forecasts drift (README, "Quality").
+            so every forecast slope is fresh, >= 0. Default 3 (the paper: 0, never). 0 is only
+            for forecast="none": with forecast="taylor" and no refresh steps the forecasts drift
+            (14.7 dB against 23.2 dB for reuse on the scene model), so it is refused.
+        final_full_steps: the last this-many denoising steps recompute all tokens (as refresh
+            steps), >= 0. Default 0. Like diffusers TaylorSeer's disable_cache_after_step: the
+            last steps decide the fine detail of the image. Needs the generation's number of
+            steps, which a patched pipeline knows; a bare denoising loop gives it with
+            `cat_pruning.reset(model, num_steps=...)`.
         refresh_offset: steps from the fill step to the first refresh step, then one every
             refresh_every steps; >= 0, 0 (default) means refresh_every. Aligning the last refresh with
             the second-to-last denoising step pays where the last step barely moves the latent
@@ -43,6 +50,7 @@ class CATConfig:
         forecast: how a pruned step reads the image tokens it does not compute: "taylor"
             (default: a Taylor forecast from their last computations, see forecast_order and
             cat_pruning.cache) or "none" (reuse their value at their last computation, the paper).
+            "taylor" needs refresh_every >= 1: without refresh steps the forecasts drift.
         backend: kernel backend, "auto" (default), "triton", "cuda" or "torch"
             (see cat_kernels.backend).
 
@@ -62,6 +70,13 @@ class CATConfig:
         selection: "cat" (default, the paper's policy); ablations for the quality benchmark:
             "cat-no-staleness" (staleness slots go to the largest change), "topk" (global top-K by
             change, no clusters, no staleness), "random" (K tokens at random each step).
+        importance: what the selection ranks tokens and clusters by: "change" (the paper: how
+            far a token's output moved since the anchor step), "forecast-error" (how far the
+            output forecast missed the token at its last computation: every token at a refresh
+            step, the computed ones at a pruned step; needs forecast="taylor") or "auto"
+            (default: "forecast-error" with forecast="taylor", else "change"). Ties in
+            staleness (every token after a refresh step) go to the larger score first, then to
+            a hash of token and step, never to the lower token index.
         forecast_damping: multiplier of the forecast step of the model output (noise cache),
             in [0, 1]. Default 0.8 (best with forecast_order=2; with forecast_order=1 about 0.4 is
             best); 0 reuses the last value.
@@ -103,9 +118,11 @@ class CATConfig:
     cfg_pairs: bool | None = None
     manual_steps: bool = False
     selection: str = "cat"
+    importance: str = "auto"
     forecast: str = "taylor"
     refresh_every: int = 3
     refresh_offset: int = 0
+    final_full_steps: int = 0
     forecast_damping: float = 0.8
     forecast_kv_damping: float = 1.0
     forecast_horizon: float = 0.0
@@ -125,6 +142,14 @@ class CATConfig:
         if self.refresh_every == 0 and self.refresh_offset != 0:
             raise ValueError(f"CATConfig.refresh_offset must be 0 when refresh_every is 0 (no refresh steps), "
                              f"got {self.refresh_offset!r}")
+        if self.importance == "forecast-error" and self.forecast != "taylor":
+            raise ValueError('CATConfig.importance="forecast-error" needs forecast="taylor" (reuse has no forecast '
+                             'to miss); use importance="change" or "auto"')
+        if self.forecast == "taylor" and self.refresh_every == 0:
+            raise ValueError(
+                "CATConfig.refresh_every=0 (no refresh step) with forecast=\"taylor\" lets every forecast "
+                "drift from the fill step to the end (scene model: 14.7 dB against 23.2 dB for reuse); set "
+                "refresh_every >= 1, or forecast=\"none\" to reuse skipped rows as the paper does")
         if self.forecast != "taylor":
             for name in _TAYLOR_ONLY:
                 value, default = getattr(self, name), _DEFAULTS[name]
@@ -141,15 +166,24 @@ class CATConfig:
         reused (no forecast), no refresh steps; `overrides` change any field."""
         return cls(keep_ratio=0.3, full_steps=8, forecast="none", refresh_every=0).replace(**overrides)
 
-    def mode(self, step: int) -> str:
-        """What denoising step `step` (from 0) runs: "dense" before full_steps - 2, then "anchor"
-        and "fill", then "pruned", or "refresh" refresh_offset (default refresh_every) steps after
-        the fill step and every refresh_every-th step after that."""
+    def mode(self, step: int, num_steps: int | None = None) -> str:
+        """What denoising step `step` (from 0) of `num_steps` runs: "dense" before full_steps - 2,
+        then "anchor" and "fill", then "pruned", or "refresh" refresh_offset (default
+        refresh_every) steps after the fill step and every refresh_every-th step after that, and
+        in the last final_full_steps steps (which need `num_steps`)."""
         f, every = self.full_steps, self.refresh_every
         if step < f - 2:
             return "dense"
         if step < f:
             return ("anchor", "fill")[step - (f - 2)]
+        if self.final_full_steps:
+            if num_steps is None:
+                raise ValueError(
+                    f"CATConfig.final_full_steps={self.final_full_steps} needs the number of denoising steps: "
+                    "patch the pipeline (or its transformer, called by the pipeline), or give a bare loop's "
+                    "step count with cat_pruning.reset(model, num_steps=...)")
+            if step >= num_steps - self.final_full_steps:
+                return "refresh"
         since = step - (f - 1) - (self.refresh_offset or every)  # steps since the first refresh
         return "refresh" if every and since >= 0 and since % every == 0 else "pruned"
 
@@ -201,9 +235,11 @@ _RULES = (
     ("cfg_pairs", "bool or None", None, "None, True or False"),
     ("manual_steps", "bool", None, "True or False"),
     ("selection", "str", lambda v: v in SELECTIONS, f"one of {SELECTIONS}"),
+    ("importance", "str", lambda v: v in IMPORTANCES, f"one of {IMPORTANCES}"),
     ("forecast", "str", lambda v: v in FORECASTS, f"one of {FORECASTS}"),
     ("refresh_every", "int", lambda v: v >= 0, "an int >= 0"),
     ("refresh_offset", "int", lambda v: v >= 0, "an int >= 0"),
+    ("final_full_steps", "int", lambda v: v >= 0, "an int >= 0"),
     ("forecast_damping", "number", _unit, "a number in [0, 1]"),
     ("forecast_kv_damping", "number", _unit, "a number in [0, 1]"),
     ("forecast_horizon", "number", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),

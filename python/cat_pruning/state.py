@@ -35,6 +35,12 @@ from .config import CATConfig
 from .parallel import NONE, Sharding
 
 MODES = ("dense", "anchor", "fill", "refresh", "pruned")
+# After a fill or refresh step every token has the same staleness; the "stalest first" fill then
+# takes the tokens of larger score first (a staleness lower by at most TIE_BY_SCORE), and equal
+# scores in an order that a hash of the token and the step decides, never by token index (which
+# walked the raster from the top of the image).
+TIE_BY_SCORE = 1e-3
+TIE_BY_HASH = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +84,8 @@ class CATState:
         self.layout = layout
         self.cond_first = cond_first  # CFG batch order [cond; uncond] (DiT) instead of [uncond; cond]
         self.cfg_pairs = bool(config.cfg_pairs)
+        auto = config.importance == "auto" and config.forecast == "taylor"
+        self.by_error = config.importance == "forecast-error" or auto  # importance by forecast error
         self.shard = NONE  # diffusers model parallelism, read before every call (cat_pruning.parallel)
         # one store for the state's lifetime (reset per generation): compiled code guards on it
         self.cache = make_store(config)
@@ -85,10 +93,12 @@ class CATState:
 
     # ------------------------------------------------------------------ lifecycle (eager)
 
-    def reset(self) -> None:
-        """Start a new generation: drop every cache and go back to step 0."""
+    def reset(self, num_steps: int | None = None) -> None:
+        """Start a new generation of `num_steps` denoising steps (None: not known): drop every
+        cache and go back to step 0."""
         self.step = 0
-        self.mode = self.config.mode(0)
+        self.num_steps = num_steps
+        self.mode = self.config.mode(0, num_steps)
         self.caching = False  # whether this step's processors and hooks hand their rows to the cache store
         self.geometry: Geometry | None = None
         self.history: list[tuple[str, int]] = []  # (mode, image tokens computed per sample)
@@ -110,7 +120,7 @@ class CATState:
         n = self.geometry.num_tokens
         self.history.append((self.mode, self.k if self.mode == "pruned" else n))
         self.step += 1
-        self.mode = self.config.mode(self.step)
+        self.mode = self.config.mode(self.step, self.num_steps)
         if self.allocated:
             self.cache.advance()
         elif self.mode in self.cache.modes:
@@ -133,6 +143,9 @@ class CATState:
         self.labels = empty(scored, g.num_tokens, dtype=torch.int64)
         self.staleness = empty(scored, g.num_tokens, dtype=torch.float32)
         self.idx = empty(g.batch, self.k, dtype=torch.int64)
+        # importance by forecast error: the output forecast of each token at its last computation
+        self.predicted = (empty(scored, g.num_tokens, layout.out_channels, dtype=layout.out_dtype)
+                          if self.by_error else None)  # fmt: skip
         # every token ran in the steps before this one; this and later dense-like steps add one each
         self.recomputed = torch.full((g.batch, g.num_tokens), float(self.step), device=g.device)
         self.allocated = True
@@ -187,7 +200,14 @@ class CATState:
 
     def _select(self, out: Tensor, first: bool) -> None:
         cfg = self.config
-        d, score = ops.token_stats(out, self.anchor, self.labels, self.num_clusters, backend=cfg.backend)
+        # the token scores: change since the anchor (the paper), or how far the output forecast
+        # missed at each token's last computation (the first selection has no forecast yet)
+        ref = self.predicted if self.by_error and not first else self.anchor
+        d, score = ops.token_stats(out, ref, self.labels, self.num_clusters, backend=cfg.backend)
+        if self.mode in ("fill", "refresh"):  # every token equally stale: break the ties (TIE_BY_SCORE)
+            i = torch.arange(d.shape[1], device=d.device, dtype=torch.float32)
+            noise = torch.frac(torch.sin(i * 12.9898 + self.recomputed.sum() * 78.233) * 43758.5453)
+            self.staleness.sub_(TIE_BY_SCORE * d / d.amax(1, keepdim=True).clamp_min(1e-30) + TIE_BY_HASH * noise)
         if cfg.selection in ("cat", "cat-no-staleness"):
             # Without staleness, "stalest first" becomes "largest change first": the policy's
             # staleness slots go to the tokens that change most (its own count is not kept).
@@ -214,6 +234,11 @@ class CATState:
     def on_output(self, out: Tensor) -> Tensor:
         """Per-token model output (B, rows, C_out) -> the full (B, N, C_out) output of the step."""
         mode = self.mode
+        if self.by_error and self.caching and mode == "refresh":
+            self.predicted.copy_(self._scored(self.cache.forecast_output()))
+        elif self.by_error and self.caching and mode == "pruned" and self.cache.keeps_pruned_rows:
+            forecast = self._scored(self.cache.forecast_output(self.idx))
+            ops.scatter_tokens_(self.predicted, self._scored(self.idx), forecast, 1, backend=self.config.backend)
         if self.caching:
             full = self.cache.output(out)
         if self.caching and mode != "pruned":
@@ -223,6 +248,8 @@ class CATState:
         elif mode == "fill":
             scored = self._scored(out).detach()
             self.labels.copy_(self._cluster(scored))
+            if self.by_error:  # until a token is forecast, its score is its change since the anchor
+                self.predicted.copy_(self.anchor)
             self.staleness.zero_()
             self._select(scored, first=True)
         elif mode == "refresh":

@@ -197,6 +197,36 @@ def test_selection_ablations_pick_k_unique_tokens(selection):
         assert all(len(set(row.tolist())) == state.k for row in idx)
         assert torch.equal(idx, idx.sort(1).values)
     assert any(not torch.equal(a, b) for a, b in zip(picks, picks[1:], strict=False))
-    if selection == "topk":
-        d = (state.cache.noise - state.anchor).norm(dim=-1)
+    if selection == "topk":  # the default importance with the Taylor forecast: the forecast's miss
+        d = (state.cache.noise - (state.predicted if state.by_error else state.anchor)).norm(dim=-1)
         assert torch.equal(state.idx, d.topk(state.k).indices.sort(1).values)
+
+
+@pytest.mark.parametrize("forecast_from", ["all", "refresh"])
+def test_importance_by_forecast_error_keeps_each_tokens_last_forecast(forecast_from):
+    """importance="forecast-error": after a refresh step every token's recorded prediction is the
+    forecast that step would have read (previewed between the steps); after a pruned step the
+    tokens it computed get theirs (where their rows enter the store), the others keep theirs."""
+    model = tiny_sd3("sd3", layers=1)
+    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, refresh_every=2, forecast_from=forecast_from,
+                      importance="forecast-error", backend="torch")
+    state = model._cat_pruning.state
+    seen, checked = [], []
+
+    def record():
+        mode = state.history[-1][0]
+        if seen and mode in ("refresh", "pruned"):
+            checked.append(mode)
+            preview, predicted, idx = seen[-1]
+            want = predicted.clone()
+            if mode == "refresh":
+                want = preview
+            elif forecast_from == "all":
+                rows = idx[..., None].expand(-1, -1, want.shape[-1])
+                want.scatter_(1, rows, preview.gather(1, rows))
+            assert torch.equal(state.predicted, want), mode
+        if state.allocated and state.mode in ("refresh", "pruned"):
+            seen.append((state.cache.skipped_output(), state.predicted.clone(), state.idx.clone()))
+
+    run_steps(model, inputs(), STEPS + 3, step_fn=record)
+    assert checked == ["pruned", "refresh", "pruned", "refresh", "pruned", "refresh", "pruned"]
