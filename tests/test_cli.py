@@ -70,7 +70,7 @@ def test_generate_shorter_than_full_steps(tmp_path, capsys):
     stem = "a-red-circle-seed0-tiny-64x64-1steps-g4-fp32-cat-k0.02-f2-r3-forecast"
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"{stem}-tokens.png", f"{stem}.png"]
     captured = capsys.readouterr()
-    assert "every step runs dense" in captured.err and "1 steps (1 anchor)" in captured.out
+    assert "every step runs dense" in captured.err and "1 steps (1 anchor, 0 pruned)" in captured.out
     assert "no step was pruned" in captured.out and "caches never read" in captured.out
     assert "steps computed per token: 1 to 1 of 1 (colour bar 0 to 1)" in captured.out
 
@@ -246,7 +246,7 @@ def test_an_all_dense_run_reports_no_cache_use():
     """A generation shorter than full_steps read no cache: the 24.5 MiB the state allocated for the
     next step are not reported as the run's caches."""
     dense = _stats(["dense"] * 5 + ["anchor"])
-    assert not dense.caches_used
+    assert not dense.caches_used and "6 steps (5 dense, 1 anchor, 0 pruned)" in str(dense)
     assert "caches never read; 1.00 MiB allocated for later steps, held until the next generation" in str(dense)
     pruned = _stats(["anchor", "fill", "pruned"])
     assert pruned.caches_used and "caches 1.00 MiB (forecast taylor)" in str(pruned)

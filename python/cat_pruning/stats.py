@@ -61,7 +61,7 @@ class CATStats:
             return (f"CAT Pruning on {self.family}: nothing has run yet (no generation since the patch or the last "
                     f"reset; keep_ratio {cfg.keep_ratio}, full_steps {cfg.full_steps})")
         counts = {mode: sum(s.mode == mode for s in self.steps) for mode in MODES}
-        modes = ", ".join(f"{n} {mode}" for mode, n in counts.items() if n)
+        modes = ", ".join(f"{n} {mode}" for mode, n in counts.items() if n or mode == "pruned")
         if self.caches_used:
             caches = f"  caches {self.cache_bytes / 2**20:,.2f} MiB" + (f" (forecast {cfg.forecast})"
                                                                       if cfg.forecast != "none" else "")
