@@ -67,7 +67,7 @@ def test_taylor_knobs_are_refused_without_the_taylor_forecast(field, value):
             make()
     # with the forecast on (the default) the same value is taken
     assert getattr(CATConfig(**{field: value}), field) == value
-    assert getattr(CATConfig.paper(forecast="taylor", **{field: value}), field) == value
+    assert getattr(CATConfig.paper(forecast="taylor", refresh_every=3, **{field: value}), field) == value
 
 
 def test_the_paper_preset_and_its_overrides_still_build():
