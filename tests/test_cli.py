@@ -28,10 +28,12 @@ def test_generate_dense_and_cat(tmp_path, capsys):
         assert main(["generate", "--prompt", "a red circle on a blue background", "--steps", "5",
                      "--full-steps", "2", "--out", str(tmp_path), "--backend", "torch", *extra]) == 0
     names = sorted(p.name for p in tmp_path.glob("*.png"))
-    stem = "a-red-circle-on-a-blue-background-seed0-tiny-64x64-5steps-g4-fp32"  # the tiny model's size and guidance
+    stem = "a-red-circle-on-a-blue-background-seed0"
+    run = "tiny-64x64-5steps-g4-fp32"  # the tiny model's size and guidance
     catf = "cat-k0.02-f2-r3-forecast"
-    assert names == sorted(f"{stem}-{n}" for n in (f"{catf}-tokens.png", f"{catf}.png", "cat-k0.3-f2-tokens.png",
-                                                   "cat-k0.3-f2.png", "dense.png"))
+    assert names == sorted(f"{stem}-{n}" for n in (f"{catf}-{run}-tokens.png", f"{catf}-{run}.png",
+                                                   f"cat-k0.3-f2-{run}-tokens.png", f"cat-k0.3-f2-{run}.png",
+                                                   f"dense-{run}.png"))
     out = capsys.readouterr().out
     assert "pruned" in out and "refresh" in out
 
@@ -67,7 +69,7 @@ def test_generate_shorter_than_full_steps(tmp_path, capsys):
     (the caches exist from the last dense step on; their counts must not be left uninitialised)."""
     assert main(["generate", "--prompt", "a red circle", "--steps", "1", "--full-steps", "2",
                  "--out", str(tmp_path), "--backend", "torch"]) == 0
-    stem = "a-red-circle-seed0-tiny-64x64-1steps-g4-fp32-cat-k0.02-f2-r3-forecast"
+    stem = "a-red-circle-seed0-cat-k0.02-f2-r3-forecast-tiny-64x64-1steps-g4-fp32"
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"{stem}-tokens.png", f"{stem}.png"]
     captured = capsys.readouterr()
     assert "every step runs dense" in captured.err and "1 steps (1 anchor, 0 pruned)" in captured.out
@@ -91,7 +93,7 @@ def test_other_model_steps_size_or_guidance_never_share_a_file(tmp_path):
             ["--steps", "2", "--dtype", "bfloat16"]]  # fmt: skip
     for extra in runs:
         assert main([*base, *extra]) == 0
-    assert sorted(_pngs(tmp_path)) == sorted(f"x-seed0-{run}-dense.png" for run in [
+    assert sorted(_pngs(tmp_path)) == sorted(f"x-seed0-dense-{run}.png" for run in [
         "tiny-64x64-2steps-g4-fp32", "photos-16x16-2steps-g1-fp32", "tiny-64x64-3steps-g4-fp32",
         "tiny-32x32-2steps-g4-fp32", "tiny-64x64-2steps-g2-fp32", "tiny-64x64-2steps-g4-bf16"])  # fmt: skip
 
@@ -128,7 +130,7 @@ def test_the_overwrite_flag_is_documented(capsys):
         main(["generate", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--overwrite replace pictures that exist already" in out
-    assert "<model>-<H>x<W>-<steps>steps-g<guidance>-<dtype>-<dense or CAT settings>" in out
+    assert "<dense or CAT settings>-<model>-<H>x<W>-<steps>steps-g<guidance>-<dtype>" in out
 
 
 # ------------------------------------------------------------------ sizes, help

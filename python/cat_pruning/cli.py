@@ -569,12 +569,18 @@ def _pipeline_default(pipe, name: str):
 
 def _run_name(pipe, args: argparse.Namespace, size: tuple[int, int] | None) -> str | None:
     """Everything besides prompt and seed that decides a picture, for its file name:
-    <model>-<H>x<W>-<steps>steps-g<guidance>-<dtype>-<dense or CAT settings> (steps and guidance
+    <dense or CAT settings>-<model>-<H>x<W>-<steps>steps-g<guidance>-<dtype> (steps and guidance
     as the pipeline runs them when not given). None while the size is not known."""
     if size is None:
         return None
-    model = args.model if args.model in SHIPPED else _slug(Path(args.model).resolve().name or "model")
-    parts = [model, f"{size[0]}x{size[1]}"]
+    if args.dense:
+        parts = ["dense"]
+    else:
+        cfg = _config(args)
+        parts = [f"cat-k{cfg.keep_ratio}-f{cfg.full_steps}" + (f"-r{cfg.refresh_every}" if cfg.refresh_every else "")
+                 + ("-forecast" if cfg.forecast != "none" else "")]
+    parts += [args.model if args.model in SHIPPED else _slug(Path(args.model).resolve().name or "model"),
+              f"{size[0]}x{size[1]}"]
     steps = args.steps if args.steps is not None else _pipeline_default(pipe, "num_inference_steps")
     if isinstance(steps, int):
         parts.append(f"{steps}steps")
@@ -582,13 +588,6 @@ def _run_name(pipe, args: argparse.Namespace, size: tuple[int, int] | None) -> s
     if isinstance(guidance, (int, float)):
         parts.append(f"g{guidance:g}")
     parts.append(_DTYPE_NAMES.get(_dtype(args), str(_dtype(args)).replace("torch.", "")))
-    if args.dense:
-        parts.append("dense")
-    else:
-        cfg = _config(args)
-        parts.append(f"cat-k{cfg.keep_ratio}-f{cfg.full_steps}" + (f"-r{cfg.refresh_every}" if cfg.refresh_every
-                                                                    else "")
-                     + ("-forecast" if cfg.forecast != "none" else ""))
     return "-".join(parts)
 
 
@@ -713,9 +712,9 @@ def generate(args: argparse.Namespace) -> int:
     --prompt P writes <P>-seed<S>-<settings>.png, with CAT also <...>-tokens.png (how many steps
     computed each token, with a colour bar in steps; the same colours in every map of a run), and
     prints the generation's CAT stats. <settings> is everything else that decides the picture:
-    <model>-<H>x<W>-<steps>steps-g<guidance>-<dtype>-<dense or CAT settings>, with the pipeline's
+    <dense or CAT settings>-<model>-<H>x<W>-<steps>steps-g<guidance>-<dtype>, with the pipeline's
     own steps, guidance and size where none is given, e.g.
-    a-red-circle-seed0-tiny-64x64-28steps-g4-fp32-cat-k0.02-f8-r3-forecast.png. Runs with other
+    a-red-circle-seed0-cat-k0.02-f8-r3-forecast-tiny-64x64-28steps-g4-fp32.png. Runs with other
     settings never share a file; a file that exists already (the same settings, or another device
     or --backend, which the name leaves out) is an error before anything is generated unless
     --overwrite is given.
