@@ -340,10 +340,11 @@ def _follow(p: _Patch, running: Any | None) -> None:
         _start_bare_generation(p)
 
 
-def _start_bare_generation(p: _Patch) -> None:
-    """A bare loop's generation begins: step 0, the patch's own step driver and CFG pairing."""
+def _start_bare_generation(p: _Patch, num_steps: int | None = None) -> None:
+    """A bare loop's generation of num_steps steps (None: unknown) begins: step 0, the patch's own
+    step driver and CFG pairing."""
     state = p.state
-    state.reset()
+    state.reset(num_steps)
     state.driver = p.driver
     state.cfg_pairs = bool(state.config.cfg_pairs)
     p.watch.clear()
@@ -353,7 +354,7 @@ def _restart(p: _Patch, restart: Restart) -> None:
     """A bare loop's timestep moved back (cat_pruning.generation): a new generation started without
     reset(). Seen before the step runs, the state resets and says so; seen late, steps ran on the
     last generation's caches, so the patch resets and refuses to go on."""
-    p.state.reset()
+    p.state.reset(p.state.num_steps)  # a loop that restarts runs as many steps as before
     moved = f"the timestep went from {restart.before:g} back to {restart.now:g}"
     advice = ("call cat_pruning.reset(transformer) before each generation of a bare denoising loop (or patch "
               "the pipeline, which starts one at every call)")
@@ -471,15 +472,22 @@ def is_patched(obj: Any) -> bool:
     return _get(obj) is not None
 
 
-def reset(obj: Any) -> None:
+def reset(obj: Any, num_steps: int | None = None) -> None:
     """Start a new generation: the next forward is step 0. Pipelines do this at every call (also
-    when only their transformer is patched); a bare denoising loop calls it before each generation."""
+    when only their transformer is patched); a bare denoising loop calls it before each generation.
+
+    Args:
+        num_steps: the generation's number of denoising steps, which CATConfig.final_full_steps
+            needs to find the last steps (a pipeline knows it); None (default): not known.
+    """
+    if num_steps is not None and (not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1):
+        raise ValueError(f"cat_pruning.reset: num_steps must be an int >= 1 or None, got {num_steps!r}")
     p = _require(obj)
     _sync(p)
     if p.pipeline is None:
-        _start_bare_generation(p)
+        _start_bare_generation(p, num_steps)
     else:
-        p.state.reset()
+        p.state.reset(num_steps)
 
 
 def advance(obj: Any) -> None:

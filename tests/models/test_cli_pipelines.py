@@ -40,8 +40,9 @@ def test_generate_on_a_saved_dit_pipeline(dit_folder, tmp_path, capsys):
     assert _generate(dit_folder, tmp_path, "--prompt", "golden retriever", "--paper") == 0
     assert _generate(dit_folder, tmp_path, "--prompt", "golden retriever", "--dense") == 0
     names = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert names == ["golden-retriever-seed0-cat-k0.3-f2-tokens.png", "golden-retriever-seed0-cat-k0.3-f2.png",
-                     "golden-retriever-seed0-dense.png"]
+    tail = f"-{dit_folder.name}-10x10-5steps-g4-fp32"  # model, size, steps, guidance, dtype: no two runs share a name
+    cat = f"golden-retriever-seed0-cat-k0.3-f2{tail}"
+    assert names == [f"{cat}-tokens.png", f"{cat}.png", f"golden-retriever-seed0-dense{tail}.png"]
     out = capsys.readouterr().out
     assert "CAT Pruning on DiT" in out and "3 pruned" in out
 
