@@ -255,7 +255,7 @@ def select_tokens(
     staleness_decay: float = 0.5,
     backend: str | None = None,
 ) -> Tensor:
-    """CAT token selection and staleness update (DESIGN.md section 4).
+    """CAT token selection and staleness update (docs/design.md section 4).
 
     Returns idx (B, k) int64: k unique token indices per sample, sorted ascending, and updates
     `staleness` in place: s = staleness_decay * s; s[idx] += 1 (a low count means "stale").

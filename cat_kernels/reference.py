@@ -5,7 +5,7 @@ the same arguments as the public ops in :mod:`cat_kernels.ops` (already validate
 are written for clarity: static shapes, no host synchronisation, stable sorts for every
 ordering so that ties always break by the lower index.
 
-Orderings used by the selection policy (DESIGN.md section 4):
+Orderings used by the selection policy (docs/design.md section 4):
 - clusters rank by score, highest first, ties by lower cluster id; empty clusters score -inf;
 - "largest change" orders tokens by d descending, ties by lower token index;
 - "stalest" orders tokens by staleness ascending (the count decays by `decay` per pruned step
@@ -97,7 +97,7 @@ def select_tokens(
     importance_fraction: float = 0.25,
     staleness_decay: float = 0.5,
 ) -> Tensor:
-    """CAT selection (DESIGN.md section 4): k unique token indices per sample, sorted ascending.
+    """CAT selection (docs/design.md section 4): k unique token indices per sample, sorted ascending.
 
     d: (B, N) float32 token change; cluster_score: (B, nc) float32; labels: (B, N) integer;
     staleness: (B, N) float32, updated in place afterwards as s = decay * s; s[idx] += 1.
@@ -173,7 +173,7 @@ def forecast_tokens_(
     For pos[b, n] = j >= 0, with new = rows[b, ..., j, :] rounded to base's dtype:
         slope[n] = (new - base[n]) * inv_dt[b, n];  base[n] = new;  out[n] = new.
     For pos[b, n] = -1: base, slope unchanged;  out[n] = base[n] + weight[b, n] * slope[n].
-    Source: issue 10 (CAT-F); DESIGN.md section 7 (forecasting the skipped rows).
+    Source: issue 10 (CAT-F); docs/design.md section 5 (forecasting the skipped rows).
     """
     B, N = pos.shape
     K = rows.shape[dim]

@@ -73,7 +73,7 @@ def _forecast_kernel(
     of one dtype, slope of any float dtype; rows, rows2: (B, H, K, D) any strides; pos: (B, N)
     int32/int64; weight, inv_dt: (B, N) fp32; all (B, N) any strides. pos outside [0, K) is a
     skipped token (no fault). Grid (B*H, cdiv(N, BLOCK_N), cdiv(D, BLOCK_D)). TWO does the K and
-    V caches of a layer in one launch. Source: issue 10 (CAT-F), DESIGN.md section 7.
+    V caches of a layer in one launch. Source: issue 10 (CAT-F), docs/design.md section 5.
     """
     # int64 offsets: B*H*N*D passes 2^31 for video-sized K/V caches.
     bh = tl.program_id(0).to(tl.int64)

@@ -28,7 +28,7 @@ def _gather_tokens_kernel(
     """y[b,h,j,:] = x[b,h,idx[b,j],:]; rows with idx outside [0, N) are written as zeros.
 
     x: (B, H, N, D) any strides; idx: (B, K) int32/int64 any strides; y: (B, H, K, D) contiguous.
-    Grid (B*H, cdiv(K, BLOCK_K), cdiv(D, BLOCK_D)). Source: DESIGN.md section 5 (gather).
+    Grid (B*H, cdiv(K, BLOCK_K), cdiv(D, BLOCK_D)). Source: docs/design.md section 3 (gather).
     """
     # int64 offsets: B*H*N*D passes 2^31 for video-sized K/V caches.
     bh = tl.program_id(0).to(tl.int64)
@@ -60,7 +60,7 @@ def _scatter_rows_kernel(
 
     dst, dst2: (B, H, N, D); src, src2: (B, H, K, D); idx: (B, K) int32/int64; all any strides.
     Rows with idx outside [0, N) are skipped. Grid (B*H, cdiv(K, BLOCK_K), cdiv(D, BLOCK_D)).
-    TWO writes the K and V caches in one launch. Source: DESIGN.md section 5 (scatter).
+    TWO writes the K and V caches in one launch. Source: docs/design.md section 5 (scatter).
     """
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H

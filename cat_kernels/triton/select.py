@@ -1,4 +1,4 @@
-"""Triton CAT token selection (DESIGN.md section 4): one program per sample, all N tokens in registers.
+"""Triton CAT token selection (docs/design.md section 4): one program per sample, all N tokens in registers.
 
 Every ordering of the reference (cat_kernels.reference.select_tokens) is a lexicographic sort on
 (group, float value, token index), done with a bitonic sort (_sort_keys) of packed unique int32
@@ -164,7 +164,7 @@ def _select_tokens_kernel(
     scratch of d, later the selection mask; radix pass scratch of staleness; d rank -> token;
     staleness rank -> token; token -> staleness rank. Grid (B,).
     FIRST selects the first-step policy (first_quota = k // 10 per cluster), else the later one
-    (base = int(0.05 k), budget = int(importance_fraction k)). Source: DESIGN.md section 4 and
+    (base = int(0.05 k), budget = int(importance_fraction k)). Source: docs/design.md section 4 and
     cat_kernels/reference.py select_tokens, step by step.
     """
     tl.static_assert(BLOCK_N <= 16384, "token indices are packed in 14 bits")

@@ -37,7 +37,7 @@ def _token_stats_kernel(
 
     out, anchor: (B, N, C) any float dtype and strides; labels: (B, N) int32/int64;
     d: (B, N) fp32 contiguous; cmax: (B, num_clusters, C) fp32 contiguous, pre-filled with -inf.
-    Grid (B, cdiv(N, BLOCK_N)). Source: DESIGN.md section 4 (token change, cluster score).
+    Grid (B, cdiv(N, BLOCK_N)). Source: docs/design.md section 4 (token change, cluster score).
     """
     # int64 batch offsets: B * N * C can pass 2^31 for large caches.
     b = tl.program_id(0).to(tl.int64)
@@ -79,7 +79,7 @@ def _cluster_score_kernel(cmax_ptr, score_ptr, C, num_clusters, BLOCK_NC: tl.con
     """score[b,l] = sqrt(sum_c cmax[b,l,c]^2), or -inf when cluster l is empty (cmax[b,l,0] = -inf).
 
     cmax: (B, num_clusters, C) fp32 contiguous; score: (B, num_clusters) fp32.
-    Grid (B, cdiv(num_clusters, BLOCK_NC)). Source: DESIGN.md section 4 (cluster score).
+    Grid (B, cdiv(num_clusters, BLOCK_NC)). Source: docs/design.md section 4 (cluster score).
     """
     b = tl.program_id(0).to(tl.int64)
     cl = tl.program_id(1) * BLOCK_NC + tl.arange(0, BLOCK_NC)

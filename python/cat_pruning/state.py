@@ -1,6 +1,6 @@
 """Per-generation state of a patched model and the CAT policy steps that update it.
 
-The lifecycle (DESIGN.md sections 3 and 4), with F = full_steps and steps numbered from 0:
+The lifecycle (docs/design.md sections 2 and 4), with F = full_steps and steps numbered from 0:
 
     step < F-2   "dense"   the unpatched computation
     step = F-2   "anchor"  dense; the output is kept as the anchor

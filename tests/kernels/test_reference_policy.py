@@ -1,4 +1,4 @@
-"""Properties of the selection policy (DESIGN.md section 4), checked on the torch reference."""
+"""Properties of the selection policy (docs/design.md section 4), checked on the torch reference."""
 
 import pytest
 import torch

@@ -136,7 +136,7 @@ def check_pruned_steps_match_oracle(fam: Family, model, kw, processor, to_tokens
                                     cfg_pairs: bool | None = None, unpaired_differ: bool = False,
                                     extra_steps: int = 0, conv_hook=None, noise_width: int | None = None,
                                     check_idx=None, patch_kw: dict | None = None):
-    """Every pruned step against the masked-dense oracle of DESIGN.md section 3: a deep copy of the
+    """Every pruned step against the masked-dense oracle of docs/design.md section 3: a deep copy of the
     unpatched model whose cached attentions get `processor(k_cache, v_cache, selected)` (and, with
     `conv_hook(cache, selected)`, forward pre-hooks on the modules of the state's extra caches).
     Selected tokens match the oracle; unselected ones return the noise cache from before the step,

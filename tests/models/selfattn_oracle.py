@@ -1,4 +1,4 @@
-"""The masked-dense oracle of DESIGN.md section 3 for image-only self attention (PixArt's and
+"""The masked-dense oracle of docs/design.md section 3 for image-only self attention (PixArt's and
 DiT's attn1), written independently of cat_pruning.processors on purpose."""
 
 from __future__ import annotations

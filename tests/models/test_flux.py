@@ -30,7 +30,7 @@ def test_dense_steps_equal_unpatched(store):
 
 class OracleProcessor:
     """Dense Flux attention in which the image K (after rotation) / V rows of unselected tokens
-    come from a given cache: the masked-dense oracle of DESIGN.md section 3, written with
+    come from a given cache: the masked-dense oracle of docs/design.md section 3, written with
     diffusers' own apply_rotary_emb and independently of cat_pruning's processor."""
 
     def __init__(self, k_cache, v_cache, selected):

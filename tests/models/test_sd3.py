@@ -33,7 +33,7 @@ def test_dense_steps_equal_unpatched(variant, store):
 
 class OracleProcessor:
     """Dense joint attention in which the image K/V rows of unselected tokens come from a
-    given cache: the masked-dense oracle of DESIGN.md section 3 (written independently of
+    given cache: the masked-dense oracle of docs/design.md section 3 (written independently of
     cat_pruning.processors on purpose)."""
 
     def __init__(self, k_cache, v_cache, selected):
