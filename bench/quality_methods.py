@@ -179,6 +179,7 @@ def _diffusers_hook_session(params: dict[str, Any], kind: str) -> Session:
                     TaylorSeerCacheConfig(
                         cache_interval=params["cache_interval"],
                         disable_cache_before_step=params["disable_cache_before_step"],
+                        disable_cache_after_step=params.get("disable_cache_after_step"),
                         max_order=params["max_order"],
                         taylor_factors_dtype=torch.float32,  # the model runs in fp32 here
                         cache_identifiers=params.get("cache_identifiers"),

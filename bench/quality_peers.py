@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Callable
@@ -17,7 +18,12 @@ from quality_measure import Context, _error_text, generate, mac_fraction
 BAND = 0.02
 TAYLORSEER_WARMUPS = (2, 4, 6, 8, 10)
 TAYLORSEER_ORDERS = (1, 2)
-CATF_REFRESH = (0, 2, 3, 4, 5, 6)  # refresh_every; 0 = never
+# disable_cache_after_step as the number of last steps computed in full (diffusers' cooldown; 0 =
+# off): on the scene model the last steps decide the image (4 tuning prompts at 53.6% MACs:
+# warm-up 8, interval 3, order 2: 41.9 dB; warm-up 7, interval 3, the last step computed: 50.4 dB).
+TAYLORSEER_COOLDOWNS = (0, 1, 2)
+CATF_REFRESH = (2, 3, 4, 5, 6)  # refresh_every (the Taylor forecast needs refresh steps)
+CATF_FINAL = (0, 1)  # final_full_steps: the last steps computed in full, as TAYLORSEER_COOLDOWNS
 CATF_FULL = (4, 6, 8)  # those below the number of steps
 # forecast_kv_damping: full slope steps suit short horizons (refresh every 2-3 steps), damped
 # ones long horizons (measured on 8 prompts: refresh every 6, 35% MACs: 27.9 dB at 1.0, 34.1 at 0.5)
@@ -174,7 +180,8 @@ def _computed_steps(ctx: Context, m: Method) -> int:
 
 def tune_taylorseer(ctx: Context, m: Method, warmup: int) -> None:
     """diffusers TaylorSeer at its best schedule for the budget: every warm-up (disable_cache_before_step)
-    of TAYLORSEER_WARMUPS and --peer-warmup, the cache intervals around the budget for each, both
+    of TAYLORSEER_WARMUPS and --peer-warmup, each cooldown (disable_cache_after_step) of
+    TAYLORSEER_COOLDOWNS, the cache intervals around the budget for each, both
     Taylor orders; the best PSNR on the tuning prompts wins. A schedule's MAC fraction follows from
     the steps it computes: (n + (S - n) c) / S, with c, the cost of a forecast step, from one FLOP count."""
     m.params.update(disable_cache_before_step=2, cache_interval=4)
@@ -182,13 +189,15 @@ def tune_taylorseer(ctx: Context, m: Method, warmup: int) -> None:
     s = ctx.steps
     c = (frac0 * s - n0) / (s - n0)
     candidates = []
-    for w in sorted({*TAYLORSEER_WARMUPS, warmup}):
-        m.params["disable_cache_before_step"] = w
+    for w, cool in itertools.product(sorted({*TAYLORSEER_WARMUPS, warmup}), TAYLORSEER_COOLDOWNS):
+        after = s - cool if cool else None
+        m.params.update(disable_cache_before_step=w, disable_cache_after_step=after)
         for interval in range(2, 15):  # the fraction falls with the interval: stop once below the band
             m.params["cache_interval"] = interval
             n = _computed_steps(ctx, m)
             frac = (n + (s - n) * c) / s
-            candidates += [(dict(disable_cache_before_step=w, cache_interval=interval, max_order=o), frac)
+            candidates += [(dict(disable_cache_before_step=w, cache_interval=interval, max_order=o,
+                                 disable_cache_after_step=after), frac)
                            for o in TAYLORSEER_ORDERS]  # fmt: skip
             if frac < ctx.target - BAND or n == s:
                 break
@@ -208,37 +217,43 @@ def end_aligned_offset(steps: int, full_steps: int, refresh_every: int) -> int:
 
 
 def catf_schedule_fraction(ctx: Context, full_steps: int, refresh_every: int, kept: int,
-                           step_fraction: Callable[[int], float], refresh_offset: int = 0) -> float:  # fmt: skip
+                           step_fraction: Callable[[int], float], refresh_offset: int = 0,
+                           final_full_steps: int = 0) -> float:  # fmt: skip
     """MAC fraction of a CAT-F schedule: steps that run every token cost 1, a pruned step
     step_fraction(K) (affine in the K tokens it computes)."""
     import cat_pruning
 
-    cfg = cat_pruning.CATConfig(full_steps=full_steps, refresh_every=refresh_every, refresh_offset=refresh_offset)
-    pruned = [cfg.mode(s) for s in range(ctx.steps)].count("pruned")
+    cfg = cat_pruning.CATConfig(full_steps=full_steps, refresh_every=refresh_every, refresh_offset=refresh_offset,
+                                final_full_steps=final_full_steps)
+    pruned = [cfg.mode(s, ctx.steps) for s in range(ctx.steps)].count("pruned")
     return (ctx.steps - pruned + pruned * step_fraction(kept)) / ctx.steps
 
 
 def catf_candidates(ctx: Context, n: int, step_fraction: Callable[[int], float]) -> list[tuple[dict, float]]:
-    """(params, MAC fraction) of every CAT-F schedule within BAND of ctx.target: per full_steps and
-    refresh_every, the K of n tokens that lands on the budget, or the nearest K if none does,
+    """(params, MAC fraction) of every CAT-F schedule within BAND of ctx.target: per full_steps,
+    refresh_every and final_full_steps (CATF_FINAL), the K of n tokens that lands on the budget,
+    or the nearest K if none does,
     with each refresh phase (the default and the end-aligned one, same MACs), each K/V damping,
     each forecast_from (only "all" for K = 1) and each output forecast (order 2 only when
     refreshing every CATF_ORDER2_REFRESH steps)."""
     candidates = []
-    for full in (f for f in CATF_FULL if f < ctx.steps):
-        for every in CATF_REFRESH:
-            lo, hi = (catf_schedule_fraction(ctx, full, every, k, step_fraction) for k in (1, n))
-            kept = max(1, min(n, round(1 + (ctx.target - lo) / (hi - lo) * (n - 1))))  # lands on the budget
-            frac = catf_schedule_fraction(ctx, full, every, kept, step_fraction)
-            if abs(frac - ctx.target) <= BAND:
-                offsets = sorted({0, end_aligned_offset(ctx.steps, full, every)})
-                sources = CATF_FORECAST_FROM if kept > 1 else ("all",)
-                outputs = [o for o in CATF_OUTPUT if o[0] == 1 or every in CATF_ORDER2_REFRESH]
-                candidates += [(dict(keep_ratio=kept / n, full_steps=full, refresh_every=every, refresh_offset=o,
-                                     forecast_kv_damping=d, forecast_from=f, forecast_order=order,
-                                     forecast_damping=damping), frac)
-                               for o in offsets for d in CATF_KV_DAMPING for f in sources
-                               for order, damping in outputs]  # fmt: skip
+    fulls = [f for f in CATF_FULL if f < ctx.steps]
+    for full, every, final in itertools.product(fulls, CATF_REFRESH, CATF_FINAL):
+        if full + final >= ctx.steps:
+            continue
+        lo, hi = (catf_schedule_fraction(ctx, full, every, k, step_fraction, final_full_steps=final) for k in (1, n))
+        kept = max(1, min(n, round(1 + (ctx.target - lo) / (hi - lo) * (n - 1))))  # lands on the budget
+        frac = catf_schedule_fraction(ctx, full, every, kept, step_fraction, final_full_steps=final)
+        if abs(frac - ctx.target) > BAND:
+            continue
+        offsets = sorted({0, end_aligned_offset(ctx.steps - final, full, every)})
+        sources = CATF_FORECAST_FROM if kept > 1 else ("all",)
+        outputs = [o for o in CATF_OUTPUT if o[0] == 1 or every in CATF_ORDER2_REFRESH]
+        candidates += [(dict(keep_ratio=kept / n, full_steps=full, refresh_every=every, refresh_offset=o,
+                             final_full_steps=final, forecast_kv_damping=d, forecast_from=f, forecast_order=order,
+                             forecast_damping=damping), frac)
+                       for o in offsets for d in CATF_KV_DAMPING for f in sources
+                       for order, damping in outputs]  # fmt: skip
     return candidates
 
 
@@ -255,7 +270,7 @@ def tune_catf(ctx: Context, m: Method) -> None:
     points = []
     full = min(CATF_FULL[0], ctx.steps - 1)
     for keep in (0.05, 0.5):  # every step after full_steps pruned: frac = (F + (S - F) f(K)) / S
-        m.params.update(keep_ratio=keep, full_steps=full, refresh_every=0)
+        m.params.update(keep_ratio=keep, full_steps=full, refresh_every=ctx.steps)  # no refresh step
         frac = statistics.fmean(mac_fraction(ctx, m, item))
         with m.session(ctx.pipe) as reset:
             generate(ctx, item[0], reset)

@@ -274,3 +274,20 @@ def test_parallel_counter_counts_outermost_calls_and_restores(run_module, monkey
     assert funcol.all_to_all_single is fake_all_to_all and dist.all_gather is original_dist
     assert counter.events == [(1, 4, "funcol.all_to_all_single", __name__, "all_to_all", 72),
                               (1, 4, "funcol.all_gather_tensor", __name__, "all_gather", 24)]  # fmt: skip
+
+
+def test_curve_suite_measures_drops_below_smaller_keep_ratios(monkeypatch):
+    """bench/curve.py: a point's drop is how far its mean lies below the best mean at any smaller
+    keep ratio; its options parse into keep ratios (one token as '1tok') and CATConfig fields."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import curve
+
+    assert curve.monotone_drops([40.0, 41.0, 40.5, 42.0, 41.9]) == pytest.approx([0, 0, 0.5, 0, 0.1])
+    args = argparse.Namespace(extra=["--keeps", "1tok,0.1", "--config", "final_full_steps=1,forecast_from=refresh"],
+                              device="cpu")
+    opts = curve.parse_suite_args(args)
+    assert opts.keep_list == ["1tok", 0.1]
+    assert opts.overrides == {"final_full_steps": 1, "forecast_from": "refresh"}
+    assert "local" in curve.results_path(args).parts

@@ -4,6 +4,7 @@ The peer (cache-dit) is optional: without it the record must carry the import er
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 from pathlib import Path
@@ -184,7 +185,10 @@ def test_catf_schedule_fraction(monkeypatch):
     ctx = SimpleNamespace(steps=28)
     # full_steps 8, refresh every 3 from the fill step (7): steps 10, 13, ..., 25 refresh, 14 pruned
     assert quality_peers.catf_schedule_fraction(ctx, 8, 3, 100, lambda k: k / 200) == pytest.approx((14 + 7) / 28)
-    assert quality_peers.catf_schedule_fraction(ctx, 8, 0, 100, lambda k: 0.25) == pytest.approx((8 + 5) / 28)
+    assert quality_peers.catf_schedule_fraction(ctx, 8, 28, 100, lambda k: 0.25) == pytest.approx((8 + 5) / 28)
+    # and the last step in full: 13 pruned
+    frac = quality_peers.catf_schedule_fraction(ctx, 8, 3, 100, lambda k: k / 200, final_full_steps=1)
+    assert frac == pytest.approx((15 + 6.5) / 28)
 
 
 def test_catf_candidates_follow_the_band_rule(monkeypatch):
@@ -204,39 +208,45 @@ def test_catf_candidates_follow_the_band_rule(monkeypatch):
     n, steps = 100, 28
     ctx = SimpleNamespace(steps=steps, target=0.45)
     got = quality_peers.catf_candidates(ctx, n, lambda k: 0.05 + 0.9 * k / n)
-    schedules = {(p["full_steps"], p["refresh_every"]) for p, _ in got}
+    schedules = {(p["full_steps"], p["refresh_every"], p["final_full_steps"]) for p, _ in got}
     dampings = {}
     for p, frac in got:
         assert abs(frac - ctx.target) <= quality_peers.BAND
-        key = (p["full_steps"], p["refresh_every"], p["keep_ratio"])
+        key = (p["full_steps"], p["refresh_every"], p["final_full_steps"], p["keep_ratio"])
         dampings.setdefault(key, set()).add((p["refresh_offset"], p["forecast_kv_damping"], p["forecast_from"],
                                              (p["forecast_order"], p["forecast_damping"])))  # fmt: skip
-    for (full, every, keep), d in dampings.items():
+    for (full, every, final, keep), d in dampings.items():
         sources = quality_peers.CATF_FORECAST_FROM if keep > 1 / n else ("all",)
         outputs = [o for o in quality_peers.CATF_OUTPUT if o[0] == 1 or every in quality_peers.CATF_ORDER2_REFRESH]
-        offsets = {0, quality_peers.end_aligned_offset(steps, full, every)}
+        offsets = {0, quality_peers.end_aligned_offset(steps - final, full, every)}
         assert d == {(o, kv, f, out) for o in offsets for kv in quality_peers.CATF_KV_DAMPING for f in sources
                      for out in outputs}  # fmt: skip
     assert any(p["refresh_offset"] for p, _ in got)
-    # an end-aligned phase keeps the number of refreshes (so the MACs) and ends them on the second-to-last step
+    # an end-aligned phase keeps the number of refreshes (so the MACs) and ends them on the step before
+    # the last pruned one (the second-to-last step without final full steps)
     for p, _ in got:
         if p["refresh_offset"]:
             cfg = cat_pruning.CATConfig(full_steps=p["full_steps"], refresh_every=p["refresh_every"],
-                            refresh_offset=p["refresh_offset"])  # fmt: skip
+                                        refresh_offset=p["refresh_offset"], final_full_steps=p["final_full_steps"])
             default = cfg.replace(refresh_offset=0)
-            refreshes = [s for s in range(steps) if cfg.mode(s) == "refresh"]
-            assert refreshes[-1] == steps - 2
-            assert len(refreshes) == [default.mode(s) for s in range(steps)].count("refresh")
+            end = steps - p["final_full_steps"]
+            refreshes = [s for s in range(end) if cfg.mode(s, steps) == "refresh"]
+            assert refreshes[-1] == end - 2
+            assert len(refreshes) == [default.mode(s, steps) for s in range(end)].count("refresh")
+    assert {p["final_full_steps"] for p, _ in got} == set(quality_peers.CATF_FINAL)
     assert any(p["forecast_order"] == 2 for p, _ in got) and any(p["forecast_order"] == 1 for p, _ in got)
-    assert any(keep > 1 / n for _, _, keep in dampings) and any(keep == 1 / n for _, _, keep in dampings)
-    for full in quality_peers.CATF_FULL:
-        for every in quality_peers.CATF_REFRESH:
-            one = quality_peers.catf_schedule_fraction(ctx, full, every, 1, lambda k: 0.05 + 0.9 * k / n)
-            reachable = one <= ctx.target  # K = 1 already costs more than the budget otherwise
-            assert ((full, every) in schedules) == (reachable or one - ctx.target <= quality_peers.BAND)
-            if (full, every) in schedules and not reachable:  # the nearest K: one token
-                assert {p["keep_ratio"] for p, _ in got if (p["full_steps"], p["refresh_every"]) == (full, every)} \
-                    == {1 / n}
+    assert any(keep > 1 / n for *_, keep in dampings) and any(keep == 1 / n for *_, keep in dampings)
+    for full, every, final in itertools.product(quality_peers.CATF_FULL, quality_peers.CATF_REFRESH,
+                                                quality_peers.CATF_FINAL):
+        one = quality_peers.catf_schedule_fraction(ctx, full, every, 1, lambda k: 0.05 + 0.9 * k / n,
+                                                   final_full_steps=final)
+        reachable = one <= ctx.target  # K = 1 already costs more than the budget otherwise
+        key = (full, every, final)
+        assert (key in schedules) == (reachable or one - ctx.target <= quality_peers.BAND)
+        if key in schedules and not reachable:  # the nearest K: one token
+            picked = {p["keep_ratio"] for p, _ in got
+                      if (p["full_steps"], p["refresh_every"], p["final_full_steps"]) == key}
+            assert picked == {1 / n}
     assert any(abs(f - ctx.target) < 0.005 for _, f in got)  # some schedules land on the budget
 
 

@@ -1,0 +1,175 @@
+"""Quality suite, the keep-ratio curve: does computing more tokens ever make CAT-F's images worse?
+
+    python bench/run.py --suite curve --model tiny     # 32 prompts x 2 seeds, the shipped scene model
+    python bench/run.py --suite curve --model photos   # the photo model (Flux architecture)
+
+One CAT-F schedule (``patch()``'s defaults, or ``--config k=v,...`` on top of them) at every keep
+ratio of ``--keeps`` (default: 1 token, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), each scored
+by PSNR and SSIM against the dense image of the same prompt and seed over the quality suite's
+items (the same prompts and seeds). A record per keep ratio: MAC fraction (cat_pruning.stats),
+mean / worst PSNR, mean SSIM, and the largest drop of the mean below the best mean at any
+smaller keep ratio (the "more tokens never worse" check: the README asks for at most 0.3 dB).
+Writes JSON (records), Markdown (table) and a PNG plot (PSNR against keep ratio) side by side;
+without --json they go to bench/results/local/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import quality_models
+import torch
+from quality_models import LOCAL_RESULTS
+
+KEEPS = ("1tok", 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+MONOTONE_TOLERANCE_DB = 0.3
+
+
+def parse_suite_args(args: argparse.Namespace) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run.py --suite curve", add_help=False)
+    p.add_argument("--model", default="tiny", choices=sorted(quality_models.MODELS))
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--keeps", default=",".join(map(str, KEEPS)),
+                   help="comma-separated keep ratios; '1tok' is one token per pruned step")
+    p.add_argument("--config", default="", help="CATConfig fields on top of patch()'s defaults: k=v,k=v")
+    opts, unknown = p.parse_known_args(getattr(args, "extra", []) or [])
+    if unknown:
+        raise SystemExit(f"bench curve: unknown options {unknown}")
+    if opts.prompts < 1 or opts.seeds < 1:
+        raise SystemExit("bench curve: --prompts and --seeds must be >= 1")
+    opts.keep_list = [k if k == "1tok" else float(k) for k in opts.keeps.split(",") if k]
+    opts.overrides = dict(_parse_field(kv) for kv in opts.config.split(",") if kv)
+    return opts
+
+
+def _parse_field(kv: str) -> tuple[str, Any]:
+    name, _, text = kv.partition("=")
+    for cast in (int, float):
+        try:
+            return name, cast(text)
+        except ValueError:
+            pass
+    return name, {"True": True, "False": False}.get(text, text)
+
+
+def results_path(args: argparse.Namespace) -> Path:
+    opts = parse_suite_args(args)
+    stem = quality_models.get(opts.model).results_stem
+    return LOCAL_RESULTS / f"{stem}-curve-{args.device}.json"
+
+
+def monotone_drops(means: list[float]) -> list[float]:
+    """For each point, how far its mean lies below the best mean at any smaller keep ratio (0 if not)."""
+    drops, best = [], float("-inf")
+    for m in means:
+        drops.append(max(0.0, best - m))
+        best = max(best, m)
+    return drops
+
+
+def run(args: Any) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    import cat_pruning
+    from cat_pruning.metrics import psnr, ssim
+
+    opts = parse_suite_args(args)
+    model = quality_models.get(opts.model)
+    torch.manual_seed(args.seed)
+    pipe = model.load(args.device, torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    defaults = inspect.signature(type(pipe).__call__).parameters
+    steps = opts.steps or defaults["num_inference_steps"].default
+    guidance = defaults["guidance_scale"].default
+    items = [(p, s) for p in model.prompts(opts.prompts) for s in range(opts.seeds)]
+    bar = tqdm(total=len(items) * (1 + len(opts.keep_list)), desc="curve", unit="gen", file=sys.stderr,
+               disable=os.environ.get("CAT_BENCH_NO_PROGRESS") == "1")  # fmt: skip
+
+    def generate(item: tuple[str, int]) -> torch.Tensor:
+        prompt, seed = item
+        out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
+                   generator=torch.Generator("cpu").manual_seed(seed), output_type="pt")  # fmt: skip
+        bar.update()
+        return out.images[0].float().cpu()
+
+    dense = [generate(it) for it in items]
+    records = []
+    for keep in opts.keep_list:
+        base = cat_pruning.CATConfig().replace(**opts.overrides)
+        cfg = base.replace(keep_ratio=1e-9 if keep == "1tok" else keep)
+        cat_pruning.patch(pipe, cfg)
+        try:
+            scores, sims, macs = [], [], []
+            for it, ref in zip(items, dense, strict=True):
+                img = generate(it)
+                scores.append(psnr(img, ref))
+                sims.append(ssim(img, ref))
+                macs.append(cat_pruning.stats(pipe).mac_fraction)
+            kept = cat_pruning.stats(pipe).tokens_kept
+        finally:
+            cat_pruning.unpatch(pipe)
+        records.append(dict(suite="curve", model=opts.model, keep=keep, tokens_kept=kept,
+                            config={k: v for k, v in vars(cfg).items() if k != "backend"},
+                            mac_fraction=statistics.fmean(macs), psnr_mean=statistics.fmean(scores),
+                            psnr_worst=min(scores), ssim_mean=statistics.fmean(sims), psnr=scores,
+                            items=len(items), steps=steps, guidance=guidance))  # fmt: skip
+    bar.close()
+    for r, drop in zip(records, monotone_drops([r["psnr_mean"] for r in records]), strict=True):
+        r["drop_below_best_smaller"] = drop
+    json_path = Path(getattr(args, "json", None) or results_path(args))
+    write_report(records, json_path.with_suffix(".md"), json_path.with_suffix(".png"), model, opts)
+    return records
+
+
+def write_report(records: list[dict], md_path: Path, png_path: Path, model: Any, opts: Any) -> None:
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    r0 = records[0]
+    worst_drop = max(r["drop_below_best_smaller"] for r in records)
+    lines = [
+        f"# CAT-F keep-ratio curve: {model.plot_title}",
+        "",
+        f"{r0['items']} images ({opts.prompts} prompts x {opts.seeds} seeds), {r0['steps']} steps, guidance "
+        f"{r0['guidance']}; PSNR/SSIM against the dense image of the same prompt and seed. Schedule: "
+        f"`patch()`'s defaults{' with ' + opts.config if opts.config else ''}.",
+        "",
+        "| keep_ratio | tokens per pruned step | MACs | PSNR mean (worst) | SSIM | below the best smaller keep |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(f"| {r['keep']} | {r['tokens_kept']} | {r['mac_fraction']:.1%} | {r['psnr_mean']:.2f} "
+                     f"({r['psnr_worst']:.2f}) | {r['ssim_mean']:.4f} | {r['drop_below_best_smaller']:.2f} dB |")
+    verdict = "holds" if worst_drop <= MONOTONE_TOLERANCE_DB else "FAILS"
+    lines += ["", f"More tokens never worse (no mean more than {MONOTONE_TOLERANCE_DB} dB below a smaller keep "
+                  f"ratio's): {verdict}, largest drop {worst_drop:.2f} dB.", ""]  # fmt: skip
+    md_path.write_text("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    finite = [r for r in records if r["psnr_mean"] < 100]  # keep 1.0 equals dense: PSNR is capped, not plotted
+    x = [r["mac_fraction"] for r in finite]
+    ax.plot(x, [r["psnr_mean"] for r in finite], "o-", label="mean")
+    ax.plot(x, [r["psnr_worst"] for r in finite], "s--", alpha=0.6, label="worst image")
+    for r in finite:
+        ax.annotate(str(r["keep"]), (r["mac_fraction"], r["psnr_mean"]), textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize=7)
+    ax.set_xlabel("MACs (fraction of dense)")
+    ax.set_ylabel("PSNR vs dense (dB)")
+    ax.set_title(f"CAT-F, more tokens per pruned step: {model.plot_title}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
