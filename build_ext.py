@@ -63,7 +63,7 @@ def find_cuda_home() -> str | None:
 
 def wheel_cuda_includes() -> list[str]:
     """cuBLAS/cuSPARSE headers of the CUDA torch wheel (nvidia/cu*/include), needed by
-    ATen/cuda/CUDAContext.h when the toolkit lacks them (DESIGN.md section 6)."""
+    ATen/cuda/CUDAContext.h when the toolkit lacks them (docs/design.md section 7)."""
     spec = importlib.util.find_spec("nvidia")
     paths = []
     for base in list(spec.submodule_search_locations or []) if spec else []:

@@ -31,8 +31,10 @@ __all__ = [
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INTS = (torch.int32, torch.int64)
-MAX_TOKENS = 1 << 20  # the Triton selection packs token indices into 20 bits
-MAX_CLUSTERS = 1023  # ... and cluster ranks into 10
+# The ops' limits. The Triton selection itself packs token indices into 14 bits (up to 16,384
+# tokens; more fall back to the reference, cat_kernels/triton/select.py) and cluster ranks into 10.
+MAX_TOKENS = 1 << 20
+MAX_CLUSTERS = 1023
 
 
 # --------------------------------------------------------------------------- validation
