@@ -6,9 +6,12 @@ model's entry (Flux's ``_cp_plan``: hidden_states, encoder_hidden_states and the
 ``proj_out``'s output, and inside every attention swaps sequence for heads with an all-to-all so
 that each rank attends all tokens with its H/W heads. CAT keeps every decision global: the step's
 mode, K and the selected indices are computed on every rank from the same gathered output, so
-they agree without a collective. A pruned step gathers its K tokens *before* the split (K rounded
-up to a multiple of W), so each rank carries K/W of them and every all-to-all moves (T + K)/(T + N)
-of the dense traffic. The image K/V caches live *after* the all-to-all: all N tokens, the rank's
+they agree without a collective. A pruned step gathers its K tokens *before* the split, so each
+rank carries K/W of them and every all-to-all moves (T + K)/(T + N) of the dense traffic. When W
+does not divide K, the selection (K tokens, as in one process) is padded to K' = ceil(K / W) * W
+rows with repeats of selected tokens: a repeat computes the same values as its original, so the
+caches get one value per token and the generation does not depend on W (CATState.selected; a
+token, not a row, counts as computed). The image K/V caches live *after* the all-to-all: all N tokens, the rank's
 heads; the CAT processors run the all-to-alls around them (:func:`to_heads`, :func:`to_sequence`).
 
 Tensor parallelism. Each rank's attention sees its own heads (the Q/K/V projections are

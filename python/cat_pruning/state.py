@@ -7,7 +7,8 @@ The lifecycle (docs/design.md sections 2 and 4), with F = full_steps and steps n
     step = F-1   "fill"    dense; every attention layer fills its image K/V cache, the output
                            fills the noise cache, tokens are clustered, first selection
     step >= F    "pruned"  the K selected tokens run compacted; after the step the noise
-                           cache is updated and the next K tokens are selected
+                           cache is updated and the next K tokens are selected (under context
+                           parallelism the K are padded to a multiple of the ranks, below)
                  "refresh" every refresh_every-th step from F-1 on (if set): all tokens run,
                            every cache row is fresh, then the next K tokens are selected
 
@@ -18,6 +19,14 @@ Only `mode` (a string that changes three times per generation) is read by code t
 torch.compile traces; the step counter is advanced in eager code outside the model (around
 the scheduler's step for pipelines, or by :func:`cat_pruning.advance`), so a generation
 compiles a handful of graphs, not one per step.
+
+Under diffusers' Ulysses context parallelism over W ranks (cat_pruning.parallel) each rank computes
+an equal share of a pruned step's rows, so when W does not divide K the selection of K tokens (the
+one a single process makes) is padded with repeats of its first tokens to K' = ceil(K / W) * W
+rows: ``idx`` (B, K') holds the rows the step computes, ``selected`` (its first K columns) the
+selection. A repeated token's rows are computed from the same inputs as the original's, so every
+scatter of the step writes the same value twice and the generation is one process's, whatever W.
+What counts a token once (staleness, times computed, the stats) reads ``selected``.
 """
 
 from __future__ import annotations
@@ -107,7 +116,8 @@ class CATState:
         self.anchor: Tensor | None = None
         self.labels: Tensor | None = None
         self.staleness: Tensor | None = None
-        self.idx: Tensor | None = None
+        self.idx: Tensor | None = None  # (B, K') the rows a pruned step computes: the selection, padded
+        self.selected: Tensor | None = None  # (B, K) the selection: a view of idx's first K columns
         self.recomputed: Tensor | None = None  # (B, N) times each token was computed this generation
         # (N, 2) token (row, col) positions for the clustering, set by adapters whose inputs carry
         # them (Flux's img_ids) when the token grid's height and width are not known from shapes
@@ -118,7 +128,7 @@ class CATState:
         if self.geometry is None:
             return  # no forward ran in this step
         n = self.geometry.num_tokens
-        self.history.append((self.mode, self.k if self.mode == "pruned" else n))
+        self.history.append((self.mode, self.kept if self.mode == "pruned" else n))
         self.step += 1
         self.mode = self.config.mode(self.step, self.num_steps)
         if self.allocated:
@@ -143,6 +153,7 @@ class CATState:
         self.labels = empty(scored, g.num_tokens, dtype=torch.int64)
         self.staleness = empty(scored, g.num_tokens, dtype=torch.float32)
         self.idx = empty(g.batch, self.k, dtype=torch.int64)
+        self.selected = self.idx[:, :self.kept]
         # importance by forecast error: the output forecast of each token at its last computation
         self.predicted = (empty(scored, g.num_tokens, layout.out_channels, dtype=layout.out_dtype)
                           if self.by_error else None)  # fmt: skip
@@ -160,18 +171,47 @@ class CATState:
         if self.cfg_pairs and geometry.batch % 2:
             raise ValueError(f"cfg_pairs=True needs an even batch [uncond; cond], got batch {geometry.batch}")
         self.geometry = geometry
-        self.k = self.tokens_kept(geometry.num_tokens)
+        self.kept = self.tokens_kept(geometry.num_tokens)  # K: the tokens selected
+        self.k = self.rows_computed(self.kept)  # K': the rows a pruned step computes (adapters read it)
+        self.padding = self.k - self.kept  # 0 unless context parallelism pads the selection
+        if self.padding:
+            self._check_padding()
         self.caching = self.allocated and self.mode in self.cache.modes
         if self.caching:
             self.cache.begin_step(self.mode, self.idx)
 
     def tokens_kept(self, num_tokens: int) -> int:
-        """K of a pruned step: the config's, rounded up to a multiple of the context-parallel
-        degree so that every rank carries K / W of the selected tokens."""
+        """K of a pruned step: the config's, whatever the number of processes, so that the
+        selection is the one a single process makes."""
         w = self.shard.cp_world
         if num_tokens % w:
             raise ValueError(f"cat_pruning: {num_tokens} image tokens do not split over ulysses_degree={w}")
-        return -(-self.config.tokens_kept(num_tokens) // w) * w
+        return self.config.tokens_kept(num_tokens)
+
+    def rows_computed(self, kept: int) -> int:
+        """K' rows of a pruned step: K rounded up to a multiple of the context-parallel degree, so
+        that every rank carries K' / W of them (K' - K of them repeat selected tokens)."""
+        w = self.shard.cp_world
+        return -(-kept // w) * w
+
+    def _check_padding(self) -> None:
+        """What a padded selection cannot run yet (static: config and shapes only)."""
+        cfg = self.config
+        second_order = cfg.forecast_order == 2 or cfg.forecast_kv_order == 2
+        if cfg.forecast == "taylor" and cfg.forecast_from == "rebase" and second_order:
+            n = self.geometry.num_tokens
+            raise ValueError(
+                f"cat_pruning: forecast_from='rebase' with a second-order forecast under context parallelism needs "
+                f"K (keep_ratio {cfg.keep_ratio} of {n} tokens: {self.kept}) to divide by ulysses_degree="
+                f"{self.shard.cp_world}: its step bookkeeping would count a repeated token twice. Use e.g. "
+                f"keep_ratio={self.k / n:g} (K = {self.k}), or forecast_from='all' or 'refresh'"
+            )
+
+    def _set_selection(self, idx: Tensor) -> None:
+        """The (B, K) selection into idx, then its padding: repeats of its first tokens."""
+        self.selected.copy_(idx)
+        if self.padding:
+            self.idx[:, self.kept:].copy_(idx.repeat(1, -(-self.padding // self.kept))[:, :self.padding])
 
     # ------------------------------------------------------------------ policy (traced)
 
@@ -213,7 +253,7 @@ class CATState:
             # staleness slots go to the tokens that change most (its own count is not kept).
             staleness = self.staleness if cfg.selection == "cat" else -d
             idx = ops.select_tokens(
-                d, score, self.labels, staleness, self.k, first=first,
+                d, score, self.labels, staleness, self.kept, first=first,
                 importance_fraction=cfg.importance_fraction, staleness_decay=cfg.staleness_decay, backend=cfg.backend,
             )
         else:  # ablations: the same K by global change, or at random
@@ -223,12 +263,13 @@ class CATState:
                 i = torch.arange(d.shape[1], device=d.device, dtype=torch.float32).expand_as(d)
                 seed = self.staleness.sum(1, keepdim=True)
                 key = torch.frac(torch.sin(i * 12.9898 + seed * 78.233) * 43758.5453)
-            idx = torch.sort(torch.topk(key, self.k, dim=1).indices, dim=1).values
+            idx = torch.sort(torch.topk(key, self.kept, dim=1).indices, dim=1).values
             self.staleness.mul_(cfg.staleness_decay).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
-        self.idx.copy_(self._broadcast(idx))
+        self._set_selection(self._broadcast(idx))
 
     def gather(self, x: Tensor) -> Tensor:
-        """(B, N, C) rows of every image token -> (B, K, C) rows of the tokens this step computes."""
+        """(B, N, C) rows of every image token -> (B, K', C) rows this step computes (K' = K but
+        under context parallelism, where the selection is padded with repeats)."""
         return ops.gather_tokens(x, self.idx, 1, backend=self.config.backend)
 
     def on_output(self, out: Tensor) -> Tensor:
@@ -256,7 +297,8 @@ class CATState:
             self.staleness.mul_(self.config.staleness_decay).add_(1.0)
             self._select(self._scored(out).detach(), first=False)
         elif mode == "pruned":
-            self.recomputed.scatter_add_(1, self.idx, torch.ones_like(self.idx, dtype=torch.float32))
+            # the selection: a repeated token (context parallelism's padding) is computed once
+            self.recomputed.scatter_add_(1, self.selected, torch.ones_like(self.selected, dtype=torch.float32))
             # scored on every token's last computed output (the forecast is never scored)
             self._select(self._scored(self.cache.noise), first=False)
         if self.caching:

@@ -22,6 +22,12 @@ STEPS = 6
 TEXT = 8  # text tokens: a multiple of the 2 ranks (diffusers splits them too)
 # full_steps 3 (step 0 dense, 1 anchor, 2 fill), then pruned, pruned, refresh (every 3)
 SETTINGS = dict(keep_ratio=0.4, full_steps=3, refresh_every=3, backend="torch")  # K = 12 of 30 tokens
+# K = 9 of 30 tokens: not a multiple of the 2 ranks, so a pruned step computes 10 rows, one a repeat
+PADDED = {"pad": dict(SETTINGS, keep_ratio=0.3),  # the Taylor forecast (the default): its pos map
+          "pad-reuse": dict(SETTINGS, keep_ratio=0.3, forecast="none"),  # the K/V and output scatters
+          "pad-refresh": dict(SETTINGS, keep_ratio=0.3, forecast_from="refresh"),  # scatters into the reads
+          "pad-rebase1": dict(SETTINGS, keep_ratio=0.3, forecast_from="rebase", forecast_order=1),  # and the bases
+          "pad-rebase": dict(SETTINGS, keep_ratio=0.3, forecast_from="rebase")}  # refused (state.py)
 
 
 def build():
@@ -38,7 +44,7 @@ def generate(pipe, seed: int = 0) -> dict:
     from flux_models import JOINT_DIM, POOLED_DIM
 
     g = torch.Generator().manual_seed(100)
-    picks = []
+    picks, noise = [], []
 
     def record(pipeline, i, t, kwargs):
         patch = getattr(pipeline.transformer, "_cat_pruning", None)
@@ -46,18 +52,55 @@ def generate(pipe, seed: int = 0) -> dict:
             picks.append(patch.state.idx.clone())
         return kwargs
 
+    def record_noise(module, args, kwargs, output):  # the noise prediction of every step
+        noise.append((output[0] if isinstance(output, tuple) else output.sample).clone())
+
+    handle = pipe.transformer.register_forward_hook(record_noise, with_kwargs=True)
+    repeats = _watch_repeats(pipe)
     latents = pipe(
         prompt_embeds=torch.randn(1, TEXT, JOINT_DIM, generator=g), pooled_prompt_embeds=torch.randn(1, POOLED_DIM,
                                                                                                       generator=g),
         height=24, width=20, num_inference_steps=STEPS, guidance_scale=3.5, output_type="latent",
         generator=torch.Generator().manual_seed(seed), callback_on_step_end=record, return_dict=False,
     )[0]
-    out = {"latents": latents, "picks": picks}
+    handle.remove()
+    out = {"latents": latents, "picks": picks, "noise": noise, "repeats": repeats}
     patch = getattr(pipe.transformer, "_cat_pruning", None)
     if patch is not None:
         stats = cat_pruning.stats(pipe)
-        out.update(modes=[s.mode for s in stats.steps], tokens_kept=stats.tokens_kept)
+        out.update(modes=[s.mode for s in stats.steps], tokens_kept=stats.tokens_kept,
+                   tokens=[s.tokens for s in stats.steps], recomputed=stats.recomputed)
     return out
+
+
+def _watch_repeats(pipe) -> list[bool]:
+    """At every pruned step whose selection is padded (context parallelism, K not a multiple of
+    the ranks), whether the rows the cache store gets for the repeated tokens (every attention
+    layer's K and V, and the model output) equal the rows of the tokens they repeat, bitwise:
+    what makes the store's scatters of a repeated token write one value twice."""
+    patch = getattr(pipe.transformer, "_cat_pruning", None)
+    seen: list[bool] = []
+    if patch is None:
+        return seen
+    state, store = patch.state, patch.state.cache
+    kv, output = store.kv, store.output
+
+    def check(rows):  # (B, K', C): the selection's rows in order, then the repeats
+        if state.mode == "pruned" and state.padding:
+            repeated = torch.arange(state.padding) % state.kept  # _set_selection repeats the first tokens
+            seen.append(torch.equal(rows[:, state.kept:], rows[:, repeated]))
+
+    def checked_kv(name, key, value):
+        check(key)
+        check(value)
+        return kv(name, key, value)
+
+    def checked_output(out):
+        check(out)
+        return output(out)
+
+    store.kv, store.output = checked_kv, checked_output
+    return seen
 
 
 def _config(kind: str):
@@ -78,8 +121,11 @@ def _config(kind: str):
 def run(scenario: str) -> dict:
     """`{cp,tp}-{dense,one,after,before}`: model parallelism alone, with CAT keep_ratio 1, with CAT
     patched after or before enable_parallelism; `cp-disagree`: rank-dependent seeds; `ring`:
-    ring attention; `sd3`: a family without a plan."""
+    ring attention; `sd3`: a family without a plan. A `+VARIANT` suffix runs the settings
+    PADDED[VARIANT] instead of SETTINGS (`cp-after+pad`)."""
     rank = dist.get_rank()
+    scenario, _, variant = scenario.partition("+")
+    settings = PADDED[variant] if variant else SETTINGS
     if scenario == "sd3":
         from diffusers import ContextParallelConfig
         from diffusers.models._modeling_parallel import ContextParallelInput
@@ -94,10 +140,10 @@ def run(scenario: str) -> dict:
     pipe = build()
     kind, _, how = scenario.partition("-")
     if how == "before":
-        cat_pruning.patch(pipe, **SETTINGS)
+        cat_pruning.patch(pipe, **settings)
     pipe.transformer.enable_parallelism(config=_config(kind))
     if how in ("after", "disagree") or kind == "ring":
-        cat_pruning.patch(pipe, **SETTINGS)
+        cat_pruning.patch(pipe, **settings)
     elif how == "one":
         cat_pruning.patch(pipe, **{**SETTINGS, "keep_ratio": 1.0})
     return generate(pipe, seed=rank if how == "disagree" else 0)

@@ -26,9 +26,13 @@ if not hasattr(diffusers, "TensorParallelConfig"):  # diffusers' tensor parallel
 
 HERE = Path(__file__).parent
 MATCHED = ["cp-after", "cp-before", "tp-after", "tp-before"]
-REFUSED = ["cp-disagree", "ring", "sd3"]
-SCENARIOS = ["cp-dense", "cp-one", "tp-dense", "tp-one", *MATCHED, *REFUSED]
-TOL = dict(rtol=1e-5, atol=1e-5)  # fp32; measured: <= 1.5e-6 (the split changes summation orders)
+REFUSED = ["cp-disagree", "ring", "sd3", "cp-after+pad-rebase"]
+# K not a multiple of the ranks (9 of 30 tokens on 2 ranks): PADDED's settings, both orders
+PADDED = ["cp-after+pad", "cp-before+pad", "cp-after+pad-reuse", "cp-after+pad-refresh", "cp-after+pad-rebase1"]
+SCENARIOS = ["cp-dense", "cp-one", "tp-dense", "tp-one", *MATCHED, *PADDED, *REFUSED]
+# fp32; the split only changes summation orders. Measured: latents <= 2.9e-6; noise predictions
+# (|noise| up to 42) <= 1.9e-5, at most 0.55 of this tolerance, with K padded or not
+TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +83,56 @@ def test_parallel_cat_equals_one_process_cat(ranks, one_process, scenario):
         torch.testing.assert_close(got["latents"], cat["latents"], **TOL)
 
 
+@pytest.fixture(scope="module")
+def one_process_padded():
+    """One-process CAT runs of the PADDED settings (no padding: K = 9 rows per pruned step)."""
+    runs = {}
+    for variant in {scenario.partition("+")[2] for scenario in PADDED}:
+        pipe = worker.build()
+        cat_pruning.patch(pipe, **worker.PADDED[variant])
+        runs[variant] = worker.generate(pipe)
+    return runs
+
+
+@pytest.mark.parametrize("scenario", PADDED)
+def test_context_parallel_with_k_not_a_multiple_of_the_ranks_equals_one_process(ranks, one_process_padded,
+                                                                                   scenario):
+    """K = 9 tokens on 2 ranks: the ranks compute 10 rows, the 9 selected and a repeat of one of
+    them, and get one process's noise predictions at every step (the pruned steps included), its
+    selections, token counts and latents. Tolerance: TOL, as CP against one process above (fp32;
+    the sequence split only changes summation orders: the dense steps differ by 2.6e-6).
+    Computing a tenth token instead, as K rounded up to 10 did, moved the noise predictions of
+    the pruned steps by up to 42 and the latents by up to 8.8."""
+    want = one_process_padded[scenario.partition("+")[2]]
+    assert want["modes"] == ["dense", "anchor", "fill", "pruned", "pruned", "refresh"] and want["tokens_kept"] == 9
+    assert want["repeats"] == [] and all(pick.shape == (1, 9) for pick in want["picks"])  # one process: no padding
+    for rank in ranks:
+        got = _ok(rank[scenario])
+        assert got["modes"] == want["modes"] and got["tokens_kept"] == want["tokens_kept"]
+        assert got["tokens"] == want["tokens"] == [30, 30, 30, 9, 9, 30]  # the selection, not the rows
+        # a repeated token counts once in the times each token was computed
+        assert torch.equal(got["recomputed"], want["recomputed"])
+        # the same selection; the 10th row repeats its first token
+        assert len(got["picks"]) == len(want["picks"]) == 4
+        for mine, ref in zip(got["picks"], want["picks"], strict=True):
+            assert torch.equal(mine[:, :9], ref) and torch.equal(mine[:, 9:], ref[:, :1])
+        # the repeated rows handed to the caches equal their originals bitwise, at both pruned
+        # steps, in every attention layer (K and V) and the output
+        assert len(got["repeats"]) == 2 * (2 * len(worker.build().transformer.attn_processors) + 1)
+        assert all(got["repeats"])
+        assert len(got["noise"]) == len(want["noise"]) == worker.STEPS
+        for step, (mine, ref) in enumerate(zip(got["noise"], want["noise"], strict=True)):
+            torch.testing.assert_close(mine, ref, **TOL, msg=lambda m, step=step: f"step {step}: {m}")
+        torch.testing.assert_close(got["latents"], want["latents"], **TOL)
+
+
 @pytest.mark.parametrize(("scenario", "message"), [
     ("cp-disagree", r"ranks of this parallel group disagree \(per rank: hidden_states sum"),
     ("ring", r"ring attention .* not supported with CAT; use ContextParallelConfig\(ulysses_degree=N\)"),
     ("sd3", r"SD3.*model parallelism .* Flux only.*data parallelism.*--prompts-file"),
+    ("cp-after+pad-rebase", r"forecast_from='rebase' with a second-order forecast under context parallelism needs "
+                            r"K \(keep_ratio 0.3 of 30 tokens: 9\) to divide by ulysses_degree=2.*keep_ratio=0.333333 "
+                            r"\(K = 10\)"),
 ])
 def test_what_is_not_supported_fails_with_a_message(ranks, scenario, message):
     import re
@@ -92,14 +142,55 @@ def test_what_is_not_supported_fails_with_a_message(ranks, scenario, message):
         assert rank[scenario]["error"].startswith("ValueError") and re.search(message, rank[scenario]["error"])
 
 
-def test_context_parallel_rounds_k_up_to_a_multiple_of_the_ranks():
+def _state(keep_ratio: float, world: int = 1):
     from cat_pruning.parallel import Sharding
-    from cat_pruning.state import CATState
+    from cat_pruning.state import CacheLayout, CATState
 
-    state = CATState(cat_pruning.CATConfig(keep_ratio=0.3), "manual", layout=None)
-    assert state.tokens_kept(30) == 9
-    state.shard = Sharding(cp_world=2)
-    assert state.tokens_kept(30) == 10
-    state.shard = Sharding(cp_world=4)
+    state = CATState(cat_pruning.CATConfig(keep_ratio=keep_ratio, forecast="none"), "manual",
+                     layout=lambda geometry, shard: CacheLayout({}, 4, torch.float32))
+    state.shard = Sharding(cp_world=world) if world > 1 else state.shard
+    return state
+
+
+def _geometry(num_tokens: int):
+    from cat_pruning.state import Geometry
+
+    return Geometry(1, 1, num_tokens, torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("world", "keep_ratio", "num_tokens", "kept", "selection", "rows"), [
+    (2, 0.3, 30, 9, [0, 3, 6, 9, 12, 15, 18, 21, 24], [0, 3, 6, 9, 12, 15, 18, 21, 24, 0]),
+    (4, 0.1, 32, 4, [5, 9, 20, 31], [5, 9, 20, 31]),  # K a multiple of the ranks: no padding
+    (4, 0.02, 32, 1, [7], [7, 7, 7, 7]),  # more repeats than selected tokens
+])
+def test_context_parallel_pads_the_selection_with_repeats(world, keep_ratio, num_tokens, kept, selection, rows):
+    """K stays the config's (one process's selection); the rows a pruned step computes are K
+    rounded up to a multiple of the ranks, the selection then repeats of its first tokens."""
+    state = _state(keep_ratio, world)
+    assert state.tokens_kept(num_tokens) == kept
+    state.begin_forward(_geometry(num_tokens))
+    assert (state.kept, state.k, state.padding) == (kept, len(rows), len(rows) - kept)
+    state._allocate()
+    state._set_selection(torch.tensor([selection]))
+    assert state.selected.tolist() == [selection] and state.idx.tolist() == [rows]
+    assert state.selected.data_ptr() == state.idx.data_ptr()  # a view: the state keeps one index tensor
+
+
+def test_context_parallel_needs_the_image_tokens_to_split_over_the_ranks():
     with pytest.raises(ValueError, match="30 image tokens do not split over ulysses_degree=4"):
-        state.tokens_kept(30)
+        _state(0.3, world=4).tokens_kept(30)
+
+
+def test_one_process_does_not_pad():
+    """World size 1: the rows a pruned step computes are the K selected, nothing repeated."""
+    state = _state(0.3)
+    state.begin_forward(_geometry(30))
+    assert (state.kept, state.k, state.padding) == (9, 9, 0)
+    pipe = worker.build()
+    cat_pruning.patch(pipe, **worker.PADDED["pad"])
+    got = worker.generate(pipe)
+    state = pipe.transformer._cat_pruning.state
+    assert (state.kept, state.k, state.padding) == (9, 9, 0) and got["repeats"] == []
+    assert state.idx.shape == state.selected.shape == (1, 9) and torch.equal(state.idx, state.selected)
+    assert got["tokens"] == [30, 30, 30, 9, 9, 30] and all(pick.shape == (1, 9) for pick in got["picks"])
+    assert len(set(state.idx[0].tolist())) == 9
