@@ -113,7 +113,7 @@ def test_two_ranks_write_what_one_process_writes(tmp_path, alone, capsys):
 
     one = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
     two = {p.name: p.read_bytes() for p in (tmp_path / "two").iterdir()}
-    settings = "cat-k0.02-f2-r3-forecast"
+    settings = "cat-k0.02-f2-r3-forecast-tiny-32x32-3steps-g4-fp32"  # CAT settings, model, size, steps, guidance, dtype
     assert sorted(one) == sorted(f"{i:04d}-{name}-seed{5 + i}-{settings}{end}.png"
                                  for i, name in enumerate(NAMES) for end in ("", "-tokens"))  # fmt: skip
     assert sorted(two) == sorted(one)
