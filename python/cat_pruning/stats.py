@@ -24,7 +24,9 @@ class CATStats:
     macs / macs_dense count multiply-accumulates of the transformer (linears, convolutions,
     QK^T and PV) over all steps and samples; cache_bytes is what the caches hold now.
     recomputed (B, height, width), on the CPU: how many steps computed each image token (None
-    before the caches exist).
+    before the caches exist). padded_rows: rows per sample that a pruned step computes beyond
+    its tokens_kept tokens, repeats of selected tokens (under context parallelism over W ranks,
+    when W does not divide K: K is padded to a multiple of W); they cost MACs but compute no token.
     """
 
     family: str
@@ -37,6 +39,7 @@ class CATStats:
     macs_dense: int
     cache_bytes: int
     recomputed: torch.Tensor | None = None
+    padded_rows: int = 0
 
     @property
     def mac_fraction(self) -> float:
@@ -71,7 +74,7 @@ class CATStats:
         lines = [
             f"CAT Pruning on {self.family}: {len(self.steps)} steps ({modes}), "
             f"batch {self.batch}, {self.num_tokens} image tokens, {self.tokens_kept} kept "
-            f"(keep_ratio {cfg.keep_ratio}, full_steps {cfg.full_steps})",
+            f"(keep_ratio {cfg.keep_ratio}, full_steps {cfg.full_steps})" + self._padding(),
             f"  MACs {_si(self.macs)} of {_si(self.macs_dense)} dense: "
             f"{100 * self.mac_fraction:.1f}% ({self.mac_speedup:.2f}x ideal speedup)",
             caches,
@@ -84,6 +87,14 @@ class CATStats:
             lines.insert(1, "  no step was pruned")
         lines += [f"  {s.step:>4}  {s.mode:<6}  {s.tokens:>6}" for s in self.steps]
         return "\n".join(lines)
+
+    def _padding(self) -> str:
+        p = self.padded_rows
+        if not p:
+            return ""
+        repeats = "a repeat of a selected token" if p == 1 else "repeats of selected tokens"
+        return (f"; a pruned step computes {self.tokens_kept + p} rows per sample, {p} of them {repeats} "
+                "(context parallelism splits the rows evenly over the ranks)")
 
 
 def _si(n: float) -> str:

@@ -194,3 +194,17 @@ def test_one_process_does_not_pad():
     assert state.idx.shape == state.selected.shape == (1, 9) and torch.equal(state.idx, state.selected)
     assert got["tokens"] == [30, 30, 30, 9, 9, 30] and all(pick.shape == (1, 9) for pick in got["picks"])
     assert len(set(state.idx[0].tolist())) == 9
+
+
+def test_stats_say_when_a_pruned_step_computes_repeated_rows():
+    from cat_pruning.stats import CATStats, StepStats
+
+    def header(padded_rows: int) -> str:
+        steps = [StepStats(0, "fill", 30), StepStats(1, "pruned", 9)]
+        return str(CATStats("Flux", cat_pruning.CATConfig(keep_ratio=0.3), 30, 9, 1, steps, 10, 20, 0,
+                            padded_rows=padded_rows)).splitlines()[0]
+
+    assert "repeat" not in header(0)
+    assert header(1).endswith("full_steps 8); a pruned step computes 10 rows per sample, 1 of them a repeat of a "
+                              "selected token (context parallelism splits the rows evenly over the ranks)")
+    assert "11 rows per sample, 2 of them repeats of selected tokens" in header(2)
