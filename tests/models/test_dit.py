@@ -50,6 +50,7 @@ def test_cfg_pairs_are_scored_on_the_cond_half_first():
     cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch", cfg_pairs=False)
     run_steps(model, {k: v[:2] for k, v in kw.items()}, STEPS)
     assert torch.equal(model._cat_pruning.state.idx, idx[:2])
+    cat_pruning.reset(model)  # a new generation of the bare loop
     run_steps(model, {k: v[2:] for k, v in kw.items()}, STEPS)
     assert not torch.equal(model._cat_pruning.state.idx, idx[:2])  # the null half would choose otherwise
 
