@@ -197,7 +197,8 @@ class CATState:
     def _check_padding(self) -> None:
         """What a padded selection cannot run yet (static: config and shapes only)."""
         cfg = self.config
-        second_order = cfg.forecast_order == 2 or cfg.forecast_kv_order == 2
+        # (forecast_kv_order: read only where the config has it)
+        second_order = cfg.forecast_order == 2 or getattr(cfg, "forecast_kv_order", 1) == 2
         if cfg.forecast == "taylor" and cfg.forecast_from == "rebase" and second_order:
             n = self.geometry.num_tokens
             raise ValueError(
