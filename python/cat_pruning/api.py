@@ -528,7 +528,11 @@ def stats(obj: Any) -> CATStats:
     n = g.num_tokens if g is not None else 0
     history = list(state.history)
     steps = [StepStats(i, mode, tokens) for i, (mode, tokens) in enumerate(history)]
-    macs_of = {t: p.adapter.macs_per_sample(p.transformer, t, n, p.text_tokens) for t in {n, *(t for _, t in history)}}
+    # rows a step computed: under context parallelism a pruned step also computes the repeats
+    # that pad its K tokens to a multiple of the ranks (state.padding)
+    padding = state.padding if g is not None else 0
+    rows = [tokens + padding if mode == "pruned" else tokens for mode, tokens in history]
+    macs_of = {t: p.adapter.macs_per_sample(p.transformer, t, n, p.text_tokens) for t in {n, *rows}}
     batch = g.batch if g is not None else 0
     return CATStats(
         family=p.adapter.family,
@@ -537,7 +541,8 @@ def stats(obj: Any) -> CATStats:
         tokens_kept=state.tokens_kept(n) if n else 0,
         batch=batch,
         steps=steps,
-        macs=sum(batch * macs_of[t] for _, t in history),
+        macs=sum(batch * macs_of[t] for t in rows),
+        padded_rows=padding,
         macs_dense=batch * len(history) * macs_of[n],
         cache_bytes=state.cache_bytes(),
         # A copy to the host: stats() runs after a generation, never inside a denoising step.

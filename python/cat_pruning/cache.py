@@ -15,7 +15,7 @@ so they do not know which of the two behaviours runs:
   last computation.
 - :class:`ForecastStore` (``forecast="taylor"``): a skipped row is read as a first-order Taylor
   forecast ``base + w * slope`` from the token's last two computations, where ``w`` is the time
-  since its last computation (in steps or in sigma), damped and capped. The forecast is written
+  since its last computation in denoising steps, damped and capped. The forecast is written
   into a separate buffer that the step reads; the stored values are never overwritten by it.
   With ``forecast_from="refresh"`` the rows a pruned step computes are read by that step and
   dropped, so every forecast starts from the last full or refresh step. With
@@ -319,9 +319,9 @@ class ForecastStore(ReuseStore):
             if self.span is not None:
                 elapsed = self.started * (self.clock - self.last.gather(1, self.idx))
                 if self._rebase:  # the slope is the quadratic's secant from the new base on (module doc)
-                    self.span.scatter_add_(1, self.idx, 2 * elapsed)
-                else:
-                    self.span.scatter_(1, self.idx, elapsed)
+                    elapsed = self.span.gather(1, self.idx) + 2 * elapsed
+                # a scatter, not an add: a token repeated in idx (context-parallel padding) writes one value
+                self.span.scatter_(1, self.idx, elapsed)
             self.last.scatter_(1, self.idx, self.clock.expand(self.idx.shape))
         self.started.fill_(1.0)
 

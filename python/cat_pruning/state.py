@@ -32,6 +32,7 @@ What counts a token once (staleness, times computed, the stats) reads ``selected
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -131,6 +132,12 @@ class CATState:
         self.history.append((self.mode, self.kept if self.mode == "pruned" else n))
         self.step += 1
         self.mode = self.config.mode(self.step, self.num_steps)
+        if self.step == self.config.full_steps and self.num_steps is None and self.config.final_full_steps:
+            warnings.warn(
+                f"cat_pruning: final_full_steps={self.config.final_full_steps} cannot find the last steps of this "
+                "bare denoising loop (its step count is unknown), so they run as the others; give it with "
+                "cat_pruning.reset(transformer, num_steps=...) before the loop, or patch with final_full_steps=0",
+                RuntimeWarning, stacklevel=2)
         if self.allocated:
             self.cache.advance()
         elif self.mode in self.cache.modes:
@@ -174,8 +181,6 @@ class CATState:
         self.kept = self.tokens_kept(geometry.num_tokens)  # K: the tokens selected
         self.k = self.rows_computed(self.kept)  # K': the rows a pruned step computes (adapters read it)
         self.padding = self.k - self.kept  # 0 unless context parallelism pads the selection
-        if self.padding:
-            self._check_padding()
         self.caching = self.allocated and self.mode in self.cache.modes
         if self.caching:
             self.cache.begin_step(self.mode, self.idx)
@@ -193,20 +198,6 @@ class CATState:
         that every rank carries K' / W of them (K' - K of them repeat selected tokens)."""
         w = self.shard.cp_world
         return -(-kept // w) * w
-
-    def _check_padding(self) -> None:
-        """What a padded selection cannot run yet (static: config and shapes only)."""
-        cfg = self.config
-        # (forecast_kv_order: read only where the config has it)
-        second_order = cfg.forecast_order == 2 or getattr(cfg, "forecast_kv_order", 1) == 2
-        if cfg.forecast == "taylor" and cfg.forecast_from == "rebase" and second_order:
-            n = self.geometry.num_tokens
-            raise ValueError(
-                f"cat_pruning: forecast_from='rebase' with a second-order forecast under context parallelism needs "
-                f"K (keep_ratio {cfg.keep_ratio} of {n} tokens: {self.kept}) to divide by ulysses_degree="
-                f"{self.shard.cp_world}: its step bookkeeping would count a repeated token twice. Use e.g. "
-                f"keep_ratio={self.k / n:g} (K = {self.k}), or forecast_from='all' or 'refresh'"
-            )
 
     def _set_selection(self, idx: Tensor) -> None:
         """The (B, K) selection into idx, then its padding: repeats of its first tokens."""

@@ -27,7 +27,7 @@ PADDED = {"pad": dict(SETTINGS, keep_ratio=0.3),  # the Taylor forecast (the def
           "pad-reuse": dict(SETTINGS, keep_ratio=0.3, forecast="none"),  # the K/V and output scatters
           "pad-refresh": dict(SETTINGS, keep_ratio=0.3, forecast_from="refresh"),  # scatters into the reads
           "pad-rebase1": dict(SETTINGS, keep_ratio=0.3, forecast_from="rebase", forecast_order=1),  # and the bases
-          "pad-rebase": dict(SETTINGS, keep_ratio=0.3, forecast_from="rebase")}  # refused (state.py)
+          "pad-rebase": dict(SETTINGS, keep_ratio=0.3, forecast_from="rebase")}  # and the order-2 span
 
 
 def build():
@@ -69,7 +69,8 @@ def generate(pipe, seed: int = 0) -> dict:
     if patch is not None:
         stats = cat_pruning.stats(pipe)
         out.update(modes=[s.mode for s in stats.steps], tokens_kept=stats.tokens_kept,
-                   tokens=[s.tokens for s in stats.steps], recomputed=stats.recomputed)
+                   tokens=[s.tokens for s in stats.steps], recomputed=stats.recomputed, macs=stats.macs,
+                   padded_rows=stats.padded_rows)
     return out
 
 
