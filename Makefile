@@ -25,7 +25,7 @@ test: install ext
 
 # The oldest diffusers cat_pruning supports (python/cat_pruning/compat.py), installed beside the
 # venv and put first on PYTHONPATH: the equivalence and pipeline tests of every family, the tiny
-# model and the command line on it (the forecast_from="refresh" store variant runs on the newest only:
+# model and the command line on it (the forecast_from="all"/"rebase" store variants run on the newest only:
 # it changes the cache store, not the diffusers seams).
 DIFFUSERS_MIN := $(shell sed -n 's/^DIFFUSERS_MIN = "\(.*\)"/\1/p' python/cat_pruning/compat.py)
 MIN_DIR := build/diffusers-$(DIFFUSERS_MIN)
@@ -33,7 +33,7 @@ test-min-diffusers: install
 	test -d $(MIN_DIR) || ( $(PY) -m pip install -q --no-deps --target $(MIN_DIR).tmp diffusers==$(DIFFUSERS_MIN) \
 		&& $(PY) -m pip install -q --target $(MIN_DIR).tmp httpx && mv $(MIN_DIR).tmp $(MIN_DIR) )
 	CAT_EXPECT_DIFFUSERS=$(DIFFUSERS_MIN) PYTHONPATH=$(MIN_DIR) $(PY) -m pytest -q tests/models tests/test_cli.py \
-		-k "(keep_ratio_one or oracle or pipeline or tiny or cli) and not from-refresh and not order-1" -p no:cacheprovider
+		-k "(keep_ratio_one or oracle or pipeline or tiny or cli) and not from-all and not from-rebase and not order-1" -p no:cacheprovider
 
 # Both shipped models: the scene model (SD3 architecture) and the photo model (Flux architecture).
 demo: install

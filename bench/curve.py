@@ -124,6 +124,9 @@ def run(args: Any) -> list[dict]:
     bar.close()
     for r, drop in zip(records, monotone_drops([r["psnr_mean"] for r in records]), strict=True):
         r["drop_below_best_smaller"] = drop
+        r.update(provider="catf", check="n/a",
+                 case=f"keep {r['keep']} ({r['tokens_kept']} tokens): {r['mac_fraction']:.1%} MACs, PSNR "
+                      f"{r['psnr_mean']:.2f} (worst {r['psnr_worst']:.2f}) dB, {drop:.2f} dB below a smaller keep")
     json_path = Path(getattr(args, "json", None) or results_path(args))
     write_report(records, json_path.with_suffix(".md"), json_path.with_suffix(".png"), model, opts)
     return records

@@ -55,7 +55,7 @@ def test_a_wrong_value_is_a_value_error(field, value, expected):
     assert f"CATConfig.{field}" in message and expected in message and repr(value) in message, message
 
 
-@pytest.mark.parametrize("field, value", [("forecast_from", "refresh"), ("forecast_order", 1),
+@pytest.mark.parametrize("field, value", [("forecast_from", "all"), ("forecast_order", 1),
                                           ("forecast_damping", 0.4), ("forecast_kv_damping", 0.5),
                                           ("forecast_horizon", 2.0)])  # fmt: skip
 def test_taylor_knobs_are_refused_without_the_taylor_forecast(field, value):

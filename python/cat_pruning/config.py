@@ -18,10 +18,11 @@ IMPORTANCES = ("auto", "change", "forecast-error")
 class CATConfig:
     """Settings of CAT Pruning (Cheng et al., arXiv 2502.00433) and its forecasting variant CAT-F.
 
-    The defaults are CAT-F as measured best at the paper's MAC budget (about 52% of the dense
-    MACs at 28 steps; README, "Quality"): after 8 full steps, every third step recomputes all
-    tokens, and the steps in between recompute 2% of them and read the others as a damped
-    forecast (second order for the model output, first order for the K/V rows).
+    The defaults are CAT-F near the paper's MAC budget (55% of the dense MACs at 28 steps on the
+    shipped scene model): after 8 full steps, every third step and the last step recompute all
+    tokens, and the steps in between recompute 2% of them, chosen where the forecast missed
+    most, and read the others as a damped forecast from the last full or refresh step (second
+    order for the model output, first order for the K/V rows).
     ``CATConfig.paper()`` is the paper's CAT (keep_ratio 0.3, reuse, no refresh steps).
 
     Knobs to touch:
@@ -35,10 +36,12 @@ class CATConfig:
             for forecast="none": with forecast="taylor" and no refresh steps the forecasts drift
             (14.7 dB against 23.2 dB for reuse on the scene model), so it is refused.
         final_full_steps: the last this-many denoising steps recompute all tokens (as refresh
-            steps), >= 0. Default 0. Like diffusers TaylorSeer's disable_cache_after_step: the
+            steps), >= 0. Default 1 (0 before this release). Like diffusers TaylorSeer's
+            disable_cache_after_step: the
             last steps decide the fine detail of the image. Needs the generation's number of
             steps, which a patched pipeline knows; a bare denoising loop gives it with
-            `cat_pruning.reset(model, num_steps=...)`.
+            `cat_pruning.reset(model, num_steps=...)`, else its last steps run as the others
+            (with a warning).
         refresh_offset: steps from the fill step to the first refresh step, then one every
             refresh_every steps; >= 0, 0 (default) means refresh_every. Aligning the last refresh with
             the second-to-last denoising step pays where the last step barely moves the latent
@@ -84,12 +87,18 @@ class CATConfig:
             refresh steps every 2-3 steps; with longer gaps (refresh_every >= 4 or 0) about 0.5 is better
             (scene model, 8 prompts, refresh every 6 at 35% MACs: 27.9 dB at 1.0, 34.1 dB at 0.5).
             Default 1.0.
-        forecast_horizon: the forecast extrapolates at most this many time units past a token's
-            last computation, > 0; 0 (default): no cap.
-        forecast_from: which computations a token's forecast starts from: "all" (default: every
-            one, the K rows of a pruned step included) or "refresh" (only full and refresh steps,
-            where every row sees exact context; the rows a pruned step computes are used by that
-            step only). Only with forecast="taylor".
+        forecast_horizon: the forecast extrapolates at most this many denoising steps past a token's
+            last computation, >= 0; 0 (default): no cap.
+        forecast_from: which computations a token's forecast starts from: "refresh" (default:
+            only full and refresh steps, where every row sees exact context; the rows a pruned
+            step computes are read by that step only), "all" (every one, the K rows of a pruned
+            step included: value and slope) or "rebase" (a pruned step's rows become their
+            tokens' values, the slope stays the refresh steps'). Only with forecast="taylor".
+            A row computed at a pruned step attends to forecast K/V rows, so it is less exact than
+            it looks: fed into the slopes over a one-step gap ("all") it makes more tokens give
+            worse images (scene model, 8 prompts, keep 1 token -> 0.3: 46.4 -> 38.5 dB), and
+            even as a new value only ("rebase") it loses to the forecast (-> 42.3 dB); "refresh"
+            keeps the curve flat or rising (46.3 -> 47.6 dB, 49.0 at 0.5).
         forecast_order: order of the model-output (noise cache) forecast, 1 or 2. Default 2
             (64 images at the default schedule, 52% MACs: 42.89 dB at order 1 with damping 0.4,
             45.25 dB at order 2 with damping 0.8, higher on 60 of 64; README, "Quality").
@@ -122,11 +131,11 @@ class CATConfig:
     forecast: str = "taylor"
     refresh_every: int = 3
     refresh_offset: int = 0
-    final_full_steps: int = 0
+    final_full_steps: int = 1
     forecast_damping: float = 0.8
     forecast_kv_damping: float = 1.0
     forecast_horizon: float = 0.0
-    forecast_from: str = "all"
+    forecast_from: str = "refresh"
     forecast_order: int = 2
 
     def __post_init__(self) -> None:
@@ -170,20 +179,14 @@ class CATConfig:
         """What denoising step `step` (from 0) of `num_steps` runs: "dense" before full_steps - 2,
         then "anchor" and "fill", then "pruned", or "refresh" refresh_offset (default
         refresh_every) steps after the fill step and every refresh_every-th step after that, and
-        in the last final_full_steps steps (which need `num_steps`)."""
+        in the last final_full_steps steps (only when `num_steps` is known)."""
         f, every = self.full_steps, self.refresh_every
         if step < f - 2:
             return "dense"
         if step < f:
             return ("anchor", "fill")[step - (f - 2)]
-        if self.final_full_steps:
-            if num_steps is None:
-                raise ValueError(
-                    f"CATConfig.final_full_steps={self.final_full_steps} needs the number of denoising steps: "
-                    "patch the pipeline (or its transformer, called by the pipeline), or give a bare loop's "
-                    "step count with cat_pruning.reset(model, num_steps=...)")
-            if step >= num_steps - self.final_full_steps:
-                return "refresh"
+        if self.final_full_steps and num_steps is not None and step >= num_steps - self.final_full_steps:
+            return "refresh"
         since = step - (f - 1) - (self.refresh_offset or every)  # steps since the first refresh
         return "refresh" if every and since >= 0 and since % every == 0 else "pruned"
 

@@ -107,10 +107,12 @@ def permuted(v, perm, keys=None):
 # The two cache-store behaviours the shared checks run under (ids for pytest): reuse (the paper),
 # and the Taylor forecast with a full refresh every second step, so refresh steps run too.
 STORES = {"reuse": dict(forecast="none", refresh_every=0), "forecast": dict(forecast="taylor", refresh_every=2)}
-# The masked-dense oracle (and SD3's torch.compile check) also run with forecast_from="refresh",
-# where a pruned step's rows are read but do not enter the forecast state, and with the
-# first-order output forecast (the default is second order).
-STATEFUL_STORES = {**STORES, "forecast-from-refresh": dict(forecast="taylor", refresh_every=2, forecast_from="refresh"),
+# The masked-dense oracle (and SD3's torch.compile check) also run with the other forecast_from
+# values (the default "refresh" reads a pruned step's rows without keeping them; "all" feeds them
+# into value and slope, "rebase" into the value), and with the first-order output forecast (the
+# default is second order).
+STATEFUL_STORES = {**STORES, "forecast-from-all": dict(forecast="taylor", refresh_every=2, forecast_from="all"),
+                   "forecast-from-rebase": dict(forecast="taylor", refresh_every=2, forecast_from="rebase"),
                    "forecast-order-1": dict(forecast="taylor", refresh_every=2, forecast_order=1, forecast_damping=0.4)}
 
 
