@@ -53,6 +53,14 @@ TIE_BY_SCORE = 1e-3
 TIE_BY_HASH = 1e-6
 
 
+def _hash(n: int, seed: Tensor, device: torch.device) -> Tensor:
+    """(n,) or (B, n) pseudo-random values in [0, 1) of the token indices 0..n-1 and a seed tensor
+    (one per row), computed on the device: a fixed function of both, so a seed that moves every
+    step gives another order every step."""
+    i = torch.arange(n, device=device, dtype=torch.float32)
+    return torch.frac(torch.sin(i * 12.9898 + seed * 78.233) * 43758.5453)
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheLayout:
     """Shapes the caches of a generation need, from the adapter."""
@@ -174,7 +182,7 @@ class CATState:
     def begin_forward(self, geometry: Geometry) -> None:
         """Called at the start of every transformer forward (traced under torch.compile)."""
         if self.geometry is not None and geometry != self.geometry:
-            self.reset()  # another batch, resolution, dtype or device: a new generation
+            self.reset(self.num_steps)  # another batch, resolution, dtype or device: a new generation
         if self.cfg_pairs and geometry.batch % 2:
             raise ValueError(f"cfg_pairs=True needs an even batch [uncond; cond], got batch {geometry.batch}")
         self.geometry = geometry
@@ -237,8 +245,7 @@ class CATState:
         ref = self.predicted if self.by_error and not first else self.anchor
         d, score = ops.token_stats(out, ref, self.labels, self.num_clusters, backend=cfg.backend)
         if self.mode in ("fill", "refresh"):  # every token equally stale: break the ties (TIE_BY_SCORE)
-            i = torch.arange(d.shape[1], device=d.device, dtype=torch.float32)
-            noise = torch.frac(torch.sin(i * 12.9898 + self.recomputed.sum() * 78.233) * 43758.5453)
+            noise = _hash(d.shape[1], self.recomputed.sum(), d.device)
             self.staleness.sub_(TIE_BY_SCORE * d / d.amax(1, keepdim=True).clamp_min(1e-30) + TIE_BY_HASH * noise)
         if cfg.selection in ("cat", "cat-no-staleness"):
             # Without staleness, "stalest first" becomes "largest change first": the policy's
@@ -252,9 +259,7 @@ class CATState:
             if cfg.selection == "topk":
                 key = d
             else:  # a hash of the token index seeded by the staleness total, which moves every step
-                i = torch.arange(d.shape[1], device=d.device, dtype=torch.float32).expand_as(d)
-                seed = self.staleness.sum(1, keepdim=True)
-                key = torch.frac(torch.sin(i * 12.9898 + seed * 78.233) * 43758.5453)
+                key = _hash(d.shape[1], self.staleness.sum(1, keepdim=True), d.device)
             idx = torch.sort(torch.topk(key, self.kept, dim=1).indices, dim=1).values
             self.staleness.mul_(cfg.staleness_decay).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
         self._set_selection(self._broadcast(idx))
