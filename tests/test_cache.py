@@ -278,3 +278,20 @@ def test_forecast_starting_at_the_fill_step_stays_finite(monkeypatch):
                                    filled.index_select(dim, torch.tensor(skipped)), rtol=0, atol=0)
         computed = torch.tensor([0, 3, 7])  # and the computed rows are this step's values
         torch.testing.assert_close(got.index_select(dim, computed), want.index_select(dim, computed), rtol=0, atol=0)
+
+
+def test_refresh_phase_end_counts_the_refreshes_back_from_the_end():
+    """refresh_phase="end": the last refresh lands on the step before the final full steps (or on
+    the second-to-last step without them), whatever the step count; unknown count: the fill phase."""
+    cfg = CATConfig(full_steps=7, refresh_every=3, refresh_phase="end", final_full_steps=1)
+    assert [s for s in range(28) if cfg.mode(s, 28) == "refresh"] == [8, 11, 14, 17, 20, 23, 26, 27]
+    assert [s for s in range(50) if cfg.mode(s, 50) == "refresh"][-3:] == [45, 48, 49]
+    two = cfg.replace(final_full_steps=2)
+    assert [s for s in range(20) if two.mode(s, 20) == "refresh"] == [8, 11, 14, 17, 18, 19]
+    none = cfg.replace(final_full_steps=0)
+    assert [s for s in range(20) if none.mode(s, 20) == "refresh"] == [9, 12, 15, 18]
+    fill = cfg.replace(refresh_phase="fill", final_full_steps=0)
+    assert [cfg.mode(s) for s in range(20)] == [fill.mode(s) for s in range(20)]
+    assert cfg.needs_num_steps and not fill.needs_num_steps
+    with pytest.raises(ValueError, match="refresh_offset"):
+        CATConfig(refresh_phase="end", refresh_offset=1)

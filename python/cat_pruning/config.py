@@ -12,6 +12,7 @@ SELECTIONS = ("cat", "cat-no-staleness", "topk", "random")
 FORECASTS = ("none", "taylor")
 FORECAST_FROM = ("all", "refresh", "rebase")
 IMPORTANCES = ("auto", "change", "forecast-error")
+REFRESH_PHASES = ("fill", "end")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,12 @@ class CATConfig:
             so every forecast slope is fresh, >= 0. Default 3 (the paper: 0, never). 0 is only
             for forecast="none": with forecast="taylor" and no refresh steps the forecasts drift
             (14.7 dB against 23.2 dB for reuse on the scene model), so it is refused.
+        refresh_phase: where the refresh steps are counted from: "fill" (default: refresh_offset
+            or refresh_every steps after the fill step, then every refresh_every) or "end" (every
+            refresh_every-th step counted back from the step before the final full steps, or
+            from the second-to-last step without them, so the last refresh lands right before
+            the end; refresh_offset must be 0). "end" needs the step count as final_full_steps
+            does.
         final_full_steps: the last this-many denoising steps recompute all tokens (as refresh
             steps), >= 0. Default 1 (0 before this release). Like diffusers TaylorSeer's
             disable_cache_after_step: the
@@ -131,6 +138,7 @@ class CATConfig:
     forecast: str = "taylor"
     refresh_every: int = 3
     refresh_offset: int = 0
+    refresh_phase: str = "fill"
     final_full_steps: int = 1
     forecast_damping: float = 0.8
     forecast_kv_damping: float = 1.0
@@ -151,6 +159,9 @@ class CATConfig:
         if self.refresh_every == 0 and self.refresh_offset != 0:
             raise ValueError(f"CATConfig.refresh_offset must be 0 when refresh_every is 0 (no refresh steps), "
                              f"got {self.refresh_offset!r}")
+        if self.refresh_phase == "end" and self.refresh_offset != 0:
+            raise ValueError(f"CATConfig.refresh_offset must be 0 with refresh_phase='end' (the phase is counted "
+                             f"back from the end), got {self.refresh_offset!r}")
         if self.importance == "forecast-error" and self.forecast != "taylor":
             raise ValueError('CATConfig.importance="forecast-error" needs forecast="taylor" (reuse has no forecast '
                              'to miss); use importance="change" or "auto"')
@@ -175,11 +186,18 @@ class CATConfig:
         reused (no forecast), no refresh steps; `overrides` change any field."""
         return cls(keep_ratio=0.3, full_steps=8, forecast="none", refresh_every=0).replace(**overrides)
 
+    @property
+    def needs_num_steps(self) -> bool:
+        """Whether the schedule counts from the end (final_full_steps, refresh_phase "end")."""
+        return bool(self.final_full_steps) or self.refresh_phase == "end"
+
     def mode(self, step: int, num_steps: int | None = None) -> str:
         """What denoising step `step` (from 0) of `num_steps` runs: "dense" before full_steps - 2,
         then "anchor" and "fill", then "pruned", or "refresh" refresh_offset (default
-        refresh_every) steps after the fill step and every refresh_every-th step after that, and
-        in the last final_full_steps steps (only when `num_steps` is known)."""
+        refresh_every) steps after the fill step and every refresh_every-th step after that
+        (refresh_phase "end": every refresh_every-th step counted back from the step before the
+        final full steps), and in the last final_full_steps steps (both only when `num_steps` is
+        known)."""
         f, every = self.full_steps, self.refresh_every
         if step < f - 2:
             return "dense"
@@ -187,6 +205,9 @@ class CATConfig:
             return ("anchor", "fill")[step - (f - 2)]
         if self.final_full_steps and num_steps is not None and step >= num_steps - self.final_full_steps:
             return "refresh"
+        if self.refresh_phase == "end" and num_steps is not None:  # counted back from the last refresh
+            end = num_steps - 1 - max(self.final_full_steps, 1)
+            return "refresh" if every and step <= end and (end - step) % every == 0 else "pruned"
         since = step - (f - 1) - (self.refresh_offset or every)  # steps since the first refresh
         return "refresh" if every and since >= 0 and since % every == 0 else "pruned"
 
@@ -242,6 +263,7 @@ _RULES = (
     ("forecast", "str", lambda v: v in FORECASTS, f"one of {FORECASTS}"),
     ("refresh_every", "int", lambda v: v >= 0, "an int >= 0"),
     ("refresh_offset", "int", lambda v: v >= 0, "an int >= 0"),
+    ("refresh_phase", "str", lambda v: v in REFRESH_PHASES, f"one of {REFRESH_PHASES}"),
     ("final_full_steps", "int", lambda v: v >= 0, "an int >= 0"),
     ("forecast_damping", "number", _unit, "a number in [0, 1]"),
     ("forecast_kv_damping", "number", _unit, "a number in [0, 1]"),

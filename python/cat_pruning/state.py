@@ -140,11 +140,12 @@ class CATState:
         self.history.append((self.mode, self.kept if self.mode == "pruned" else n))
         self.step += 1
         self.mode = self.config.mode(self.step, self.num_steps)
-        if self.step == self.config.full_steps and self.num_steps is None and self.config.final_full_steps:
+        if self.step == self.config.full_steps and self.num_steps is None and self.config.needs_num_steps:
             warnings.warn(
-                f"cat_pruning: final_full_steps={self.config.final_full_steps} cannot find the last steps of this "
-                "bare denoising loop (its step count is unknown), so they run as the others; give it with "
-                "cat_pruning.reset(transformer, num_steps=...) before the loop, or patch with final_full_steps=0",
+                "cat_pruning: the schedule counts from the end (final_full_steps, refresh_phase='end') but this bare "
+                "denoising loop's step count is unknown, so its last steps run as the others and its refreshes "
+                "from the fill step; give it with cat_pruning.reset(transformer, num_steps=...) before the loop, "
+                "or patch with final_full_steps=0 and refresh_phase='fill'",
                 RuntimeWarning, stacklevel=2)
         if self.allocated:
             self.cache.advance()
