@@ -17,9 +17,12 @@ so they do not know which of the two behaviours runs:
   forecast ``base + w * slope`` from the token's last two computations, where ``w`` is the time
   since its last computation in denoising steps, damped and capped. The forecast is written
   into a separate buffer that the step reads; the stored values are never overwritten by it.
-  With ``forecast_from="refresh"`` the rows a pruned step computes are read by that step and
-  dropped, so every forecast starts from the last full or refresh step. With
-  ``forecast_order=2`` the model output is forecast through its last three computations.
+  With ``forecast_from="refresh"`` (the default) the rows a pruned step computes are read by
+  that step and dropped, so every forecast starts from the last full or refresh step; with
+  "rebase" they become their tokens' values and keep the refresh steps' slope (at second order
+  the span grows by twice the time since the slope's end, so the forecast follows the same
+  quadratic); with "all" they update value and slope. With ``forecast_order=2`` the model
+  output is forecast through its last three computations.
 
 Per cache the forecast keeps ``base`` (the value at the last computation), ``slope`` (change per
 unit time between the last two computations) and ``out`` (what the step reads); per token the
