@@ -295,3 +295,8 @@ def test_refresh_phase_end_counts_the_refreshes_back_from_the_end():
     assert cfg.needs_num_steps and not fill.needs_num_steps
     with pytest.raises(ValueError, match="refresh_offset"):
         CATConfig(refresh_phase="end", refresh_offset=1)
+
+
+def test_the_paper_preset_has_no_final_full_step():
+    """CATConfig.paper() is the published schedule: after the fill step every step is pruned."""
+    assert [CATConfig.paper().mode(s, 28) for s in range(8, 28)] == ["pruned"] * 20

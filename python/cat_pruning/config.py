@@ -187,8 +187,9 @@ class CATConfig:
     @classmethod
     def paper(cls, **overrides: object) -> CATConfig:
         """CAT Pruning as published (arXiv 2502.00433): keep_ratio 0.3, full_steps 8, skipped rows
-        reused (no forecast), no refresh steps; `overrides` change any field."""
-        return cls(keep_ratio=0.3, full_steps=8, forecast="none", refresh_every=0).replace(**overrides)
+        reused (no forecast), no refresh steps, no final full steps; `overrides` change any field."""
+        paper = cls(keep_ratio=0.3, full_steps=8, forecast="none", refresh_every=0, final_full_steps=0)
+        return paper.replace(**overrides)
 
     @property
     def needs_num_steps(self) -> bool:

@@ -123,7 +123,7 @@ def test_keep_ratio_one_equals_dense_and_pruning_runs(pipe):
         first, second = _gen(pipe, steps=4), _gen(pipe, steps=4)
         stats = cat_pruning.stats(pipe)
     assert torch.equal(first, second) and not torch.equal(first, dense)
-    assert [s.mode for s in stats.steps][-1] == "pruned" and stats.num_tokens == 1024
+    assert [s.mode for s in stats.steps][2:] == ["pruned", "refresh"] and stats.num_tokens == 1024  # last: in full
     assert stats.mac_fraction < 0.9
     assert torch.equal(_gen(pipe, steps=4), dense)  # unpatched again
 
@@ -133,7 +133,7 @@ def test_cli_generate_and_demo_photos(tmp_path):
 
     from cat_pruning.cli import main
 
-    common = ["--steps", "3", "--full-steps", "2", "--device", "cpu", "--backend", "torch"]
+    common = ["--steps", "4", "--full-steps", "2", "--device", "cpu", "--backend", "torch"]  # one pruned step
     assert main(["generate", "--model", "photos", "--prompt", PROMPT, "--out", str(tmp_path), *common]) == 0
     assert len(list(tmp_path.glob("coffee-close-up-seed0-cat-*.png"))) == 2  # the image and its token map
     demo = tmp_path / "demo"

@@ -143,6 +143,8 @@ def run(fam: Fam, pipe, steps: int = STEPS, guidance: float | None = None, seed:
 
 
 def patch(pipe, keep_ratio: float, **kw):
+    # 3-step generations: without a final full step, the last step is the pruned one these checks need
+    kw.setdefault("final_full_steps", 0)
     return cat_pruning.patch(pipe, keep_ratio=keep_ratio, full_steps=FULL, backend="torch", **kw)
 
 
