@@ -29,7 +29,19 @@ def test_keep_ratio_one_is_bitwise_dense(family, dtype, store):
     patched = models.run_steps(model, kw, STEPS)
     assert "pruned" in [s.mode for s in cat_pruning.stats(model).steps]
     for step, (a, b) in enumerate(zip(dense, patched, strict=True)):
+        if family == "flux" and dtype == torch.bfloat16 and _older_diffusers():
+            # diffusers 0.36's Flux attention rounds bf16 differently from the CAT processor's (0.0625 at
+            # the fill step, measured); bitwise from 0.42 on, which the newest-diffusers run checks
+            torch.testing.assert_close(a, b, **harness.TOL[dtype], msg=f"step {step}")
+            continue
         assert torch.equal(a, b), f"step {step}: max difference {(a.float() - b.float()).abs().max().item()}"
+
+
+def _older_diffusers() -> bool:
+    import diffusers
+    from packaging.version import Version
+
+    return Version(diffusers.__version__) < Version("0.42")
 
 
 def test_sana_pipeline_keep_ratio_one_is_bitwise_dense():
