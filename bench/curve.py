@@ -25,6 +25,7 @@ from typing import Any
 
 import quality_models
 import torch
+from quality_base import config_overrides
 from quality_models import LOCAL_RESULTS
 
 KEEPS = ("1tok", 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
@@ -46,18 +47,8 @@ def parse_suite_args(args: argparse.Namespace) -> argparse.Namespace:
     if opts.prompts < 1 or opts.seeds < 1:
         raise SystemExit("bench curve: --prompts and --seeds must be >= 1")
     opts.keep_list = [k if k == "1tok" else float(k) for k in opts.keeps.split(",") if k]
-    opts.overrides = dict(_parse_field(kv) for kv in opts.config.split(",") if kv)
+    opts.overrides = config_overrides([kv for kv in opts.config.split(",") if kv])
     return opts
-
-
-def _parse_field(kv: str) -> tuple[str, Any]:
-    name, _, text = kv.partition("=")
-    for cast in (int, float):
-        try:
-            return name, cast(text)
-        except ValueError:
-            pass
-    return name, {"True": True, "False": False}.get(text, text)
 
 
 def results_path(args: argparse.Namespace) -> Path:
@@ -102,8 +93,8 @@ def run(args: Any) -> list[dict]:
 
     dense = [generate(it) for it in items]
     records = []
+    base = cat_pruning.CATConfig().replace(**opts.overrides)
     for keep in opts.keep_list:
-        base = cat_pruning.CATConfig().replace(**opts.overrides)
         cfg = base.replace(keep_ratio=1e-9 if keep == "1tok" else keep)
         cat_pruning.patch(pipe, cfg)
         try:

@@ -1,5 +1,6 @@
 """Quality suite, the shared pieces: a method (``Method``) and its session protocol, the session of
-the dense reference (``no_session``), and the CATConfig fields of a CAT method's params.
+the dense reference (``no_session``), the CATConfig fields of a CAT method's params, and how
+``field=value`` text becomes CATConfig overrides.
 
 The quality parts import each other in one direction only, each from the ones below it:
 quality.py -> quality_methods -> quality_peers -> quality_measure -> quality_base (this module,
@@ -45,3 +46,16 @@ def cat_config_fields(params: dict[str, Any]) -> dict[str, Any]:
     """The CATConfig fields among a CAT method's params (tuned ones also carry their tuning log)."""
     names = {f.name for f in dataclasses.fields(cat_pruning.CATConfig)}
     return {k: v for k, v in params.items() if k in names}
+
+
+def config_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``field=value`` texts -> CATConfig overrides; numbers take the type of the field's default
+    (num_clusters=1 -> int, importance_fraction=0 -> float), everything else stays text."""
+    defaults = cat_pruning.CATConfig()
+    out: dict[str, Any] = {}
+    for kv in pairs:
+        key, _, value = kv.partition("=")
+        default = getattr(defaults, key, None)
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        out[key] = type(default)(value) if numeric else value
+    return out

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from quality_base import Method, Session, cat_config_fields, no_session  # noqa: F401 - re-exported
+from quality_base import Method, Session, cat_config_fields, config_overrides, no_session  # noqa: F401 - re-exported
 from quality_peers import tune_catf, tune_continuous, tune_taylorseer
 
 import cat_pruning
@@ -60,14 +60,7 @@ def cat_method(spec: str) -> Method:
     # the paper's CAT unless a field says otherwise: reuse of the skipped rows, no refresh steps
     overrides: dict[str, Any] = dict(keep_ratio=float(parts[1]), full_steps=int(parts[2]),
                                      **PAPER)
-    defaults = cat_pruning.CATConfig()
-    extra: dict[str, Any] = {}
-    for kv in parts[3:]:
-        key, _, value = kv.partition("=")
-        default = getattr(defaults, key, None)
-        # numbers take the type of the field's default (num_clusters=1 -> int, importance_fraction=0 -> float)
-        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
-        extra[key] = type(default)(value) if numeric else value
+    extra = config_overrides(parts[3:])
     overrides.update(extra)
     cat_pruning.CATConfig().replace(**overrides)  # validate now
 
