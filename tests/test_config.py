@@ -26,6 +26,10 @@ from cat_pruning import CATConfig
     ("forecast_damping", True, "a number in [0, 1]"),
     ("forecast_order", True, "1 or 2"),
     ("cluster_content_weight", "0.05", "a finite number >= 0"),
+    ("refresh_offset", 2.0, "an int >= 0"),
+    ("final_full_steps", 1.0, "an int >= 0"),
+    ("refresh_phase", None, "one of"),
+    ("importance", 1, "one of"),
 ])  # fmt: skip
 def test_a_wrong_type_is_a_type_error(field, value, expected):
     with pytest.raises(TypeError) as err:
@@ -47,6 +51,9 @@ def test_a_wrong_type_is_a_type_error(field, value, expected):
     ("backend", "tpu", "one of"),
     ("selection", "best", "one of"),
     ("forecast_order", 3, "1 or 2"),
+    ("final_full_steps", -1, "an int >= 0"),
+    ("refresh_phase", "start", "one of"),
+    ("importance", "change-since-anchor", "one of"),
 ])  # fmt: skip
 def test_a_wrong_value_is_a_value_error(field, value, expected):
     with pytest.raises(ValueError) as err:
@@ -94,3 +101,9 @@ def test_patch_refuses_a_config_that_is_not_a_catconfig():
         with pytest.raises(TypeError, match=r"CATConfig\(\.\.\.\)"):
             with cat_pruning.patched(transformer, bad):
                 pass
+
+
+def test_importance_by_forecast_error_needs_the_forecast():
+    with pytest.raises(ValueError, match='importance="forecast-error" needs forecast="taylor"'):
+        CATConfig.paper(importance="forecast-error")
+    assert CATConfig.paper(importance="change").importance == "change"
