@@ -49,7 +49,8 @@ for p in (str(REPO), str(BENCH)):  # cat_kernels from the checkout, suites as to
     if p not in sys.path:
         sys.path.insert(0, p)
 
-SUITES = {"kernels": "kernel_bench", "e2e": "e2e", "quality": "quality", "curve": "curve", "parallel": "parallel"}
+SUITES = {"kernels": "kernel_bench", "e2e": "e2e", "quality": "quality", "curve": "curve", "tokens": "tokens",
+          "parallel": "parallel"}
 RESULTS = BENCH / "results"  # committed results: written only when --json names a path here
 LOCAL_RESULTS = RESULTS / "local"  # git-ignored: where runs without --json write
 OUTPUT_HELP = """\

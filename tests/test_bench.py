@@ -291,3 +291,28 @@ def test_curve_suite_measures_drops_below_smaller_keep_ratios(monkeypatch):
     assert opts.keep_list == ["1tok", 0.1]
     assert opts.overrides == {"final_full_steps": 1, "forecast_from": "refresh"}
     assert "local" in curve.results_path(args).parts
+
+
+def test_tokens_suite_solves_the_keep_ratio_that_fits_a_budget(monkeypatch):
+    """bench/tokens.py: the token-budget side gets the most tokens whose MACs (linear in the tokens,
+    from one token and keep 0.5) stay within the one-token pick's, or nothing outside 5%-50%."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import tokens
+
+    mac_one, mac_half, n = 0.545, 0.772, 1024
+
+    def mac(keep):
+        return mac_one + (round(keep * n) - 1) * (mac_half - mac_one) / 511
+
+    keep = tokens.solve_keep(mac_one, mac_half, 0.636, n)
+    assert keep * n == round(keep * n) and mac(keep) <= 0.636 < mac(keep + 1 / n)
+    assert tokens.solve_keep(mac_one, mac_half, 0.55, n) is None  # 12 tokens: under 5%
+    assert tokens.solve_keep(mac_one, mac_half, 0.9, n) is None  # over half the tokens
+    args = argparse.Namespace(extra=["--budgets", "0.44,0.65", "--tune-prompts", "4"], device="cpu")
+    opts = tokens.parse_suite_args(args)
+    assert opts.budget_list == [0.44, 0.65] and opts.tune_prompts == 4
+    assert "local" in tokens.results_path(args).parts
+    with pytest.raises(SystemExit, match="budgets"):
+        tokens.parse_suite_args(argparse.Namespace(extra=["--budgets", "65"], device="cpu"))

@@ -107,3 +107,13 @@ def test_importance_by_forecast_error_needs_the_forecast():
     with pytest.raises(ValueError, match='importance="forecast-error" needs forecast="taylor"'):
         CATConfig.paper(importance="forecast-error")
     assert CATConfig.paper(importance="change").importance == "change"
+
+
+@pytest.mark.parametrize("field, value", [("importance_fraction", 0.5), ("staleness_decay", 0.9)])
+def test_cat_selection_knobs_are_refused_with_regions(field, value):
+    """The default selection ("regions") reads neither, so setting one would be silently ignored."""
+    with pytest.raises(ValueError, match=f'{field}=.*does not apply to selection="regions"'):
+        CATConfig(**{field: value})
+    assert getattr(CATConfig(selection="cat", **{field: value}), field) == value
+    assert getattr(CATConfig.paper(**{field: value}), field) == value
+    assert (CATConfig().selection, CATConfig.paper().selection) == ("regions", "cat")

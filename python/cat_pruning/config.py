@@ -8,7 +8,7 @@ import numbers
 
 from cat_kernels.backend import BACKENDS
 
-SELECTIONS = ("cat", "cat-no-staleness", "topk", "random")
+SELECTIONS = ("regions", "cat", "cat-no-staleness", "topk", "random")
 FORECASTS = ("none", "taylor")
 FORECAST_FROM = ("all", "refresh", "rebase")
 IMPORTANCES = ("auto", "change", "forecast-error")
@@ -69,11 +69,12 @@ class CATConfig:
             (see cat_kernels.backend).
 
     Knobs for tinkering:
-        num_clusters: spatial clusters for the per-cluster quotas, >= 1. Default 20.
-        importance_fraction: share of K chosen by change in the later selections, in [0, 1].
-            Default 0.25; the rest goes to the stalest tokens.
-        staleness_decay: decay of the per-token recompute count per pruned step, in [0, 1].
-            Default 0.5.
+        num_clusters: spatial clusters (the regions, or the paper's per-cluster quotas), >= 1.
+            Default 20.
+        importance_fraction: selection="cat" only: share of K chosen by change in the later
+            selections, in [0, 1]. Default 0.25; the rest goes to the stalest tokens.
+        staleness_decay: not with selection="regions": decay of the per-token recompute count per
+            pruned step, in [0, 1]. Default 0.5.
         kmeans_iters: Lloyd iterations of the one-off clustering, >= 0. Default 10.
         cluster_content_weight: weight of the model output in the clustering features next to
             the (row, column) position in token units, >= 0. Default 0.05, so clusters are
@@ -81,9 +82,18 @@ class CATConfig:
         cfg_pairs: whether the batch is [uncond; cond] halves that share one selection scored
             on the cond half. None (default): taken from the pipeline's
             `do_classifier_free_guidance`; False for a bare transformer.
-        selection: "cat" (default, the paper's policy); ablations for the quality benchmark:
-            "cat-no-staleness" (staleness slots go to the largest change), "topk" (global top-K by
-            change, no clusters, no staleness), "random" (K tokens at random each step).
+        selection: how the K tokens of a pruned step are chosen. "regions" (default): whole
+            spatial clusters, in the order of their mean score (see importance) times one plus
+            the pruned steps since they were last computed, the last cluster in part (its tokens
+            nearest to its highest-scoring one). A computed token attends to its neighbours'
+            K/V rows; computed together with them, its output is 2-5x closer to the dense step's
+            than the forecast, while a token computed alone among forecast neighbours carries
+            their K/V error and in the late steps lands further from the dense step than the
+            forecast (scene model, keep 0.2). "cat": the paper's policy (per-cluster quotas of
+            the largest change, the rest to the stalest tokens; CATConfig.paper()); ablations
+            for the quality benchmark: "cat-no-staleness" (staleness slots go to the largest
+            change), "topk" (global top-K by change, no clusters, no staleness), "random" (K
+            tokens at random each step).
         importance: what the selection ranks tokens and clusters by: "change" (the paper: how
             far a token's output moved since the anchor step), "forecast-error" (how far the
             output forecast missed the token at its last computation: every token at a refresh
@@ -137,7 +147,7 @@ class CATConfig:
     cluster_content_weight: float = 0.05
     cfg_pairs: bool | None = None
     manual_steps: bool = False
-    selection: str = "cat"
+    selection: str = "regions"
     importance: str = "auto"
     forecast: str = "taylor"
     refresh_every: int = 3
@@ -174,6 +184,13 @@ class CATConfig:
                 "CATConfig.refresh_every=0 (no refresh step) with forecast=\"taylor\" lets every forecast "
                 "drift from the fill step to the end (scene model: 14.7 dB against 23.2 dB for reuse); set "
                 "refresh_every >= 1, or forecast=\"none\" to reuse skipped rows as the paper does")
+        if self.selection == "regions":
+            for name in ("importance_fraction", "staleness_decay"):
+                value, default = getattr(self, name), _DEFAULTS[name]
+                if value != default:
+                    raise ValueError(
+                        f"CATConfig.{name}={value!r} does not apply to selection=\"regions\" (it would be ignored): "
+                        f"set selection=\"cat\" or leave {name} at its default {default!r}")
         if self.forecast != "taylor":
             for name in _TAYLOR_ONLY:
                 value, default = getattr(self, name), _DEFAULTS[name]
@@ -187,8 +204,9 @@ class CATConfig:
     @classmethod
     def paper(cls, **overrides: object) -> CATConfig:
         """CAT Pruning as published (arXiv 2502.00433): keep_ratio 0.3, full_steps 8, skipped rows
-        reused (no forecast), no refresh steps, no final full steps; `overrides` change any field."""
-        paper = cls(keep_ratio=0.3, full_steps=8, forecast="none", refresh_every=0, final_full_steps=0)
+        reused (no forecast), no refresh steps, no final full steps, the paper's token selection;
+        `overrides` change any field."""
+        paper = cls(keep_ratio=0.3, full_steps=8, forecast="none", refresh_every=0, final_full_steps=0, selection="cat")
         return paper.replace(**overrides)
 
     @property

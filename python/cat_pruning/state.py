@@ -61,6 +61,41 @@ def _hash(n: int, seed: Tensor, device: torch.device) -> Tensor:
     return torch.frac(torch.sin(i * 12.9898 + seed * 78.233) * 43758.5453)
 
 
+def select_regions(d: Tensor, labels: Tensor, age: Tensor, positions: Tensor, k: int, num_clusters: int) -> Tensor:
+    """The "regions" selection (docs/design.md section 4): k tokens per row that make up whole
+    spatial clusters, sorted ascending.
+
+    d: (B, N) float token score; labels: (B, N) int64 cluster of each token; age: (B, N) float
+    pruned steps since each token was computed; positions: (N, 2) or (B, N, 2) integer-valued
+    (row, col) of each token. Clusters are taken in the order of their mean score times one plus
+    their mean age, each whole, the last one in part: its tokens nearest to its highest-scoring
+    token (a disc around it). Every tie is broken by a fixed rule (the lower cluster, then the
+    lower token index), so the result is a function of the inputs on any device.
+    """
+    batch, n = d.shape
+    c = num_clusters
+    ones = torch.ones_like(d)
+    count = torch.zeros(batch, c, device=d.device).scatter_add_(1, labels, ones).clamp_min(1)
+    mean_d = torch.zeros(batch, c, device=d.device).scatter_add_(1, labels, d.float()) / count
+    mean_age = torch.zeros(batch, c, device=d.device).scatter_add_(1, labels, age) / count
+    priority = mean_d * (1 + mean_age)
+    order = torch.sort(-priority, dim=1, stable=True).indices  # clusters, first taken first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(c, device=d.device).expand(batch, c))
+    # each cluster's seed: its token of largest score (the first such token in index order)
+    by_score = torch.sort(-d.float(), dim=1, stable=True).indices
+    place = torch.empty_like(by_score).scatter_(1, by_score, torch.arange(n, device=d.device).expand(batch, n))
+    first = torch.full((batch, c), n, dtype=torch.int64, device=d.device).scatter_reduce(1, labels, place, "amin")
+    seed = by_score.gather(1, first.clamp_max(n - 1))  # (B, C) token index of each cluster's seed
+    pos = positions.round().long().expand(batch, n, 2)
+    seed_pos = pos.gather(1, seed.gather(1, labels).unsqueeze(-1).expand(batch, n, 2))
+    dist2 = (pos - seed_pos).square().sum(-1)  # exact integers
+    # one integer key per token: (cluster rank, squared distance to the seed, token index)
+    bound = dist2.amax(1, keepdim=True) + 1
+    key = (rank.gather(1, labels) * bound + dist2) * n + torch.arange(n, device=d.device)
+    idx = torch.topk(key, k, dim=1, largest=False, sorted=False).indices
+    return torch.sort(idx, dim=1).values
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheLayout:
     """Shapes the caches of a generation need, from the adapter."""
@@ -125,6 +160,7 @@ class CATState:
         self.anchor: Tensor | None = None
         self.labels: Tensor | None = None
         self.staleness: Tensor | None = None
+        self.age: Tensor | None = None
         self.idx: Tensor | None = None  # (B, K') the rows a pruned step computes: the selection, padded
         self.selected: Tensor | None = None  # (B, K) the selection: a view of idx's first K columns
         self.recomputed: Tensor | None = None  # (B, N) times each token was computed this generation
@@ -168,6 +204,7 @@ class CATState:
         self.cache.allocate(layout.kv, layout.extra, noise, g.device)
         self.labels = empty(scored, g.num_tokens, dtype=torch.int64)
         self.staleness = empty(scored, g.num_tokens, dtype=torch.float32)
+        self.age = empty(scored, g.num_tokens, dtype=torch.float32)  # selection "regions": steps since computed
         self.idx = empty(g.batch, self.k, dtype=torch.int64)
         self.selected = self.idx[:, :self.kept]
         # importance by forecast error: the output forecast of each token at its last computation
@@ -177,7 +214,7 @@ class CATState:
         self.recomputed = torch.full((g.batch, g.num_tokens), float(self.step), device=g.device)
         self.allocated = True
         if g.device.type == "cuda":
-            for t in [*self.cache.tensors(), self.labels, self.staleness, self.idx, self.recomputed]:
+            for t in [*self.cache.tensors(), self.labels, self.staleness, self.age, self.idx, self.recomputed]:
                 torch._dynamo.mark_static_address(t)
 
     def begin_forward(self, geometry: Geometry) -> None:
@@ -226,17 +263,20 @@ class CATState:
     def _broadcast(self, idx: Tensor) -> Tensor:
         return torch.cat([idx, idx]) if self.cfg_pairs else idx
 
+    def _token_positions(self, device: torch.device) -> Tensor:
+        """(N, 2) float32 (row, col) of every image token in token units."""
+        if self.positions is not None:
+            return self.positions.to(device, torch.float32)
+        g = self.geometry
+        rows = torch.arange(g.height, device=device, dtype=torch.float32).repeat_interleave(g.width)
+        cols = torch.arange(g.width, device=device, dtype=torch.float32).repeat(g.height)
+        return torch.stack([rows, cols], -1)
+
     def _cluster(self, out: Tensor) -> Tensor:
         """k-means on (row, col) in token units plus a little content: compact spatial clusters."""
-        g = self.geometry
-        if self.positions is not None:
-            pos = self.positions.to(out.device, torch.float32).expand(out.shape[0], -1, -1)
-        else:
-            rows = torch.arange(g.height, device=out.device, dtype=torch.float32).repeat_interleave(g.width)
-            cols = torch.arange(g.width, device=out.device, dtype=torch.float32).repeat(g.height)
-            pos = torch.stack([rows, cols], -1).expand(out.shape[0], -1, -1)
+        pos = self._token_positions(out.device).expand(out.shape[0], -1, -1)
         features = torch.cat([pos, self.config.cluster_content_weight * out.float()], -1)
-        self.num_clusters = min(self.config.num_clusters, g.num_tokens)
+        self.num_clusters = min(self.config.num_clusters, self.geometry.num_tokens)
         return ops.kmeans(features, self.num_clusters, self.config.kmeans_iters, backend=self.config.backend)
 
     def _select(self, out: Tensor, first: bool) -> None:
@@ -245,6 +285,14 @@ class CATState:
         # missed at each token's last computation (the first selection has no forecast yet)
         ref = self.predicted if self.by_error and not first else self.anchor
         d, score = ops.token_stats(out, ref, self.labels, self.num_clusters, backend=cfg.backend)
+        if cfg.selection == "regions":
+            if self.mode in ("fill", "refresh"):
+                self.age.zero_()
+            idx = select_regions(d, self.labels, self.age, self._token_positions(d.device), self.kept,
+                                 self.num_clusters)
+            self.age.add_(1.0).scatter_(1, idx, 0.0)
+            self._set_selection(self._broadcast(idx))
+            return
         if self.mode in ("fill", "refresh"):  # every token equally stale: break the ties (TIE_BY_SCORE)
             noise = _hash(d.shape[1], self.recomputed.sum(), d.device)
             self.staleness.sub_(TIE_BY_SCORE * d / d.amax(1, keepdim=True).clamp_min(1e-30) + TIE_BY_HASH * noise)
@@ -305,5 +353,6 @@ class CATState:
         return out
 
     def cache_bytes(self) -> int:
-        tensors = [t for t in (self.anchor, self.labels, self.staleness, self.idx, self.recomputed) if t is not None]
+        tensors = [t for t in (self.anchor, self.labels, self.staleness, self.age, self.idx, self.recomputed)
+                   if t is not None]
         return self.cache.nbytes() + sum(t.numel() * t.element_size() for t in tensors)

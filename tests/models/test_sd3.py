@@ -180,8 +180,8 @@ def test_patched_context_manager():
     assert not cat_pruning.is_patched(model)
 
 
-@pytest.mark.parametrize("selection", ["cat-no-staleness", "topk", "random"])
-def test_selection_ablations_pick_k_unique_tokens(selection):
+@pytest.mark.parametrize("selection", ["regions", "cat", "cat-no-staleness", "topk", "random"])
+def test_selections_pick_k_unique_tokens(selection):
     model = tiny_sd3("sd3", layers=1)
     cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch", selection=selection)
     state = model._cat_pruning.state
@@ -197,6 +197,11 @@ def test_selection_ablations_pick_k_unique_tokens(selection):
         assert all(len(set(row.tolist())) == state.k for row in idx)
         assert torch.equal(idx, idx.sort(1).values)
     assert any(not torch.equal(a, b) for a, b in zip(picks, picks[1:], strict=False))
+    if selection == "regions":  # whole clusters but at most one
+        sizes = torch.bincount(state.labels[0], minlength=state.num_clusters)
+        for idx in picks:
+            taken = torch.bincount(state.labels[0, idx[0]], minlength=state.num_clusters)
+            assert int(((taken > 0) & (taken < sizes)).sum()) <= 1, (taken, sizes)
     if selection == "topk":  # the default importance with the Taylor forecast: the forecast's miss
         d = (state.cache.noise - (state.predicted if state.by_error else state.anchor)).norm(dim=-1)
         assert torch.equal(state.idx, d.topk(state.k).indices.sort(1).values)
