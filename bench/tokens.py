@@ -164,7 +164,7 @@ def run(args: Any) -> list[dict]:
         for r in side_records:
             r.update(provider=r["side"], check="n/a",
                      case=f"{budget:.0%} {r['side']}: full {r['full_steps']}, refresh every {r['refresh_every']}, "
-                          f"keep {r['keep_ratio']:.4g} ({r['tokens_kept']} tokens), {r['mac_fraction']:.1%} MACs, "
+                          f"{r['tokens_kept']} tokens, {r['mac_fraction']:.1%} MACs, "
                           f"PSNR {r['psnr_mean']:.2f} (worst {r['psnr_worst']:.2f}) dB")
         records += side_records
     bar.close()

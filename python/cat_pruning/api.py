@@ -164,6 +164,8 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
             if pipeline is None:
                 _follow(p, running)
             _sync(p, running if state.driver == "pipeline" else None)
+            if state.driver != "auto":
+                _count_forward(state)
         geometry = adapter.geometry(module, args, kwargs)
         _check_dtype(geometry.dtype)
         if not compiling and state.driver != "pipeline" and geometry.device.type != "meta":
@@ -203,6 +205,21 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
     _wrap_transformer(p)
     setattr(transformer, _ATTR, p)
     return obj
+
+
+def _count_forward(state: CATState) -> None:
+    """One transformer call per denoising step: a second one (true CFG in two calls, a second
+    model evaluation per step) would run on the same caches and overwrite the first's rows, so it
+    is refused before it runs (eager code; a forward under torch.compile is not counted)."""
+    state.forwards += 1
+    if state.forwards > 1:
+        how = ("the pipeline's scheduler.step closes a step" if state.driver == "pipeline" else
+               "with manual_steps=True, call cat_pruning.advance(transformer) after each denoising step")
+        raise RuntimeError(
+            f"cat_pruning: the transformer was called {state.forwards} times in denoising step {state.step}; a "
+            f"patched transformer holds one set of caches, which a second call per step (true CFG in separate "
+            f"calls, a second model evaluation per step) would overwrite. One call per step is supported ({how}); "
+            f"unpatch to run this pipeline")
 
 
 def _gather_rows(state: CATState, tokens: torch.Tensor) -> torch.Tensor:

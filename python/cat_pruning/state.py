@@ -150,6 +150,7 @@ class CATState:
         """Start a new generation of `num_steps` denoising steps (None: not known): drop every
         cache and go back to step 0."""
         self.step = 0
+        self.forwards = 0  # transformer calls in the current step (counted in eager code: api.patch)
         self.num_steps = num_steps
         self.mode = self.config.mode(0, num_steps)
         self.caching = False  # whether this step's processors and hooks hand their rows to the cache store
@@ -170,6 +171,7 @@ class CATState:
 
     def advance(self) -> None:
         """Close the current step (called once per denoising step, outside compiled code)."""
+        self.forwards = 0
         if self.geometry is None:
             return  # no forward ran in this step
         n = self.geometry.num_tokens

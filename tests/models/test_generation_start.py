@@ -205,3 +205,34 @@ def test_watch_skips_what_it_cannot_read_for_free():
     assert found == [Restart(500.0, 800.0, 0)]
     watch.observe(7, 1000.0, True, found.append)  # another geometry: a new generation anyway
     assert len(found) == 1 and watch.last == 1000.0 and watch.direction == 0
+
+
+# ---------------------------------------------------------------------- one call per step
+
+
+def test_a_second_transformer_call_in_one_step_is_refused_before_it_runs():
+    """A patched transformer holds one set of caches: a second call within a denoising step (true
+    CFG in two calls, a second evaluation per step) would overwrite the first's rows, so it raises."""
+    pipe = tiny_pipeline()
+    cat_pruning.patch(pipe, **PATCH)
+    seen = {}
+    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+
+    def again(p, i, t, kw):  # after step 5: one more call, the pipeline's own call of step 6 is the second
+        if i == 5:
+            p.transformer(**seen)
+        return kw
+
+    with pytest.raises(RuntimeError, match="called 2 times in denoising step 6"):
+        call(pipe, callback_on_step_end=again)
+    cat_pruning.patch(pipe, **PATCH)
+    assert torch.equal(call(pipe), call(pipe))  # one call per step, as before
+
+    model = tiny_sd3("sd3", layers=1)
+    cat_pruning.patch(model, manual_steps=True, **PATCH)
+    kw = dict(inputs(), timestep=torch.full((2,), 500.0))
+    model(**kw)
+    cat_pruning.advance(model)
+    model(**kw)
+    with pytest.raises(RuntimeError, match=r"call cat_pruning.advance\(transformer\) after each denoising step"):
+        model(**kw)
