@@ -14,8 +14,9 @@ float64 are refused with an error that says what to do. set_default_attn_process
 the exception: the patch wraps it on the instance, and the plain processors it sets become the
 ones the CAT processors fall back to in dense steps and unpatch restores.
 
-A transformer patched on its own finds, in the same pre-hook, the pipeline whose call runs it, and
-counts that call's steps as a patched pipeline would (cat_pruning.generation has the bare-loop side).
+Where generations start and steps end (the scheduler wrappers, a transformer patched on its own
+following the pipeline that runs it, bare loops, one call per step) lives in
+cat_pruning.generation; this module is the public API and what a patch installs.
 """
 
 from __future__ import annotations
@@ -23,25 +24,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import sys
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import generation
 from .adapters import Adapter, find_adapter, supported_families
 from .adapters.base import PathHook, compute_dtype, encoder_hidden_states_arg, get_submodule, hidden_states_arg
 from .compat import check_diffusers
 from .config import CATConfig
-from .generation import Restart, TimestepWatch
+from .generation import TimestepWatch
 from .parallel import NONE, check_agreement, sharding
 from .state import CATState
 from .stats import CATStats, StepStats
 
 _ATTR = "_cat_pruning"
-_MARK = "_cat_pruning_patch"  # on the scheduler wrappers: the _Patch they belong to
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what cat_kernels' ops take
 _SCHEDULER_METHODS = ("set_timesteps", "step")
 _TRANSFORMER_METHODS = ("set_default_attn_processor",)  # wrapped on the instance where the model has them
@@ -61,9 +60,12 @@ class _Patch:
     schedulers: list = dataclasses.field(default_factory=list)  # schedulers whose methods are wrapped
     text_tokens: int = 0
     # what counts the steps outside a pipeline call: "pipeline" for a patched pipeline, else "auto" or
-    # "manual"; a transformer patched on its own counts a pipeline call's steps as a pipeline (_follow)
+    # "manual"; a transformer patched on its own counts a pipeline call's steps as a pipeline (generation.follow)
     driver: str = "pipeline"
     watch: TimestepWatch = dataclasses.field(default_factory=TimestepWatch)  # bare loops' timesteps
+
+    def sync(self, pipeline: Any | None = None) -> None:
+        _sync(self, pipeline)
 
 
 def _split(obj: Any) -> tuple[Any | None, nn.Module]:
@@ -160,18 +162,18 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
                     "or patch the pipeline instead"
                 )
         else:  # compiled code is synced by the eager set_timesteps / reset before each generation
-            running = _running_pipeline(p)
+            running = generation.running_pipeline(p)
             if pipeline is None:
-                _follow(p, running)
+                generation.follow(p, running)
             _sync(p, running if state.driver == "pipeline" else None)
             if state.driver != "auto":
-                _count_forward(state)
+                generation.count_forward(state)
         geometry = adapter.geometry(module, args, kwargs)
         _check_dtype(geometry.dtype)
         if not compiling and state.driver != "pipeline" and geometry.device.type != "meta":
             # a bare loop: a step whose timestep moves back starts a generation (cat_pruning.generation)
             new_geometry = state.geometry is not None and state.geometry != geometry
-            p.watch.observe(state.step, kwargs.get("timestep"), new_geometry, lambda r: _restart(p, r))
+            p.watch.observe(state.step, kwargs.get("timestep"), new_geometry, lambda r: generation.restart(p, r))
         if not torch.compiler.is_compiling() and state.geometry is None and state.shard is not NONE:
             check_agreement(state.shard, _generation_summary(state, geometry, args, kwargs))
         state.begin_forward(geometry)
@@ -201,25 +203,10 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
     for hook in p.path_hooks:
         hook.attach(transformer)
     if pipeline is not None:
-        _wrap_scheduler(p, pipeline.scheduler)
+        generation.wrap_scheduler(p, pipeline.scheduler)
     _wrap_transformer(p)
     setattr(transformer, _ATTR, p)
     return obj
-
-
-def _count_forward(state: CATState) -> None:
-    """One transformer call per denoising step: a second one (true CFG in two calls, a second
-    model evaluation per step) would run on the same caches and overwrite the first's rows, so it
-    is refused before it runs (eager code; a forward under torch.compile is not counted)."""
-    state.forwards += 1
-    if state.forwards > 1:
-        how = ("the pipeline's scheduler.step closes a step" if state.driver == "pipeline" else
-               "with manual_steps=True, call cat_pruning.advance(transformer) after each denoising step")
-        raise RuntimeError(
-            f"cat_pruning: the transformer was called {state.forwards} times in denoising step {state.step}; a "
-            f"patched transformer holds one set of caches, which a second call per step (true CFG in separate "
-            f"calls, a second model evaluation per step) would overwrite. One call per step is supported ({how}); "
-            f"unpatch to run this pipeline")
 
 
 def _gather_rows(state: CATState, tokens: torch.Tensor) -> torch.Tensor:
@@ -264,21 +251,6 @@ def _check_dtype(dtype: torch.dtype | None) -> None:
         )
 
 
-def _running_pipeline(p: _Patch) -> Any | None:
-    """The pipeline whose __call__ is running this transformer, found up the Python stack (eager
-    code only): `DiffusionPipeline.from_pipe` makes pipelines that share the patched transformer,
-    and the scheduler may have been replaced since the patch."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        transformer = getattr(owner, "transformer", None) if owner is not None else None
-        if transformer is not None and getattr(transformer, "_orig_mod", transformer) is p.transformer \
-                and hasattr(owner, "scheduler"):
-            return owner
-        frame = frame.f_back
-    return None
-
-
 def _sync(p: _Patch, pipeline: Any | None = None) -> None:
     """Bring the patch in line with what was done to the model since the last call (eager code).
 
@@ -310,79 +282,9 @@ def _sync(p: _Patch, pipeline: Any | None = None) -> None:
     shard = sharding(p.transformer, p.adapter.family, p.adapter.supports_parallel)  # enable_parallelism since?
     if shard != p.state.shard:  # the same object otherwise: compiled code guards on it
         p.state.shard = shard
-    if pipeline is not None and not _wraps(p, pipeline.scheduler):
-        _wrap_scheduler(p, pipeline.scheduler)
-        _start_generation(p, pipeline)
-
-
-def _wraps(p: _Patch, scheduler: Any) -> bool:
-    return getattr(vars(scheduler).get("step"), _MARK, None) is p
-
-
-def _start_generation(p: _Patch, pipeline: Any) -> None:
-    """A pipeline call begins (its scheduler's timesteps are set): reset, read its CFG, and warn
-    when none of its steps can be pruned."""
-    state = p.state
-    timesteps = getattr(pipeline.scheduler, "timesteps", None)
-    steps = len(timesteps) if timesteps is not None else None
-    state.reset(steps)
-    state.driver = "pipeline"
-    p.watch.clear()
-    cfg = state.config.cfg_pairs
-    state.cfg_pairs = p.adapter.cfg_pairs(pipeline) if cfg is None else cfg
-    full = state.config.full_steps
-    if steps is not None and steps <= full:
-        warnings.warn(
-            f"cat_pruning: full_steps={full} and this generation has {steps} denoising steps, so no step is "
-            f"pruned (it runs as the unpatched pipeline); patch with full_steps < {steps} to prune",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-
-
-def _follow(p: _Patch, running: Any | None) -> None:
-    """A transformer patched on its own, at a forward in eager code: inside a pipeline call it counts
-    as a patched pipeline does (that pipeline's scheduler is wrapped, so each of its calls starts a
-    generation at set_timesteps and each step ends at scheduler.step; the first call through a
-    pipeline starts its generation here, its timesteps already set); outside one its own driver
-    counts the steps again, from a new generation."""
-    state = p.state
-    if running is not None:
-        if not _wraps(p, running.scheduler):
-            _wrap_scheduler(p, running.scheduler)
-            _start_generation(p, running)
-        elif state.driver != "pipeline":  # a call that set no timesteps after a bare loop
-            _start_generation(p, running)
-    elif state.driver == "pipeline":
-        _start_bare_generation(p)
-
-
-def _start_bare_generation(p: _Patch, num_steps: int | None = None) -> None:
-    """A bare loop's generation of num_steps steps (None: unknown) begins: step 0, the patch's own
-    step driver and CFG pairing."""
-    state = p.state
-    state.reset(num_steps)
-    state.driver = p.driver
-    state.cfg_pairs = bool(state.config.cfg_pairs)
-    p.watch.clear()
-
-
-def _restart(p: _Patch, restart: Restart) -> None:
-    """A bare loop's timestep moved back (cat_pruning.generation): a new generation started without
-    reset(). Seen before the step runs, the state resets and says so; seen late, steps ran on the
-    last generation's caches, so the patch resets and refuses to go on."""
-    p.state.reset(p.state.num_steps)  # a loop that restarts runs as many steps as before
-    moved = f"the timestep went from {restart.before:g} back to {restart.now:g}"
-    advice = ("call cat_pruning.reset(transformer) before each generation of a bare denoising loop (or patch "
-              "the pipeline, which starts one at every call)")
-    if restart.late:
-        raise RuntimeError(
-            f"cat_pruning: {moved} {restart.late} step(s) ago, so a new generation started without "
-            f"cat_pruning.reset(), and its steps since ran on the last generation's caches; {advice}. The patch "
-            "has reset: the next forward is step 0"
-        )
-    warnings.warn(f"cat_pruning: {moved}, so a new generation starts at this step; {advice}", RuntimeWarning,
-                  stacklevel=2)
+    if pipeline is not None and not generation.wraps(p, pipeline.scheduler):
+        generation.wrap_scheduler(p, pipeline.scheduler)
+        generation.start_generation(p, pipeline)
 
 
 def _wrap_transformer(p: _Patch) -> None:
@@ -399,7 +301,7 @@ def _wrap_transformer(p: _Patch) -> None:
         _adopt_processors(p)
         return out
 
-    setattr(wrapped_set_default_attn_processor, _MARK, p)
+    setattr(wrapped_set_default_attn_processor, generation.MARK, p)
     p.transformer.set_default_attn_processor = wrapped_set_default_attn_processor
 
 
@@ -425,37 +327,6 @@ def _adopt_processors(p: _Patch) -> None:
         attn.set_processor(ours)
 
 
-def _wrap_scheduler(p: _Patch, scheduler: Any) -> None:
-    """Reset at each pipeline call (it sets the timesteps once) and advance after each step.
-
-    Both run in the pipeline's eager loop, outside any compiled transformer."""
-    set_timesteps, step = scheduler.set_timesteps, scheduler.step
-    state = p.state
-
-    @functools.wraps(set_timesteps)  # pipelines inspect its signature (retrieve_timesteps: sigmas, mu)
-    def wrapped_set_timesteps(*args: Any, **kwargs: Any) -> Any:
-        out = set_timesteps(*args, **kwargs)
-        pipeline = _running_pipeline(p) or p.pipeline  # a from_pipe pipeline may share this scheduler
-        _sync(p)
-        if pipeline is not None:
-            _start_generation(p, pipeline)
-        else:  # a bare loop setting the timesteps of a scheduler a transformer patch followed
-            _start_bare_generation(p)
-        return out
-
-    @functools.wraps(step)
-    def wrapped_step(*args: Any, **kwargs: Any) -> Any:
-        if state.driver == "pipeline":  # else the bare loop's own driver counts (a followed pipeline's scheduler)
-            state.advance()
-        return step(*args, **kwargs)
-
-    setattr(wrapped_set_timesteps, _MARK, p)
-    setattr(wrapped_step, _MARK, p)
-    scheduler.set_timesteps = wrapped_set_timesteps
-    scheduler.step = wrapped_step
-    p.schedulers.append(scheduler)
-
-
 def unpatch(obj: Any) -> Any:
     """Remove the patch: the original processors, no hooks, the scheduler as it was. Returns obj."""
     p = _get(obj)
@@ -473,11 +344,11 @@ def unpatch(obj: Any) -> Any:
         for key, processor in saved.items():
             saved[key] = originals.get(id(processor), processor)
     for scheduler in p.schedulers:
-        if _wraps(p, scheduler):
+        if generation.wraps(p, scheduler):
             for method in _SCHEDULER_METHODS:
                 scheduler.__dict__.pop(method, None)
     for method in _TRANSFORMER_METHODS:
-        if getattr(vars(p.transformer).get(method), _MARK, None) is p:
+        if getattr(vars(p.transformer).get(method), generation.MARK, None) is p:
             del p.transformer.__dict__[method]
     p.state.reset()
     delattr(p.transformer, _ATTR)
@@ -502,7 +373,7 @@ def reset(obj: Any, num_steps: int | None = None) -> None:
     p = _require(obj)
     _sync(p)
     if p.pipeline is None:
-        _start_bare_generation(p, num_steps)
+        generation.start_bare_generation(p, num_steps)
     else:
         p.state.reset(num_steps)
 
@@ -517,8 +388,8 @@ def advance(obj: Any) -> None:
             f"cat_pruning.advance is for transformers patched with manual_steps=True; this one counts its steps "
             f"itself ({'through its pipeline' if p.driver == 'pipeline' else 'per forward call'})"
         )
-    if state.driver == "pipeline":  # its last forward ran inside a pipeline call (_follow)
-        if _running_pipeline(p) is not None:
+    if state.driver == "pipeline":  # its last forward ran inside a pipeline call (generation.follow)
+        if generation.running_pipeline(p) is not None:
             return  # that call's scheduler.step counts its steps
         raise ValueError(
             "cat_pruning.advance: this transformer last ran inside a pipeline call, which counted its steps; call "

@@ -89,8 +89,9 @@ class CATConfig:
             K/V rows; computed together with them, its squared error against the dense step is
             0.06-0.7 times the forecast's, while a token computed alone among forecast
             neighbours carries their K/V error and in the late steps lands further from the
-            dense step than the forecast (1.0-3 times; scene model, keep 0.2). "cat": the paper's policy (per-cluster quotas of
-            the largest change, the rest to the stalest tokens; CATConfig.paper()); ablations
+            dense step than the forecast (1.0-3 times; scene model, keep 0.2). "cat": the
+            paper's policy (per-cluster quotas of the largest change, the rest to the stalest
+            tokens; CATConfig.paper()); ablations
             for the quality benchmark: "cat-no-staleness" (staleness slots go to the largest
             change), "topk" (global top-K by change, no clusters, no staleness), "random" (K
             tokens at random each step).

@@ -1,8 +1,9 @@
-"""Where a generation of a transformer patched on its own starts, when no pipeline says so.
+"""Where a patched model's generations start and its denoising steps end.
 
-A patched pipeline starts a generation at every call (its scheduler's ``set_timesteps``), and so
-does a transformer patched on its own while a pipeline's ``__call__`` runs it (cat_pruning.api
-finds that pipeline up the Python stack). A bare denoising loop is told by
+A patched pipeline starts a generation at every call (its scheduler's ``set_timesteps``, wrapped
+on the instance: :func:`wrap_scheduler`) and ends a step at every ``scheduler.step``; so does a
+transformer patched on its own while a pipeline's ``__call__`` runs it (:func:`follow` finds that
+pipeline up the Python stack). Each step runs the transformer once (:func:`count_forward`). A bare denoising loop is told by
 :func:`cat_pruning.reset`; one that starts over without it would run its first steps on the
 last generation's caches. :class:`TimestepWatch` notices that from the timestep: within a
 generation it moves one way (down in diffusers' schedulers, up in some flow-matching loops),
@@ -28,6 +29,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -142,3 +146,144 @@ class TimestepWatch:
             self.direction = sign
             return None
         return last if sign != self.direction else None
+
+
+# ---------------------------------------------------------------------- the patch's generations
+# What starts a generation and ends a step of a patched model (docs/design.md section 6). `p` is
+# the patch record of cat_pruning.api (its state, adapter, transformer, pipeline, driver, watch
+# and wrapped schedulers).
+
+MARK = "_cat_pruning_patch"  # on the methods a patch wraps on an instance: the patch they belong to
+
+
+def count_forward(state: Any) -> None:
+    """One transformer call per denoising step: a second one (true CFG in two calls, a second
+    model evaluation per step) would run on the same caches and overwrite the first's rows, so it
+    is refused before it runs (eager code; a forward under torch.compile is not counted)."""
+    state.forwards += 1
+    if state.forwards > 1:
+        how = ("the pipeline's scheduler.step closes a step" if state.driver == "pipeline" else
+               "with manual_steps=True, call cat_pruning.advance(transformer) after each denoising step")
+        raise RuntimeError(
+            f"cat_pruning: the transformer was called {state.forwards} times in denoising step {state.step}; a "
+            f"patched transformer holds one set of caches, which a second call per step (true CFG in separate "
+            f"calls, a second model evaluation per step) would overwrite. One call per step is supported ({how}); "
+            f"unpatch to run this pipeline")
+
+
+def running_pipeline(p: Any) -> Any | None:
+    """The pipeline whose __call__ is running this transformer, found up the Python stack (eager
+    code only): `DiffusionPipeline.from_pipe` makes pipelines that share the patched transformer,
+    and the scheduler may have been replaced since the patch."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        transformer = getattr(owner, "transformer", None) if owner is not None else None
+        if transformer is not None and getattr(transformer, "_orig_mod", transformer) is p.transformer \
+                and hasattr(owner, "scheduler"):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def wraps(p: Any, scheduler: Any) -> bool:
+    return getattr(vars(scheduler).get("step"), MARK, None) is p
+
+
+def start_generation(p: Any, pipeline: Any) -> None:
+    """A pipeline call begins (its scheduler's timesteps are set): reset, read its CFG, and warn
+    when none of its steps can be pruned."""
+    state = p.state
+    timesteps = getattr(pipeline.scheduler, "timesteps", None)
+    steps = len(timesteps) if timesteps is not None else None
+    state.reset(steps)
+    state.driver = "pipeline"
+    p.watch.clear()
+    cfg = state.config.cfg_pairs
+    state.cfg_pairs = p.adapter.cfg_pairs(pipeline) if cfg is None else cfg
+    full = state.config.full_steps
+    if steps is not None and steps <= full:
+        warnings.warn(
+            f"cat_pruning: full_steps={full} and this generation has {steps} denoising steps, so no step is "
+            f"pruned (it runs as the unpatched pipeline); patch with full_steps < {steps} to prune",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def follow(p: Any, running: Any | None) -> None:
+    """A transformer patched on its own, at a forward in eager code: inside a pipeline call it counts
+    as a patched pipeline does (that pipeline's scheduler is wrapped, so each of its calls starts a
+    generation at set_timesteps and each step ends at scheduler.step; the first call through a
+    pipeline starts its generation here, its timesteps already set); outside one its own driver
+    counts the steps again, from a new generation."""
+    state = p.state
+    if running is not None:
+        if not wraps(p, running.scheduler):
+            wrap_scheduler(p, running.scheduler)
+            start_generation(p, running)
+        elif state.driver != "pipeline":  # a call that set no timesteps after a bare loop
+            start_generation(p, running)
+    elif state.driver == "pipeline":
+        start_bare_generation(p)
+
+
+def start_bare_generation(p: Any, num_steps: int | None = None) -> None:
+    """A bare loop's generation of num_steps steps (None: unknown) begins: step 0, the patch's own
+    step driver and CFG pairing."""
+    state = p.state
+    state.reset(num_steps)
+    state.driver = p.driver
+    state.cfg_pairs = bool(state.config.cfg_pairs)
+    p.watch.clear()
+
+
+def restart(p: Any, restart: Restart) -> None:
+    """A bare loop's timestep moved back (cat_pruning.generation): a new generation started without
+    reset(). Seen before the step runs, the state resets and says so; seen late, steps ran on the
+    last generation's caches, so the patch resets and refuses to go on."""
+    p.state.reset(p.state.num_steps)  # a loop that restarts runs as many steps as before
+    moved = f"the timestep went from {restart.before:g} back to {restart.now:g}"
+    advice = ("call cat_pruning.reset(transformer) before each generation of a bare denoising loop (or patch "
+              "the pipeline, which starts one at every call)")
+    if restart.late:
+        raise RuntimeError(
+            f"cat_pruning: {moved} {restart.late} step(s) ago, so a new generation started without "
+            f"cat_pruning.reset(), and its steps since ran on the last generation's caches; {advice}. The patch "
+            "has reset: the next forward is step 0"
+        )
+    warnings.warn(f"cat_pruning: {moved}, so a new generation starts at this step; {advice}", RuntimeWarning,
+                  stacklevel=2)
+
+
+def wrap_scheduler(p: Any, scheduler: Any) -> None:
+    """Reset at each pipeline call (it sets the timesteps once) and advance after each step.
+
+    Both run in the pipeline's eager loop, outside any compiled transformer."""
+    set_timesteps, step = scheduler.set_timesteps, scheduler.step
+    state = p.state
+
+    @functools.wraps(set_timesteps)  # pipelines inspect its signature (retrieve_timesteps: sigmas, mu)
+    def wrapped_set_timesteps(*args: Any, **kwargs: Any) -> Any:
+        out = set_timesteps(*args, **kwargs)
+        pipeline = running_pipeline(p) or p.pipeline  # a from_pipe pipeline may share this scheduler
+        p.sync()  # what was done to the model since the last call (cat_pruning.api)
+        if pipeline is not None:
+            start_generation(p, pipeline)
+        else:  # a bare loop setting the timesteps of a scheduler a transformer patch followed
+            start_bare_generation(p)
+        return out
+
+    @functools.wraps(step)
+    def wrapped_step(*args: Any, **kwargs: Any) -> Any:
+        if state.driver == "pipeline":  # else the bare loop's own driver counts (a followed pipeline's scheduler)
+            state.advance()
+        return step(*args, **kwargs)
+
+    setattr(wrapped_set_timesteps, MARK, p)
+    setattr(wrapped_step, MARK, p)
+    scheduler.set_timesteps = wrapped_set_timesteps
+    scheduler.step = wrapped_step
+    p.schedulers.append(scheduler)
+
+
