@@ -16,15 +16,11 @@ without --json they go to bench/results/local/ (git-ignored).
 from __future__ import annotations
 
 import argparse
-import inspect
-import os
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import quality_models
-import torch
 from quality_base import config_overrides
 from quality_models import LOCAL_RESULTS
 
@@ -67,29 +63,15 @@ def monotone_drops(means: list[float]) -> list[float]:
 
 
 def run(args: Any) -> list[dict]:
-    from tqdm.auto import tqdm
-
     import cat_pruning
     from cat_pruning.metrics import psnr, ssim
 
     opts = parse_suite_args(args)
     model = quality_models.get(opts.model)
-    torch.manual_seed(args.seed)
-    pipe = model.load(args.device, torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    defaults = inspect.signature(type(pipe).__call__).parameters
-    steps = opts.steps or defaults["num_inference_steps"].default
-    guidance = defaults["guidance_scale"].default
     items = [(p, s) for p in model.prompts(opts.prompts) for s in range(opts.seeds)]
-    bar = tqdm(total=len(items) * (1 + len(opts.keep_list)), desc="curve", unit="gen", file=sys.stderr,
-               disable=os.environ.get("CAT_BENCH_NO_PROGRESS") == "1")  # fmt: skip
-
-    def generate(item: tuple[str, int]) -> torch.Tensor:
-        prompt, seed = item
-        out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
-                   generator=torch.Generator("cpu").manual_seed(seed), output_type="pt")  # fmt: skip
-        bar.update()
-        return out.images[0].float().cpu()
+    generate = quality_models.Generator(model, args.device, args.seed, "curve",
+                                        total=len(items) * (1 + len(opts.keep_list)), steps=opts.steps)  # fmt: skip
+    pipe, steps, guidance, bar = generate.pipe, generate.steps, generate.guidance, generate.bar
 
     dense = [generate(it) for it in items]
     records = []
@@ -144,26 +126,13 @@ def write_report(records: list[dict], md_path: Path, png_path: Path, model: Any,
     lines += ["", f"More tokens never worse (no mean more than {MONOTONE_TOLERANCE_DB} dB below a smaller keep "
                   f"ratio's): {verdict}, largest drop {worst_drop:.2f} dB.", ""]  # fmt: skip
     md_path.write_text("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    finite = [r for r in records if r["psnr_mean"] < 100]  # keep 1.0 equals dense: PSNR is capped, not plotted
-    x = [r["mac_fraction"] for r in finite]
-    ax.plot(x, [r["psnr_mean"] for r in finite], "o-", label="mean")
-    ax.plot(x, [r["psnr_worst"] for r in finite], "s--", alpha=0.6, label="worst image")
-    for r in finite:
-        ax.annotate(str(r["keep"]), (r["mac_fraction"], r["psnr_mean"]), textcoords="offset points",
-                    xytext=(0, 6), ha="center", fontsize=7)
-    ax.set_xlabel("MACs (fraction of dense)")
-    ax.set_ylabel("PSNR vs dense (dB)")
-    ax.set_title(f"CAT-F, more tokens per pruned step: {model.plot_title}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
+    with quality_models.psnr_plot(png_path, f"CAT-F, more tokens per pruned step: {model.plot_title}") as ax:
+        if ax is None:
+            return
+        finite = [r for r in records if r["psnr_mean"] < 100]  # keep 1.0 equals dense: PSNR is capped, not plotted
+        x = [r["mac_fraction"] for r in finite]
+        ax.plot(x, [r["psnr_mean"] for r in finite], "o-", label="mean")
+        ax.plot(x, [r["psnr_worst"] for r in finite], "s--", alpha=0.6, label="worst image")
+        for r in finite:
+            ax.annotate(str(r["keep"]), (r["mac_fraction"], r["psnr_mean"]), textcoords="offset points",
+                        xytext=(0, 6), ha="center", fontsize=7)

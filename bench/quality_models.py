@@ -10,8 +10,9 @@ and the words the report uses for it. Everything model-specific in the suite is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,60 @@ def get(name: str) -> QualityModel:
     if name not in MODELS:
         raise SystemExit(f"bench quality: unknown --model {name!r}; choose from {sorted(MODELS)}")
     return MODELS[name]
+
+
+class Generator:
+    """A shipped model's pipeline, called as the sweeps call it: one (prompt, seed) item per call at
+    the pipeline's default steps (or `steps`) and guidance, fp32, images as (3, H, W) CPU tensors,
+    counted on one progress bar (off when CAT_BENCH_NO_PROGRESS=1)."""
+
+    def __init__(self, model: QualityModel, device: str, seed: int, desc: str, total: int | None = None,
+                 steps: int | None = None) -> None:  # fmt: skip
+        import inspect
+        import os
+        import sys
+
+        import torch
+        from tqdm.auto import tqdm
+
+        torch.manual_seed(seed)
+        self.pipe = model.load(device, torch.float32)
+        self.pipe.set_progress_bar_config(disable=True)
+        defaults = inspect.signature(type(self.pipe).__call__).parameters
+        self.steps = steps or defaults["num_inference_steps"].default
+        self.guidance = defaults["guidance_scale"].default
+        self.bar = tqdm(total=total, desc=desc, unit="gen", file=sys.stderr,
+                        disable=os.environ.get("CAT_BENCH_NO_PROGRESS") == "1")  # fmt: skip
+
+    def __call__(self, item: tuple[str, int]) -> Any:
+        import torch
+
+        prompt, seed = item
+        out = self.pipe(prompt, num_inference_steps=self.steps, guidance_scale=self.guidance,
+                        generator=torch.Generator("cpu").manual_seed(seed), output_type="pt")  # fmt: skip
+        self.bar.update()
+        return out.images[0].float().cpu()
+
+
+@contextlib.contextmanager
+def psnr_plot(png_path: Path, title: str) -> Iterator[Any]:
+    """Axes for a PSNR-against-MACs plot (None without matplotlib: no plot), labelled and saved to
+    png_path when the block ends."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        yield None
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    yield ax
+    ax.set_xlabel("MACs (fraction of dense)")
+    ax.set_ylabel("PSNR vs dense (dB)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)

@@ -24,11 +24,8 @@ bench/results/local/ (git-ignored).
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
-import os
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,28 +73,16 @@ def solve_keep(mac_one: float, mac_half: float, target: float, num_tokens: int) 
 
 
 def run(args: Any) -> list[dict]:
-    from tqdm.auto import tqdm
-
     import cat_pruning
     from cat_pruning.metrics import psnr, ssim
 
     opts = parse_suite_args(args)
     model = quality_models.get(opts.model)
-    torch.manual_seed(args.seed)
-    pipe = model.load(args.device, torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    defaults = inspect.signature(type(pipe).__call__).parameters
-    steps, guidance = defaults["num_inference_steps"].default, defaults["guidance_scale"].default
+    generate = quality_models.Generator(model, args.device, args.seed, "tokens")
+    pipe, steps, bar = generate.pipe, generate.steps, generate.bar
     captions = model.prompts(opts.prompts + opts.tune_prompts)
     scored = [(p, s) for p in captions[:opts.prompts] for s in range(opts.seeds)]
     tuning = [(p, 0) for p in captions[opts.prompts:]]
-    bar = tqdm(desc="tokens", unit="gen", file=sys.stderr, disable=os.environ.get("CAT_BENCH_NO_PROGRESS") == "1")
-
-    def generate(item: tuple[str, int]) -> torch.Tensor:
-        out = pipe(item[0], num_inference_steps=steps, guidance_scale=guidance,
-                   generator=torch.Generator("cpu").manual_seed(item[1]), output_type="pt")  # fmt: skip
-        bar.update()
-        return out.images[0].float().cpu()
 
     def patched_run(cfg: Any, items: list) -> tuple[list[torch.Tensor], Any]:
         cat_pruning.patch(pipe, cfg)
@@ -199,22 +184,10 @@ def write_report(records: list[dict], md_path: Path, png_path: Path, model: Any,
             f"{r['ssim_mean']:.4f} {versus}")
     lines += ["", f"The token budget wins by >= {TARGET_DB} dB at {wins} of {len(opts.budget_list)} budgets.", ""]
     md_path.write_text("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for side, marker in (("one token", "o-"), ("token budget", "s-")):
-        rs = [r for r in records if r["side"] == side]
-        ax.plot([r["mac_fraction"] for r in rs], [r["psnr_mean"] for r in rs], marker, label=side)
-    ax.set_xlabel("MACs (fraction of dense)")
-    ax.set_ylabel("PSNR vs dense (dB)")
-    ax.set_title(f"CAT-F at equal MACs, one token vs a token budget: {model.plot_title}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
+    title = f"CAT-F at equal MACs, one token vs a token budget: {model.plot_title}"
+    with quality_models.psnr_plot(png_path, title) as ax:
+        if ax is None:
+            return
+        for side, marker in (("one token", "o-"), ("token budget", "s-")):
+            rs = [r for r in records if r["side"] == side]
+            ax.plot([r["mac_fraction"] for r in rs], [r["psnr_mean"] for r in rs], marker, label=side)
