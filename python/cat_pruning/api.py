@@ -65,6 +65,7 @@ class _Patch:
     watch: TimestepWatch = dataclasses.field(default_factory=TimestepWatch)  # bare loops' timesteps
 
     def sync(self, pipeline: Any | None = None) -> None:
+        """Bring the patch in line with the model (for cat_pruning.generation's wrappers)."""
         _sync(self, pipeline)
 
 

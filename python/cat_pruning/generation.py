@@ -3,11 +3,12 @@
 A patched pipeline starts a generation at every call (its scheduler's ``set_timesteps``, wrapped
 on the instance: :func:`wrap_scheduler`) and ends a step at every ``scheduler.step``; so does a
 transformer patched on its own while a pipeline's ``__call__`` runs it (:func:`follow` finds that
-pipeline up the Python stack). Each step runs the transformer once (:func:`count_forward`). A bare denoising loop is told by
-:func:`cat_pruning.reset`; one that starts over without it would run its first steps on the
-last generation's caches. :class:`TimestepWatch` notices that from the timestep: within a
-generation it moves one way (down in diffusers' schedulers, up in some flow-matching loops),
-so a step whose timestep moves the other way starts a new one.
+pipeline up the Python stack). Each step runs the transformer once (:func:`count_forward`).
+
+A bare denoising loop is told by :func:`cat_pruning.reset`; one that starts over without it
+would run its first steps on the last generation's caches. :class:`TimestepWatch` notices that
+from the timestep: within a generation it moves one way (down in diffusers' schedulers, up in
+some flow-matching loops), so a step whose timestep moves the other way starts a new one.
 
 The value is read only where that costs no host synchronisation, in eager code (the patch's
 pre-hook, never while torch.compile traces, never on the meta device):

@@ -150,7 +150,7 @@ class CATState:
         """Start a new generation of `num_steps` denoising steps (None: not known): drop every
         cache and go back to step 0."""
         self.step = 0
-        self.forwards = 0  # transformer calls in the current step (counted in eager code: api.patch)
+        self.forwards = 0  # transformer calls in the current step (eager code: generation.count_forward)
         self.num_steps = num_steps
         self.mode = self.config.mode(0, num_steps)
         self.caching = False  # whether this step's processors and hooks hand their rows to the cache store
