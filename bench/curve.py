@@ -16,7 +16,6 @@ without --json they go to bench/results/local/ (git-ignored).
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -64,37 +63,26 @@ def monotone_drops(means: list[float]) -> list[float]:
 
 def run(args: Any) -> list[dict]:
     import cat_pruning
-    from cat_pruning.metrics import psnr, ssim
 
     opts = parse_suite_args(args)
     model = quality_models.get(opts.model)
     items = [(p, s) for p in model.prompts(opts.prompts) for s in range(opts.seeds)]
     generate = quality_models.Generator(model, args.device, args.seed, "curve",
                                         total=len(items) * (1 + len(opts.keep_list)), steps=opts.steps)  # fmt: skip
-    pipe, steps, guidance, bar = generate.pipe, generate.steps, generate.guidance, generate.bar
+    steps, guidance = generate.steps, generate.guidance
 
     dense = [generate(it) for it in items]
     records = []
     base = cat_pruning.CATConfig().replace(**opts.overrides)
     for keep in opts.keep_list:
         cfg = base.replace(keep_ratio=1e-9 if keep == "1tok" else keep)
-        cat_pruning.patch(pipe, cfg)
-        try:
-            scores, sims, macs = [], [], []
-            for it, ref in zip(items, dense, strict=True):
-                img = generate(it)
-                scores.append(psnr(img, ref))
-                sims.append(ssim(img, ref))
-                macs.append(cat_pruning.stats(pipe).mac_fraction)
-            kept = cat_pruning.stats(pipe).tokens_kept
-        finally:
-            cat_pruning.unpatch(pipe)
-        records.append(dict(suite="curve", model=opts.model, keep=keep, tokens_kept=kept,
+        result = generate.measure(cfg, items, dense)
+        records.append(dict(suite="curve", model=opts.model, keep=keep, tokens_kept=result["tokens_kept"],
                             config={k: v for k, v in vars(cfg).items() if k != "backend"},
-                            mac_fraction=statistics.fmean(macs), psnr_mean=statistics.fmean(scores),
-                            psnr_worst=min(scores), ssim_mean=statistics.fmean(sims), psnr=scores,
+                            mac_fraction=result["mac_fraction"], psnr_mean=result["psnr_mean"],
+                            psnr_worst=result["psnr_worst"], ssim_mean=result["ssim_mean"], psnr=result["psnr"],
                             items=len(items), steps=steps, guidance=guidance))  # fmt: skip
-    bar.close()
+    generate.bar.close()
     for r, drop in zip(records, monotone_drops([r["psnr_mean"] for r in records]), strict=True):
         r["drop_below_best_smaller"] = drop
         r.update(provider="catf", check="n/a",

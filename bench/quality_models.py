@@ -135,6 +135,31 @@ class Generator:
         self.bar.update()
         return out.images[0].float().cpu()
 
+    def measure(self, config: Any, items: list[tuple[str, int]], dense: list[Any] | None = None) -> dict:
+        """Patch with `config`, generate `items`, unpatch. MAC fraction (mean over the items),
+        tokens per pruned step and N from cat_pruning.stats; with `dense` (the dense images of the
+        same items) also the per-image PSNR, its mean and worst, and the mean SSIM."""
+        import statistics
+
+        import cat_pruning
+        from cat_pruning.metrics import psnr, ssim
+
+        cat_pruning.patch(self.pipe, config)
+        try:
+            images, macs = [], []
+            for item in items:
+                images.append(self(item))
+                macs.append(cat_pruning.stats(self.pipe).mac_fraction)
+            st = cat_pruning.stats(self.pipe)
+        finally:
+            cat_pruning.unpatch(self.pipe)
+        out = dict(mac_fraction=statistics.fmean(macs), tokens_kept=st.tokens_kept, num_tokens=st.num_tokens)
+        if dense is not None:
+            scores = [psnr(img, ref) for img, ref in zip(images, dense, strict=True)]
+            out.update(psnr=scores, psnr_mean=statistics.fmean(scores), psnr_worst=min(scores),
+                       ssim_mean=statistics.fmean(ssim(i, r) for i, r in zip(images, dense, strict=True)))  # fmt: skip
+        return out
+
 
 @contextlib.contextmanager
 def psnr_plot(png_path: Path, title: str) -> Iterator[Any]:

@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 from pathlib import Path
 from typing import Any
 
 import quality_models
-import torch
 from quality_models import LOCAL_RESULTS
 
 BUDGETS = (0.35, 0.44, 0.51, 0.65)
@@ -74,30 +72,14 @@ def solve_keep(mac_one: float, mac_half: float, target: float, num_tokens: int) 
 
 def run(args: Any) -> list[dict]:
     import cat_pruning
-    from cat_pruning.metrics import psnr, ssim
 
     opts = parse_suite_args(args)
     model = quality_models.get(opts.model)
     generate = quality_models.Generator(model, args.device, args.seed, "tokens")
-    pipe, steps, bar = generate.pipe, generate.steps, generate.bar
+    steps = generate.steps
     captions = model.prompts(opts.prompts + opts.tune_prompts)
     scored = [(p, s) for p in captions[:opts.prompts] for s in range(opts.seeds)]
     tuning = [(p, 0) for p in captions[opts.prompts:]]
-
-    def patched_run(cfg: Any, items: list) -> tuple[list[torch.Tensor], Any]:
-        cat_pruning.patch(pipe, cfg)
-        try:
-            images = [generate(it) for it in items]
-            return images, cat_pruning.stats(pipe)
-        finally:
-            cat_pruning.unpatch(pipe)
-
-    def measure(cfg: Any, items: list, dense: list) -> dict:
-        images, st = patched_run(cfg, items)
-        scores = [psnr(img, ref) for img, ref in zip(images, dense, strict=True)]
-        return dict(psnr=scores, psnr_mean=statistics.fmean(scores), psnr_worst=min(scores),
-                    ssim_mean=statistics.fmean(ssim(i, r) for i, r in zip(images, dense, strict=True)),
-                    mac_fraction=st.mac_fraction, tokens_kept=st.tokens_kept)  # fmt: skip
 
     base = cat_pruning.CATConfig()
     one_token = 1e-9  # ceil(keep * N) = 1
@@ -106,8 +88,9 @@ def run(args: Any) -> list[dict]:
         return base.replace(full_steps=schedule[0], refresh_every=schedule[1], keep_ratio=keep)
 
     # MACs of every schedule at one token and at keep 0.5 (one generation each: MACs do not depend on the prompt)
-    macs = {s: tuple(patched_run(config(s, k), tuning[:1])[1].mac_fraction for k in (one_token, 0.5)) for s in GRID}
-    num_tokens = patched_run(config(GRID[0], 1.0), tuning[:1])[1].num_tokens
+    runs = {s: [generate.measure(config(s, k), tuning[:1]) for k in (one_token, 0.5)] for s in GRID}
+    macs = {s: tuple(r["mac_fraction"] for r in rs) for s, rs in runs.items()}
+    num_tokens = runs[GRID[0]][0]["num_tokens"]
     dense_tune = [generate(it) for it in tuning]
     dense_scored = [generate(it) for it in scored]
     tuned: dict[tuple, dict] = {}
@@ -115,7 +98,7 @@ def run(args: Any) -> list[dict]:
     def tune(cfg: Any) -> float:
         key = (cfg.full_steps, cfg.refresh_every, cfg.keep_ratio)
         if key not in tuned:
-            tuned[key] = measure(cfg, tuning, dense_tune)
+            tuned[key] = generate.measure(cfg, tuning, dense_tune)
         return tuned[key]["psnr_mean"]
 
     records = []
@@ -135,7 +118,7 @@ def run(args: Any) -> list[dict]:
             picks.append(("token budget", max(many, key=tune), many))
         side_records = []
         for side, cfg, candidates in picks:
-            result = measure(cfg, scored, dense_scored)
+            result = generate.measure(cfg, scored, dense_scored)
             log = [dict(full_steps=c.full_steps, refresh_every=c.refresh_every, keep_ratio=c.keep_ratio,
                         tune_psnr=tune(c)) for c in candidates]  # fmt: skip
             side_records.append(dict(suite="tokens", model=opts.model, budget=budget, side=side,
@@ -152,7 +135,7 @@ def run(args: Any) -> list[dict]:
                           f"{r['tokens_kept']} tokens, {r['mac_fraction']:.1%} MACs, "
                           f"PSNR {r['psnr_mean']:.2f} (worst {r['psnr_worst']:.2f}) dB")
         records += side_records
-    bar.close()
+    generate.bar.close()
     json_path = Path(getattr(args, "json", None) or results_path(args))
     write_report(records, json_path.with_suffix(".md"), json_path.with_suffix(".png"), model, opts)
     return records

@@ -22,8 +22,8 @@ class CATConfig:
     The defaults are CAT-F near the paper's MAC budget (55% of the dense MACs at 28 steps on the
     shipped scene model): after 8 full steps, every third step and the last step recompute all
     tokens, and the steps in between recompute 2% of them, a spatial region where the forecast
-    missed most, and read the others as a damped forecast from the last full or refresh step (second
-    order for the model output, first order for the K/V rows).
+    missed most, and read the others as a damped forecast from the last full or refresh step
+    (second order for the model output, first order for the K/V rows).
     ``CATConfig.paper()`` is the paper's CAT (keep_ratio 0.3, reuse, no refresh steps).
 
     Knobs to touch:
@@ -91,10 +91,9 @@ class CATConfig:
             neighbours carries their K/V error and in the late steps lands further from the
             dense step than the forecast (1.0-3 times; scene model, keep 0.2). "cat": the
             paper's policy (per-cluster quotas of the largest change, the rest to the stalest
-            tokens; CATConfig.paper()); ablations
-            for the quality benchmark: "cat-no-staleness" (staleness slots go to the largest
-            change), "topk" (global top-K by change, no clusters, no staleness), "random" (K
-            tokens at random each step).
+            tokens; CATConfig.paper()); ablations for the quality benchmark:
+            "cat-no-staleness" (staleness slots go to the largest change), "topk" (global top-K
+            by change, no clusters, no staleness), "random" (K tokens at random each step).
         importance: what the selection ranks tokens and clusters by: "change" (the paper: how
             far a token's output moved since the anchor step), "forecast-error" (how far the
             output forecast missed the token at its last computation: every token at a refresh
