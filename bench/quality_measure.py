@@ -31,6 +31,7 @@ class Context:
     bar: Any = None
     arch: str = "SD3"  # the model's architecture, as the notes name it
     tune_dense: dict = dataclasses.field(default_factory=dict)  # tuning item -> its dense image
+    memo: dict = dataclasses.field(default_factory=dict)  # what tuning measured once for several methods
 
 
 def generate(

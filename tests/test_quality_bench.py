@@ -193,9 +193,8 @@ def test_catf_schedule_fraction(monkeypatch):
 
 def test_catf_candidates_follow_the_band_rule(monkeypatch):
     """CAT-F candidates: K solved to land on the budget where the schedule can; else the nearest K,
-    kept only within BAND of the budget (the rule the peers' schedules follow); every K/V damping,
-    both forecast sources unless K is one token, and the second-order output forecast only where
-    refreshes are close."""
+    kept only within BAND of the budget (the rule the peers' schedules follow); the damped K/V
+    forecast and the second-order output forecast only where refreshes are far apart / close."""
     import sys
     from types import SimpleNamespace
 
@@ -216,10 +215,10 @@ def test_catf_candidates_follow_the_band_rule(monkeypatch):
         dampings.setdefault(key, set()).add((p["refresh_offset"], p["forecast_kv_damping"], p["forecast_from"],
                                              (p["forecast_order"], p["forecast_damping"])))  # fmt: skip
     for (full, every, final, keep), d in dampings.items():
-        sources = quality_peers.CATF_FORECAST_FROM if keep > 1 / n else ("all",)
         outputs = [o for o in quality_peers.CATF_OUTPUT if o[0] == 1 or every in quality_peers.CATF_ORDER2_REFRESH]
+        kvs = [kv for kv in quality_peers.CATF_KV_DAMPING if kv == 1 or every >= quality_peers.CATF_DAMPED_REFRESH]
         offsets = {0, quality_peers.end_aligned_offset(steps - final, full, every)}
-        assert d == {(o, kv, f, out) for o in offsets for kv in quality_peers.CATF_KV_DAMPING for f in sources
+        assert d == {(o, kv, f, out) for o in offsets for kv in kvs for f in quality_peers.CATF_FORECAST_FROM
                      for out in outputs}  # fmt: skip
     assert any(p["refresh_offset"] for p, _ in got)
     # an end-aligned phase keeps the number of refreshes (so the MACs) and ends them on the step before
