@@ -43,7 +43,7 @@ from .stats import CATStats, StepStats
 _ATTR = "_cat_pruning"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what cat_kernels' ops take
 _SCHEDULER_METHODS = ("set_timesteps", "step")
-_TRANSFORMER_METHODS = ("set_default_attn_processor",)  # wrapped on the instance where the model has them
+_TRANSFORMER_METHODS = ("set_default_attn_processor", "cache_context")  # wrapped on the instance where it has them
 _PROCESSOR_ATTRS = ("_attention_backend", "_parallel_config")  # diffusers' per-processor settings
 
 
@@ -167,6 +167,7 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
             if pipeline is None:
                 generation.follow(p, running)
             _sync(p, running if state.driver == "pipeline" else None)
+            generation.check_branch(state)
             if state.driver != "auto":
                 generation.count_forward(state)
         geometry = adapter.geometry(module, args, kwargs)
@@ -289,21 +290,37 @@ def _sync(p: _Patch, pipeline: Any | None = None) -> None:
 
 
 def _wrap_transformer(p: _Patch) -> None:
-    """set_default_attn_processor (PixArt; diffusers' test mixins call it after construction) swaps
-    every attention processor for a plain one: take those as the processors the CAT processors fall
-    back to in their dense steps and unpatch restores, and put the CAT processors back."""
-    method = getattr(p.transformer, "set_default_attn_processor", None)
-    if method is None:
-        return
+    """Two transformer methods, wrapped on the instance where the model has them:
 
-    @functools.wraps(method)
-    def wrapped_set_default_attn_processor(*args: Any, **kwargs: Any) -> Any:
-        out = method(*args, **kwargs)
-        _adopt_processors(p)
-        return out
+    - set_default_attn_processor (PixArt; diffusers' test mixins call it after construction) swaps
+      every attention processor for a plain one: take those as the processors the CAT processors
+      fall back to in their dense steps and unpatch restores, and put the CAT processors back;
+    - cache_context(name) (diffusers' CacheMixin; pipelines that call the transformer once per
+      guidance branch open one around each call): the calls inside run on that branch's caches
+      and selection (cat_pruning.generation.enter_branch)."""
+    set_default = getattr(p.transformer, "set_default_attn_processor", None)
+    if set_default is not None:
 
-    setattr(wrapped_set_default_attn_processor, generation.MARK, p)
-    p.transformer.set_default_attn_processor = wrapped_set_default_attn_processor
+        @functools.wraps(set_default)
+        def wrapped_set_default_attn_processor(*args: Any, **kwargs: Any) -> Any:
+            out = set_default(*args, **kwargs)
+            _adopt_processors(p)
+            return out
+
+        setattr(wrapped_set_default_attn_processor, generation.MARK, p)
+        p.transformer.set_default_attn_processor = wrapped_set_default_attn_processor
+    cache_context = getattr(p.transformer, "cache_context", None)
+    if cache_context is not None:
+
+        @functools.wraps(cache_context)
+        @contextlib.contextmanager
+        def wrapped_cache_context(name: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            with cache_context(name, *args, **kwargs) as value:
+                generation.enter_branch(p, name)
+                yield value
+
+        setattr(wrapped_cache_context, generation.MARK, p)
+        p.transformer.cache_context = wrapped_cache_context
 
 
 def _adopt_processors(p: _Patch) -> None:
@@ -413,29 +430,25 @@ def stats(obj: Any) -> CATStats:
     """What the last (or current) generation computed: per step mode and image tokens per
     sample, MACs against the dense model, bytes held in caches."""
     p = _require(obj)
-    state, g = p.state, p.state.geometry
-    n = g.num_tokens if g is not None else 0
-    history = list(state.history)
-    steps = [StepStats(i, mode, tokens) for i, (mode, tokens) in enumerate(history)]
-    # rows a step computed: under context parallelism a pruned step also computes the repeats
-    # that pad its K tokens to a multiple of the ranks (state.padding)
-    padding = state.padding if g is not None else 0
-    rows = [tokens + padding if mode == "pruned" else tokens for mode, tokens in history]
-    macs_of = {t: p.adapter.macs_per_sample(p.transformer, t, n, p.text_tokens) for t in {n, *rows}}
-    batch = g.batch if g is not None else 0
-    return CATStats(
-        family=p.adapter.family,
-        config=state.config,
-        num_tokens=n,
-        tokens_kept=state.tokens_kept(n) if n else 0,
-        batch=batch,
-        steps=steps,
-        macs=sum(batch * macs_of[t] for t in rows),
-        padded_rows=padding,
-        macs_dense=batch * len(history) * macs_of[n],
-        cache_bytes=state.cache_bytes(),
-        # A copy to the host: stats() runs after a generation, never inside a denoising step.
-        recomputed=None
-        if state.recomputed is None or state.recomputed.is_meta
-        else state.recomputed.view(batch, g.height, g.width).cpu(),
-    )
+    state = p.state
+    branches, macs, macs_dense = [], 0, 0
+    for name in state.each_branch():  # guidance branches (cache_context): each its own calls
+        g, history = state.geometry, list(state.history)
+        n, batch = (g.num_tokens, g.batch) if g is not None else (0, 0)
+        # rows a step computed: under context parallelism a pruned step also computes the repeats
+        # that pad its K tokens to a multiple of the ranks (state.padding)
+        padding = state.padding if g is not None else 0
+        rows = [tokens + padding if mode == "pruned" else tokens for mode, tokens in history]
+        macs_of = {t: p.adapter.macs_per_sample(p.transformer, t, n, p.text_tokens) for t in {n, *rows}}
+        macs += sum(batch * macs_of[t] for t in rows)
+        macs_dense += batch * len(history) * macs_of[n]
+        if not branches:  # the first branch's steps, geometry and token map ("cond" before "uncond")
+            steps = [StepStats(i, mode, tokens) for i, (mode, tokens) in enumerate(history)]
+            first = dict(num_tokens=n, tokens_kept=state.tokens_kept(n) if n else 0, batch=batch, steps=steps,
+                         padded_rows=padding,
+                         # A copy to the host: stats() runs after a generation, never inside a denoising step.
+                         recomputed=None if state.recomputed is None or state.recomputed.is_meta
+                         else state.recomputed.view(batch, g.height, g.width).cpu())  # fmt: skip
+        branches.append(name)
+    return CATStats(family=p.adapter.family, config=state.config, macs=macs, macs_dense=macs_dense,
+                    cache_bytes=state.cache_bytes(), branches=tuple(b for b in branches if b), **first)

@@ -158,18 +158,40 @@ MARK = "_cat_pruning_patch"  # on the methods a patch wraps on an instance: the 
 
 
 def count_forward(state: Any) -> None:
-    """One transformer call per denoising step: a second one (true CFG in two calls, a second
-    model evaluation per step) would run on the same caches and overwrite the first's rows, so it
-    is refused before it runs (eager code; a forward under torch.compile is not counted)."""
+    """One transformer call per denoising step and guidance branch: a second one in the same
+    branch (a second model evaluation per step, true CFG in two calls without cache_context)
+    would run on that branch's caches and overwrite the first's rows, so it is refused before it
+    runs (eager code; a forward under torch.compile is not counted)."""
     state.forwards += 1
     if state.forwards > 1:
         how = ("the pipeline's scheduler.step closes a step" if state.driver == "pipeline" else
                "with manual_steps=True, call cat_pruning.advance(transformer) after each denoising step")
+        where = f" in cache context {state.branch!r}" if state.branch else ""
         raise RuntimeError(
-            f"cat_pruning: the transformer was called {state.forwards} times in denoising step {state.step}; a "
-            f"patched transformer holds one set of caches, which a second call per step (true CFG in separate "
-            f"calls, a second model evaluation per step) would overwrite. One call per step is supported ({how}); "
-            f"unpatch to run this pipeline")
+            f"cat_pruning: the transformer was called {state.forwards} times in denoising step {state.step}{where}; "
+            f"each guidance branch of a patched transformer holds one set of caches, which a second call per step "
+            f"would overwrite. One call per step and branch is supported ({how}); a pipeline that calls the "
+            f"transformer once per CFG branch opens transformer.cache_context('cond') / ('uncond') around each "
+            f"call, as diffusers' pipelines do. Unpatch to run this pipeline otherwise")
+
+
+def enter_branch(p: Any, name: Any) -> None:
+    """transformer.cache_context(name) opened (eager, in the pipeline's loop): the calls inside
+    run on branch `name`'s caches and selection (CATState.use_branch)."""
+    p.state.use_branch(getattr(name, "name", name) if not isinstance(name, str) else name)
+
+
+def check_branch(state: Any) -> None:
+    """A branch must run from its generation's first step (eager code): one that first appears
+    later has no caches for its pruned steps."""
+    if state.geometry is None and state.step > 0 and state.other_branches:
+        auto = (" A bare transformer that counts a step per call cannot tell the branches of one step apart: patch "
+                "it with manual_steps=True and call cat_pruning.advance(transformer) after each step."
+                if state.driver == "auto" else "")
+        raise RuntimeError(
+            f"cat_pruning: the transformer was first called in cache context {state.branch!r} at denoising step "
+            f"{state.step}, after {state.other_branches} had run; every guidance branch must run from the "
+            f"generation's first step, since its pruned steps read its own caches.{auto}")
 
 
 def running_pipeline(p: Any) -> Any | None:

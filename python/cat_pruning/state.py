@@ -27,13 +27,19 @@ rows: ``idx`` (B, K') holds the rows the step computes, ``selected`` (its first 
 selection. A repeated token's rows are computed from the same inputs as the original's, so every
 scatter of the step writes the same value twice and the generation is one process's, whatever W.
 What counts a token once (staleness, times computed, the stats) reads ``selected``.
+
+Pipelines that call the transformer once per guidance branch in a step (Flux's true CFG,
+Qwen-Image, Wan) open ``transformer.cache_context("cond")`` / ``("uncond")`` around each call.
+Each branch then has its own caches and selection (BRANCH_FIELDS), switched in eager code when
+the context opens (:meth:`CATState.use_branch`); the step count and its mode are the generation's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -51,6 +57,11 @@ MODES = ("dense", "anchor", "fill", "refresh", "pruned")
 # walked the raster from the top of the image).
 TIE_BY_SCORE = 1e-3
 TIE_BY_HASH = 1e-6
+# What each guidance branch of a generation keeps for itself; the rest (config, step, mode, CFG
+# pairing, sharding) is shared by all of them.
+BRANCH_FIELDS = ("cache", "forwards", "geometry", "history", "allocated", "caching", "anchor", "labels", "staleness",
+                 "age", "idx", "selected", "recomputed", "predicted", "positions", "num_clusters", "kept", "k",
+                 "padding")
 
 
 def _hash(n: int, seed: Tensor, device: torch.device) -> Tensor:
@@ -140,24 +151,39 @@ class CATState:
         auto = config.importance == "auto" and config.forecast == "taylor"
         self.by_error = config.importance == "forecast-error" or auto  # importance by forecast error
         self.shard = NONE  # diffusers model parallelism, read before every call (cat_pruning.parallel)
-        # one store for the state's lifetime (reset per generation): compiled code guards on it
-        self.cache = make_store(config)
+        # one store per branch for the state's lifetime (reset per generation): compiled code guards on it
+        self._stores: dict[str, object] = {}
+        self.branch = ""  # the guidance branch (cache_context name) whose fields are in place; "": none named
         self.reset()
 
     # ------------------------------------------------------------------ lifecycle (eager)
 
     def reset(self, num_steps: int | None = None) -> None:
         """Start a new generation of `num_steps` denoising steps (None: not known): drop every
-        cache and go back to step 0."""
+        cache of every branch and go back to step 0 (the current branch's name stays: a pipeline
+        may open its context before the call that starts the generation)."""
         self.step = 0
-        self.forwards = 0  # transformer calls in the current step (eager code: generation.count_forward)
         self.num_steps = num_steps
         self.mode = self.config.mode(0, num_steps)
+        for store in self._stores.values():
+            store.reset()
+        self._parked: dict[str, dict] = {}  # the other branches' BRANCH_FIELDS
+        self._reset_branch()
+
+    def _reset_branch(self) -> None:
+        """The current branch's fields at the start of a generation."""
+        if self.branch not in self._stores:
+            self._stores[self.branch] = make_store(self.config)
+        self.cache = self._stores[self.branch]
+        self.cache.reset()
+        self.forwards = 0  # transformer calls in the current step (eager code: generation.count_forward)
         self.caching = False  # whether this step's processors and hooks hand their rows to the cache store
         self.geometry: Geometry | None = None
         self.history: list[tuple[str, int]] = []  # (mode, image tokens computed per sample)
-        self.cache.reset()
         self.allocated = False
+        self.predicted: Tensor | None = None
+        self.num_clusters = 0
+        self.kept = self.k = self.padding = 0
         self.anchor: Tensor | None = None
         self.labels: Tensor | None = None
         self.staleness: Tensor | None = None
@@ -169,13 +195,51 @@ class CATState:
         # them (Flux's img_ids) when the token grid's height and width are not known from shapes
         self.positions: Tensor | None = None
 
+    # ------------------------------------------------------------------ branches (eager)
+
+    def use_branch(self, name: str) -> None:
+        """Put branch `name`'s fields in place (transformer.cache_context(name) opened): a branch
+        seen for the first time in this generation starts empty; one that never ran a forward is
+        dropped when another takes its place."""
+        if name == self.branch:
+            return
+        if self.geometry is not None:
+            self._parked[self.branch] = {f: getattr(self, f) for f in BRANCH_FIELDS}
+        self.branch = name
+        parked = self._parked.pop(name, None)
+        if parked is None:
+            self._reset_branch()
+        else:
+            vars(self).update(parked)
+
+    @property
+    def other_branches(self) -> list[str]:
+        """The names of the branches that ran in this generation, besides the current one."""
+        return sorted(self._parked)
+
+    @contextlib.contextmanager
+    def _on(self, name: str) -> Iterator[None]:
+        current = self.branch
+        self.use_branch(name)
+        try:
+            yield
+        finally:
+            self.use_branch(current)
+
+    def each_branch(self) -> Iterator[str]:
+        """Every branch that ran in this generation, by name, each in place while the caller
+        reads it (the current one alone when none ran)."""
+        ran = self.geometry is not None
+        for name in sorted({*self._parked, *([self.branch] if ran or not self._parked else [])}):
+            with self._on(name):
+                yield name
+
     def advance(self) -> None:
         """Close the current step (called once per denoising step, outside compiled code)."""
         self.forwards = 0
-        if self.geometry is None:
+        ran = [name for name in self.each_branch() if self._close_step()]
+        if not ran:
             return  # no forward ran in this step
-        n = self.geometry.num_tokens
-        self.history.append((self.mode, self.kept if self.mode == "pruned" else n))
         self.step += 1
         self.mode = self.config.mode(self.step, self.num_steps)
         if self.step == self.config.full_steps and self.num_steps is None and self.config.needs_num_steps:
@@ -185,10 +249,21 @@ class CATState:
                 "from the fill step; give it with cat_pruning.reset(transformer, num_steps=...) before the loop, "
                 "or patch with final_full_steps=0 and refresh_phase='fill'",
                 RuntimeWarning, stacklevel=2)
-        if self.allocated:
-            self.cache.advance()
-        elif self.mode in self.cache.modes:
-            self._allocate()
+        for _ in self.each_branch():
+            if self.geometry is None:
+                continue
+            if self.allocated:
+                self.cache.advance()
+            elif self.mode in self.cache.modes:
+                self._allocate()
+
+    def _close_step(self) -> bool:
+        """The current branch's part of closing a step; whether it ran a forward in it."""
+        self.forwards = 0
+        if self.geometry is None:
+            return False
+        self.history.append((self.mode, self.kept if self.mode == "pruned" else self.geometry.num_tokens))
+        return True
 
     def _allocate(self) -> None:
         """Allocate every cache the pruned steps update, once per generation and in eager code.
@@ -355,6 +430,10 @@ class CATState:
         return out
 
     def cache_bytes(self) -> int:
-        tensors = [t for t in (self.anchor, self.labels, self.staleness, self.age, self.idx, self.recomputed)
-                   if t is not None]
-        return self.cache.nbytes() + sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes the caches of every branch hold."""
+        total = 0
+        for _ in self.each_branch():
+            tensors = [t for t in (self.anchor, self.labels, self.staleness, self.age, self.idx, self.recomputed,
+                                   self.predicted) if t is not None]
+            total += self.cache.nbytes() + sum(t.numel() * t.element_size() for t in tensors)
+        return total

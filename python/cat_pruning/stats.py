@@ -27,6 +27,9 @@ class CATStats:
     before the caches exist). padded_rows: rows per sample that a pruned step computes beyond
     its tokens_kept tokens, repeats of selected tokens (under context parallelism over W ranks,
     when W does not divide K: K is padded to a multiple of W); they cost MACs but compute no token.
+    branches: the guidance branches (cache_context names) of a pipeline that calls the transformer
+    once per branch, each with its own caches and selection; () for one call per step. Then macs,
+    macs_dense and cache_bytes count all branches, and steps, batch and recomputed are the first's.
     """
 
     family: str
@@ -40,6 +43,7 @@ class CATStats:
     cache_bytes: int
     recomputed: torch.Tensor | None = None
     padded_rows: int = 0
+    branches: tuple[str, ...] = ()
 
     @property
     def mac_fraction(self) -> float:
@@ -73,7 +77,7 @@ class CATStats:
                                                "held until the next generation" if self.cache_bytes else "")
         lines = [
             f"CAT Pruning on {self.family}: {len(self.steps)} steps ({modes}), "
-            f"batch {self.batch}, {self.num_tokens} image tokens, {self.tokens_kept} kept "
+            f"batch {self.batch}{self._branches()}, {self.num_tokens} image tokens, {self.tokens_kept} kept "
             f"(keep_ratio {cfg.keep_ratio}, full_steps {cfg.full_steps})" + self._padding(),
             f"  MACs {_si(self.macs)} of {_si(self.macs_dense)} dense: "
             f"{100 * self.mac_fraction:.1f}% ({self.mac_speedup:.2f}x ideal speedup)",
@@ -87,6 +91,9 @@ class CATStats:
             lines.insert(1, "  no step was pruned")
         lines += [f"  {s.step:>4}  {s.mode:<6}  {s.tokens:>6}" for s in self.steps]
         return "\n".join(lines)
+
+    def _branches(self) -> str:
+        return f" in each of {len(self.branches)} branches ({', '.join(self.branches)})" if len(self.branches) > 1 else ""
 
     def _padding(self) -> str:
         p = self.padded_rows

@@ -138,15 +138,98 @@ def test_pipeline_patch_runs_twice_and_keep_ratio_one_equals_dense():
     harness.check_pipeline(FLUX, tiny_pipeline(), lambda pipe: pipe(**pipeline_kwargs()).images, check_pruned)
 
 
-def test_unsupported_cases_are_refused():
-    pipe = tiny_pipeline()
-    cat_pruning.patch(pipe, backend="torch")
-    kw = pipeline_kwargs(batch=1)
-    with pytest.raises(ValueError, match="true CFG"):
-        pipe(**kw, true_cfg_scale=2.0, negative_prompt_embeds=kw["prompt_embeds"] + 1,
-             negative_pooled_prompt_embeds=kw["pooled_prompt_embeds"] + 1)
-    cat_pruning.unpatch(pipe)
+@pytest.mark.parametrize("patch_transformer", [False, True], ids=["pipe", "transformer"])
+def test_true_cfg_runs_each_branch_as_its_own_patched_model(patch_transformer):
+    """FluxPipeline's true CFG calls the transformer twice per step, in cache_context("cond") and
+    ("uncond"): each branch must run exactly as a transformer patched on its own that sees only
+    that branch's calls (replayed here in a bare loop), so no branch reads the other's caches."""
+    import copy
 
+    pipe = tiny_pipeline()
+    reference = copy.deepcopy(pipe.transformer)
+    config = dict(backend="torch", keep_ratio=0.3, full_steps=FULL, refresh_every=3, final_full_steps=0)
+    cat_pruning.patch(pipe.transformer if patch_transformer else pipe, **config)
+    calls = []
+
+    def record(module, args, kwargs, output):
+        calls.append(({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
+                      output[0].clone()))  # fmt: skip
+
+    handle = pipe.transformer.register_forward_hook(record, with_kwargs=True)
+    kw = pipeline_kwargs(batch=1)
+    cfg = dict(true_cfg_scale=2.0, negative_prompt_embeds=kw["prompt_embeds"] + 1,
+               negative_pooled_prompt_embeds=kw["pooled_prompt_embeds"] + 1)
+    for _ in range(2):  # the second call starts a new generation for both branches
+        calls.clear()
+        pipe(**kw | {"generator": torch.Generator().manual_seed(0)}, **cfg)
+        s = cat_pruning.stats(pipe)
+        assert s.branches == ("cond", "uncond") and [st.mode for st in s.steps].count("pruned") >= 2
+        assert len(calls) == 2 * STEPS
+        for branch in (0, 1):  # cond, then uncond, in every step
+            cat_pruning.patch(reference, **config, manual_steps=True)
+            cat_pruning.reset(reference, num_steps=STEPS)
+            for step_kwargs, want in calls[branch::2]:
+                got = reference(**step_kwargs)[0]
+                cat_pruning.advance(reference)
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+            ref_stats = cat_pruning.stats(reference)
+            cat_pruning.unpatch(reference)
+        assert s.macs == 2 * ref_stats.macs and s.macs_dense == 2 * ref_stats.macs_dense
+        assert s.cache_bytes == 2 * ref_stats.cache_bytes
+    handle.remove()
+
+
+def test_two_branches_compile_to_few_graphs_and_match_eager():
+    """Two cache_context branches per step under torch.compile(fullgraph=True): the same outputs as
+    eager, a bounded number of graphs (at most twice one branch's bound), none new in a second
+    generation."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    model = tiny_flux(layers=1, single_layers=1)
+    kw = inputs(seed=13)
+    branches = {"cond": kw, "uncond": {**kw, "encoder_hidden_states": kw["encoder_hidden_states"] + 1}}
+
+    def generation(run):
+        cat_pruning.reset(model, num_steps=STEPS)
+        x, outs = {b: kw["hidden_states"] for b in branches}, []
+        for i in range(STEPS):
+            t = torch.full((2,), 1000.0 * (1 - i / STEPS))
+            for b, b_kw in branches.items():
+                with model.cache_context(b), torch.no_grad():
+                    outs.append(run(**{**b_kw, "hidden_states": x[b]}, timestep=t, return_dict=False)[0])
+                x[b] = x[b] - 0.1 * outs[-1]
+            cat_pruning.advance(model)
+        return outs
+
+    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch", manual_steps=True)
+    eager = generation(model)
+    modes = {s.mode for s in cat_pruning.stats(model).steps}
+    assert "pruned" in modes and cat_pruning.stats(model).branches == ("cond", "uncond")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    counters.clear()
+    graphs = []
+    for _ in range(2):
+        harness.assert_all_close(generation(compiled), eager, harness.F32)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert 0 < graphs[0] <= 4 * len(modes), (graphs, modes)
+    assert graphs[1] == graphs[0], graphs
+    torch._dynamo.reset()
+
+
+def test_a_branch_that_starts_late_is_refused():
+    model = tiny_flux(layers=1, single_layers=1)
+    cat_pruning.patch(model, backend="torch", manual_steps=True)
+    cat_pruning.reset(model, num_steps=STEPS)
+    kw, t = inputs(), torch.ones(2)
+    with model.cache_context("cond"):
+        model(**kw, timestep=t)
+    cat_pruning.advance(model)
+    with model.cache_context("uncond"), pytest.raises(RuntimeError, match="every guidance branch must run"):
+        model(**kw, timestep=t)
+
+
+def test_unsupported_cases_are_refused():
     from diffusers import FirstBlockCacheConfig
 
     model = tiny_flux(layers=1, single_layers=1)

@@ -30,10 +30,13 @@ The clustering needs token positions; Flux's inputs carry no grid shape, only ``
 columns 1 and 2 are the (row, col) of every image token in token units, so they are used as the
 clustering positions (``state.positions``).
 
-Not supported (a clear error): FluxPipeline's true CFG (true_cfg_scale > 1 with a negative
-prompt, two transformer calls per step with different inputs), diffusers' own caching
-(``enable_cache``), ControlNet residuals, IP-Adapter, fused QKV projections, attention masks.
-Guidance-distilled Flux has no CFG batch: every sample has its own selection.
+FluxPipeline's true CFG (true_cfg_scale > 1 with a negative prompt) calls the transformer twice
+per step, inside ``transformer.cache_context("cond")`` and ``("uncond")``: each branch has its own
+caches and selection (cat_pruning.state, branches). Guidance-distilled Flux has no CFG batch:
+every sample has its own selection.
+
+Not supported (a clear error): diffusers' own caching (``enable_cache``), ControlNet residuals,
+IP-Adapter, fused QKV projections, attention masks.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from torch import Tensor, nn
 from ..parallel import NONE, Sharding, local_out_features, to_heads, to_sequence
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
-from .base import Adapter, compute_dtype, get_submodule, hidden_states_arg, pipeline_call_local, random_inputs
+from .base import Adapter, compute_dtype, get_submodule, hidden_states_arg, random_inputs
 
 # Real architectures, for MAC counts on the meta device: (transformer config, generation), where
 # the generation gives the VAE latent side (packed 2x2 into tokens), the text tokens and the
@@ -204,14 +207,7 @@ class FluxAdapter(Adapter):
         return CATFluxAttnProcessor(state, name, attn.processor)
 
     def cfg_pairs(self, pipeline: Any) -> bool:
-        # FluxPipeline (and its variants) keep the true-CFG switch in a __call__ local.
-        if pipeline_call_local(pipeline, "do_true_cfg", False):
-            raise ValueError(
-                "cat_pruning: true CFG on Flux (true_cfg_scale > 1 with a negative prompt) calls the transformer "
-                "twice per step with different inputs; not supported. Use the guidance-distilled guidance "
-                "(guidance_scale) or unpatch"
-            )
-        return False
+        return False  # true CFG is two calls per step, one per branch (cache_context), never a CFG batch
 
     def install_hooks(self, model: nn.Module, state: CATState) -> list:
         seen: dict[str, Tensor | None] = {"img_ids": None}  # fixed keys: torch.compile guards on them
