@@ -214,7 +214,7 @@ def test_catf_candidates_follow_the_band_rule(monkeypatch):
         key = (p["full_steps"], p["refresh_every"], p["final_full_steps"], p["keep_ratio"])
         dampings.setdefault(key, set()).add((p["refresh_offset"], p["forecast_kv_damping"], p["forecast_from"],
                                              (p["forecast_order"], p["forecast_damping"])))  # fmt: skip
-    for (full, every, final, keep), d in dampings.items():
+    for (full, every, final, _keep), d in dampings.items():
         outputs = [o for o in quality_peers.CATF_OUTPUT if o[0] == 1 or every in quality_peers.CATF_ORDER2_REFRESH]
         kvs = [kv for kv in quality_peers.CATF_KV_DAMPING if kv == 1 or every >= quality_peers.CATF_DAMPED_REFRESH]
         offsets = {0, quality_peers.end_aligned_offset(steps - final, full, every)}

@@ -93,7 +93,9 @@ class CATStats:
         return "\n".join(lines)
 
     def _branches(self) -> str:
-        return f" in each of {len(self.branches)} branches ({', '.join(self.branches)})" if len(self.branches) > 1 else ""
+        if len(self.branches) < 2:
+            return ""
+        return f" in each of {len(self.branches)} branches ({', '.join(self.branches)})"
 
     def _padding(self) -> str:
         p = self.padded_rows
