@@ -368,7 +368,7 @@ def unpatch(obj: Any) -> Any:
     for method in _TRANSFORMER_METHODS:
         if getattr(vars(p.transformer).get(method), generation.MARK, None) is p:
             del p.transformer.__dict__[method]
-    p.state.reset()
+    p.state.release()
     delattr(p.transformer, _ATTR)
     return obj
 

@@ -68,6 +68,7 @@ class ReuseStore:
 
     def __init__(self, config: CATConfig) -> None:
         self.config = config
+        self._pool: dict[str, Tensor] = {}  # every buffer by name, kept for the next generation (_empty)
         self.reset()
 
     def reset(self) -> None:
@@ -80,14 +81,18 @@ class ReuseStore:
     # ------------------------------------------------------------------ lifecycle (eager)
 
     def allocate(self, kv: dict, extra: dict, noise: tuple, device: torch.device) -> None:
-        """Buffers for every cache: name -> (shape, dtype); noise = (shape, dtype)."""
+        """Buffers for every cache: name -> (shape, dtype); noise = (shape, dtype). A generation
+        of the same shapes as the last gets the last one's buffers (same addresses, stale values)."""
+        self.kv_cache = {name: (self._empty(f"{name}/k", *spec, device), self._empty(f"{name}/v", *spec, device))
+                         for name, spec in kv.items()}  # fmt: skip
+        self.extra = {name: self._empty(f"extra/{name}", *spec, device) for name, spec in extra.items()}
+        self.noise = self._empty("noise", *noise, device)
 
-        def empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-            return torch.empty(shape, dtype=dtype, device=device)
-
-        self.kv_cache = {name: (empty(*spec), empty(*spec)) for name, spec in kv.items()}
-        self.extra = {name: empty(*spec) for name, spec in extra.items()}
-        self.noise = empty(*noise)
+    def _empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        t = self._pool.get(name)
+        if t is None or t.shape != shape or t.dtype != dtype or t.device != torch.device(device):
+            t = self._pool[name] = torch.empty(shape, dtype=dtype, device=device)
+        return t
 
     def tensors(self) -> list[Tensor]:
         """Every buffer the store holds (for static-address marking and byte counts)."""
@@ -174,16 +179,16 @@ class ForecastStore(ReuseStore):
             # cache exists, and the fill step then takes (new - base) * 0 as its slope: finite only
             # when base is.
             base.zero_()
-            self.slopes[name] = torch.zeros(base.shape, dtype=slope_dtype, device=device)
-            self.reads[name] = torch.empty_like(base)
+            self.slopes[name] = self._empty(f"slope/{name}", base.shape, slope_dtype, device).zero_()
+            self.reads[name] = self._empty(f"read/{name}", base.shape, base.dtype, device)
         batch, n = self.noise.shape[:2]
-        self.last = torch.zeros(batch, n, dtype=torch.float32, device=device)
-        self.clock = torch.zeros((), dtype=torch.float32, device=device)
-        self.started = torch.zeros((), dtype=torch.float32, device=device)
+        self.last = self._empty("last", (batch, n), torch.float32, device).zero_()
+        self.clock = self._empty("clock", (), torch.float32, device).zero_()
+        self.started = self._empty("started", (), torch.float32, device).zero_()
         if self.config.forecast_order == 2:
-            self.curv = torch.zeros(self.noise.shape, dtype=slope_dtype, device=device)
-            self.slope_read = torch.zeros_like(self.curv)
-            self.span = torch.zeros_like(self.last)
+            self.curv = self._empty("curv", self.noise.shape, slope_dtype, device).zero_()
+            self.slope_read = self._empty("slope_read", self.noise.shape, slope_dtype, device).zero_()
+            self.span = self._empty("span", (batch, n), torch.float32, device).zero_()
 
     def _bases(self) -> dict[str, Tensor]:
         bases = {}

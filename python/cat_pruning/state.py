@@ -153,6 +153,8 @@ class CATState:
         self.shard = NONE  # diffusers model parallelism, read before every call (cat_pruning.parallel)
         # one store per branch for the state's lifetime (reset per generation): compiled code guards on it
         self._stores: dict[str, object] = {}
+        # per branch, the state's buffers by name, kept across generations of the same shapes (_buffer)
+        self._pools: dict[str, dict[str, Tensor]] = {}
         self.branch = ""  # the guidance branch (cache_context name) whose fields are in place; "": none named
         self.reset()
 
@@ -254,7 +256,7 @@ class CATState:
                 continue
             if self.allocated:
                 self.cache.advance()
-            elif self.mode in self.cache.modes:
+            elif self.mode in self.cache.modes or self.mode == "anchor":
                 self._allocate()
 
     def _close_step(self) -> bool:
@@ -266,33 +268,54 @@ class CATState:
         return True
 
     def _allocate(self) -> None:
-        """Allocate every cache the pruned steps update, once per generation and in eager code.
+        """Allocate every buffer the caching steps update, the anchor included, once per generation
+        and in eager code, before the anchor step (or the fill step, when the anchor is step 0).
 
         The compiled steps then only write into these tensors in place, so their addresses stay
         fixed: CUDA graphs (torch.compile mode="reduce-overhead") can capture the steps, and the
-        caches are marked static so that they are not copied at every replay."""
+        buffers are marked static so that they are not copied at every replay. A generation of
+        the same shapes as the last reuses its buffers (_buffer, and the cache store's own), so
+        the graphs recorded for one generation replay in the next."""
         g, layout = self.geometry, self.layout(self.geometry, self.shard)
         scored = g.batch // 2 if self.cfg_pairs else g.batch
-
-        def empty(*shape: int, dtype: torch.dtype) -> Tensor:
-            return torch.empty(shape, dtype=dtype, device=g.device)
+        device = g.device
 
         noise = ((g.batch, g.num_tokens, layout.out_channels), layout.out_dtype)
-        self.cache.allocate(layout.kv, layout.extra, noise, g.device)
-        self.labels = empty(scored, g.num_tokens, dtype=torch.int64)
-        self.staleness = empty(scored, g.num_tokens, dtype=torch.float32)
-        self.age = empty(scored, g.num_tokens, dtype=torch.float32)  # selection "regions": steps since computed
-        self.idx = empty(g.batch, self.k, dtype=torch.int64)
+        self.cache.allocate(layout.kv, layout.extra, noise, device)
+        self.labels = self._buffer("labels", (scored, g.num_tokens), torch.int64, device)
+        self.staleness = self._buffer("staleness", (scored, g.num_tokens), torch.float32, device)
+        self.age = self._buffer("age", (scored, g.num_tokens), torch.float32, device)  # "regions": steps since computed
+        self.idx = self._buffer("idx", (g.batch, self.k), torch.int64, device)
         self.selected = self.idx[:, :self.kept]
+        out_shape = (scored, g.num_tokens, layout.out_channels)
+        if self.step == self.config.full_steps - 2:  # the anchor step comes next
+            self.anchor = self._buffer("anchor", out_shape, layout.out_dtype, device)
         # importance by forecast error: the output forecast of each token at its last computation
-        self.predicted = (empty(scored, g.num_tokens, layout.out_channels, dtype=layout.out_dtype)
-                          if self.by_error else None)  # fmt: skip
+        self.predicted = self._buffer("predicted", out_shape, layout.out_dtype, device) if self.by_error else None
         # every token ran in the steps before this one; this and later dense-like steps add one each
-        self.recomputed = torch.full((g.batch, g.num_tokens), float(self.step), device=g.device)
+        self.recomputed = self._buffer("recomputed", (g.batch, g.num_tokens), torch.float32, device)
+        self.recomputed.fill_(float(self.step))
         self.allocated = True
-        if g.device.type == "cuda":
-            for t in [*self.cache.tensors(), self.labels, self.staleness, self.age, self.idx, self.recomputed]:
+        if device.type == "cuda":
+            for t in [*self.cache.tensors(), self.labels, self.staleness, self.age, self.idx, self.recomputed,
+                      *([self.anchor] if self.anchor is not None else [])]:
                 torch._dynamo.mark_static_address(t)
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The current branch's buffer `name`: the last generation's when its shape, dtype and
+        device match (its values are stale: the caller writes before reading), else a new one."""
+        pool = self._pools.setdefault(self.branch, {})
+        t = pool.get(name)
+        if t is None or t.shape != shape or t.dtype != dtype or t.device != device:
+            t = pool[name] = torch.empty(shape, dtype=dtype, device=device)
+        return t
+
+    def release(self) -> None:
+        """Drop every buffer of every branch (unpatch): the memory goes back to the allocator."""
+        self._pools.clear()
+        self._stores.clear()
+        self.branch = ""
+        self.reset()
 
     def begin_forward(self, geometry: Geometry) -> None:
         """Called at the start of every transformer forward (traced under torch.compile)."""
@@ -405,10 +428,13 @@ class CATState:
             ops.scatter_tokens_(self.predicted, self._scored(self.idx), forecast, 1, backend=self.config.backend)
         if self.caching:
             full = self.cache.output(out)
-        if self.caching and mode != "pruned":
+        if (self.caching or mode == "anchor") and mode != "pruned" and self.recomputed is not None:
             self.recomputed.add_(1)
         if mode == "anchor":
-            self.anchor = self._scored(out).detach().clone()
+            scored = self._scored(out).detach()
+            if self.anchor is None:  # full_steps=2: the anchor is step 0, which runs before _allocate
+                self.anchor = self._buffer("anchor", scored.shape, scored.dtype, scored.device)
+            self.anchor.copy_(scored)
         elif mode == "fill":
             scored = self._scored(out).detach()
             self.labels.copy_(self._cluster(scored))

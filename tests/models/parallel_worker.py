@@ -83,24 +83,32 @@ def _watch_repeats(pipe) -> list[bool]:
     seen: list[bool] = []
     if patch is None:
         return seen
-    state, store = patch.state, patch.state.cache
-    kv, output = store.kv, store.output
+    state = patch.state
 
     def check(rows):  # (B, K', C): the selection's rows in order, then the repeats
         if state.mode == "pruned" and state.padding:
             repeated = torch.arange(state.padding) % state.kept  # _set_selection repeats the first tokens
             seen.append(torch.equal(rows[:, state.kept:], rows[:, repeated]))
 
-    def checked_kv(name, key, value):
-        check(key)
-        check(value)
-        return kv(name, key, value)
+    def watch(store):
+        kv, output = store.kv, store.output
 
-    def checked_output(out):
-        check(out)
-        return output(out)
+        def checked_kv(name, key, value):
+            check(key)
+            check(value)
+            return kv(name, key, value)
 
-    store.kv, store.output = checked_kv, checked_output
+        def checked_output(out):
+            check(out)
+            return output(out)
+
+        store.kv, store.output, store.watched = checked_kv, checked_output, True
+
+    def pre_hook(module, args, kwargs):  # the store of the branch about to run (FluxPipeline: "cond")
+        if not getattr(state.cache, "watched", False):
+            watch(state.cache)
+
+    pipe.transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
     return seen
 
 
