@@ -58,7 +58,6 @@ class _Patch:
     installed: dict[str, tuple[nn.Module, object]] = dataclasses.field(default_factory=dict)  # name -> (attn, ours)
     path_hooks: list[PathHook] = dataclasses.field(default_factory=list)
     schedulers: list = dataclasses.field(default_factory=list)  # schedulers whose methods are wrapped
-    text_tokens: int = 0
     # what counts the steps outside a pipeline call: "pipeline" for a patched pipeline, else "auto" or
     # "manual"; a transformer patched on its own counts a pipeline call's steps as a pipeline (generation.follow)
     driver: str = "pipeline"
@@ -179,7 +178,7 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
         if not torch.compiler.is_compiling() and state.geometry is None and state.shard is not NONE:
             check_agreement(state.shard, _generation_summary(state, geometry, args, kwargs))
         state.begin_forward(geometry)
-        p.text_tokens = adapter.text_tokens(module, args, kwargs)
+        state.text_tokens = adapter.text_tokens(module, args, kwargs)
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
         if state.driver == "auto":
@@ -439,7 +438,7 @@ def stats(obj: Any) -> CATStats:
         # that pad its K tokens to a multiple of the ranks (state.padding)
         padding = state.padding if g is not None else 0
         rows = [tokens + padding if mode == "pruned" else tokens for mode, tokens in history]
-        macs_of = {t: p.adapter.macs_per_sample(p.transformer, t, n, p.text_tokens) for t in {n, *rows}}
+        macs_of = {t: p.adapter.macs_per_sample(p.transformer, t, n, state.text_tokens) for t in {n, *rows}}
         macs += sum(batch * macs_of[t] for t in rows)
         macs_dense += batch * len(history) * macs_of[n]
         if not branches:  # the first branch's steps, geometry and token map ("cond" before "uncond")

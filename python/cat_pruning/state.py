@@ -61,7 +61,7 @@ TIE_BY_HASH = 1e-6
 # pairing, sharding) is shared by all of them.
 BRANCH_FIELDS = ("cache", "forwards", "geometry", "history", "allocated", "caching", "anchor", "labels", "staleness",
                  "age", "idx", "selected", "recomputed", "predicted", "positions", "num_clusters", "kept", "k",
-                 "padding")
+                 "padding", "text_tokens")
 
 
 def _hash(n: int, seed: Tensor, device: torch.device) -> Tensor:
@@ -167,6 +167,12 @@ class CATState:
         self.step = 0
         self.num_steps = num_steps
         self.mode = self.config.mode(0, num_steps)
+        # the buffers of the branches that ran are kept for the next generation (_buffer); the
+        # others' go back to the allocator
+        ran = {*getattr(self, "_parked", {}), *([self.branch] if getattr(self, "geometry", None) is not None else [])}
+        for name in [b for b in self._stores if b not in ran]:
+            self._pools.pop(name, None)
+            self._stores.pop(name)
         for store in self._stores.values():
             store.reset()
         self._parked: dict[str, dict] = {}  # the other branches' BRANCH_FIELDS
@@ -186,6 +192,7 @@ class CATState:
         self.predicted: Tensor | None = None
         self.num_clusters = 0
         self.kept = self.k = self.padding = 0
+        self.text_tokens = 0  # text tokens of the branch's calls (MAC counting)
         self.anchor: Tensor | None = None
         self.labels: Tensor | None = None
         self.staleness: Tensor | None = None

@@ -27,9 +27,10 @@ class CATStats:
     before the caches exist). padded_rows: rows per sample that a pruned step computes beyond
     its tokens_kept tokens, repeats of selected tokens (under context parallelism over W ranks,
     when W does not divide K: K is padded to a multiple of W); they cost MACs but compute no token.
-    branches: the guidance branches (cache_context names) of a pipeline that calls the transformer
-    once per branch, each with its own caches and selection; () for one call per step. Then macs,
-    macs_dense and cache_bytes count all branches, and steps, batch and recomputed are the first's.
+    branches: the guidance branches (cache_context names) the generation ran, each with its own
+    caches and selection (a pipeline that calls the transformer once per CFG branch has two; one
+    whose calls open no context, none). macs, macs_dense and cache_bytes count all branches;
+    steps, batch and recomputed are the first's.
     """
 
     family: str
@@ -74,7 +75,7 @@ class CATStats:
                                                                       if cfg.forecast != "none" else "")
         else:  # the state allocates them at the end of the step before the first caching step
             caches = "  caches never read" + (f"; {self.cache_bytes / 2**20:,.2f} MiB allocated for later steps, "
-                                               "held until the next generation" if self.cache_bytes else "")
+                                               "kept for the next generation" if self.cache_bytes else "")
         lines = [
             f"CAT Pruning on {self.family}: {len(self.steps)} steps ({modes}), "
             f"batch {self.batch}{self._branches()}, {self.num_tokens} image tokens, {self.tokens_kept} kept "

@@ -177,6 +177,29 @@ def test_true_cfg_runs_each_branch_as_its_own_patched_model(patch_transformer):
         assert s.macs == 2 * ref_stats.macs and s.macs_dense == 2 * ref_stats.macs_dense
         assert s.cache_bytes == 2 * ref_stats.cache_bytes
     handle.remove()
+    # without true CFG only "cond" runs: the next generation releases the "uncond" buffers
+    state = pipe.transformer._cat_pruning.state
+    for _ in range(2):
+        pipe(**kw | {"generator": torch.Generator().manual_seed(0)})
+        assert cat_pruning.stats(pipe).branches == ("cond",)
+    assert set(state._stores) == set(state._pools) == {"cond"}
+
+
+def test_true_cfg_in_a_pipeline_without_cache_context_is_refused():
+    """Flux pipelines whose true CFG opens no cache_context (img2img, Kontext, ... in diffusers 0.42)
+    would run both calls on one set of caches: refused when the generation starts."""
+    from diffusers import FluxPipeline
+
+    class NoContextPipeline(FluxPipeline):
+        def __call__(self, *args, **kwargs):
+            do_true_cfg = True  # noqa: F841 - read by the adapter, as FluxPipeline's local
+            self.scheduler.set_timesteps(4)
+
+    base = tiny_pipeline()
+    pipe = NoContextPipeline(**base.components)
+    cat_pruning.patch(pipe, backend="torch")
+    with pytest.raises(ValueError, match="without transformer.cache_context"):
+        pipe()
 
 
 def test_two_branches_compile_to_few_graphs_and_match_eager():

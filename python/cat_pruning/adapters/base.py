@@ -10,6 +10,8 @@ reads the geometry of a call, refuses inputs it cannot handle, and counts MACs.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -197,6 +199,16 @@ def pipeline_call_local(pipeline: Any, name: str, default: Any = None) -> Any:
             return local[name]
         frame = frame.f_back
     return default
+
+
+@functools.cache
+def opens_cache_context(pipeline_cls: type) -> bool:
+    """Whether a pipeline class's __call__ opens transformer.cache_context (read from its source
+    once per class; False where the source cannot be read)."""
+    try:
+        return "cache_context(" in inspect.getsource(pipeline_cls.__call__)
+    except (OSError, TypeError):
+        return False
 
 
 def random_inputs(device: str | torch.device, dtype: torch.dtype) -> Callable[..., torch.Tensor]:

@@ -32,8 +32,9 @@ clustering positions (``state.positions``).
 
 FluxPipeline's true CFG (true_cfg_scale > 1 with a negative prompt) calls the transformer twice
 per step, inside ``transformer.cache_context("cond")`` and ``("uncond")``: each branch has its own
-caches and selection (cat_pruning.state, branches). Guidance-distilled Flux has no CFG batch:
-every sample has its own selection.
+caches and selection (cat_pruning.state, branches). Flux pipelines whose true CFG opens no
+context (img2img, inpaint, Kontext in diffusers 0.42) are refused when they use it.
+Guidance-distilled Flux has no CFG batch: every sample has its own selection.
 
 Not supported (a clear error): diffusers' own caching (``enable_cache``), ControlNet residuals,
 IP-Adapter, fused QKV projections, attention masks.
@@ -49,7 +50,15 @@ from torch import Tensor, nn
 from ..parallel import NONE, Sharding, local_out_features, to_heads, to_sequence
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
-from .base import Adapter, compute_dtype, get_submodule, hidden_states_arg, random_inputs
+from .base import (
+    Adapter,
+    compute_dtype,
+    get_submodule,
+    hidden_states_arg,
+    opens_cache_context,
+    pipeline_call_local,
+    random_inputs,
+)
 
 # Real architectures, for MAC counts on the meta device: (transformer config, generation), where
 # the generation gives the VAE latent side (packed 2x2 into tokens), the text tokens and the
@@ -207,7 +216,17 @@ class FluxAdapter(Adapter):
         return CATFluxAttnProcessor(state, name, attn.processor)
 
     def cfg_pairs(self, pipeline: Any) -> bool:
-        return False  # true CFG is two calls per step, one per branch (cache_context), never a CFG batch
+        # True CFG (a __call__ local) is two calls per step, one per branch, never a CFG batch. The
+        # branches are told apart by transformer.cache_context: a pipeline that does not open one
+        # (FluxImg2Img, Kontext, ... in diffusers 0.42) is refused here, in eager code, because a
+        # compiled transformer could not count its calls per step.
+        if pipeline_call_local(pipeline, "do_true_cfg", False) and not opens_cache_context(type(pipeline)):
+            raise ValueError(
+                f"cat_pruning: true CFG on {type(pipeline).__name__} (true_cfg_scale > 1 with a negative prompt) "
+                "calls the transformer twice per step without transformer.cache_context, so the two calls would "
+                "share one set of caches; use FluxPipeline (which opens one per branch), the guidance-distilled "
+                "guidance (guidance_scale), or unpatch")
+        return False
 
     def install_hooks(self, model: nn.Module, state: CATState) -> list:
         seen: dict[str, Tensor | None] = {"img_ids": None}  # fixed keys: torch.compile guards on them
