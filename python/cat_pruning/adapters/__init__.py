@@ -8,6 +8,7 @@ from .base import Adapter
 from .dit import DiTAdapter
 from .flux import FluxAdapter
 from .pixart import PixArtAdapter
+from .qwenimage import QwenImageAdapter
 from .sana import SanaAdapter
 from .sd3 import SD3Adapter
 
@@ -17,6 +18,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     DiTAdapter(),
     FluxAdapter(),
     SanaAdapter(),
+    QwenImageAdapter(),
 )
 
 

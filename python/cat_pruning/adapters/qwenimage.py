@@ -1,0 +1,244 @@
+"""Qwen-Image (diffusers QwenImageTransformer2DModel): MM-DiT double-stream blocks with joint
+[text; image] attention, complex rotary position embeddings and a text padding mask.
+
+Seams (diffusers 0.42.1):
+
+- ``img_in`` (a Linear over the packed 2x2 latent tokens) is the patch embedding: its output is
+  gathered to the K selected rows.
+- ``pos_embed`` (QwenEmbedRope) returns ``(img_freqs, txt_freqs)``, complex tables of shape
+  (N, D/2) and (T, D/2). A forward hook gathers the image rows of each sample's selection on a
+  pruned step: (B, K, D/2). The CAT processor applies the rotation itself (the arithmetic of
+  diffusers' ``apply_rotary_emb_qwen(use_real=False)``, for a shared or a per-sample table).
+- Attention (stock ``QwenDoubleStreamAttnProcessor2_0``): the CAT processor computes q, k, v of
+  the rows it gets, rotates, writes the image keys *after rotation* and the image values into a
+  (B, N, H*D) cache, and attends the T + K queries over the T text keys plus the N cached image
+  keys through ``dispatch_attention_fn`` with the backend the replaced processor had. The text
+  padding mask (``encoder_hidden_states_mask``) becomes a key mask [text mask; all N image keys],
+  as the stock processor builds it over its own keys.
+- ``proj_out`` is the output seam; the model returns packed tokens (B, N, C_out), so the noise
+  cache is the model output.
+
+The pipeline calls the transformer once per CFG branch inside ``transformer.cache_context("cond")``
+/ ``("uncond")`` (true CFG): each branch has its own caches and selection (cat_pruning.state).
+The token grid comes from ``img_shapes`` ([(1, h, w)] per sample), which is also what the
+clustering uses.
+
+Not supported yet (a clear error): the Edit models' reference-image tokens (more than one entry
+in a sample's ``img_shapes``, ``zero_cond_t``), the layered 3D rotary (``use_layer3d_rope``),
+ControlNet residuals, diffusers' own caching (``enable_cache``), model parallelism, and diffusers
+older than 0.42 (whose processor ignores the text mask: another computation to match).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..parallel import NONE, Sharding
+from ..processors import CachedAttentionProcessor
+from ..state import CacheLayout, CATState, Geometry
+from .base import Adapter, compute_dtype, get_submodule, hidden_states_arg, random_inputs
+
+MIN_DIFFUSERS = (0, 42)  # the first release tested whose processor applies encoder_hidden_states_mask
+
+# Real architectures, for MAC counts on the meta device: (transformer config, generation), where
+# the generation gives the latent side in tokens (packed 2x2), the text tokens and the batch.
+REAL_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
+    # Qwen-Image 1328x1328: 60 double-stream blocks, hidden 3072 = 24 heads x 128, VAE f8 -> 166x166
+    # latent of 16 channels packed 2x2 -> 83x83 = 6889 tokens of 64 channels; Qwen2.5-VL text
+    # (3584 wide); true CFG calls the transformer once per branch (batch 1 each).
+    "qwen-image-1328": (
+        dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+             num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
+        dict(side=83, text=256, batch=1),
+    ),
+}
+
+
+def real_inputs(config: dict[str, Any], gen: dict[str, int], device: str | torch.device,
+                dtype: torch.dtype) -> dict[str, Any]:
+    """Keyword arguments of one transformer call of a REAL_CONFIGS generation (random values;
+    empty tensors on the meta device), timestep excluded."""
+    b, side, t = gen["batch"], gen["side"], gen["text"]
+    rand = random_inputs(device, dtype)
+    return dict(
+        hidden_states=rand(b, side * side, config["in_channels"]),
+        encoder_hidden_states=rand(b, t, config["joint_attention_dim"]),
+        encoder_hidden_states_mask=torch.ones(b, t, dtype=torch.bool, device=device),
+        img_shapes=[[(1, side, side)]] * b,
+    )
+
+
+def rotate(x: Tensor, freqs: Tensor) -> Tensor:
+    """x (B, L, H, D) rotated by a complex table (L, D/2) shared by the samples or (B, L, D/2) per
+    sample: diffusers' apply_rotary_emb_qwen(use_real=False), in the same arithmetic."""
+    x_complex = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(x_complex * freqs.unsqueeze(-2)).flatten(3).type_as(x)
+
+
+def grid_of(img_shapes: Any) -> tuple[int, int]:
+    """(height, width) in tokens of a call's img_shapes: [(1, h, w)] or [[(1, h, w)]] per sample."""
+    if not img_shapes:
+        raise ValueError("cat_pruning: Qwen-Image was called without img_shapes")
+    shapes = set()
+    for sample in img_shapes:
+        entries = sample if isinstance(sample, list) else [sample]
+        if len(entries) != 1:
+            raise ValueError(
+                "cat_pruning: this Qwen-Image call carries reference-image tokens (the Edit models: "
+                f"{len(entries)} entries in a sample's img_shapes); they are not supported yet, unpatch to run it")
+        shapes.add(tuple(entries[0]))
+    if len(shapes) != 1:
+        raise ValueError(f"cat_pruning: the samples of one Qwen-Image call have different sizes {sorted(shapes)}")
+    frames, height, width = shapes.pop()
+    if frames != 1:
+        raise ValueError(f"cat_pruning: Qwen-Image with {frames} frames per sample is not supported")
+    return height, width
+
+
+class CATQwenAttnProcessor(CachedAttentionProcessor):
+    """Qwen-Image joint attention with the image K (after rotation) and V rows cached between
+    steps. In the dense modes it defers to the processor it replaced, so those steps are the
+    unpatched computation exactly; "fill" computes the same thing and keeps the image K/V."""
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        encoder_hidden_states_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_rotary_emb: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        state = self.state
+        if not state.caching:
+            return self.original(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                                 attention_mask, image_rotary_emb)  # fmt: skip
+        if encoder_hidden_states is None:
+            raise ValueError("cat_pruning: Qwen-Image attention was called without its text stream")
+        if attention_mask is not None:
+            raise ValueError("cat_pruning: Qwen-Image attention takes encoder_hidden_states_mask, not attention_mask")
+        if image_rotary_emb is None:
+            raise ValueError("cat_pruning: Qwen-Image attention was called without its rotary embedding")
+
+        head_dim = attn.inner_dim // attn.heads
+
+        def project(x: Tensor, names: tuple[str, str, str], norms: tuple[str, str]) -> tuple[Tensor, Tensor, Tensor]:
+            q, k, v = (getattr(attn, n)(x).unflatten(-1, (-1, head_dim)) for n in names)
+            norm_q, norm_k = (getattr(attn, n) for n in norms)
+            return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
+
+        img_q, img_k, img_v = project(hidden_states, ("to_q", "to_k", "to_v"), ("norm_q", "norm_k"))
+        txt_q, txt_k, txt_v = project(encoder_hidden_states, ("add_q_proj", "add_k_proj", "add_v_proj"),
+                                      ("norm_added_q", "norm_added_k"))  # fmt: skip
+        img_freqs, txt_freqs = image_rotary_emb
+        img_q, img_k = rotate(img_q, img_freqs), rotate(img_k, img_freqs)
+        txt_q, txt_k = rotate(txt_q, txt_freqs), rotate(txt_k, txt_freqs)
+
+        # (B, rows, H*D) image rows, keys after rotation; the store returns all N of them
+        keys, values = state.cache.kv(self.name, img_k.flatten(2), img_v.flatten(2))
+        img_k, img_v = keys.unflatten(-1, (-1, head_dim)), values.unflatten(-1, (-1, head_dim))
+        mask = None
+        if encoder_hidden_states_mask is not None:  # [text mask; every image key], as the stock processor
+            image_mask = torch.ones(img_k.shape[:2], dtype=torch.bool, device=img_k.device)
+            mask = torch.cat([encoder_hidden_states_mask.to(torch.bool), image_mask], dim=1)[:, None, None, :]
+
+        out = dispatch_attention_fn(
+            torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1), torch.cat([txt_v, img_v], dim=1),
+            attn_mask=mask, dropout_p=0.0, is_causal=False,
+            backend=getattr(self.original, "_attention_backend", None),
+        )  # fmt: skip
+        out = out.flatten(2, 3).to(img_q.dtype)
+        text = txt_q.shape[1]
+        img_out = attn.to_out[0](out[:, text:].contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)
+        return img_out, attn.to_add_out(out[:, :text].contiguous())
+
+
+class QwenImageAdapter(Adapter):
+    family = "Qwen-Image (QwenImageTransformer2DModel)"
+    model_classes = ("QwenImageTransformer2DModel",)
+    patch_embed = "img_in"
+    out_proj = "proj_out"
+
+    def check_model(self, model: nn.Module) -> None:
+        import diffusers
+
+        version = tuple(int(p) for p in diffusers.__version__.split(".")[:2] if p.isdigit())
+        if version < MIN_DIFFUSERS:
+            raise ValueError(
+                f"cat_pruning: Qwen-Image needs diffusers >= {'.'.join(map(str, MIN_DIFFUSERS))} (this is "
+                f"{diffusers.__version__}, whose attention ignores the text padding mask); upgrade diffusers")
+        if getattr(model, "is_cache_enabled", False):
+            raise ValueError("cat_pruning: this Qwen-Image transformer has diffusers caching enabled (enable_cache); "
+                             "call disable_cache() first, the two do not combine")
+        for flag, what in (("zero_cond_t", "the Edit models' reference-image conditioning (zero_cond_t)"),
+                           ("use_layer3d_rope", "the layered 3D rotary (use_layer3d_rope)")):  # fmt: skip
+            if model.config.get(flag, False):
+                raise ValueError(f"cat_pruning: {what} is not supported yet; unpatch to run this model")
+        super().check_model(model)
+        get_submodule(model, "pos_embed")
+
+    def attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        return {f"transformer_blocks.{i}.attn": b.attn for i, b in enumerate(model.transformer_blocks)}
+
+    def make_processor(self, state: CATState, name: str, attn: nn.Module) -> object:
+        return CATQwenAttnProcessor(state, name, attn.processor)
+
+    def cfg_pairs(self, pipeline: Any) -> bool:
+        return False  # true CFG is two calls per step, one per branch (cache_context), never a CFG batch
+
+    def install_hooks(self, model: nn.Module, state: CATState) -> list:
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if module.is_cache_enabled:
+                raise ValueError("cat_pruning: diffusers caching (enable_cache) was enabled on a patched Qwen-Image "
+                                 "transformer; the two do not combine")
+
+        def rope_hook(module: nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor] | None:
+            if state.mode != "pruned":
+                return None
+            img_freqs, txt_freqs = output
+            return img_freqs[state.idx], txt_freqs  # (B, K, D/2): each sample's selected rows
+
+        return [
+            model.register_forward_pre_hook(pre_hook, with_kwargs=True),
+            model.pos_embed.register_forward_hook(rope_hook),
+        ]
+
+    def check_call(self, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("controlnet_block_samples") is not None:
+            raise ValueError("cat_pruning: ControlNet residuals are not supported yet; unpatch to use ControlNet")
+
+    def geometry(self, model: nn.Module, args: tuple, kwargs: dict) -> Geometry:
+        hidden = hidden_states_arg(args, kwargs)  # packed tokens (B, N, C); the grid is in img_shapes
+        height, width = grid_of(kwargs.get("img_shapes"))
+        b, n, _ = hidden.shape
+        if height * width != n:
+            raise ValueError(f"cat_pruning: img_shapes gives a {height}x{width} token grid for {n} image tokens")
+        return Geometry(b, height, width, hidden.dtype, hidden.device)
+
+    def cache_layout(self, model: nn.Module, geometry: Geometry, shard: Sharding = NONE) -> CacheLayout:
+        """(B, N, H*D) K (after rotation) and V caches: the layout the processor produces."""
+        kv = {name: ((geometry.batch, geometry.num_tokens, attn.to_k.out_features), compute_dtype(attn.to_k))
+              for name, attn in self.attention_modules(model).items()}  # fmt: skip
+        out = get_submodule(model, self.out_proj)
+        return CacheLayout(kv, out.out_features, compute_dtype(out))
+
+    def linear_stream(self, name: str) -> str | None:
+        if name.startswith(("time_text_embed", "norm_out")) or "_mod." in name:
+            return "sample"
+        if name.startswith("img_in"):
+            return "patch"
+        if name.startswith("txt_in") or ".add_" in name or "to_add_out" in name or "txt_mlp" in name:
+            return "text"
+        if name.startswith(("transformer_blocks", "proj_out")):
+            return "image"
+        return None
+
+    def attention_shape(self, name: str, attn: nn.Module, rows: int, num_tokens: int, text: int) -> tuple[int, int]:
+        return rows + text, num_tokens + text

@@ -1,0 +1,150 @@
+"""cat_pruning on tiny random-config Qwen-Image transformers against the dense diffusers path."""
+
+from __future__ import annotations
+
+import harness
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+from harness import TOL, Family
+from qwen_models import inputs, run_steps, tiny_qwen
+
+import cat_pruning
+from cat_pruning.adapters.qwenimage import MIN_DIFFUSERS
+
+if tuple(int(p) for p in __import__("diffusers").__version__.split(".")[:2]) < MIN_DIFFUSERS:
+    pytest.skip("Qwen-Image is supported from diffusers 0.42 on (the patch refuses older)", allow_module_level=True)
+
+STEPS = 6
+FULL = 3
+QWEN = Family(run_steps, STEPS, FULL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_keep_ratio_one_equals_dense(dtype, store):
+    harness.check_keep_ratio_one_equals_dense(QWEN, tiny_qwen(dtype=dtype), inputs(dtype=dtype), TOL[dtype],
+                                              patch_kw=store)
+
+
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_dense_steps_equal_unpatched(store):
+    harness.check_dense_steps_equal_unpatched(QWEN, tiny_qwen(), inputs(seed=5), patch_kw=store)
+
+
+class OracleProcessor:
+    """Dense Qwen-Image attention in which the image K (after rotation) / V rows of unselected
+    tokens come from a given cache: the masked-dense oracle of docs/design.md section 3, written
+    with diffusers' own apply_rotary_emb_qwen and text mask, independently of cat_pruning's processor."""
+
+    def __init__(self, k_cache, v_cache, selected):
+        self.k_cache, self.v_cache, self.selected = k_cache, v_cache, selected[:, :, None, None]
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        def heads(x):
+            return x.unflatten(-1, (attn.heads, -1))
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        cq = attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states)))
+        ck = attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states)))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        img_freqs, txt_freqs = image_rotary_emb
+        q, k = (apply_rotary_emb_qwen(x, img_freqs, use_real=False) for x in (q, k))
+        cq, ck = (apply_rotary_emb_qwen(x, txt_freqs, use_real=False) for x in (cq, ck))
+        b, n = self.selected.shape[:2]
+        k = torch.where(self.selected, k, self.k_cache.view(b, n, attn.heads, -1))
+        v = torch.where(self.selected, v, self.v_cache.view(b, n, attn.heads, -1))
+        mask = torch.cat([encoder_hidden_states_mask, torch.ones(b, n, dtype=torch.bool)], 1)[:, None, None, :]
+        q, k, v = torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        out = out.transpose(1, 2).flatten(2)
+        text = encoder_hidden_states.shape[1]
+        return attn.to_out[0](out[:, text:]), attn.to_add_out(out[:, :text])
+
+
+@pytest.mark.parametrize("store", harness.STATEFUL_STORES.values(), ids=harness.STATEFUL_STORES.keys())
+def test_pruned_steps_match_masked_dense_oracle(store):
+    kw = inputs(batch=3, seed=2)
+
+    def own_selections(idx):  # no CFG batch: every sample has its own selection
+        assert not (torch.equal(idx[0], idx[1]) and torch.equal(idx[1], idx[2]))
+
+    harness.check_pruned_steps_match_oracle(QWEN, tiny_qwen(), kw, OracleProcessor, lambda o: o,
+                                            kw["hidden_states"].shape[1], extra_steps=1, check_idx=own_selections,
+                                            patch_kw=store)
+
+
+def test_the_text_mask_reaches_the_pruned_steps():
+    """Padding text tokens are masked on pruned steps as on dense ones: changing what a masked
+    token holds changes nothing."""
+    kw = inputs(batch=2, seed=6)
+    assert not kw["encoder_hidden_states_mask"][1].all()
+    other = {**kw, "encoder_hidden_states": kw["encoder_hidden_states"].clone()}
+    other["encoder_hidden_states"][1, ~kw["encoder_hidden_states_mask"][1]] += 5.0
+    outs = []
+    for args in (kw, other):
+        model = tiny_qwen()
+        cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch")
+        outs.append(run_steps(model, args, STEPS))
+        assert "pruned" in {s.mode for s in cat_pruning.stats(model).steps}
+    harness.assert_all_close([o[1] for o in outs[0]], [o[1] for o in outs[1]], harness.F32)
+
+
+def test_unpatch_is_bitwise_and_patch_twice_equals_once():
+    def no_hooks_left(model):
+        assert not model._forward_pre_hooks and not model.pos_embed._forward_hooks
+
+    harness.check_unpatch_bitwise(QWEN, tiny_qwen(), inputs(seed=3), after_unpatch=no_hooks_left)
+
+
+def test_batch_samples_are_independent():
+    batched = ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask")
+    harness.check_samples_independent(QWEN, tiny_qwen(layers=1), inputs(batch=3, seed=8), keys=batched)
+
+
+def test_stats_macs_match_flop_counter():
+    harness.check_macs_match_flop_counter(QWEN, tiny_qwen(), inputs(batch=2, height=8, width=7, seed=10, padded=False),
+                                          17)
+
+
+def test_meta_device():
+    harness.check_meta_device(QWEN, tiny_qwen, inputs(device="meta"))
+
+
+def test_real_config_macs_on_meta():
+    from diffusers import QwenImageTransformer2DModel
+
+    from cat_pruning.adapters import qwenimage
+
+    harness.check_real_config_macs_on_meta(QWEN, QwenImageTransformer2DModel, qwenimage, "qwen-image-1328",
+                                           num_tokens=6889, tokens_kept=2067)
+
+
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_torch_compile_fullgraph_matches_eager_with_few_graphs(store):
+    harness.check_compile_fullgraph(QWEN, tiny_qwen(layers=1), inputs(seed=11), patch_kw=store)
+
+
+def test_unsupported_cases_are_refused():
+    from diffusers import FirstBlockCacheConfig
+
+    model = tiny_qwen()  # first-block cache needs two blocks
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    with pytest.raises(ValueError, match="enable_cache"):
+        cat_pruning.patch(model)
+    assert not cat_pruning.is_patched(model)
+    model.disable_cache()
+    cat_pruning.patch(model, backend="torch")
+    kw, t = inputs(), torch.ones(2)
+    with pytest.raises(ValueError, match="reference-image tokens"):
+        model(**{**kw, "img_shapes": [[(1, 6, 5), (1, 6, 5)]] * 2}, timestep=t)
+    with pytest.raises(ValueError, match="ControlNet"):
+        model(**kw, timestep=t, controlnet_block_samples=[torch.ones(1)])
+    cat_pruning.unpatch(model)
+    edit = tiny_qwen(layers=1)
+    edit.register_to_config(zero_cond_t=True)
+    with pytest.raises(ValueError, match="zero_cond_t"):
+        cat_pruning.patch(edit)
