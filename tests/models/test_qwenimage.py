@@ -148,3 +148,35 @@ def test_unsupported_cases_are_refused():
     edit.register_to_config(zero_cond_t=True)
     with pytest.raises(ValueError, match="zero_cond_t"):
         cat_pruning.patch(edit)
+
+
+def tiny_pipeline():
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                             transformer=tiny_qwen())
+
+
+def test_pipeline_true_cfg_runs_both_branches_and_keep_ratio_one_equals_dense():
+    """The stock QwenImagePipeline (prompt embeddings given, no text encoder) with true CFG: each
+    step calls the transformer in cache_context("cond") and ("uncond"), each branch on its own
+    caches; keep_ratio 1 equals dense, pruned calls repeat exactly, unpatch restores dense."""
+    from qwen_models import JOINT_DIM, TEXT_TOKENS
+
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(1, TEXT_TOKENS, JOINT_DIM, generator=g)
+    mask = torch.ones(1, TEXT_TOKENS, dtype=torch.long)
+    mask[0, -2:] = 0  # padded prompt
+    kw = dict(prompt_embeds=emb, prompt_embeds_mask=mask, negative_prompt_embeds=emb + 1,
+              negative_prompt_embeds_mask=torch.ones(1, TEXT_TOKENS, dtype=torch.long), true_cfg_scale=3.0,
+              height=48, width=40, num_inference_steps=STEPS, output_type="latent")  # fmt: skip
+
+    def check_pruned(pipe):
+        s = cat_pruning.stats(pipe)
+        assert s.branches == ("cond", "uncond") and s.num_tokens == 30 and "pruned" in [st.mode for st in s.steps]
+
+    harness.check_pipeline(QWEN, tiny_pipeline(),
+                           lambda pipe: pipe(**kw, generator=torch.Generator().manual_seed(0)).images, check_pruned)
