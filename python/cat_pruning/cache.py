@@ -99,7 +99,8 @@ class ReuseStore:
         return [*(t for pair in self.kv_cache.values() for t in pair), *self.extra.values(), self.noise]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
+        unique = {id(t): t for t in self.tensors() if t is not None}  # shared buffers count once
+        return sum(t.numel() * t.element_size() for t in unique.values())
 
     def advance(self) -> None:
         """The step closed (eager)."""
@@ -180,7 +181,11 @@ class ForecastStore(ReuseStore):
             # when base is.
             base.zero_()
             self.slopes[name] = self._empty(f"slope/{name}", base.shape, slope_dtype, device).zero_()
-            self.reads[name] = self._empty(f"read/{name}", base.shape, base.dtype, device)
+            # What a step reads is used only inside its own layer (the attention right after, the
+            # block's convolution), so the layers share one buffer per role, shape and dtype.
+            role = "extra" if name.startswith("extra/") else name.rsplit("/", 1)[-1]  # k, v, extra or noise
+            self.reads[name] = self._empty(f"read/{role}/{tuple(base.shape)}/{base.dtype}", base.shape, base.dtype,
+                                           device)
         batch, n = self.noise.shape[:2]
         self.last = self._empty("last", (batch, n), torch.float32, device).zero_()
         self.clock = self._empty("clock", (), torch.float32, device).zero_()
