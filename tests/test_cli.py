@@ -249,6 +249,6 @@ def test_an_all_dense_run_reports_no_cache_use():
     next step are not reported as the run's caches."""
     dense = _stats(["dense"] * 5 + ["anchor"])
     assert not dense.caches_used and "6 steps (5 dense, 1 anchor, 0 pruned)" in str(dense)
-    assert "caches never read; 1.00 MiB allocated for later steps, held until the next generation" in str(dense)
+    assert "caches never read; 1.00 MiB allocated for later steps, kept for the next generation" in str(dense)
     pruned = _stats(["anchor", "fill", "pruned"])
     assert pruned.caches_used and "caches 1.00 MiB (forecast taylor)" in str(pruned)
