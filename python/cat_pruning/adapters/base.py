@@ -201,6 +201,15 @@ def pipeline_call_local(pipeline: Any, name: str, default: Any = None) -> Any:
     return default
 
 
+def refuse_diffusers_cache(model: nn.Module, patched: bool = False) -> None:
+    """diffusers' own caches (CacheMixin.enable_cache) and CAT's do not combine: raise if the model
+    has one, at patch() or (patched=True) at a call of a patched model."""
+    if getattr(model, "is_cache_enabled", False):
+        when = "was enabled on this patched" if patched else "is enabled on this"
+        raise ValueError(f"cat_pruning: diffusers caching (enable_cache) {when} {type(model).__name__}; call "
+                         "disable_cache() first, the two do not combine")
+
+
 @functools.cache
 def opens_cache_context(pipeline_cls: type) -> bool:
     """Whether a pipeline class's __call__ opens transformer.cache_context (read from its source

@@ -58,6 +58,7 @@ from .base import (
     opens_cache_context,
     pipeline_call_local,
     random_inputs,
+    refuse_diffusers_cache,
 )
 
 # Real architectures, for MAC counts on the meta device: (transformer config, generation), where
@@ -200,9 +201,7 @@ class FluxAdapter(Adapter):
     supports_parallel = True  # Ulysses context parallelism and tensor parallelism (cat_pruning.parallel)
 
     def check_model(self, model: nn.Module) -> None:
-        if getattr(model, "is_cache_enabled", False):
-            raise ValueError("cat_pruning: this Flux transformer has diffusers caching enabled (enable_cache); "
-                             "call disable_cache() first, the two do not combine")
+        refuse_diffusers_cache(model)
         super().check_model(model)
         get_submodule(model, "pos_embed")
 
@@ -232,9 +231,7 @@ class FluxAdapter(Adapter):
         seen: dict[str, Tensor | None] = {"img_ids": None}  # fixed keys: torch.compile guards on them
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            if module.is_cache_enabled:
-                raise ValueError("cat_pruning: diffusers caching (enable_cache) was enabled on a patched Flux "
-                                 "transformer; the two do not combine")
+            refuse_diffusers_cache(module, patched=True)
             img_ids = kwargs.get("img_ids", args[4] if len(args) > 4 else None)
             if img_ids is None:
                 raise ValueError("cat_pruning: Flux was called without img_ids")

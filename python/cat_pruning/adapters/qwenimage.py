@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ..parallel import NONE, Sharding
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
-from .base import Adapter, compute_dtype, get_submodule, hidden_states_arg, random_inputs
+from .base import Adapter, compute_dtype, get_submodule, hidden_states_arg, random_inputs, refuse_diffusers_cache
 
 MIN_DIFFUSERS = (0, 42)  # the first release tested whose processor applies encoder_hidden_states_mask
 
@@ -174,9 +174,7 @@ class QwenImageAdapter(Adapter):
             raise ValueError(
                 f"cat_pruning: Qwen-Image needs diffusers >= {'.'.join(map(str, MIN_DIFFUSERS))} (this is "
                 f"{diffusers.__version__}, whose attention ignores the text padding mask); upgrade diffusers")
-        if getattr(model, "is_cache_enabled", False):
-            raise ValueError("cat_pruning: this Qwen-Image transformer has diffusers caching enabled (enable_cache); "
-                             "call disable_cache() first, the two do not combine")
+        refuse_diffusers_cache(model)
         for flag, what in (("zero_cond_t", "the Edit models' reference-image conditioning (zero_cond_t)"),
                            ("use_layer3d_rope", "the layered 3D rotary (use_layer3d_rope)")):  # fmt: skip
             if model.config.get(flag, False):
@@ -195,9 +193,7 @@ class QwenImageAdapter(Adapter):
 
     def install_hooks(self, model: nn.Module, state: CATState) -> list:
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if module.is_cache_enabled:
-                raise ValueError("cat_pruning: diffusers caching (enable_cache) was enabled on a patched Qwen-Image "
-                                 "transformer; the two do not combine")
+            refuse_diffusers_cache(module, patched=True)
 
         def rope_hook(module: nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor] | None:
             if state.mode != "pruned":
