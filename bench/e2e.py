@@ -170,6 +170,55 @@ def macs_record(name: str, module: Any, config: dict, gen: dict, steps: int, kee
     )
 
 
+def roofline_record(name: str, module: Any, config: dict, gen: dict, steps: int = 28) -> dict:
+    """Predicted GPU time of one generation of a real configuration in bf16, dense and with
+    patch()'s defaults (CAT-F), from the per-op cost model of bench/roofline.py counted step by
+    step on the meta device: FLOPs, bytes moved and launches per step mode, and each GPU's
+    roofline time of the whole generation."""
+    import roofline
+
+    with torch.device("meta"):
+        model = _model_class(module)(**config).to(torch.bfloat16).eval()
+    kwargs = module.real_inputs(config, gen, "meta", torch.bfloat16)
+    b = gen["batch"]
+    cfg = cat_pruning.CATConfig(cfg_pairs=gen.get("cfg", b == 2), manual_steps=True)
+    per_mode: dict[str, dict[str, list]] = {}
+    totals = {}
+    for label in ("dense", "catf"):
+        if label == "catf":
+            cat_pruning.patch(model, cfg)
+            cat_pruning.reset(model, num_steps=steps)
+        total = roofline.Cost()
+        for i in range(steps):
+            mode = cfg.mode(i, steps) if label == "catf" else "dense"
+            t = torch.full((b,), 1000.0 * (1 - i / steps), device="meta", dtype=torch.bfloat16)
+            with roofline.counting() as counter, torch.no_grad():
+                model(**kwargs, timestep=t, return_dict=False)
+                if label == "catf":
+                    cat_pruning.advance(model)
+            total += counter.cost
+            per_mode.setdefault(f"{label}:{mode}", dict(cost=counter.cost, steps=[]))["steps"].append(i)
+        totals[label] = total
+    stats = cat_pruning.stats(model)
+    cat_pruning.unpatch(model)
+    dense, catf = totals["dense"], totals["catf"]
+    def top(cost: roofline.Cost, n: int = 6) -> dict[str, float]:  # the ops that move the most, GB
+        return {op: b / 1e9 for op, b in sorted(cost.bytes_by_op.items(), key=lambda kv: -kv[1])[:n]}
+
+    modes = {key: dict(steps=len(v["steps"]), gflop=v["cost"].flops / 1e9, gbytes=v["cost"].bytes / 1e9,
+                       launches=v["cost"].launches, ms={g: 1e3 * s for g, s in v["cost"].seconds.items()},
+                       gbytes_by_op=top(v["cost"]))
+             for key, v in per_mode.items()}  # fmt: skip
+    return dict(
+        case=f"roofline[{name},{steps} steps]", op="roofline", provider="meta-count", family=stats.family,
+        shape=dict(N=stats.num_tokens, K=stats.tokens_kept, batch=b, steps=steps),
+        modes=modes, mac_speedup_ideal=1 / stats.mac_fraction,
+        predicted_ms={g: dict(dense=1e3 * dense.seconds[g], catf=1e3 * catf.seconds[g]) for g in roofline.GPUS},
+        predicted_speedup={g: dense.seconds[g] / catf.seconds[g] for g in roofline.GPUS},
+        bytes_ratio=catf.bytes / dense.bytes, flop_ratio=catf.flops / dense.flops,
+    )
+
+
 def _time_generation(fn, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -191,10 +240,16 @@ def wall_records(
     dtype: torch.dtype,
     repeats: int,
     modes: list[str | None],
+    catf: bool = False,
 ) -> list[dict]:
-    """Dense and CAT generations timed alternately; one record per provider and compile mode."""
+    """Dense and CAT generations timed alternately; one record per provider and compile mode.
+    catf: patch()'s defaults (CAT-F) in place of the paper's CAT at (keep_ratio, full_steps)."""
     dense_model = make_transformer(config, device, dtype)
-    cat_model = _cat(copy.deepcopy(dense_model), keep_ratio, full_steps)
+    cat_model = copy.deepcopy(dense_model)
+    if catf:
+        cat_pruning.patch(cat_model, cat_pruning.CATConfig(cfg_pairs=True, manual_steps=True))
+    else:
+        _cat(cat_model, keep_ratio, full_steps)
     inputs = make_inputs(config, gen, device, dtype)
     records = []
     for mode in modes:
@@ -210,7 +265,7 @@ def wall_records(
             return generate(run_dense, inputs, steps, advance=False)
 
         def cat(run_cat=run_cat):
-            cat_pruning.reset(cat_model)
+            cat_pruning.reset(cat_model, num_steps=steps)
             return generate(run_cat, inputs, steps, advance=True)
 
         peak = {}
@@ -263,7 +318,12 @@ def wall_records(
 def summary(records: list[dict]) -> str:
     lines = []
     for r in records:
-        if r["op"] == "macs":
+        if r["op"] == "roofline":
+            gpus = ", ".join(f"{g} {p['dense']:.0f} -> {p['catf']:.0f} ms ({r['predicted_speedup'][g]:.2f}x)"
+                             for g, p in r["predicted_ms"].items())
+            lines.append(f"{r['case']}: CAT-F defaults predicted {gpus}; FLOPs {100 * r['flop_ratio']:.1f}%, "
+                         f"bytes {100 * r['bytes_ratio']:.1f}% of dense (MAC-ideal {r['mac_speedup_ideal']:.2f}x)")
+        elif r["op"] == "macs":
             lines.append(
                 f"{r['case']}: whole model {100 * r['mac_fraction']:.2f}% of dense (ideal "
                 f"{100 * r['mac_fraction_ideal']:.2f}%, {r['mac_speedup_ideal']:.2f}x); image tokens only "
@@ -294,6 +354,9 @@ def run(args: Any) -> list[dict]:
     for name, steps in cases:
         if wanted in f"macs[{name},{steps} steps]":
             records.append(macs_record(name, *modules[name], steps, 0.3, 8))
+    for name in ("sd3-medium-1024", "flux1-dev-1024"):
+        if wanted in f"roofline[{name},28 steps]":
+            records.append(roofline_record(name, *modules[name]))
     if args.device == "cpu":
         if wanted in "wall[sd3-mid-cpu,eager]":
             repeats = 2 if args.quick else 5
@@ -302,5 +365,8 @@ def run(args: Any) -> list[dict]:
     elif wanted in "wall[sd3-medium-1024]":
         records += wall_records("sd3-medium-1024", SD3_MEDIUM, SD3_MEDIUM_GEN, 28, 0.3, 8, "cuda",
                                 torch.bfloat16, 3, [None, "default", "reduce-overhead"])
+    if args.device == "cuda" and wanted in "wall[sd3-medium-1024-catf,eager]":  # checks the roofline rows
+        records += wall_records("sd3-medium-1024-catf", SD3_MEDIUM, SD3_MEDIUM_GEN, 28, 0.02, 8, "cuda",
+                                torch.bfloat16, 3, [None], catf=True)
     print(summary(records))
     return records
