@@ -161,7 +161,8 @@ def counting() -> Iterator[StepCost]:
 
     originals = {name: getattr(ops, name) for name in (*FUSED_BYTES, *SMALL_OPS)}
     try:
-        torch.nn.functional.scaled_dot_product_attention = mode.fused("attention", sdpa, attention_flops, attention_bytes)
+        attention = mode.fused("attention", sdpa, attention_flops, attention_bytes)
+        torch.nn.functional.scaled_dot_product_attention = attention
         for name, op in originals.items():
             nbytes = fused_bytes(name) if name in FUSED_BYTES else small_bytes
             setattr(ops, name, mode.fused(name, op, lambda a, kw, out: 0, nbytes))
