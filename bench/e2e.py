@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import cat_pruning
 from cat_pruning.adapters.sd3 import REAL_CONFIGS as REAL_SD3
 
-FAMILIES = ("sd3", "pixart", "dit", "flux", "sana", "qwenimage")  # adapter modules with REAL_CONFIGS
+FAMILIES = ("sd3", "pixart", "dit", "flux", "sana", "qwenimage", "flux2")  # adapter modules with REAL_CONFIGS
 SD3_MEDIUM, SD3_MEDIUM_GEN = REAL_SD3["sd3-medium-1024"]
 # A mid-size config that a CPU runs in seconds per step: 6 blocks, hidden 512, 1024 tokens.
 SD3_MID = dict(

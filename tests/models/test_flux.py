@@ -20,7 +20,8 @@ FLUX = Family(run_steps, STEPS, FULL)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
 def test_keep_ratio_one_equals_dense(dtype, store):
-    harness.check_keep_ratio_one_equals_dense(FLUX, tiny_flux(dtype=dtype), inputs(dtype=dtype), TOL[dtype],)
+    harness.check_keep_ratio_one_equals_dense(FLUX, tiny_flux(dtype=dtype), inputs(dtype=dtype), TOL[dtype],
+                                              patch_kw=store)
 
 
 @pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())

@@ -13,7 +13,8 @@ import torch
 
 import cat_pruning
 
-FAMILIES = {"sd3": "tiny_sd3", "pixart": "tiny_pixart", "dit": "tiny_dit", "flux": "tiny_flux", "sana": "tiny_sana"}
+FAMILIES = {"sd3": "tiny_sd3", "pixart": "tiny_pixart", "dit": "tiny_dit", "flux": "tiny_flux", "sana": "tiny_sana",
+            "flux2": "tiny_flux2"}
 STEPS = 5  # full_steps 2: anchor, fill, then pruned (and, with the forecast store, refresh) steps
 
 

@@ -7,6 +7,7 @@ from torch import nn
 from .base import Adapter
 from .dit import DiTAdapter
 from .flux import FluxAdapter
+from .flux2 import Flux2Adapter
 from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sana import SanaAdapter
@@ -19,6 +20,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     FluxAdapter(),
     SanaAdapter(),
     QwenImageAdapter(),
+    Flux2Adapter(),
 )
 
 

@@ -119,7 +119,7 @@ class Adapter:
                 total += num_tokens * module.in_channels * kh * kw * module.out_channels // module.groups
         for name, attn in self.attention_modules(model).items():
             queries, keys = self.attention_shape(name, attn, rows, num_tokens, text)
-            inner = attn.to_q.out_features
+            inner = attn.to_q.out_features if hasattr(attn, "to_q") else attn.inner_dim  # fused QKV: FLUX.2
             total += 2 * queries * keys * inner
         return total
 

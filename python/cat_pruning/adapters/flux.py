@@ -141,10 +141,7 @@ class CATFluxAttnProcessor(CachedAttentionProcessor):
         image_rotary_emb: tuple[Tensor, Tensor] | None = None,
         **kwargs: Any,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         state = self.state
-        mode = state.mode
         if not state.caching:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **kwargs)
         if attention_mask is not None:
@@ -152,9 +149,6 @@ class CATFluxAttnProcessor(CachedAttentionProcessor):
         if image_rotary_emb is None:
             raise ValueError("cat_pruning: Flux attention was called without its rotary embedding")
 
-        shard = state.shard
-        # image rows in this call (under context parallelism: on this rank)
-        rows = (state.k if mode == "pruned" else state.geometry.num_tokens) // shard.cp_world
         head_dim = attn.head_dim
         query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, head_dim)))
         key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (-1, head_dim)))
@@ -166,9 +160,31 @@ class CATFluxAttnProcessor(CachedAttentionProcessor):
             query = torch.cat([ctx_query, query], dim=1)
             key = torch.cat([ctx_key, key], dim=1)
             value = torch.cat([ctx_value, value], dim=1)
-        text = query.shape[1] - rows
+        out = self._attend(query, key, value, image_rotary_emb, getattr(self.original, "_attention_backend", None))
+        if encoder_hidden_states is None:
+            return out
+        text = encoder_hidden_states.shape[1]
+        ctx_out, image_out = out.split_with_sizes([text, out.shape[1] - text], dim=1)
+        image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
+        return image_out, attn.to_add_out(ctx_out.contiguous())
 
-        cos, sin = image_rotary_emb
+    def _rope(self, image_rotary_emb: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """The (cos, sin) tables as the rotation takes them: shared (L, D) or per sample (B, L, D)."""
+        return image_rotary_emb
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, image_rotary_emb: tuple[Tensor, Tensor],
+                backend: Any) -> Tensor:
+        """[text; image] rows (B, L, H, D) of this call, before the rotation -> the attention
+        output (B, L, H*D): rotated, the image K/V rows handed to the cache store, the queries
+        attending over the text keys and every image token's keys."""
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        state = self.state
+        shard = state.shard
+        # image rows in this call (under context parallelism: on this rank)
+        rows = (state.k if state.mode == "pruned" else state.geometry.num_tokens) // shard.cp_world
+        text = query.shape[1] - rows
+        cos, sin = self._rope(image_rotary_emb)
         query, key = rotate(query, cos, sin), rotate(key, cos, sin)
         if shard.cp_world > 1:  # Ulysses: every rank's rows, this rank's heads
             query, key, value = (to_heads(x, shard) for x in (query, key, value))
@@ -176,21 +192,16 @@ class CATFluxAttnProcessor(CachedAttentionProcessor):
         # (B, rows, H*D) image rows, keys after rotation; the store returns all N of them
         (ctx_key, image_key), (ctx_value, image_value) = (_split_rows(x, shard.cp_world, text) for x in (key, value))
         image_key, image_value = state.cache.kv(self.name, image_key.flatten(2), image_value.flatten(2))
-        if mode == "pruned":  # attend over every token's image keys
+        if state.mode == "pruned":  # attend over every token's image keys
+            head_dim = query.shape[-1]
             key = torch.cat([ctx_key, image_key.unflatten(-1, (-1, head_dim))], dim=1)
             value = torch.cat([ctx_value, image_value.unflatten(-1, (-1, head_dim))], dim=1)
 
         # the exchanges are done here, so the attention itself is local
-        out = dispatch_attention_fn(query, key, value, attn_mask=None,
-                                    backend=getattr(self.original, "_attention_backend", None))
+        out = dispatch_attention_fn(query, key, value, attn_mask=None, backend=backend)
         if shard.cp_world > 1:
             out = to_sequence(out, shard)
-        out = out.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:
-            return out
-        ctx_out, image_out = out.split_with_sizes([text, rows], dim=1)
-        image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
-        return image_out, attn.to_add_out(ctx_out.contiguous())
+        return out.flatten(2, 3).to(query.dtype)
 
 
 class FluxAdapter(Adapter):

@@ -1,0 +1,225 @@
+"""FLUX.2 (diffusers Flux2Transformer2DModel): double-stream blocks with joint attention, then
+single-stream blocks over [text; image] whose attention and MLP share one fused input projection
+(``to_qkv_mlp_proj``) and one output projection; a 4-axis rotary. Text-to-image only.
+
+Seams (diffusers 0.36 to 0.42), as for Flux.1 (cat_pruning.adapters.flux) except:
+
+- ``pos_embed`` (Flux2PosEmbed) is called twice per forward, on the image ids and then on the text
+  ids, and the forward concatenates the two (L, D) tables along the rows. On a pruned step the
+  hook on the first call returns each sample's selected rows flattened, (B * K, D), so the
+  concatenation is (T + B * K, D); the CAT processors unflatten it into per-sample (B, T + K, D)
+  tables. Which call is the image one is counted per forward (the order of diffusers' forward),
+  and its row count is checked against N.
+- The single-stream processor (``Flux2ParallelSelfAttnProcessor``) is rewritten with the image K
+  (after rotation) and V rows cached, its MLP half and the fused output projection unchanged.
+- The modulation is per sample, broadcast over whatever rows a block gets.
+
+The clustering positions are the (row, column) columns 1 and 2 of ``img_ids`` (t, h, w, l).
+
+Not supported (a clear error): reference-image tokens (FLUX.2's image editing: the pipelines'
+``image`` argument, ``kv_cache_mode``), ``condition_image_latents`` (Klein inpainting), diffusers'
+own caching (``enable_cache``), attention masks, context and tensor parallelism. Reference tokens
+passed to a bare transformer are not detected: they would be selected and pruned like image tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..parallel import NONE, Sharding
+from ..state import CacheLayout, CATState, Geometry
+from .base import (
+    Adapter,
+    compute_dtype,
+    get_submodule,
+    hidden_states_arg,
+    opens_cache_context,
+    pipeline_call_local,
+    random_inputs,
+    refuse_diffusers_cache,
+)
+from .flux import CATFluxAttnProcessor
+
+# Real architectures, for MAC counts on the meta device: (transformer config, generation).
+REAL_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
+    # FLUX.2-dev 1024x1024: 8 double + 48 single blocks, hidden 6144 = 48 heads x 128, VAE f16 with
+    # 32 channels packed 2x2 -> 64x64 = 4096 tokens of 128 channels; Mistral-3 text (15360 wide,
+    # 512 tokens); guidance-distilled (no CFG batch).
+    "flux2-dev-1024": (
+        dict(
+            patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+            num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
+            axes_dims_rope=(32, 32, 32, 32),
+        ),
+        dict(latent=128, text=512, batch=1),
+    ),
+}  # fmt: skip
+
+
+def real_inputs(config: dict[str, Any], gen: dict[str, int], device: str | torch.device,
+                dtype: torch.dtype) -> dict[str, Any]:
+    """Keyword arguments of one transformer call of a REAL_CONFIGS generation (random values;
+    empty tensors on the meta device), timestep excluded."""
+    b, side, t = gen["batch"], gen["latent"] // 2, gen["text"]
+    rand = random_inputs(device, dtype)
+    return dict(
+        hidden_states=rand(b, side * side, config["in_channels"]),
+        encoder_hidden_states=rand(b, t, config["joint_attention_dim"]),
+        img_ids=image_ids(side, side, device),
+        txt_ids=text_ids(t, device),
+        guidance=torch.full((b,), 4.0, device=device, dtype=dtype) if config.get("guidance_embeds", True) else None,
+    )
+
+
+def image_ids(height: int, width: int, device: str | torch.device = "cpu") -> Tensor:
+    """FLUX.2's img_ids of an height x width token grid: (N, 4) with (0, row, col, 0) per token."""
+    rows = torch.arange(height, device=device).repeat_interleave(width)
+    cols = torch.arange(width, device=device).repeat(height)
+    zeros = torch.zeros_like(rows)
+    return torch.stack([zeros, rows, cols, zeros], -1)
+
+
+def text_ids(length: int, device: str | torch.device = "cpu") -> Tensor:
+    """FLUX.2's txt_ids: (T, 4) with the token index on the last axis."""
+    ids = torch.zeros(length, 4, dtype=torch.int64, device=device)
+    ids[:, 3] = torch.arange(length, device=device)
+    return ids
+
+
+class CATFlux2AttnProcessor(CATFluxAttnProcessor):
+    """FLUX.2's double-stream attention with the image K/V rows cached: Flux.1's CAT processor
+    with the pruned steps' rotary table unflattened per sample (module docstring)."""
+
+    def _rope(self, image_rotary_emb: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        state = self.state
+        if state.mode != "pruned":
+            return image_rotary_emb
+        batch, k = state.idx.shape
+
+        def per_sample(freqs: Tensor) -> Tensor:  # (T + B * K, D) -> (B, T + K, D)
+            text = freqs.shape[0] - batch * k
+            return torch.cat([freqs[:text].expand(batch, -1, -1), freqs[text:].view(batch, k, -1)], dim=1)
+
+        return per_sample(image_rotary_emb[0]), per_sample(image_rotary_emb[1])
+
+
+class CATFlux2ParallelProcessor(CATFlux2AttnProcessor):
+    """FLUX.2's single-stream block attention (fused QKV + MLP projection) with the image K/V rows
+    of its [text; image] rows cached."""
+
+    def __call__(self, attn: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None,
+                 image_rotary_emb: tuple[Tensor, Tensor] | None = None, **kwargs: Any) -> Tensor:
+        if not self.state.caching:
+            return self.original(attn, hidden_states, attention_mask, image_rotary_emb, **kwargs)
+        if attention_mask is not None:
+            raise ValueError("cat_pruning: attention masks are not supported on FLUX.2's pruned steps")
+        if image_rotary_emb is None:
+            raise ValueError("cat_pruning: FLUX.2 attention was called without its rotary embedding")
+        projected = attn.to_qkv_mlp_proj(hidden_states)
+        qkv, mlp = projected.split([3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor], dim=-1)
+        query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in qkv.chunk(3, dim=-1))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        out = self._attend(query, key, value, image_rotary_emb, getattr(self.original, "_attention_backend", None))
+        return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
+
+
+class Flux2Adapter(Adapter):
+    family = "FLUX.2 (Flux2Transformer2DModel)"
+    model_classes = ("Flux2Transformer2DModel",)
+    patch_embed = "x_embedder"
+    out_proj = "proj_out"
+
+    def check_model(self, model: nn.Module) -> None:
+        refuse_diffusers_cache(model)
+        super().check_model(model)
+        get_submodule(model, "pos_embed")
+
+    def attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        found = {f"transformer_blocks.{i}.attn": b.attn for i, b in enumerate(model.transformer_blocks)}
+        found.update({f"single_transformer_blocks.{i}.attn": b.attn
+                      for i, b in enumerate(model.single_transformer_blocks)})
+        return found
+
+    def make_processor(self, state: CATState, name: str, attn: nn.Module) -> object:
+        cls = CATFlux2ParallelProcessor if name.startswith("single_") else CATFlux2AttnProcessor
+        return cls(state, name, attn.processor)
+
+    def cfg_pairs(self, pipeline: Any) -> bool:
+        # Klein's CFG is two calls per step, one per cache_context branch, never a CFG batch.
+        for name, what in (("image_latents", "reference images (the image argument)"),
+                           ("condition_image_latents", "inpainting's condition image")):  # fmt: skip
+            if pipeline_call_local(pipeline, name) is not None:
+                raise ValueError(f"cat_pruning: FLUX.2 with {what} is not supported yet: their tokens would be "
+                                 "pruned like the image's; unpatch to use them")
+        if getattr(pipeline, "do_classifier_free_guidance", False) and not opens_cache_context(type(pipeline)):
+            raise ValueError(f"cat_pruning: CFG on {type(pipeline).__name__} calls the transformer twice per step "
+                             "without transformer.cache_context; unpatch to use it")
+        return False
+
+    def install_hooks(self, model: nn.Module, state: CATState) -> list:
+        seen: dict[str, Any] = {"rope_calls": 0}  # fixed keys: torch.compile guards on them
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            refuse_diffusers_cache(module, patched=True)
+            img_ids = kwargs.get("img_ids", args[3] if len(args) > 3 else None)
+            if img_ids is None:
+                raise ValueError("cat_pruning: FLUX.2 was called without img_ids")
+            state.positions = (img_ids[0] if img_ids.ndim == 3 else img_ids)[:, 1:3].float()
+            seen["rope_calls"] = 0
+
+        def rope_hook(module: nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor] | None:
+            seen["rope_calls"] += 1
+            if seen["rope_calls"] != 1 or state.mode != "pruned":  # the first call is the image's
+                return None
+            n = state.geometry.num_tokens
+            if output[0].shape[0] != n:
+                raise RuntimeError(f"cat_pruning: FLUX.2's first rotary call has {output[0].shape[0]} rows, "
+                                   f"expected the {n} image tokens (diffusers changed its forward?)")
+            idx = state.idx
+            return output[0][idx].flatten(0, 1), output[1][idx].flatten(0, 1)
+
+        return [
+            model.register_forward_pre_hook(pre_hook, with_kwargs=True),
+            model.pos_embed.register_forward_hook(rope_hook),
+        ]
+
+    def check_call(self, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("kv_cache_mode") is not None or kwargs.get("kv_cache") is not None:
+            raise ValueError("cat_pruning: FLUX.2's reference-image KV cache (kv_cache_mode) is not supported yet; "
+                             "unpatch to use reference images")
+        joint = kwargs.get("joint_attention_kwargs") or {}
+        if joint:
+            raise ValueError(f"cat_pruning: FLUX.2 joint_attention_kwargs {sorted(joint)} are not supported yet")
+
+    def geometry(self, model: nn.Module, args: tuple, kwargs: dict) -> Geometry:
+        hidden = hidden_states_arg(args, kwargs)  # packed tokens (B, N, C); the grid is in img_ids
+        b, n, _ = hidden.shape
+        return Geometry(b, 1, n, hidden.dtype, hidden.device)
+
+    def cache_layout(self, model: nn.Module, geometry: Geometry, shard: Sharding = NONE) -> CacheLayout:
+        """(B, N, H*D) K (after rotation) and V caches, in the dtype the K projection computes in."""
+        kv = {}
+        for name, attn in self.attention_modules(model).items():
+            proj = attn.to_qkv_mlp_proj if name.startswith("single_") else attn.to_k
+            kv[name] = ((geometry.batch, geometry.num_tokens, attn.inner_dim), compute_dtype(proj))
+        out = get_submodule(model, self.out_proj)
+        return CacheLayout(kv, out.out_features, compute_dtype(out))
+
+    def linear_stream(self, name: str) -> str | None:
+        if name.startswith(("time_guidance_embed", "norm_out", "double_stream_modulation", "single_stream_modulation")):
+            return "sample"
+        if name.startswith("x_embedder"):
+            return "patch"
+        if name.startswith("context_embedder") or ".add_" in name or "to_add_out" in name or "ff_context" in name:
+            return "text"
+        if name.startswith("single_transformer_blocks"):
+            return "joint"
+        if name.startswith(("transformer_blocks", "proj_out")):
+            return "image"
+        return None
+
+    def attention_shape(self, name: str, attn: nn.Module, rows: int, num_tokens: int, text: int) -> tuple[int, int]:
+        return rows + text, num_tokens + text
