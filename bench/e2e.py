@@ -150,7 +150,7 @@ def macs_record(name: str, module: Any, config: dict, gen: dict, steps: int, kee
         counts[label] = counter.get_total_flops() // 2
     stats = cat_pruning.stats(model)
     patch = model._cat_pruning
-    n, k, text = stats.num_tokens, stats.tokens_kept, patch.text_tokens
+    n, k, text = stats.num_tokens, stats.tokens_kept, patch.state.text_tokens
     per = {r: patch.adapter.macs_per_sample(model, r, n, text) for r in (0, k, n)}
     fixed = per[0]  # text stream, per-sample work, patch embedding: independent of rows computed
     pruned = steps - full_steps
