@@ -46,13 +46,16 @@ def _tensors(*trees: object) -> list[Tensor]:
 
 
 def _forecast_bytes(*caches: tuple[Tensor, Tensor, Tensor, Tensor], pos: Tensor) -> int:
-    """forecast_tokens_ / forecast_kv_: every row's base and slope read and its forecast written;
-    the computed rows (K of N) read once and written into base and slope."""
-    total = 3 * _nbytes(pos)  # pos, weight, inv_dt: (B, N) each
+    """forecast_tokens_ / forecast_kv_: every row's base read and its forecast written; the
+    skipped rows' slopes read; the computed rows (as many as `rows` holds) read and written into
+    base and slope. A pruned step under forecast_from="refresh" marks none of its rows computed
+    (they are scattered into the forecast by scatter_kv_ / scatter_tokens_), so there the count is
+    K/N of the cache too high: 2% at keep_ratio 0.02."""
+    total = _nbytes(pos) + 2 * 4 * pos.numel()  # pos, and the fp32 weight and inv_dt: (B, N) each
     for base, slope, out, rows in caches:
         computed = rows.numel() / base.numel()
-        total += _nbytes(base) + _nbytes(slope) + _nbytes(out) + _nbytes(rows)
-        total += int(computed * (_nbytes(base) + _nbytes(slope)))
+        total += _nbytes(base) + _nbytes(out) + _nbytes(rows)
+        total += int(computed * (_nbytes(base) + _nbytes(slope)) + (1 - computed) * _nbytes(slope))
     return total
 
 

@@ -61,13 +61,28 @@ def test_a_fused_op_moves_what_its_kernel_moves_and_is_restored():
     assert c.cost.bytes == 2 * _bytes(rows) + _bytes(idx)  # K rows read and written, not all N
 
 
-def test_a_forecast_reads_every_row_and_writes_the_computed_ones_twice():
-    n, k, c_ = 64, 8, 16
-    base = torch.empty(2, n, c_, device="meta", dtype=torch.bfloat16)
-    slope = torch.empty(2, n, c_, device="meta", dtype=torch.float32)
-    out = torch.empty_like(base)
-    pos = torch.empty(2, n, device="meta", dtype=torch.int64)
-    rows = torch.empty(2, k, c_, device="meta", dtype=torch.bfloat16)
-    weight = torch.empty(2, n, device="meta")
-    expected = 3 * _bytes(pos) + _bytes(base, slope, out, rows) + k / n * _bytes(base, slope)
-    assert roofline.FUSED_BYTES["forecast_tokens_"]((base, slope, out, pos, rows, weight, weight), None) == expected
+def test_forecast_kv_counts_each_cache_by_its_own_dtypes():
+    """Through counting(): K and V caches of different dtypes, so swapped arguments change the count.
+    Per cache: base read, forecast written, the K computed rows read and written into base and
+    slope, the others' slopes read; pos (int64) and the fp32 weight and inv_dt once."""
+    b, h, n, k, d = 2, 3, 40, 5, 8
+
+    def cache(dtype, slope_dtype):
+        def empty(rows, dt):
+            return torch.empty(b, h, rows, d, device="meta", dtype=dt)
+
+        return empty(n, dtype), empty(n, slope_dtype), empty(n, dtype), empty(k, dtype)
+
+    (kb, ks, ko, kr), (vb, vs, vo, vr) = cache(torch.bfloat16, torch.float32), cache(torch.float16, torch.bfloat16)
+    pos = torch.empty(b, n, device="meta", dtype=torch.int64)
+    weight = torch.empty(b, n, device="meta")
+    with roofline.counting() as c:
+        ops.forecast_kv_(kb, vb, ks, vs, ko, vo, pos, kr, vr, weight, weight, 2, backend="torch")
+    elements, c_ = b * h * n * d, k / n
+
+    def per_cache(base: int, slope: int) -> float:  # bytes of one cache with these element sizes
+        return elements * (base + base + c_ * base + c_ * (base + slope) + (1 - c_) * slope)
+
+    expected = b * n * (8 + 4 + 4) + per_cache(2, 4) + per_cache(2, 2)
+    assert c.cost.launches == 1
+    assert c.cost.bytes == pytest.approx(expected)

@@ -118,17 +118,18 @@ def test_torch_compile_fullgraph_matches_eager_with_few_graphs(store):
     harness.check_compile_fullgraph(FLUX2, tiny_flux2(layers=1, single_layers=1), inputs(seed=11), patch_kw=store)
 
 
-def tiny_pipeline():
-    """The stock Flux2Pipeline around a tiny transformer and a tiny VAE; prompts come as
+def tiny_pipeline(cls_name: str = "Flux2Pipeline", **extra):
+    """A stock FLUX.2 pipeline around a tiny transformer and a tiny VAE; prompts come as
     embeddings (no text encoder)."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    import diffusers
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
 
     torch.manual_seed(0)
     vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                              block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
                              sample_size=32).eval()
-    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                         transformer=tiny_flux2())
+    pipe = getattr(diffusers, cls_name)(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                                        tokenizer=None, transformer=tiny_flux2(), **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -149,17 +150,31 @@ def test_pipeline_patch_runs_twice_and_keep_ratio_one_equals_dense():
     harness.check_pipeline(FLUX2, tiny_pipeline(), lambda pipe: pipe(**pipeline_kwargs()).images, check_pruned)
 
 
-def test_reference_images_and_kv_cache_are_refused():
-    model = tiny_flux2()
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch")
-    kw = inputs()
-    t = torch.ones(2)
-    with pytest.raises(ValueError, match="kv_cache_mode"):
-        model(**kw, timestep=t, kv_cache_mode="extract", num_ref_tokens=4)
-    pipe = tiny_pipeline()
-    cat_pruning.patch(pipe, keep_ratio=0.3, full_steps=FULL, backend="torch")
+@pytest.mark.parametrize("cfg_pairs", [None, False], ids=["cfg-auto", "cfg-given"])
+def test_reference_and_condition_images_and_kv_cache_are_refused(cfg_pairs):
+    """Refused before any pruned step, also when the config gives cfg_pairs (which skips reading
+    the pipeline's guidance)."""
     from PIL import Image
 
+    model = tiny_flux2()
+    cat_pruning.patch(model, keep_ratio=0.3, full_steps=FULL, backend="torch")
+    t = torch.ones(2)
+    for kv in (dict(kv_cache_mode="extract", num_ref_tokens=4), dict(kv_cache=object())):
+        with pytest.raises(ValueError, match="kv_cache_mode"):
+            model(**inputs(), timestep=t, **kv)
     reference = Image.new("RGB", (64, 64), (200, 30, 40))
+    pipe = tiny_pipeline()
+    cat_pruning.patch(pipe, keep_ratio=0.3, full_steps=FULL, backend="torch", cfg_pairs=cfg_pairs)
     with pytest.raises(ValueError, match="reference images"):
         pipe(image=reference, **pipeline_kwargs(batch=1))
+    if not hasattr(__import__("diffusers"), "Flux2KleinInpaintPipeline"):
+        return  # diffusers before 0.42 has no Klein pipelines
+    inpaint = tiny_pipeline("Flux2KleinInpaintPipeline", is_distilled=True)
+    cat_pruning.patch(inpaint, keep_ratio=0.3, full_steps=FULL, backend="torch", cfg_pairs=cfg_pairs)
+    calls = []
+    inpaint.transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    kw = {k: v for k, v in pipeline_kwargs(batch=1).items() if k not in ("height", "width")}
+    with pytest.raises(ValueError, match="condition image"):
+        inpaint(image=Image.new("RGB", (32, 32), (200, 30, 40)), mask_image=Image.new("L", (32, 32), 255),
+                height=32, width=32, strength=1.0, **{**kw, "guidance_scale": 1.0})
+    assert not calls  # refused before the transformer ran

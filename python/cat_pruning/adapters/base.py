@@ -55,6 +55,10 @@ class Adapter:
     def check_call(self, args: tuple, kwargs: dict) -> None:
         """Raise ValueError for call inputs this adapter does not handle (ControlNet, ...)."""
 
+    def check_pipeline(self, pipeline: Any) -> None:
+        """Raise ValueError for a pipeline call this adapter does not handle (read when the call
+        sets its timesteps, in eager code, whatever cfg_pairs the config gives)."""
+
     def cfg_pairs(self, pipeline: Any) -> bool:
         """Whether the pipeline call now setting its timesteps runs classifier-free guidance, i.e.
         its transformer batch is two CFG halves (read once per call, in eager code)."""

@@ -225,7 +225,7 @@ class FluxAdapter(Adapter):
     def make_processor(self, state: CATState, name: str, attn: nn.Module) -> object:
         return CATFluxAttnProcessor(state, name, attn.processor)
 
-    def cfg_pairs(self, pipeline: Any) -> bool:
+    def check_pipeline(self, pipeline: Any) -> None:
         # True CFG (a __call__ local) is two calls per step, one per branch, never a CFG batch. The
         # branches are told apart by transformer.cache_context: a pipeline that does not open one
         # (FluxImg2Img, Kontext, ... in diffusers 0.42) is refused here, in eager code, because a
@@ -236,7 +236,9 @@ class FluxAdapter(Adapter):
                 "calls the transformer twice per step without transformer.cache_context, so the two calls would "
                 "share one set of caches; use FluxPipeline (which opens one per branch), the guidance-distilled "
                 "guidance (guidance_scale), or unpatch")
-        return False
+
+    def cfg_pairs(self, pipeline: Any) -> bool:
+        return False  # true CFG is two calls per step, one per branch (cache_context), never a CFG batch
 
     def install_hooks(self, model: nn.Module, state: CATState) -> list:
         seen: dict[str, Tensor | None] = {"img_ids": None}  # fixed keys: torch.compile guards on them

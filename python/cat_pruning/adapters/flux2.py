@@ -17,9 +17,10 @@ Seams (diffusers 0.36 to 0.42), as for Flux.1 (cat_pruning.adapters.flux) except
 The clustering positions are the (row, column) columns 1 and 2 of ``img_ids`` (t, h, w, l).
 
 Not supported (a clear error): reference-image tokens (FLUX.2's image editing: the pipelines'
-``image`` argument, ``kv_cache_mode``), ``condition_image_latents`` (Klein inpainting), diffusers'
-own caching (``enable_cache``), attention masks, context and tensor parallelism. Reference tokens
-passed to a bare transformer are not detected: they would be selected and pruned like image tokens.
+``image`` argument, ``kv_cache_mode``), Klein inpainting (its condition image's tokens follow the
+image's), diffusers' own caching (``enable_cache``), attention masks, context and tensor
+parallelism. Reference tokens passed to a bare transformer are not detected: they would be
+selected and pruned like image tokens.
 """
 
 from __future__ import annotations
@@ -43,10 +44,13 @@ from .base import (
 )
 from .flux import CATFluxAttnProcessor
 
+# pipelines whose transformer input always carries a condition image's tokens after the image's
+CONDITION_TOKEN_PIPELINES = ("Flux2KleinInpaintPipeline",)
+
 # Real architectures, for MAC counts on the meta device: (transformer config, generation).
 REAL_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
-    # FLUX.2-dev 1024x1024: 8 double + 48 single blocks, hidden 6144 = 48 heads x 128, VAE f16 with
-    # 32 channels packed 2x2 -> 64x64 = 4096 tokens of 128 channels; Mistral-3 text (15360 wide,
+    # FLUX.2-dev 1024x1024: 8 double + 48 single blocks, hidden 6144 = 48 heads x 128, VAE f8 with
+    # 32 channels -> 128x128 latent packed 2x2 -> 64x64 = 4096 tokens of 128 channels; Mistral-3 text (15360 wide,
     # 512 tokens); guidance-distilled (no CFG batch).
     "flux2-dev-1024": (
         dict(
@@ -147,17 +151,23 @@ class Flux2Adapter(Adapter):
         cls = CATFlux2ParallelProcessor if name.startswith("single_") else CATFlux2AttnProcessor
         return cls(state, name, attn.processor)
 
-    def cfg_pairs(self, pipeline: Any) -> bool:
-        # Klein's CFG is two calls per step, one per cache_context branch, never a CFG batch.
-        for name, what in (("image_latents", "reference images (the image argument)"),
-                           ("condition_image_latents", "inpainting's condition image")):  # fmt: skip
-            if pipeline_call_local(pipeline, name) is not None:
-                raise ValueError(f"cat_pruning: FLUX.2 with {what} is not supported yet: their tokens would be "
-                                 "pruned like the image's; unpatch to use them")
+    def check_pipeline(self, pipeline: Any) -> None:
+        # Reference and condition images add their tokens to the image sequence: they would be
+        # selected, pruned and forecast like the image's. The pipeline's `image` argument is read
+        # from its frame (it exists from the call's start; the latents made from it come later).
+        name = type(pipeline).__name__
+        if name in CONDITION_TOKEN_PIPELINES:
+            raise ValueError(f"cat_pruning: {name} adds its condition image's tokens to the image sequence, which "
+                             "FLUX.2's patch does not support yet; unpatch to use it")
+        if pipeline_call_local(pipeline, "image") is not None:
+            raise ValueError(f"cat_pruning: FLUX.2 with reference images ({name}'s image argument) is not supported "
+                             "yet: their tokens would be pruned like the image's; unpatch to use them")
         if getattr(pipeline, "do_classifier_free_guidance", False) and not opens_cache_context(type(pipeline)):
-            raise ValueError(f"cat_pruning: CFG on {type(pipeline).__name__} calls the transformer twice per step "
-                             "without transformer.cache_context; unpatch to use it")
-        return False
+            raise ValueError(f"cat_pruning: CFG on {name} calls the transformer twice per step without "
+                             "transformer.cache_context; unpatch to use it")
+
+    def cfg_pairs(self, pipeline: Any) -> bool:
+        return False  # Klein's CFG is two calls per step, one per cache_context branch, never a CFG batch
 
     def install_hooks(self, model: nn.Module, state: CATState) -> list:
         seen: dict[str, Any] = {"rope_calls": 0}  # fixed keys: torch.compile guards on them
@@ -190,7 +200,7 @@ class Flux2Adapter(Adapter):
         if kwargs.get("kv_cache_mode") is not None or kwargs.get("kv_cache") is not None:
             raise ValueError("cat_pruning: FLUX.2's reference-image KV cache (kv_cache_mode) is not supported yet; "
                              "unpatch to use reference images")
-        joint = kwargs.get("joint_attention_kwargs") or {}
+        joint = set(kwargs.get("joint_attention_kwargs") or {}) - {"scale"}  # LoRA's scale is read before the blocks
         if joint:
             raise ValueError(f"cat_pruning: FLUX.2 joint_attention_kwargs {sorted(joint)} are not supported yet")
 
