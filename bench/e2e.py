@@ -128,12 +128,17 @@ def _model_class(module: Any):
     return getattr(diffusers, adapter.model_classes[0])
 
 
+def _meta_model(module: Any, config: dict, gen: dict) -> tuple[Any, dict]:
+    """A real configuration's transformer on the meta device in bf16, and one call's inputs."""
+    with torch.device("meta"):
+        model = _model_class(module)(**config).to(torch.bfloat16).eval()
+    return model, module.real_inputs(config, gen, "meta", torch.bfloat16)
+
+
 def macs_record(name: str, module: Any, config: dict, gen: dict, steps: int, keep_ratio: float,
                 full_steps: int) -> dict:
     """Dense and CAT MACs of one generation of a real configuration, counted on the meta device."""
-    with torch.device("meta"):
-        model = _model_class(module)(**config).to(torch.bfloat16).eval()
-    kwargs = module.real_inputs(config, gen, "meta", torch.bfloat16)
+    model, kwargs = _meta_model(module, config, gen)
     b = gen["batch"]
     counts = {}
     for label in ("dense", "cat"):
@@ -177,9 +182,7 @@ def roofline_record(name: str, module: Any, config: dict, gen: dict, steps: int 
     roofline time of the whole generation."""
     import roofline
 
-    with torch.device("meta"):
-        model = _model_class(module)(**config).to(torch.bfloat16).eval()
-    kwargs = module.real_inputs(config, gen, "meta", torch.bfloat16)
+    model, kwargs = _meta_model(module, config, gen)
     b = gen["batch"]
     cfg = cat_pruning.CATConfig(cfg_pairs=gen.get("cfg", b == 2), manual_steps=True)
     per_mode: dict[str, dict[str, list]] = {}

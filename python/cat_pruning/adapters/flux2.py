@@ -33,16 +33,14 @@ from torch import Tensor, nn
 from ..parallel import NONE, Sharding
 from ..state import CacheLayout, CATState, Geometry
 from .base import (
-    Adapter,
     compute_dtype,
     get_submodule,
-    hidden_states_arg,
     opens_cache_context,
     pipeline_call_local,
     random_inputs,
     refuse_diffusers_cache,
 )
-from .flux import CATFluxAttnProcessor
+from .flux import CATFluxAttnProcessor, FluxAdapter
 
 # pipelines whose transformer input always carries a condition image's tokens after the image's
 CONDITION_TOKEN_PIPELINES = ("Flux2KleinInpaintPipeline",)
@@ -130,22 +128,13 @@ class CATFlux2ParallelProcessor(CATFlux2AttnProcessor):
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 
 
-class Flux2Adapter(Adapter):
+class Flux2Adapter(FluxAdapter):
+    """Flux.1's adapter (the same seams, block names, token geometry and attention shapes) with
+    FLUX.2's processors, rotary hook, refusals, cache widths and per-sample linears."""
+
     family = "FLUX.2 (Flux2Transformer2DModel)"
     model_classes = ("Flux2Transformer2DModel",)
-    patch_embed = "x_embedder"
-    out_proj = "proj_out"
-
-    def check_model(self, model: nn.Module) -> None:
-        refuse_diffusers_cache(model)
-        super().check_model(model)
-        get_submodule(model, "pos_embed")
-
-    def attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:
-        found = {f"transformer_blocks.{i}.attn": b.attn for i, b in enumerate(model.transformer_blocks)}
-        found.update({f"single_transformer_blocks.{i}.attn": b.attn
-                      for i, b in enumerate(model.single_transformer_blocks)})
-        return found
+    supports_parallel = False
 
     def make_processor(self, state: CATState, name: str, attn: nn.Module) -> object:
         cls = CATFlux2ParallelProcessor if name.startswith("single_") else CATFlux2AttnProcessor
@@ -165,9 +154,6 @@ class Flux2Adapter(Adapter):
         if getattr(pipeline, "do_classifier_free_guidance", False) and not opens_cache_context(type(pipeline)):
             raise ValueError(f"cat_pruning: CFG on {name} calls the transformer twice per step without "
                              "transformer.cache_context; unpatch to use it")
-
-    def cfg_pairs(self, pipeline: Any) -> bool:
-        return False  # Klein's CFG is two calls per step, one per cache_context branch, never a CFG batch
 
     def install_hooks(self, model: nn.Module, state: CATState) -> list:
         seen: dict[str, Any] = {"rope_calls": 0}  # fixed keys: torch.compile guards on them
@@ -204,11 +190,6 @@ class Flux2Adapter(Adapter):
         if joint:
             raise ValueError(f"cat_pruning: FLUX.2 joint_attention_kwargs {sorted(joint)} are not supported yet")
 
-    def geometry(self, model: nn.Module, args: tuple, kwargs: dict) -> Geometry:
-        hidden = hidden_states_arg(args, kwargs)  # packed tokens (B, N, C); the grid is in img_ids
-        b, n, _ = hidden.shape
-        return Geometry(b, 1, n, hidden.dtype, hidden.device)
-
     def cache_layout(self, model: nn.Module, geometry: Geometry, shard: Sharding = NONE) -> CacheLayout:
         """(B, N, H*D) K (after rotation) and V caches, in the dtype the K projection computes in."""
         kv = {}
@@ -219,17 +200,6 @@ class Flux2Adapter(Adapter):
         return CacheLayout(kv, out.out_features, compute_dtype(out))
 
     def linear_stream(self, name: str) -> str | None:
-        if name.startswith(("time_guidance_embed", "norm_out", "double_stream_modulation", "single_stream_modulation")):
+        if name.startswith(("time_guidance_embed", "double_stream_modulation", "single_stream_modulation")):
             return "sample"
-        if name.startswith("x_embedder"):
-            return "patch"
-        if name.startswith("context_embedder") or ".add_" in name or "to_add_out" in name or "ff_context" in name:
-            return "text"
-        if name.startswith("single_transformer_blocks"):
-            return "joint"
-        if name.startswith(("transformer_blocks", "proj_out")):
-            return "image"
-        return None
-
-    def attention_shape(self, name: str, attn: nn.Module, rows: int, num_tokens: int, text: int) -> tuple[int, int]:
-        return rows + text, num_tokens + text
+        return super().linear_stream(name)
