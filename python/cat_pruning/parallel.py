@@ -19,8 +19,9 @@ column-sharded), so the caches hold the rank's heads; everything else, including
 (computed from the all-reduced output), is the same on every rank.
 
 Not supported, refused with a message: ring attention, Ulysses-anything (uneven splits), context
-and tensor parallelism at once, and model parallelism on families without diffusers plans
-(SD3, PixArt, Sana, DiT), for which data parallelism over prompts is the way.
+and tensor parallelism at once, and model parallelism on the families other than Flux.1 and
+FLUX.2 (SD3, PixArt, Sana and DiT have no diffusers plans; Qwen-Image's is not supported yet), for
+which data parallelism over prompts is the way.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def sharding(model: nn.Module, family: str, supported: bool) -> Sharding:
     if not supported:
         raise ValueError(
             f"cat_pruning: this {family} transformer has diffusers model parallelism enabled "
-            f"(enable_parallelism); CAT supports it on Flux only. For this family, {DATA_PARALLEL_HINT}"
+            f"(enable_parallelism); CAT supports it on Flux.1 and FLUX.2 only. For this family, {DATA_PARALLEL_HINT}"
         )
     cp, tp = getattr(config, "context_parallel_config", None), getattr(config, "tensor_parallel_config", None)
     if cp is not None and tp is not None:

@@ -30,20 +30,34 @@ PADDED = {"pad": dict(SETTINGS, keep_ratio=0.3),  # the Taylor forecast (the def
           "pad-rebase": dict(SETTINGS, keep_ratio=0.3, forecast_from="rebase")}  # and the order-2 span
 
 
-def build():
-    from test_flux import tiny_pipeline
+def build(family: str = "flux"):
+    """The tiny stock pipeline of a family: "flux" (FluxPipeline) or "flux2" (Flux2Pipeline)."""
+    if family == "flux2":
+        from test_flux2 import tiny_pipeline
+    else:
+        from test_flux import tiny_pipeline
 
     pipe = tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+def _prompt(pipe) -> dict:
+    """Prompt embeddings of TEXT tokens (fixed seed) in the form the pipeline takes them."""
+    g = torch.Generator().manual_seed(100)
+    if type(pipe).__name__ == "Flux2Pipeline":
+        from flux2_models import JOINT_DIM
+
+        return dict(prompt_embeds=torch.randn(1, TEXT, JOINT_DIM, generator=g), guidance_scale=4.0)
+    from flux_models import JOINT_DIM, POOLED_DIM
+
+    return dict(prompt_embeds=torch.randn(1, TEXT, JOINT_DIM, generator=g),
+                pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g), guidance_scale=3.5)
+
+
 def generate(pipe, seed: int = 0) -> dict:
     """Latents of one generation and, per step, the tokens the next step computes (when CAT
     selected any)."""
-    from flux_models import JOINT_DIM, POOLED_DIM
-
-    g = torch.Generator().manual_seed(100)
     picks, noise = [], []
 
     def record(pipeline, i, t, kwargs):
@@ -58,9 +72,7 @@ def generate(pipe, seed: int = 0) -> dict:
     handle = pipe.transformer.register_forward_hook(record_noise, with_kwargs=True)
     repeats = _watch_repeats(pipe)
     latents = pipe(
-        prompt_embeds=torch.randn(1, TEXT, JOINT_DIM, generator=g), pooled_prompt_embeds=torch.randn(1, POOLED_DIM,
-                                                                                                      generator=g),
-        height=24, width=20, num_inference_steps=STEPS, guidance_scale=3.5, output_type="latent",
+        **_prompt(pipe), height=24, width=20, num_inference_steps=STEPS, output_type="latent",
         generator=torch.Generator().manual_seed(seed), callback_on_step_end=record, return_dict=False,
     )[0]
     handle.remove()
@@ -131,8 +143,10 @@ def run(scenario: str) -> dict:
     """`{cp,tp}-{dense,one,after,before}`: model parallelism alone, with CAT keep_ratio 1, with CAT
     patched after or before enable_parallelism; `cp-disagree`: rank-dependent seeds; `ring`:
     ring attention; `sd3`: a family without a plan. A `+VARIANT` suffix runs the settings
-    PADDED[VARIANT] instead of SETTINGS (`cp-after+pad`)."""
+    PADDED[VARIANT] instead of SETTINGS (`cp-after+pad`); a `FAMILY/` prefix, that family's
+    pipeline (`flux2/cp-after`; Flux.1 without one)."""
     rank = dist.get_rank()
+    family, _, scenario = scenario.rpartition("/")
     scenario, _, variant = scenario.partition("+")
     settings = PADDED[variant] if variant else SETTINGS
     if scenario == "sd3":
@@ -146,7 +160,7 @@ def run(scenario: str) -> dict:
             cp_plan={"": {"hidden_states": ContextParallelInput(split_dim=2, expected_dims=4, split_output=False)}})
         cat_pruning.patch(pipe, **SETTINGS)
         return {}
-    pipe = build()
+    pipe = build(family or "flux")
     kind, _, how = scenario.partition("-")
     if how == "before":
         cat_pruning.patch(pipe, **settings)

@@ -1,6 +1,7 @@
-"""CAT under diffusers' model parallelism (issue 13): Flux with Ulysses context parallelism and with
-tensor parallelism, 2 ranks on the CPU with gloo (parallel_worker.py under torch.distributed.run,
-60 s timeout on every collective, the whole launch bounded), against one process.
+"""CAT under diffusers' model parallelism (issue 13): Flux.1 and FLUX.2 with Ulysses context
+parallelism and with tensor parallelism, 2 ranks on the CPU with gloo (parallel_worker.py under
+torch.distributed.run, 60 s timeout on every collective, the whole launch bounded), against one
+process.
 
 Each parallel run is compared with the one-process run of the same settings: model parallelism
 alone and with CAT at keep_ratio 1 equal dense; CAT (either order of patch() and
@@ -9,6 +10,7 @@ every rank. What is not supported fails at once with a message, not a hang."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -30,7 +32,11 @@ REFUSED = ["cp-disagree", "ring", "sd3"]
 # K not a multiple of the ranks (9 of 30 tokens on 2 ranks): PADDED's settings, both orders
 PADDED = ["cp-after+pad", "cp-before+pad", "cp-after+pad-reuse", "cp-after+pad-refresh", "cp-after+pad-rebase1",
           "cp-after+pad-rebase"]
-SCENARIOS = ["cp-dense", "cp-one", "tp-dense", "tp-one", *MATCHED, *PADDED, *REFUSED]
+# FLUX.2 (scenarios prefixed "flux2/"): its fused single-stream projection is split by diffusers'
+# packed column plan under tensor parallelism
+FLUX2 = ["flux2/cp-dense", "flux2/cp-one", "flux2/tp-dense", "flux2/tp-one", "flux2/cp-after", "flux2/cp-before",
+         "flux2/tp-after", "flux2/tp-before", "flux2/cp-after+pad"]
+SCENARIOS = ["cp-dense", "cp-one", "tp-dense", "tp-one", *MATCHED, *PADDED, *REFUSED, *FLUX2]
 # fp32; the split only changes summation orders. Measured: latents <= 2.9e-6; noise predictions
 # (|noise| up to 42) <= 1.9e-5, at most 0.55 of this tolerance, with K padded or not
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -48,12 +54,19 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
-@pytest.fixture(scope="module")
-def one_process():
-    dense = worker.generate(worker.build())
-    pipe = worker.build()
-    cat_pruning.patch(pipe, **worker.SETTINGS)
-    return dense, worker.generate(pipe)
+@functools.cache
+def one_process(family: str, variant: str = "") -> dict:
+    """The one-process run of a family: dense ("dense"), or patched with SETTINGS ("") or
+    PADDED[variant]."""
+    pipe = worker.build(family)
+    if variant != "dense":
+        cat_pruning.patch(pipe, **(worker.PADDED[variant] if variant else worker.SETTINGS))
+    return worker.generate(pipe)
+
+
+def _family(scenario: str) -> tuple[str, str]:
+    family, _, scenario = scenario.rpartition("/")
+    return family or "flux", scenario
 
 
 def _ok(result: dict) -> dict:
@@ -61,18 +74,19 @@ def _ok(result: dict) -> dict:
     return result
 
 
-@pytest.mark.parametrize("scenario", ["cp-dense", "cp-one", "tp-dense", "tp-one"])
-def test_parallel_dense_and_keep_all_equal_one_process_dense(ranks, one_process, scenario):
-    dense, _ = one_process
+@pytest.mark.parametrize("scenario", ["cp-dense", "cp-one", "tp-dense", "tp-one", *FLUX2[:4]])
+def test_parallel_dense_and_keep_all_equal_one_process_dense(ranks, scenario):
+    dense = one_process(_family(scenario)[0], "dense")
     for rank in ranks:
         torch.testing.assert_close(_ok(rank[scenario])["latents"], dense["latents"], **TOL)
     if scenario.endswith("one"):
         assert "pruned" in ranks[0][scenario]["modes"]
 
 
-@pytest.mark.parametrize("scenario", MATCHED)
-def test_parallel_cat_equals_one_process_cat(ranks, one_process, scenario):
-    dense, cat = one_process
+@pytest.mark.parametrize("scenario", [*MATCHED, *FLUX2[4:8]])
+def test_parallel_cat_equals_one_process_cat(ranks, scenario):
+    family = _family(scenario)[0]
+    dense, cat = one_process(family, "dense"), one_process(family)
     assert cat["modes"] == ["dense", "anchor", "fill", "pruned", "pruned", "refresh"]
     assert not torch.allclose(cat["latents"], dense["latents"], **TOL)  # the comparison can tell CAT from dense
     for rank in ranks:
@@ -84,27 +98,16 @@ def test_parallel_cat_equals_one_process_cat(ranks, one_process, scenario):
         torch.testing.assert_close(got["latents"], cat["latents"], **TOL)
 
 
-@pytest.fixture(scope="module")
-def one_process_padded():
-    """One-process CAT runs of the PADDED settings (no padding: K = 9 rows per pruned step)."""
-    runs = {}
-    for variant in {scenario.partition("+")[2] for scenario in PADDED}:
-        pipe = worker.build()
-        cat_pruning.patch(pipe, **worker.PADDED[variant])
-        runs[variant] = worker.generate(pipe)
-    return runs
-
-
-@pytest.mark.parametrize("scenario", PADDED)
-def test_context_parallel_with_k_not_a_multiple_of_the_ranks_equals_one_process(ranks, one_process_padded,
-                                                                                   scenario):
+@pytest.mark.parametrize("scenario", [*PADDED, FLUX2[8]])
+def test_context_parallel_with_k_not_a_multiple_of_the_ranks_equals_one_process(ranks, scenario):
     """K = 9 tokens on 2 ranks: the ranks compute 10 rows, the 9 selected and a repeat of one of
     them, and get one process's noise predictions at every step (the pruned steps included), its
     selections, token counts and latents. Tolerance: TOL, as CP against one process above (fp32;
     the sequence split only changes summation orders: the dense steps differ by 2.6e-6).
     Computing a tenth token instead, as K rounded up to 10 did, moved the noise predictions of
     the pruned steps by up to 42 and the latents by up to 8.8."""
-    want = one_process_padded[scenario.partition("+")[2]]
+    family, name = _family(scenario)
+    want = one_process(family, name.partition("+")[2])  # one process: no padding, K = 9 rows per pruned step
     assert want["modes"] == ["dense", "anchor", "fill", "pruned", "pruned", "refresh"] and want["tokens_kept"] == 9
     assert want["repeats"] == [] and all(pick.shape == (1, 9) for pick in want["picks"])  # one process: no padding
     for rank in ranks:
@@ -121,7 +124,7 @@ def test_context_parallel_with_k_not_a_multiple_of_the_ranks_equals_one_process(
             assert torch.equal(mine[:, :9], ref) and torch.equal(mine[:, 9:], ref[:, :1])
         # the repeated rows handed to the caches equal their originals bitwise, at both pruned
         # steps, in every attention layer (K and V) and the output
-        assert len(got["repeats"]) == 2 * (2 * len(worker.build().transformer.attn_processors) + 1)
+        assert len(got["repeats"]) == 2 * (2 * len(worker.build(family).transformer.attn_processors) + 1)
         assert all(got["repeats"])
         assert len(got["noise"]) == len(want["noise"]) == worker.STEPS
         for step, (mine, ref) in enumerate(zip(got["noise"], want["noise"], strict=True)):
@@ -132,7 +135,7 @@ def test_context_parallel_with_k_not_a_multiple_of_the_ranks_equals_one_process(
 @pytest.mark.parametrize(("scenario", "message"), [
     ("cp-disagree", r"ranks of this parallel group disagree \(per rank: hidden_states sum"),
     ("ring", r"ring attention .* not supported with CAT; use ContextParallelConfig\(ulysses_degree=N\)"),
-    ("sd3", r"SD3.*model parallelism .* Flux only.*data parallelism.*--prompts-file"),
+    ("sd3", r"SD3.*model parallelism .* Flux.1 and FLUX.2 only.*data parallelism.*--prompts-file"),
 ])
 def test_what_is_not_supported_fails_with_a_message(ranks, scenario, message):
     import re

@@ -250,13 +250,7 @@ class FluxAdapter(Adapter):
                 raise ValueError("cat_pruning: Flux was called without img_ids")
             seen["img_ids"] = img_ids[0] if img_ids.ndim == 3 else img_ids  # all N, before any split
             state.positions = seen["img_ids"][:, 1:3]
-            if state.shard.cp_world == 1 or state.mode != "pruned":  # (this order: no guard on the mode)
-                return None
-            # Context parallelism: gather the K tokens before diffusers splits the sequence, so
-            # each rank carries K / W of them (the patch embedding is per token: same rows).
-            if "hidden_states" in kwargs:
-                return args, {**kwargs, "hidden_states": state.gather(kwargs["hidden_states"])}
-            return (state.gather(args[0]), *args[1:]), kwargs
+            return self.gather_before_split(state, args, kwargs)
 
         def rope_hook(module: nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor] | None:
             if state.mode != "pruned":
@@ -279,6 +273,17 @@ class FluxAdapter(Adapter):
             model.register_forward_pre_hook(pre_hook, with_kwargs=True),
             model.pos_embed.register_forward_hook(rope_hook),
         ]
+
+    @staticmethod
+    def gather_before_split(state: CATState, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """The model pre-hook's new arguments under context parallelism on a pruned step: the K
+        selected rows of ``hidden_states``, gathered before diffusers splits the sequence, so each
+        rank carries K / W of them (the patch embedding is per token: the same rows)."""
+        if state.shard.cp_world == 1 or state.mode != "pruned":  # (this order: no guard on the mode)
+            return None
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": state.gather(kwargs["hidden_states"])}
+        return (state.gather(args[0]), *args[1:]), kwargs
 
     def check_call(self, args: tuple, kwargs: dict) -> None:
         if any(kwargs.get(k) is not None for k in ("controlnet_block_samples", "controlnet_single_block_samples")):

@@ -18,9 +18,15 @@ The clustering positions are the (row, column) columns 1 and 2 of ``img_ids`` (t
 
 Not supported (a clear error): reference-image tokens (FLUX.2's image editing: the pipelines'
 ``image`` argument, ``kv_cache_mode``), Klein inpainting (its condition image's tokens follow the
-image's), diffusers' own caching (``enable_cache``), attention masks, context and tensor
-parallelism. Reference tokens passed to a bare transformer are not detected: they would be
-selected and pruned like image tokens.
+image's), diffusers' own caching (``enable_cache``), attention masks. Reference tokens passed to a
+bare transformer are not detected: they would be selected and pruned like image tokens.
+
+diffusers' model parallelism works as on Flux.1 (cat_pruning.parallel): under Ulysses context
+parallelism the model's pre-hook gathers the K selected rows before diffusers splits the
+sequence, the rotary hook gives each rank its share of the selection from the table of all N
+tokens, and the processors run the all-to-alls around the caches; under tensor parallelism
+(diffusers' packed column split of the fused projection) the single-stream processor splits the
+projection by its global QKV : MLP ratio, as diffusers' does, and the caches hold the rank's heads.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..parallel import NONE, Sharding
+from ..parallel import NONE, Sharding, local_out_features
 from ..state import CacheLayout, CATState, Geometry
 from .base import (
     compute_dtype,
@@ -99,7 +105,7 @@ class CATFlux2AttnProcessor(CATFluxAttnProcessor):
         state = self.state
         if state.mode != "pruned":
             return image_rotary_emb
-        batch, k = state.idx.shape
+        batch, k = state.idx.shape[0], state.idx.shape[1] // state.shard.cp_world  # this rank's rows
 
         def per_sample(freqs: Tensor) -> Tensor:  # (T + B * K, D) -> (B, T + K, D)
             text = freqs.shape[0] - batch * k
@@ -121,11 +127,19 @@ class CATFlux2ParallelProcessor(CATFlux2AttnProcessor):
         if image_rotary_emb is None:
             raise ValueError("cat_pruning: FLUX.2 attention was called without its rotary embedding")
         projected = attn.to_qkv_mlp_proj(hidden_states)
-        qkv, mlp = projected.split([3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor], dim=-1)
+        qkv_cols = qkv_width(attn, projected.shape[-1])
+        qkv, mlp = projected.split([qkv_cols, projected.shape[-1] - qkv_cols], dim=-1)
         query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in qkv.chunk(3, dim=-1))
         query, key = attn.norm_q(query), attn.norm_k(key)
         out = self._attend(query, key, value, image_rotary_emb, getattr(self.original, "_attention_backend", None))
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
+
+
+def qkv_width(attn: nn.Module, fused: int) -> int:
+    """The Q, K and V columns of a fused (QKV + MLP) projection that computes `fused` columns: its
+    global QKV : MLP ratio, which diffusers' packed column split keeps on every rank."""
+    qkv = 3 * attn.inner_dim
+    return fused * qkv // (qkv + attn.mlp_hidden_dim * attn.mlp_mult_factor)
 
 
 class Flux2Adapter(FluxAdapter):
@@ -134,7 +148,6 @@ class Flux2Adapter(FluxAdapter):
 
     family = "FLUX.2 (Flux2Transformer2DModel)"
     model_classes = ("Flux2Transformer2DModel",)
-    supports_parallel = False
 
     def make_processor(self, state: CATState, name: str, attn: nn.Module) -> object:
         cls = CATFlux2ParallelProcessor if name.startswith("single_") else CATFlux2AttnProcessor
@@ -158,23 +171,32 @@ class Flux2Adapter(FluxAdapter):
     def install_hooks(self, model: nn.Module, state: CATState) -> list:
         seen: dict[str, Any] = {"rope_calls": 0}  # fixed keys: torch.compile guards on them
 
-        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen["img_ids"] = None
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             refuse_diffusers_cache(module, patched=True)
             img_ids = kwargs.get("img_ids", args[3] if len(args) > 3 else None)
             if img_ids is None:
                 raise ValueError("cat_pruning: FLUX.2 was called without img_ids")
-            state.positions = (img_ids[0] if img_ids.ndim == 3 else img_ids)[:, 1:3].float()
+            seen["img_ids"] = img_ids[0] if img_ids.ndim == 3 else img_ids  # all N, before any split
+            state.positions = seen["img_ids"][:, 1:3].float()
             seen["rope_calls"] = 0
+            return self.gather_before_split(state, args, kwargs)
 
         def rope_hook(module: nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor] | None:
             seen["rope_calls"] += 1
             if seen["rope_calls"] != 1 or state.mode != "pruned":  # the first call is the image's
                 return None
-            n = state.geometry.num_tokens
-            if output[0].shape[0] != n:
+            shard, n = state.shard, state.geometry.num_tokens
+            if output[0].shape[0] != n // shard.cp_world:
                 raise RuntimeError(f"cat_pruning: FLUX.2's first rotary call has {output[0].shape[0]} rows, "
-                                   f"expected the {n} image tokens (diffusers changed its forward?)")
+                                   f"expected the {n // shard.cp_world} image tokens of this rank (diffusers "
+                                   "changed its forward?)")
             idx = state.idx
+            if shard.cp_world > 1:  # this rank's share of the selection, from the table of all N tokens
+                share = idx.shape[1] // shard.cp_world
+                idx = idx[:, shard.cp_rank * share:(shard.cp_rank + 1) * share]
+                output = module.forward(seen["img_ids"])
             return output[0][idx].flatten(0, 1), output[1][idx].flatten(0, 1)
 
         return [
@@ -191,11 +213,17 @@ class Flux2Adapter(FluxAdapter):
             raise ValueError(f"cat_pruning: FLUX.2 joint_attention_kwargs {sorted(joint)} are not supported yet")
 
     def cache_layout(self, model: nn.Module, geometry: Geometry, shard: Sharding = NONE) -> CacheLayout:
-        """(B, N, H*D) K (after rotation) and V caches, in the dtype the K projection computes in."""
+        """(B, N, H*D) K (after rotation) and V caches, in the dtype the K projection computes in (H:
+        this rank's heads under model parallelism)."""
         kv = {}
         for name, attn in self.attention_modules(model).items():
-            proj = attn.to_qkv_mlp_proj if name.startswith("single_") else attn.to_k
-            kv[name] = ((geometry.batch, geometry.num_tokens, attn.inner_dim), compute_dtype(proj))
+            if name.startswith("single_"):
+                proj = attn.to_qkv_mlp_proj
+                width = qkv_width(attn, local_out_features(proj)) // 3
+            else:
+                proj = attn.to_k
+                width = local_out_features(proj)
+            kv[name] = ((geometry.batch, geometry.num_tokens, width // shard.cp_world), compute_dtype(proj))
         out = get_submodule(model, self.out_proj)
         return CacheLayout(kv, out.out_features, compute_dtype(out))
 
