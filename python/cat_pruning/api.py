@@ -185,8 +185,8 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
             state.advance()
 
     def embed_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        # under context parallelism the adapter gathers at the model's input, before diffusers' split
-        if state.mode == "pruned" and state.shard.cp_world == 1:
+        # under context parallelism an adapter may gather at the model's input, before diffusers' split
+        if state.mode == "pruned" and (state.shard.cp_world == 1 or not adapter.gathers_at_input):
             return _gather_rows(state, output)
         return None
 

@@ -19,9 +19,8 @@ column-sharded), so the caches hold the rank's heads; everything else, including
 (computed from the all-reduced output), is the same on every rank.
 
 Not supported, refused with a message: ring attention, Ulysses-anything (uneven splits), context
-and tensor parallelism at once, and model parallelism on the families other than Flux.1 and
-FLUX.2 (SD3, PixArt, Sana and DiT have no diffusers plans; Qwen-Image's is not supported yet), for
-which data parallelism over prompts is the way.
+and tensor parallelism at once, and model parallelism on families without diffusers plans
+(SD3, PixArt, Sana, DiT), for which data parallelism over prompts is the way.
 """
 
 from __future__ import annotations
@@ -63,7 +62,8 @@ def sharding(model: nn.Module, family: str, supported: bool) -> Sharding:
     if not supported:
         raise ValueError(
             f"cat_pruning: this {family} transformer has diffusers model parallelism enabled "
-            f"(enable_parallelism); CAT supports it on Flux.1 and FLUX.2 only. For this family, {DATA_PARALLEL_HINT}"
+            f"(enable_parallelism); CAT supports it on Flux.1, FLUX.2 and Qwen-Image only. For this family, "
+            f"{DATA_PARALLEL_HINT}"
         )
     cp, tp = getattr(config, "context_parallel_config", None), getattr(config, "tensor_parallel_config", None)
     if cp is not None and tp is not None:
@@ -103,6 +103,17 @@ def _all_to_all(x: Tensor, group: Any) -> Tensor:
     if isinstance(out, funcol.AsyncCollectiveTensor):
         out = out.wait()
     return out.view(x.shape)
+
+
+def gather_sequence(x: Tensor, shard: Sharding) -> Tensor:
+    """(B, S, ...) rows of this rank -> (B, W * S, ...) rows of every rank in rank order (the
+    sequence diffusers split), traceable by torch.compile."""
+    from torch.distributed import _functional_collectives as funcol
+
+    out = funcol.all_gather_tensor(x.contiguous(), 1, shard.cp_group)
+    if isinstance(out, funcol.AsyncCollectiveTensor):
+        out = out.wait()
+    return out
 
 
 def to_heads(x: Tensor, shard: Sharding) -> Tensor:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .parallel import to_heads, to_sequence
 from .state import CATState
 
 
@@ -48,6 +49,51 @@ class CachedAttentionProcessor:
         """The image keys/values to attend over: this step's when all rows ran, else the cache
         store's rows of all N tokens (refreshed at the selected ones)."""
         return self.state.cache.kv(self.name, key, value)
+
+    def _attend_text_image(self, query: Tensor, key: Tensor, value: Tensor, backend: object,
+                           text_mask: Tensor | None = None) -> Tensor:
+        """Joint attention of [text; image] rows (B, L, H, D), after any rotation (under Ulysses
+        context parallelism: this rank's rows, all heads) -> the output (B, L, H*D) of these rows.
+
+        The image K/V rows go to the cache store, and the queries attend over the text keys and
+        every image token's keys, through diffusers' ``dispatch_attention_fn`` with `backend`.
+        Under context parallelism the all-to-alls run here, around the store, so the attention
+        itself is local. `text_mask` (B, T) bool, over the text keys of all ranks in order: the
+        keys to attend (the image keys are all attended)."""
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        state = self.state
+        shard = state.shard
+        # image rows in this call (under context parallelism: on this rank)
+        rows = (state.k if state.mode == "pruned" else state.geometry.num_tokens) // shard.cp_world
+        text = query.shape[1] - rows
+        if shard.cp_world > 1:  # Ulysses: every rank's rows, this rank's heads
+            query, key, value = (to_heads(x, shard) for x in (query, key, value))
+
+        # (B, rows, H*D) image rows; the store returns all N of them
+        (ctx_key, image_key), (ctx_value, image_value) = (_split_rows(x, shard.cp_world, text) for x in (key, value))
+        image_key, image_value = state.cache.kv(self.name, image_key.flatten(2), image_value.flatten(2))
+        mask = None
+        if text_mask is not None:
+            image_mask = torch.ones(image_key.shape[:2], dtype=torch.bool, device=image_key.device)
+            mask = torch.cat([text_mask.to(torch.bool), image_mask], dim=1)[:, None, None, :]
+        if state.mode == "pruned" or mask is not None:  # [text; every token's image] keys, in the mask's order
+            head_dim = query.shape[-1]
+            key = torch.cat([ctx_key, image_key.unflatten(-1, (-1, head_dim))], dim=1)
+            value = torch.cat([ctx_value, image_value.unflatten(-1, (-1, head_dim))], dim=1)
+
+        out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=backend)
+        if shard.cp_world > 1:
+            out = to_sequence(out, shard)
+        return out.flatten(2, 3).to(query.dtype)
+
+
+def _split_rows(x: Tensor, world: int, text: int) -> tuple[Tensor, Tensor]:
+    """(B, world * S, ...) rows, each rank's S = [text; image] rows in rank order -> (text rows,
+    image rows), both in rank order: with a global selection split in rank order, the image rows
+    are the computed tokens in the selection's order."""
+    x = x.unflatten(1, (world, -1))
+    return x[:, :, :text].flatten(1, 2), x[:, :, text:].flatten(1, 2)
 
 
 class CATJointAttnProcessor(CachedAttentionProcessor):

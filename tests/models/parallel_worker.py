@@ -31,9 +31,12 @@ PADDED = {"pad": dict(SETTINGS, keep_ratio=0.3),  # the Taylor forecast (the def
 
 
 def build(family: str = "flux"):
-    """The tiny stock pipeline of a family: "flux" (FluxPipeline) or "flux2" (Flux2Pipeline)."""
+    """The tiny stock pipeline of a family: "flux" (FluxPipeline), "flux2" (Flux2Pipeline) or
+    "qwen" (QwenImagePipeline)."""
     if family == "flux2":
         from test_flux2 import tiny_pipeline
+    elif family == "qwen":
+        from test_qwenimage import tiny_pipeline
     else:
         from test_flux import tiny_pipeline
 
@@ -42,17 +45,30 @@ def build(family: str = "flux"):
     return pipe
 
 
-def _prompt(pipe) -> dict:
-    """Prompt embeddings of TEXT tokens (fixed seed) in the form the pipeline takes them."""
+def _call_kwargs(pipe) -> dict:
+    """Prompt embeddings of TEXT tokens (fixed seed) in the form the pipeline takes them, and an
+    image size of 6 x 5 = 30 tokens."""
     g = torch.Generator().manual_seed(100)
-    if type(pipe).__name__ == "Flux2Pipeline":
+    name = type(pipe).__name__
+    if name == "Flux2Pipeline":
         from flux2_models import JOINT_DIM
 
-        return dict(prompt_embeds=torch.randn(1, TEXT, JOINT_DIM, generator=g), guidance_scale=4.0)
+        return dict(prompt_embeds=torch.randn(1, TEXT, JOINT_DIM, generator=g), guidance_scale=4.0, height=24,
+                    width=20)
+    if name == "QwenImagePipeline":  # true CFG (a call per branch); the prompt padded: the text mask matters
+        from qwen_models import JOINT_DIM
+
+        mask = torch.ones(1, TEXT, dtype=torch.long)
+        mask[0, -3:] = 0
+        return dict(prompt_embeds=torch.randn(1, TEXT, JOINT_DIM, generator=g), prompt_embeds_mask=mask,
+                    negative_prompt_embeds=torch.randn(1, TEXT, JOINT_DIM, generator=g),
+                    negative_prompt_embeds_mask=torch.ones(1, TEXT, dtype=torch.long), true_cfg_scale=3.0,
+                    height=48, width=40)
     from flux_models import JOINT_DIM, POOLED_DIM
 
     return dict(prompt_embeds=torch.randn(1, TEXT, JOINT_DIM, generator=g),
-                pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g), guidance_scale=3.5)
+                pooled_prompt_embeds=torch.randn(1, POOLED_DIM, generator=g), guidance_scale=3.5, height=24,
+                width=20)
 
 
 def generate(pipe, seed: int = 0) -> dict:
@@ -72,7 +88,7 @@ def generate(pipe, seed: int = 0) -> dict:
     handle = pipe.transformer.register_forward_hook(record_noise, with_kwargs=True)
     repeats = _watch_repeats(pipe)
     latents = pipe(
-        **_prompt(pipe), height=24, width=20, num_inference_steps=STEPS, output_type="latent",
+        **_call_kwargs(pipe), num_inference_steps=STEPS, output_type="latent",
         generator=torch.Generator().manual_seed(seed), callback_on_step_end=record, return_dict=False,
     )[0]
     handle.remove()
@@ -82,7 +98,7 @@ def generate(pipe, seed: int = 0) -> dict:
         stats = cat_pruning.stats(pipe)
         out.update(modes=[s.mode for s in stats.steps], tokens_kept=stats.tokens_kept,
                    tokens=[s.tokens for s in stats.steps], recomputed=stats.recomputed, macs=stats.macs,
-                   padded_rows=stats.padded_rows)
+                   padded_rows=stats.padded_rows, branches=len(stats.branches or ()) or 1)
     return out
 
 

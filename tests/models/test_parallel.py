@@ -1,4 +1,4 @@
-"""CAT under diffusers' model parallelism (issue 13): Flux.1 and FLUX.2 with Ulysses context
+"""CAT under diffusers' model parallelism (issue 13): Flux.1, FLUX.2 and Qwen-Image with Ulysses context
 parallelism and with tensor parallelism, 2 ranks on the CPU with gloo (parallel_worker.py under
 torch.distributed.run, 60 s timeout on every collective, the whole launch bounded), against one
 process.
@@ -36,7 +36,10 @@ PADDED = ["cp-after+pad", "cp-before+pad", "cp-after+pad-reuse", "cp-after+pad-r
 # packed column plan under tensor parallelism
 FLUX2 = ["flux2/cp-dense", "flux2/cp-one", "flux2/tp-dense", "flux2/tp-one", "flux2/cp-after", "flux2/cp-before",
          "flux2/tp-after", "flux2/tp-before", "flux2/cp-after+pad"]
-SCENARIOS = ["cp-dense", "cp-one", "tp-dense", "tp-one", *MATCHED, *PADDED, *REFUSED, *FLUX2]
+# Qwen-Image ("qwen/"): diffusers splits the sequence after the patch embedding, the rotary
+# tables and the text mask per block; true CFG, a padded prompt
+QWEN = [name.replace("flux2/", "qwen/") for name in FLUX2]
+SCENARIOS = ["cp-dense", "cp-one", "tp-dense", "tp-one", *MATCHED, *PADDED, *REFUSED, *FLUX2, *QWEN]
 # fp32; the split only changes summation orders. Measured: latents <= 2.9e-6; noise predictions
 # (|noise| up to 42) <= 1.9e-5, at most 0.55 of this tolerance, with K padded or not
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -74,7 +77,7 @@ def _ok(result: dict) -> dict:
     return result
 
 
-@pytest.mark.parametrize("scenario", ["cp-dense", "cp-one", "tp-dense", "tp-one", *FLUX2[:4]])
+@pytest.mark.parametrize("scenario", ["cp-dense", "cp-one", "tp-dense", "tp-one", *FLUX2[:4], *QWEN[:4]])
 def test_parallel_dense_and_keep_all_equal_one_process_dense(ranks, scenario):
     dense = one_process(_family(scenario)[0], "dense")
     for rank in ranks:
@@ -83,7 +86,7 @@ def test_parallel_dense_and_keep_all_equal_one_process_dense(ranks, scenario):
         assert "pruned" in ranks[0][scenario]["modes"]
 
 
-@pytest.mark.parametrize("scenario", [*MATCHED, *FLUX2[4:8]])
+@pytest.mark.parametrize("scenario", [*MATCHED, *FLUX2[4:8], *QWEN[4:8]])
 def test_parallel_cat_equals_one_process_cat(ranks, scenario):
     family = _family(scenario)[0]
     dense, cat = one_process(family, "dense"), one_process(family)
@@ -98,7 +101,7 @@ def test_parallel_cat_equals_one_process_cat(ranks, scenario):
         torch.testing.assert_close(got["latents"], cat["latents"], **TOL)
 
 
-@pytest.mark.parametrize("scenario", [*PADDED, FLUX2[8]])
+@pytest.mark.parametrize("scenario", [*PADDED, FLUX2[8], QWEN[8]])
 def test_context_parallel_with_k_not_a_multiple_of_the_ranks_equals_one_process(ranks, scenario):
     """K = 9 tokens on 2 ranks: the ranks compute 10 rows, the 9 selected and a repeat of one of
     them, and get one process's noise predictions at every step (the pruned steps included), its
@@ -124,9 +127,10 @@ def test_context_parallel_with_k_not_a_multiple_of_the_ranks_equals_one_process(
             assert torch.equal(mine[:, :9], ref) and torch.equal(mine[:, 9:], ref[:, :1])
         # the repeated rows handed to the caches equal their originals bitwise, at both pruned
         # steps, in every attention layer (K and V) and the output
-        assert len(got["repeats"]) == 2 * (2 * len(worker.build(family).transformer.attn_processors) + 1)
+        layers = len(worker.build(family).transformer.attn_processors)
+        assert len(got["repeats"]) == got["branches"] * 2 * (2 * layers + 1)  # (true CFG: per branch)
         assert all(got["repeats"])
-        assert len(got["noise"]) == len(want["noise"]) == worker.STEPS
+        assert len(got["noise"]) == len(want["noise"]) == worker.STEPS * got["branches"]
         for step, (mine, ref) in enumerate(zip(got["noise"], want["noise"], strict=True)):
             torch.testing.assert_close(mine, ref, **TOL, msg=lambda m, step=step: f"step {step}: {m}")
         torch.testing.assert_close(got["latents"], want["latents"], **TOL)
@@ -135,7 +139,7 @@ def test_context_parallel_with_k_not_a_multiple_of_the_ranks_equals_one_process(
 @pytest.mark.parametrize(("scenario", "message"), [
     ("cp-disagree", r"ranks of this parallel group disagree \(per rank: hidden_states sum"),
     ("ring", r"ring attention .* not supported with CAT; use ContextParallelConfig\(ulysses_degree=N\)"),
-    ("sd3", r"SD3.*model parallelism .* Flux.1 and FLUX.2 only.*data parallelism.*--prompts-file"),
+    ("sd3", r"SD3.*model parallelism .* Flux.1, FLUX.2 and Qwen-Image only.*data parallelism.*--prompts-file"),
 ])
 def test_what_is_not_supported_fails_with_a_message(ranks, scenario, message):
     import re

@@ -32,6 +32,10 @@ class Adapter:
     out_proj: str = ""  # submodule whose output is the (B, rows, C_out) per-token prediction
     cfg_cond_first: bool = False  # the pipeline's CFG batch is [cond; uncond] rather than [uncond; cond]
     supports_parallel: bool = False  # its processors and hooks handle diffusers' model parallelism
+    # Under context parallelism, whether the adapter gathers a pruned step's K rows at the model's
+    # input (diffusers splits the sequence there: Flux) or the patch embedding's output is gathered
+    # as in one process (diffusers splits after it: Qwen-Image)
+    gathers_at_input: bool = False
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.model_classes

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..parallel import NONE, Sharding, local_out_features, to_heads, to_sequence
+from ..parallel import NONE, Sharding, local_out_features
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
 from .base import (
@@ -114,14 +114,6 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
 
 
-def _split_rows(x: Tensor, world: int, text: int) -> tuple[Tensor, Tensor]:
-    """(B, world * S, ...) rows, each rank's S = [text; image] rows in rank order -> (text rows,
-    image rows), both in rank order: with a global selection split in rank order, the image rows
-    are the computed tokens in the selection's order."""
-    x = x.unflatten(1, (world, -1))
-    return x[:, :, :text].flatten(1, 2), x[:, :, text:].flatten(1, 2)
-
-
 class CATFluxAttnProcessor(CachedAttentionProcessor):
     """Flux attention with the image K (after rotation) and V rows cached between steps.
 
@@ -175,33 +167,11 @@ class CATFluxAttnProcessor(CachedAttentionProcessor):
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, image_rotary_emb: tuple[Tensor, Tensor],
                 backend: Any) -> Tensor:
         """[text; image] rows (B, L, H, D) of this call, before the rotation -> the attention
-        output (B, L, H*D): rotated, the image K/V rows handed to the cache store, the queries
-        attending over the text keys and every image token's keys."""
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-        state = self.state
-        shard = state.shard
-        # image rows in this call (under context parallelism: on this rank)
-        rows = (state.k if state.mode == "pruned" else state.geometry.num_tokens) // shard.cp_world
-        text = query.shape[1] - rows
+        output (B, L, H*D): rotated, then attended over the text keys and every image token's
+        cached keys."""
         cos, sin = self._rope(image_rotary_emb)
         query, key = rotate(query, cos, sin), rotate(key, cos, sin)
-        if shard.cp_world > 1:  # Ulysses: every rank's rows, this rank's heads
-            query, key, value = (to_heads(x, shard) for x in (query, key, value))
-
-        # (B, rows, H*D) image rows, keys after rotation; the store returns all N of them
-        (ctx_key, image_key), (ctx_value, image_value) = (_split_rows(x, shard.cp_world, text) for x in (key, value))
-        image_key, image_value = state.cache.kv(self.name, image_key.flatten(2), image_value.flatten(2))
-        if state.mode == "pruned":  # attend over every token's image keys
-            head_dim = query.shape[-1]
-            key = torch.cat([ctx_key, image_key.unflatten(-1, (-1, head_dim))], dim=1)
-            value = torch.cat([ctx_value, image_value.unflatten(-1, (-1, head_dim))], dim=1)
-
-        # the exchanges are done here, so the attention itself is local
-        out = dispatch_attention_fn(query, key, value, attn_mask=None, backend=backend)
-        if shard.cp_world > 1:
-            out = to_sequence(out, shard)
-        return out.flatten(2, 3).to(query.dtype)
+        return self._attend_text_image(query, key, value, backend)
 
 
 class FluxAdapter(Adapter):
@@ -210,6 +180,7 @@ class FluxAdapter(Adapter):
     patch_embed = "x_embedder"
     out_proj = "proj_out"
     supports_parallel = True  # Ulysses context parallelism and tensor parallelism (cat_pruning.parallel)
+    gathers_at_input = True  # diffusers splits the sequence at the model's input, before x_embedder
 
     def check_model(self, model: nn.Module) -> None:
         refuse_diffusers_cache(model)

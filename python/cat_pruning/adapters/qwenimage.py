@@ -25,8 +25,17 @@ clustering uses.
 
 Not supported yet (a clear error): the Edit models' reference-image tokens (more than one entry
 in a sample's ``img_shapes``, ``zero_cond_t``), the layered 3D rotary (``use_layer3d_rope``),
-ControlNet residuals, diffusers' own caching (``enable_cache``), model parallelism, and diffusers
-older than 0.42 (whose processor ignores the text mask: another computation to match).
+ControlNet residuals, diffusers' own caching (``enable_cache``), and diffusers older than 0.42
+(whose processor ignores the text mask: another computation to match).
+
+diffusers' model parallelism (cat_pruning.parallel). Qwen-Image's context-parallel plan splits
+the sequence at the first block's input, after ``img_in``, so a pruned step's K rows are gathered
+at the patch embedding as in one process and split there (K / W per rank); ``pos_embed``'s
+outputs and the text mask are split too. The rotary hook gives each rank its share of the
+selection from the table of all N tokens (the class's forward, before diffusers' split), the
+processor all-gathers the text mask (a few bytes per layer) and runs the Ulysses all-to-alls
+around the caches. Under tensor parallelism (plain column / row splits) the caches hold the
+rank's heads.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..parallel import NONE, Sharding
+from ..parallel import NONE, Sharding, gather_sequence, local_out_features
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
 from .base import Adapter, compute_dtype, get_submodule, hidden_states_arg, random_inputs, refuse_diffusers_cache
@@ -112,8 +121,6 @@ class CATQwenAttnProcessor(CachedAttentionProcessor):
         attention_mask: Tensor | None = None,
         image_rotary_emb: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         state = self.state
         if not state.caching:
             return self.original(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
@@ -125,7 +132,7 @@ class CATQwenAttnProcessor(CachedAttentionProcessor):
         if image_rotary_emb is None:
             raise ValueError("cat_pruning: Qwen-Image attention was called without its rotary embedding")
 
-        head_dim = attn.inner_dim // attn.heads
+        head_dim = attn.inner_dim // attn.heads  # (heads: this rank's under tensor parallelism)
 
         def project(x: Tensor, names: tuple[str, str, str], norms: tuple[str, str]) -> tuple[Tensor, Tensor, Tensor]:
             q, k, v = (getattr(attn, n)(x).unflatten(-1, (-1, head_dim)) for n in names)
@@ -139,20 +146,12 @@ class CATQwenAttnProcessor(CachedAttentionProcessor):
         img_q, img_k = rotate(img_q, img_freqs), rotate(img_k, img_freqs)
         txt_q, txt_k = rotate(txt_q, txt_freqs), rotate(txt_k, txt_freqs)
 
-        # (B, rows, H*D) image rows, keys after rotation; the store returns all N of them
-        keys, values = state.cache.kv(self.name, img_k.flatten(2), img_v.flatten(2))
-        img_k, img_v = keys.unflatten(-1, (-1, head_dim)), values.unflatten(-1, (-1, head_dim))
-        mask = None
-        if encoder_hidden_states_mask is not None:  # [text mask; every image key], as the stock processor
-            image_mask = torch.ones(img_k.shape[:2], dtype=torch.bool, device=img_k.device)
-            mask = torch.cat([encoder_hidden_states_mask.to(torch.bool), image_mask], dim=1)[:, None, None, :]
-
-        out = dispatch_attention_fn(
+        mask = encoder_hidden_states_mask  # the text keys to attend (under context parallelism: this rank's)
+        if mask is not None and state.shard.cp_world > 1:
+            mask = gather_sequence(mask, state.shard)
+        out = self._attend_text_image(
             torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1), torch.cat([txt_v, img_v], dim=1),
-            attn_mask=mask, dropout_p=0.0, is_causal=False,
-            backend=getattr(self.original, "_attention_backend", None),
-        )  # fmt: skip
-        out = out.flatten(2, 3).to(img_q.dtype)
+            getattr(self.original, "_attention_backend", None), mask)  # fmt: skip
         text = txt_q.shape[1]
         img_out = attn.to_out[0](out[:, text:].contiguous())
         if len(attn.to_out) > 1:
@@ -165,6 +164,7 @@ class QwenImageAdapter(Adapter):
     model_classes = ("QwenImageTransformer2DModel",)
     patch_embed = "img_in"
     out_proj = "proj_out"
+    supports_parallel = True  # Ulysses context parallelism and tensor parallelism (module docstring)
 
     def check_model(self, model: nn.Module) -> None:
         import diffusers
@@ -195,15 +195,21 @@ class QwenImageAdapter(Adapter):
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             refuse_diffusers_cache(module, patched=True)
 
-        def rope_hook(module: nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor] | None:
+        def rope_hook(module: nn.Module, args: tuple, kwargs: dict,
+                      output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor] | None:
             if state.mode != "pruned":
                 return None
-            img_freqs, txt_freqs = output
-            return img_freqs[state.idx], txt_freqs  # (B, K, D/2): each sample's selected rows
+            img_freqs, txt_freqs = output  # (under context parallelism: this rank's rows)
+            idx, shard = state.idx, state.shard
+            if shard.cp_world > 1:  # this rank's share of the selection, from the table of all N tokens
+                share = idx.shape[1] // shard.cp_world
+                idx = idx[:, shard.cp_rank * share:(shard.cp_rank + 1) * share]
+                img_freqs = type(module).forward(module, *args, **kwargs)[0]  # the class's: before diffusers' split
+            return img_freqs[idx], txt_freqs  # (B, K, D/2): each sample's selected rows
 
         return [
             model.register_forward_pre_hook(pre_hook, with_kwargs=True),
-            model.pos_embed.register_forward_hook(rope_hook),
+            model.pos_embed.register_forward_hook(rope_hook, with_kwargs=True),
         ]
 
     def check_call(self, args: tuple, kwargs: dict) -> None:
@@ -219,8 +225,10 @@ class QwenImageAdapter(Adapter):
         return Geometry(b, height, width, hidden.dtype, hidden.device)
 
     def cache_layout(self, model: nn.Module, geometry: Geometry, shard: Sharding = NONE) -> CacheLayout:
-        """(B, N, H*D) K (after rotation) and V caches: the layout the processor produces."""
-        kv = {name: ((geometry.batch, geometry.num_tokens, attn.to_k.out_features), compute_dtype(attn.to_k))
+        """(B, N, H*D) K (after rotation) and V caches: the layout the processor produces (H: this
+        rank's heads under model parallelism)."""
+        kv = {name: ((geometry.batch, geometry.num_tokens, local_out_features(attn.to_k) // shard.cp_world),
+                     compute_dtype(attn.to_k))
               for name, attn in self.attention_modules(model).items()}  # fmt: skip
         out = get_submodule(model, self.out_proj)
         return CacheLayout(kv, out.out_features, compute_dtype(out))
