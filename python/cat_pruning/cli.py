@@ -118,7 +118,9 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"read skipped tokens as a forecast or reuse them (default {d.forecast}; --paper none)")
         p.add_argument("--paper", action="store_true", help="start from the paper's CAT (CATConfig.paper())")
         p.add_argument("--steps", type=_positive_int, default=steps, help=f"denoising steps (default {steps or own})")
-        p.add_argument("--guidance", type=_guidance, default=guidance, help=f"CFG scale (default {guidance or own})")
+        p.add_argument("--guidance", type=_guidance, default=guidance,
+                       help=f"CFG scale (default {guidance or own}; on a model without guidance distillation whose "
+                            "pipeline has true CFG, e.g. Qwen-Image: true_cfg_scale, with the negative prompt ' ')")
         p.add_argument("--seed", type=_int, default=0, help="seed (default 0)")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         p.add_argument("--device", default=device,
@@ -254,7 +256,10 @@ def _call_kwargs(pipe, prompt: str, args: argparse.Namespace, seed: int | None =
     else:
         kwargs["prompt"] = prompt
     accepted = inspect.signature(pipe.__call__).parameters
-    for key, value in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance),
+    guidance_key = "guidance_scale"
+    if args.guidance is not None and _true_cfg_only(pipe, accepted):
+        guidance_key, kwargs["negative_prompt"] = "true_cfg_scale", " "  # diffusers' recipe: any negative turns it on
+    for key, value in (("num_inference_steps", args.steps), (guidance_key, args.guidance),
                        ("height", getattr(args, "height", None)), ("width", getattr(args, "width", None))):
         if value is None:
             continue
@@ -262,6 +267,14 @@ def _call_kwargs(pipe, prompt: str, args: argparse.Namespace, seed: int | None =
             raise SystemExit(f"error: {type(pipe).__name__} takes no {key} (the option for it was given)")
         kwargs[key] = value
     return kwargs
+
+
+def _true_cfg_only(pipe, accepted) -> bool:
+    """Whether the pipeline's CFG is true CFG (`true_cfg_scale` with a negative prompt) and its
+    `guidance_scale` would be ignored: a transformer without a guidance embedding (Qwen-Image,
+    Flux.1 schnell)."""
+    config = getattr(getattr(pipe, "transformer", None), "config", None) or {}
+    return "true_cfg_scale" in accepted and "negative_prompt" in accepted and not config.get("guidance_embeds", True)
 
 
 def _run(pipe, prompt: str, args: argparse.Namespace, seed: int | None = None) -> tuple[torch.Tensor, float]:

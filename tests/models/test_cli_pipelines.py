@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import harness
+import numpy as np
 import pytest
 import torch
 from dit_models import IN_CHANNELS, tiny_dit
@@ -73,3 +74,107 @@ def test_unsupported_pipeline_is_refused_before_loading(tmp_path, index, message
     with pytest.raises(SystemExit) as exc:
         _generate(tmp_path, tmp_path, "--prompt", "x")
     assert message in str(exc.value)
+
+
+# Qwen-Image and FLUX.2 folders with stand-in text encoders built here (no download): a byte-level
+# Qwen2 tokenizer (every byte a token, no merges) and tiny Qwen2.5-VL / Qwen3 text models.
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_tokenizer():
+    from transformers import Qwen2Tokenizer
+
+    # GPT-2's byte-to-character map: the printable bytes stand for themselves, the others after 255
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = printable + [256 + i for i in range(256 - len(printable))]
+    vocab = {chr(c): i for i, c in enumerate(chars)}
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _new_family(name: str) -> None:
+    import diffusers
+
+    from cat_pruning.adapters.qwenimage import MIN_DIFFUSERS
+
+    if not hasattr(diffusers, name):
+        pytest.skip(f"diffusers {diffusers.__version__} has no {name}")
+    version = tuple(int(p) for p in diffusers.__version__.split(".")[:2])
+    if name.startswith("QwenImage") and version < MIN_DIFFUSERS:
+        pytest.skip(f"Qwen-Image needs diffusers >= {MIN_DIFFUSERS}")
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    _new_family("QwenImagePipeline")
+    from diffusers import QwenImagePipeline
+    from qwen_models import JOINT_DIM
+    from test_qwenimage import tiny_pipeline
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    tokenizer = byte_tokenizer()
+    text = dict(hidden_size=JOINT_DIM, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=len(tokenizer) - 1,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 2, 2]})  # fmt: skip
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=JOINT_DIM)
+    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+    base = tiny_pipeline()
+    pipe = QwenImagePipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=encoder, tokenizer=tokenizer,
+                             transformer=base.transformer)
+    path = tmp_path_factory.mktemp("qwen-image")
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def klein_folder(tmp_path_factory):
+    """A FLUX.2 [klein] folder (Qwen3 text model, 28 layers: the pipeline stacks layers 9, 18 and
+    27), not distilled: CFG runs the transformer once per branch."""
+    _new_family("Flux2KleinPipeline")
+    from diffusers import Flux2KleinPipeline
+    from flux2_models import JOINT_DIM
+    from test_flux2 import tiny_pipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = byte_tokenizer()
+    config = Qwen3Config(hidden_size=JOINT_DIM // 3, intermediate_size=16, num_hidden_layers=28, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=4, vocab_size=len(tokenizer), bos_token_id=None,
+                         eos_token_id=len(tokenizer) - 1)  # fmt: skip
+    base = tiny_pipeline()
+    pipe = Flux2KleinPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=Qwen3ForCausalLM(config).eval(),
+                              tokenizer=tokenizer, transformer=base.transformer)
+    path = tmp_path_factory.mktemp("flux2-klein")
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(("folder", "size", "family"), [
+    ("qwen_folder", ("48", "40"), "Qwen-Image"),
+    ("klein_folder", ("24", "20"), "FLUX.2"),
+])  # fmt: skip
+def test_generate_on_saved_qwen_image_and_flux2_pipelines(folder, size, family, request, tmp_path, capsys):
+    """`generate --model FOLDER` on a QwenImagePipeline and a Flux2KleinPipeline saved on disk:
+    the prompt goes through the pipelines' own text encoding, CFG runs each branch on its own
+    caches (Qwen-Image: --guidance is its true CFG scale, with a negative prompt), the images are
+    written, and CAT at keep_ratio 1 writes the dense image."""
+    from PIL import Image
+
+    path = request.getfixturevalue(folder)
+    args = ("--prompt", "a cat", "--height", size[0], "--width", size[1], "--guidance", "3")
+    assert _generate(path, tmp_path, *args) == 0
+    out = capsys.readouterr().out
+    assert f"CAT Pruning on {family}" in out and "2 branches (cond, uncond)" in out and "2 pruned" in out
+    assert _generate(path, tmp_path, *args, "--keep-ratio", "1") == 0
+    assert _generate(path, tmp_path, *args, "--dense") == 0
+    images = {}
+    for file in tmp_path.glob("a-cat-seed0-*.png"):
+        run = file.name.removeprefix("a-cat-seed0-")  # "cat-k0.02-f2-...", "dense-..."
+        if not run.endswith("-tokens.png"):
+            images["dense" if run.startswith("dense") else run.split("-")[1]] = np.asarray(Image.open(file)).astype(int)
+    assert sorted(images) == ["dense", "k0.02", "k1.0"]
+    assert np.abs(images["k1.0"] - images["dense"]).max() <= 1  # 8-bit images: at most a rounding apart
