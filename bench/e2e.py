@@ -156,8 +156,9 @@ def macs_record(name: str, module: Any, config: dict, gen: dict, steps: int, kee
     stats = cat_pruning.stats(model)
     patch = model._cat_pruning
     n, k, text = stats.num_tokens, stats.tokens_kept, patch.state.text_tokens
-    per = {r: patch.adapter.macs_per_sample(model, r, n, text) for r in (0, k, n)}
-    fixed = per[0]  # text stream, per-sample work, patch embedding: independent of rows computed
+    reference = stats.reference_tokens  # an edit model's reference rows: computed at every step
+    per = {r: patch.adapter.macs_per_sample(model, r + reference, n + reference, text) for r in (0, k, n)}
+    fixed = per[0]  # text stream, per-sample work, patch embedding, reference rows: independent of K
     pruned = steps - full_steps
     ideal_whole = (full_steps * per[n] + pruned * per[k]) / (steps * per[n])
     ideal_image = (full_steps + pruned * k / n) / steps
@@ -167,7 +168,8 @@ def macs_record(name: str, module: Any, config: dict, gen: dict, steps: int, kee
     ok = abs(frac_whole - ideal_whole) < 0.005
     return dict(
         case=f"macs[{name},{steps} steps]", op="macs", provider="meta-count", family=stats.family,
-        shape=dict(N=n, K=k, text=text, batch=b, steps=steps, full_steps=full_steps, keep_ratio=keep_ratio),
+        shape=dict(N=n, K=k, text=text, batch=b, steps=steps, full_steps=full_steps, keep_ratio=keep_ratio,
+                   **(dict(reference=reference) if reference else {})),
         macs_dense=counts["dense"], macs_cat=counts["cat"], macs_stats=stats.macs,
         mac_fraction=frac_whole, mac_fraction_ideal=ideal_whole, mac_speedup_ideal=1 / ideal_whole,
         image_mac_fraction=frac_image, image_mac_fraction_ideal=ideal_image,

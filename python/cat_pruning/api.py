@@ -433,18 +433,21 @@ def stats(obj: Any) -> CATStats:
     branches, macs, macs_dense = [], 0, 0
     for name in state.each_branch():  # guidance branches (cache_context): each its own calls
         g, history = state.geometry, list(state.history)
-        n, batch = (g.num_tokens, g.batch) if g is not None else (0, 0)
+        n, batch, reference = (g.num_tokens, g.batch, g.reference) if g is not None else (0, 0, 0)
         # rows a step computed: under context parallelism a pruned step also computes the repeats
-        # that pad its K tokens to a multiple of the ranks (state.padding)
+        # that pad its K tokens to a multiple of the ranks (state.padding); every step computes the
+        # reference rows (an edit model's reference image) besides its image tokens
         padding = state.padding if g is not None else 0
-        rows = [tokens + padding if mode == "pruned" else tokens for mode, tokens in history]
-        macs_of = {t: p.adapter.macs_per_sample(p.transformer, t, n, state.text_tokens) for t in {n, *rows}}
+        rows = [(tokens + padding if mode == "pruned" else tokens) + reference for mode, tokens in history]
+        dense_rows = n + reference
+        macs_of = {t: p.adapter.macs_per_sample(p.transformer, t, dense_rows, state.text_tokens)
+                   for t in {dense_rows, *rows}}
         macs += sum(batch * macs_of[t] for t in rows)
-        macs_dense += batch * len(history) * macs_of[n]
+        macs_dense += batch * len(history) * macs_of[dense_rows]
         if not branches:  # the first branch's steps, geometry and token map ("cond" before "uncond")
             steps = [StepStats(i, mode, tokens) for i, (mode, tokens) in enumerate(history)]
             first = dict(num_tokens=n, tokens_kept=state.tokens_kept(n) if n else 0, batch=batch, steps=steps,
-                         padded_rows=padding,
+                         padded_rows=padding, reference_tokens=reference,
                          # A copy to the host: stats() runs after a generation, never inside a denoising step.
                          recomputed=None if state.recomputed is None or state.recomputed.is_meta
                          else state.recomputed.view(batch, g.height, g.width).cpu())  # fmt: skip

@@ -59,28 +59,35 @@ class CachedAttentionProcessor:
         every image token's keys, through diffusers' ``dispatch_attention_fn`` with `backend`.
         Under context parallelism the all-to-alls run here, around the store, so the attention
         itself is local. `text_mask` (B, T) bool, over the text keys of all ranks in order: the
-        keys to attend (the image keys are all attended)."""
+        keys to attend (the image keys are all attended). The geometry's reference rows (after the
+        image rows, never under context parallelism) are attended as computed, never cached."""
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
         state = self.state
         shard = state.shard
+        reference = state.geometry.reference  # rows after the image tokens, always computed
         # image rows in this call (under context parallelism: on this rank)
-        rows = (state.k if state.mode == "pruned" else state.geometry.num_tokens) // shard.cp_world
+        rows = (state.k if state.mode == "pruned" else state.geometry.num_tokens) // shard.cp_world + reference
         text = query.shape[1] - rows
         if shard.cp_world > 1:  # Ulysses: every rank's rows, this rank's heads
             query, key, value = (to_heads(x, shard) for x in (query, key, value))
 
         # (B, rows, H*D) image rows; the store returns all N of them
         (ctx_key, image_key), (ctx_value, image_value) = (_split_rows(x, shard.cp_world, text) for x in (key, value))
+        if reference:  # (never under context parallelism)
+            (image_key, tail_key), (image_value, tail_value) = (
+                x.split_with_sizes([x.shape[1] - reference, reference], dim=1) for x in (image_key, image_value))
         image_key, image_value = state.cache.kv(self.name, image_key.flatten(2), image_value.flatten(2))
         mask = None
         if text_mask is not None:
-            image_mask = torch.ones(image_key.shape[:2], dtype=torch.bool, device=image_key.device)
+            image_mask = torch.ones(image_key.shape[0], image_key.shape[1] + reference, dtype=torch.bool,
+                                    device=image_key.device)
             mask = torch.cat([text_mask.to(torch.bool), image_mask], dim=1)[:, None, None, :]
-        if state.mode == "pruned" or mask is not None:  # [text; every token's image] keys, in the mask's order
+        if state.mode == "pruned" or mask is not None:  # [text; all image tokens; reference]: the mask's order
             head_dim = query.shape[-1]
-            key = torch.cat([ctx_key, image_key.unflatten(-1, (-1, head_dim))], dim=1)
-            value = torch.cat([ctx_value, image_value.unflatten(-1, (-1, head_dim))], dim=1)
+            keys = [ctx_key, image_key.unflatten(-1, (-1, head_dim)), *([tail_key] if reference else [])]
+            values = [ctx_value, image_value.unflatten(-1, (-1, head_dim)), *([tail_value] if reference else [])]
+            key, value = torch.cat(keys, dim=1), torch.cat(values, dim=1)
 
         out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=backend)
         if shard.cp_world > 1:

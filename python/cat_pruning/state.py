@@ -127,6 +127,9 @@ class Geometry:
     width: int  # image tokens per row
     dtype: torch.dtype
     device: torch.device
+    # rows of the image stream after the N image tokens that every step computes, never selected,
+    # cached or forecast: an edit model's reference-image tokens (Qwen-Image-Edit)
+    reference: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -421,12 +424,24 @@ class CATState:
         self._set_selection(self._broadcast(idx))
 
     def gather(self, x: Tensor) -> Tensor:
-        """(B, N, C) rows of every image token -> (B, K', C) rows this step computes (K' = K but
-        under context parallelism, where the selection is padded with repeats)."""
-        return ops.gather_tokens(x, self.idx, 1, backend=self.config.backend)
+        """(B, N (+ R), C) rows of every image token (and reference token) -> (B, K' (+ R), C) rows
+        this step computes (K' = K but under context parallelism, where the selection is padded
+        with repeats; the R reference rows always)."""
+        reference = self.geometry.reference
+        rows = ops.gather_tokens(x[:, :x.shape[1] - reference] if reference else x, self.idx, 1,
+                                 backend=self.config.backend)
+        return torch.cat([rows, x[:, -reference:]], dim=1) if reference else rows
 
     def on_output(self, out: Tensor) -> Tensor:
-        """Per-token model output (B, rows, C_out) -> the full (B, N, C_out) output of the step."""
+        """Per-token model output (B, rows (+ R), C_out) -> the full (B, N (+ R), C_out) output of
+        the step; the R reference rows pass through (the pipelines drop them)."""
+        reference = self.geometry.reference
+        if reference:
+            return torch.cat([self._image_output(out[:, :-reference]), out[:, -reference:]], dim=1)
+        return self._image_output(out)
+
+    def _image_output(self, out: Tensor) -> Tensor:
+        """on_output for the image tokens' rows (B, rows, C_out)."""
         mode = self.mode
         if self.by_error and self.caching and mode == "refresh":
             self.predicted.copy_(self._scored(self.cache.forecast_output()))

@@ -27,6 +27,8 @@ class CATStats:
     before the caches exist). padded_rows: rows per sample that a pruned step computes beyond
     its tokens_kept tokens, repeats of selected tokens (under context parallelism over W ranks,
     when W does not divide K: K is padded to a multiple of W); they cost MACs but compute no token.
+    reference_tokens: rows per sample that every step computes besides the image tokens (an
+    edit model's reference-image tokens): never selected or cached, counted in the MACs.
     branches: the guidance branches (cache_context names) the generation ran, each with its own
     caches and selection (a pipeline that calls the transformer once per CFG branch has two; one
     whose calls open no context, none). macs, macs_dense and cache_bytes count all branches;
@@ -45,6 +47,7 @@ class CATStats:
     recomputed: torch.Tensor | None = None
     padded_rows: int = 0
     branches: tuple[str, ...] = ()
+    reference_tokens: int = 0
 
     @property
     def mac_fraction(self) -> float:
@@ -78,7 +81,8 @@ class CATStats:
                                                "kept for the next generation" if self.cache_bytes else "")
         lines = [
             f"CAT Pruning on {self.family}: {len(self.steps)} steps ({modes}), "
-            f"batch {self.batch}{self._branches()}, {self.num_tokens} image tokens, {self.tokens_kept} kept "
+            f"batch {self.batch}{self._branches()}, {self.num_tokens} image tokens{self._reference()}, "
+            f"{self.tokens_kept} kept "
             f"(keep_ratio {cfg.keep_ratio}, full_steps {cfg.full_steps})" + self._padding(),
             f"  MACs {_si(self.macs)} of {_si(self.macs_dense)} dense: "
             f"{100 * self.mac_fraction:.1f}% ({self.mac_speedup:.2f}x ideal speedup)",
@@ -92,6 +96,10 @@ class CATStats:
             lines.insert(1, "  no step was pruned")
         lines += [f"  {s.step:>4}  {s.mode:<6}  {s.tokens:>6}" for s in self.steps]
         return "\n".join(lines)
+
+    def _reference(self) -> str:
+        r = self.reference_tokens
+        return f" (+ {r} reference token{'s' if r != 1 else ''}, computed at every step)" if r else ""
 
     def _branches(self) -> str:
         if len(self.branches) < 2:

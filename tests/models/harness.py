@@ -273,7 +273,8 @@ def check_meta_device(fam: Family, build, kw, out_shape=None):
 
 def check_real_config_macs_on_meta(fam: Family, model_cls, adapter, name: str, *, num_tokens: int,
                                    tokens_kept: int, **patch_kw):
-    """adapter.REAL_CONFIGS[name] on the meta device in bf16: 10 steps, 8 of them dense."""
+    """adapter.REAL_CONFIGS[name] on the meta device in bf16: 10 steps, 8 of them dense; returns
+    the stats."""
     config, gen = adapter.REAL_CONFIGS[name]
     with torch.device("meta"):
         model = model_cls(**config).to(torch.bfloat16)
@@ -283,6 +284,7 @@ def check_real_config_macs_on_meta(fam: Family, model_cls, adapter, name: str, *
     s = cat_pruning.stats(model)
     assert s.num_tokens == num_tokens and s.tokens_kept == tokens_kept
     assert 0.5 < s.mac_fraction < 1.0
+    return s
 
 
 def check_compile_fullgraph(fam: Family, model, kw, patch_kw: dict | None = None):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import harness
 import pytest
 import torch
@@ -55,9 +57,12 @@ class OracleProcessor:
         q, k = (apply_rotary_emb_qwen(x, img_freqs, use_real=False) for x in (q, k))
         cq, ck = (apply_rotary_emb_qwen(x, txt_freqs, use_real=False) for x in (cq, ck))
         b, n = self.selected.shape[:2]
-        k = torch.where(self.selected, k, self.k_cache.view(b, n, attn.heads, -1))
-        v = torch.where(self.selected, v, self.v_cache.view(b, n, attn.heads, -1))
-        mask = torch.cat([encoder_hidden_states_mask, torch.ones(b, n, dtype=torch.bool)], 1)[:, None, None, :]
+        reference = hidden_states.shape[1] - n  # reference-image rows after the image's: always computed
+        selected = F.pad(self.selected, (0, 0, 0, 0, 0, reference), value=True)
+        k = torch.where(selected, k, F.pad(self.k_cache.view(b, n, attn.heads, -1), (0, 0, 0, 0, 0, reference)))
+        v = torch.where(selected, v, F.pad(self.v_cache.view(b, n, attn.heads, -1), (0, 0, 0, 0, 0, reference)))
+        mask = torch.cat([encoder_hidden_states_mask, torch.ones(b, n + reference, dtype=torch.bool)], 1)
+        mask = mask[:, None, None, :]
         q, k, v = torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         out = out.transpose(1, 2).flatten(2)
@@ -75,6 +80,45 @@ def test_pruned_steps_match_masked_dense_oracle(store):
     harness.check_pruned_steps_match_oracle(QWEN, tiny_qwen(), kw, OracleProcessor, lambda o: o,
                                             kw["hidden_states"].shape[1], extra_steps=1, check_idx=own_selections,
                                             patch_kw=store)
+
+
+# Reference images (the Edit models): a 3x2 and a 2x2 grid after the 6x5 image, 10 rows always computed
+REFERENCE = ((3, 2), (2, 2))
+
+
+@pytest.mark.parametrize("zero_cond_t", [False, True], ids=["edit", "edit-2511"])
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_reference_images_keep_ratio_one_equals_dense(store, zero_cond_t):
+    harness.check_keep_ratio_one_equals_dense(QWEN, tiny_qwen(zero_cond_t=zero_cond_t), inputs(reference=REFERENCE),
+                                              TOL[torch.float32], patch_kw=store)
+
+
+@pytest.mark.parametrize("zero_cond_t", [False, True], ids=["edit", "edit-2511"])
+@pytest.mark.parametrize("store", harness.STATEFUL_STORES.values(), ids=harness.STATEFUL_STORES.keys())
+def test_reference_images_pruned_steps_match_masked_dense_oracle(store, zero_cond_t):
+    """The reference rows are computed at every step, never selected or cached: the oracle
+    computes them in full; the image's rows of the output are checked (the pipelines drop the
+    reference rows), the reference rows come back in their place, as the model computed them."""
+    kw = inputs(batch=2, seed=12, reference=REFERENCE)
+    n = 30
+    rows = []
+
+    def check_idx(idx):
+        assert int(idx.max()) < n  # only image tokens are selected
+
+    model = tiny_qwen(zero_cond_t=zero_cond_t)
+    model.register_forward_hook(lambda m, a, out: rows.append(out[0].shape[1]))
+    harness.check_pruned_steps_match_oracle(QWEN, model, kw, OracleProcessor, lambda o: o[:, :n], n,
+                                            extra_steps=1, check_idx=check_idx, patch_kw=store)
+    assert set(rows) == {n + 10}  # every call returns the image's and the reference rows
+    s = cat_pruning.stats(model)
+    assert s.num_tokens == n and s.reference_tokens == 10 and "(+ 10 reference tokens" in str(s)
+
+
+@pytest.mark.parametrize("zero_cond_t", [False, True], ids=["edit", "edit-2511"])
+def test_reference_images_stats_macs_match_flop_counter(zero_cond_t):
+    kw = inputs(batch=2, height=8, width=7, seed=10, padded=False, reference=REFERENCE)
+    harness.check_macs_match_flop_counter(QWEN, tiny_qwen(zero_cond_t=zero_cond_t), kw, 17)
 
 
 def test_the_text_mask_reaches_the_pruned_steps():
@@ -121,6 +165,9 @@ def test_real_config_macs_on_meta():
 
     harness.check_real_config_macs_on_meta(QWEN, QwenImageTransformer2DModel, qwenimage, "qwen-image-1328",
                                            num_tokens=6889, tokens_kept=2067)
+    edit = harness.check_real_config_macs_on_meta(QWEN, QwenImageTransformer2DModel, qwenimage,
+                                                  "qwen-image-edit-2511-1024", num_tokens=4096, tokens_kept=1229)
+    assert edit.reference_tokens == 4096
 
 
 @pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
@@ -139,15 +186,19 @@ def test_unsupported_cases_are_refused():
     model.disable_cache()
     cat_pruning.patch(model, backend="torch")
     kw, t = inputs(), torch.ones(2)
-    with pytest.raises(ValueError, match="reference-image tokens"):
+    with pytest.raises(ValueError, match="a 6x5 token grid and 30 reference tokens for 30 rows"):
         model(**{**kw, "img_shapes": [[(1, 6, 5), (1, 6, 5)]] * 2}, timestep=t)
     with pytest.raises(ValueError, match="ControlNet"):
         model(**kw, timestep=t, controlnet_block_samples=[torch.ones(1)])
+    model._parallel_config = object()  # as after enable_parallelism (no parallel config CAT would read)
+    with pytest.raises(ValueError, match="reference images .* model parallelism are not supported yet"):
+        model(**inputs(reference=REFERENCE), timestep=t)
+    del model._parallel_config
     cat_pruning.unpatch(model)
-    edit = tiny_qwen(layers=1)
-    edit.register_to_config(zero_cond_t=True)
-    with pytest.raises(ValueError, match="zero_cond_t"):
-        cat_pruning.patch(edit)
+    layered = tiny_qwen(layers=1)
+    layered.register_to_config(use_layer3d_rope=True)
+    with pytest.raises(ValueError, match="use_layer3d_rope"):
+        cat_pruning.patch(layered)
 
 
 def tiny_pipeline():
@@ -180,3 +231,41 @@ def test_pipeline_true_cfg_runs_both_branches_and_keep_ratio_one_equals_dense():
 
     harness.check_pipeline(QWEN, tiny_pipeline(),
                            lambda pipe: pipe(**kw, generator=torch.Generator().manual_seed(0)).images, check_pruned)
+
+
+@pytest.mark.parametrize("cls_name", ["QwenImageEditPipeline", "QwenImageEditPlusPipeline"])
+def test_edit_pipeline_reference_tokens_are_computed_not_pruned(cls_name, monkeypatch):
+    """The stock Qwen-Image-Edit pipelines (prompt embeddings given, no text encoder or
+    processor) with true CFG: the reference image's latents follow the image's in every call,
+    every step computes them, the pipeline drops their rows; keep_ratio 1 equals dense, pruned
+    calls repeat exactly, unpatch restores dense. The pipelines size the reference to about 1024²
+    pixels; here to 32x32 (4x4 tokens) to keep the test small."""
+    import diffusers
+    from PIL import Image
+    from qwen_models import JOINT_DIM, TEXT_TOKENS
+
+    module = sys.modules[getattr(diffusers, cls_name).__module__]
+    sized = module.calculate_dimensions  # (target area, ratio) -> width, height (, ...)
+    monkeypatch.setattr(module, "calculate_dimensions", lambda area, ratio: sized(32 * 32, ratio))
+    base = tiny_pipeline()
+    pipe = getattr(diffusers, cls_name)(scheduler=base.scheduler, vae=base.vae, text_encoder=None, tokenizer=None,
+                                        processor=None, transformer=base.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(7)
+    emb = torch.randn(1, TEXT_TOKENS, JOINT_DIM, generator=g)
+    image = Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy())
+    kw = dict(image=image, prompt_embeds=emb, prompt_embeds_mask=torch.ones(1, TEXT_TOKENS, dtype=torch.long),
+              negative_prompt_embeds=emb + 1, negative_prompt_embeds_mask=torch.ones(1, TEXT_TOKENS, dtype=torch.long),
+              true_cfg_scale=3.0, height=48, width=40, num_inference_steps=STEPS, output_type="latent")  # fmt: skip
+    rows = []
+    pipe.transformer.register_forward_hook(lambda m, a, k, out: rows.append(k["hidden_states"].shape[1]),
+                                           with_kwargs=True)
+
+    def check_pruned(pipe):
+        s = cat_pruning.stats(pipe)
+        assert s.branches == ("cond", "uncond") and s.num_tokens == 30 and s.reference_tokens == 16
+        assert "pruned" in [st.mode for st in s.steps]
+
+    harness.check_pipeline(QWEN, pipe, lambda p: p(**kw, generator=torch.Generator().manual_seed(0)).images,
+                           check_pruned)
+    assert set(rows) == {30 + 16}  # the pipeline always passes the image's and the reference's latents

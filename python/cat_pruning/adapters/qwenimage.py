@@ -23,10 +23,18 @@ The pipeline calls the transformer once per CFG branch inside ``transformer.cach
 The token grid comes from ``img_shapes`` ([(1, h, w)] per sample), which is also what the
 clustering uses.
 
-Not supported yet (a clear error): the Edit models' reference-image tokens (more than one entry
-in a sample's ``img_shapes``, ``zero_cond_t``), the layered 3D rotary (``use_layer3d_rope``),
-ControlNet residuals, diffusers' own caching (``enable_cache``), and diffusers older than 0.42
-(whose processor ignores the text mask: another computation to match).
+The Edit models (QwenImageEditPipeline, QwenImageEditPlusPipeline; Qwen-Image-Edit-2511's
+``zero_cond_t``) append the reference images' latent tokens to the image's: a sample's
+``img_shapes`` lists the image's grid, then each reference's. The reference tokens are rows of the
+image stream that every step computes (``Geometry.reference``): never selected, cached or
+forecast, their K/V rows attended as computed, their MACs counted, their output rows passed
+through (the pipelines drop them). The patch-embedding gather and the rotary hook keep them after
+the selected rows; under ``zero_cond_t`` a pre-hook on every block gathers ``modulate_index``
+(which of the two timestep modulations each row takes) the same way.
+
+Not supported yet (a clear error): reference images under model parallelism, the layered 3D rotary
+(``use_layer3d_rope``), ControlNet residuals, diffusers' own caching (``enable_cache``), and
+diffusers older than 0.42 (whose processor ignores the text mask: another computation to match).
 
 diffusers' model parallelism (cat_pruning.parallel). Qwen-Image's context-parallel plan splits
 the sequence at the first block's input, after ``img_in``, so a pruned step's K rows are gathered
@@ -40,6 +48,7 @@ rank's heads.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -63,6 +72,13 @@ REAL_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
              num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
         dict(side=83, text=256, batch=1),
     ),
+    # Qwen-Image-Edit-2511 at 1024x1024 with one 1024x1024 reference image: the same transformer with
+    # zero_cond_t; 64x64 = 4096 image tokens and 4096 reference tokens (computed at every step)
+    "qwen-image-edit-2511-1024": (
+        dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+             num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56), zero_cond_t=True),
+        dict(side=64, reference=64, text=256, batch=1),
+    ),
 }
 
 
@@ -70,13 +86,13 @@ def real_inputs(config: dict[str, Any], gen: dict[str, int], device: str | torch
                 dtype: torch.dtype) -> dict[str, Any]:
     """Keyword arguments of one transformer call of a REAL_CONFIGS generation (random values;
     empty tensors on the meta device), timestep excluded."""
-    b, side, t = gen["batch"], gen["side"], gen["text"]
+    b, side, t, ref = gen["batch"], gen["side"], gen["text"], gen.get("reference", 0)
     rand = random_inputs(device, dtype)
     return dict(
-        hidden_states=rand(b, side * side, config["in_channels"]),
+        hidden_states=rand(b, side * side + ref * ref, config["in_channels"]),
         encoder_hidden_states=rand(b, t, config["joint_attention_dim"]),
         encoder_hidden_states_mask=torch.ones(b, t, dtype=torch.bool, device=device),
-        img_shapes=[[(1, side, side)]] * b,
+        img_shapes=[[(1, side, side), *([(1, ref, ref)] if ref else [])]] * b,
     )
 
 
@@ -87,24 +103,23 @@ def rotate(x: Tensor, freqs: Tensor) -> Tensor:
     return torch.view_as_real(x_complex * freqs.unsqueeze(-2)).flatten(3).type_as(x)
 
 
-def grid_of(img_shapes: Any) -> tuple[int, int]:
-    """(height, width) in tokens of a call's img_shapes: [(1, h, w)] or [[(1, h, w)]] per sample."""
+def grid_of(img_shapes: Any) -> tuple[int, int, int]:
+    """(height, width, reference) of a call's img_shapes, [(1, h, w), ...] or [[(1, h, w), ...]]
+    per sample: the image's token grid (the first entry) and the tokens of the reference images
+    after it (the Edit models; 0 for text-to-image)."""
     if not img_shapes:
         raise ValueError("cat_pruning: Qwen-Image was called without img_shapes")
     shapes = set()
     for sample in img_shapes:
         entries = sample if isinstance(sample, list) else [sample]
-        if len(entries) != 1:
-            raise ValueError(
-                "cat_pruning: this Qwen-Image call carries reference-image tokens (the Edit models: "
-                f"{len(entries)} entries in a sample's img_shapes); they are not supported yet, unpatch to run it")
-        shapes.add(tuple(entries[0]))
+        reference = sum(math.prod(entry) for entry in entries[1:])
+        shapes.add((*tuple(entries[0]), reference))
     if len(shapes) != 1:
         raise ValueError(f"cat_pruning: the samples of one Qwen-Image call have different sizes {sorted(shapes)}")
-    frames, height, width = shapes.pop()
+    frames, height, width, reference = shapes.pop()
     if frames != 1:
         raise ValueError(f"cat_pruning: Qwen-Image with {frames} frames per sample is not supported")
-    return height, width
+    return height, width, reference
 
 
 class CATQwenAttnProcessor(CachedAttentionProcessor):
@@ -175,10 +190,9 @@ class QwenImageAdapter(Adapter):
                 f"cat_pruning: Qwen-Image needs diffusers >= {'.'.join(map(str, MIN_DIFFUSERS))} (this is "
                 f"{diffusers.__version__}, whose attention ignores the text padding mask); upgrade diffusers")
         refuse_diffusers_cache(model)
-        for flag, what in (("zero_cond_t", "the Edit models' reference-image conditioning (zero_cond_t)"),
-                           ("use_layer3d_rope", "the layered 3D rotary (use_layer3d_rope)")):  # fmt: skip
-            if model.config.get(flag, False):
-                raise ValueError(f"cat_pruning: {what} is not supported yet; unpatch to run this model")
+        if model.config.get("use_layer3d_rope", False):
+            raise ValueError("cat_pruning: the layered 3D rotary (use_layer3d_rope) is not supported yet; unpatch to "
+                             "run this model")
         super().check_model(model)
         get_submodule(model, "pos_embed")
 
@@ -200,16 +214,30 @@ class QwenImageAdapter(Adapter):
             if state.mode != "pruned":
                 return None
             img_freqs, txt_freqs = output  # (under context parallelism: this rank's rows)
-            idx, shard = state.idx, state.shard
+            idx, shard, reference = state.idx, state.shard, state.geometry.reference
             if shard.cp_world > 1:  # this rank's share of the selection, from the table of all N tokens
                 share = idx.shape[1] // shard.cp_world
                 idx = idx[:, shard.cp_rank * share:(shard.cp_rank + 1) * share]
                 img_freqs = type(module).forward(module, *args, **kwargs)[0]  # the class's: before diffusers' split
+            if reference:  # the reference images' rows follow the image's, all of them
+                tail = img_freqs[-reference:].expand(idx.shape[0], -1, -1)
+                return torch.cat([img_freqs[:-reference][idx], tail], dim=1), txt_freqs
             return img_freqs[idx], txt_freqs  # (B, K, D/2): each sample's selected rows
+
+        def modulation_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            # zero_cond_t (Qwen-Image-Edit-2511): which of the two modulations each row takes, (B, N + R)
+            index = kwargs.get("modulate_index")
+            if index is None or state.mode != "pruned":
+                return None
+            n = state.geometry.num_tokens
+            rows = torch.cat([index[:, :n].gather(1, state.idx), index[:, n:]], dim=1)
+            return args, {**kwargs, "modulate_index": rows}
 
         return [
             model.register_forward_pre_hook(pre_hook, with_kwargs=True),
             model.pos_embed.register_forward_hook(rope_hook, with_kwargs=True),
+            *(block.register_forward_pre_hook(modulation_hook, with_kwargs=True)
+              for block in model.transformer_blocks),
         ]
 
     def check_call(self, args: tuple, kwargs: dict) -> None:
@@ -217,12 +245,16 @@ class QwenImageAdapter(Adapter):
             raise ValueError("cat_pruning: ControlNet residuals are not supported yet; unpatch to use ControlNet")
 
     def geometry(self, model: nn.Module, args: tuple, kwargs: dict) -> Geometry:
-        hidden = hidden_states_arg(args, kwargs)  # packed tokens (B, N, C); the grid is in img_shapes
-        height, width = grid_of(kwargs.get("img_shapes"))
-        b, n, _ = hidden.shape
-        if height * width != n:
-            raise ValueError(f"cat_pruning: img_shapes gives a {height}x{width} token grid for {n} image tokens")
-        return Geometry(b, height, width, hidden.dtype, hidden.device)
+        hidden = hidden_states_arg(args, kwargs)  # packed tokens (B, N + R, C); the grids are in img_shapes
+        height, width, reference = grid_of(kwargs.get("img_shapes"))
+        b, rows, _ = hidden.shape
+        if height * width + reference != rows:
+            raise ValueError(f"cat_pruning: img_shapes gives a {height}x{width} token grid and {reference} reference "
+                             f"tokens for {rows} rows of hidden_states")
+        if reference and getattr(model, "_parallel_config", None) is not None:
+            raise ValueError("cat_pruning: reference images (Qwen-Image-Edit) under diffusers' model parallelism are "
+                             "not supported yet; run them in one process per GPU (data parallelism)")
+        return Geometry(b, height, width, hidden.dtype, hidden.device, reference)
 
     def cache_layout(self, model: nn.Module, geometry: Geometry, shard: Sharding = NONE) -> CacheLayout:
         """(B, N, H*D) K (after rotation) and V caches: the layout the processor produces (H: this
