@@ -170,6 +170,8 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
             if state.driver != "auto":
                 generation.count_forward(state)
         geometry = adapter.geometry(module, args, kwargs)
+        if state.reference_rows:  # the pipeline call said its input carries reference rows
+            geometry = geometry.with_reference(state.reference_rows)
         _check_dtype(geometry.dtype)
         if not compiling and state.driver != "pipeline" and geometry.device.type != "meta":
             # a bare loop: a step whose timestep moves back starts a generation (cat_pruning.generation)

@@ -223,6 +223,7 @@ def start_generation(p: Any, pipeline: Any) -> None:
     state.driver = "pipeline"
     p.watch.clear()
     p.adapter.check_pipeline(pipeline)
+    state.reference_rows = p.adapter.reference_rows(pipeline)
     cfg = state.config.cfg_pairs
     state.cfg_pairs = p.adapter.cfg_pairs(pipeline) if cfg is None else cfg
     full = state.config.full_steps

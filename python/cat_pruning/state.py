@@ -135,6 +135,12 @@ class Geometry:
     def num_tokens(self) -> int:
         return self.height * self.width
 
+    def with_reference(self, rows: int) -> Geometry:
+        """A flat token list (height 1) whose last `rows` tokens are reference rows."""
+        if self.height != 1 or self.reference or rows >= self.width:
+            raise ValueError(f"cat_pruning: {rows} reference rows cannot follow the image tokens of {self}")
+        return dataclasses.replace(self, width=self.width - rows, reference=rows)
+
 
 class CATState:
     """Everything one patched model remembers between the steps of a generation."""
@@ -170,6 +176,9 @@ class CATState:
         self.step = 0
         self.num_steps = num_steps
         self.mode = self.config.mode(0, num_steps)
+        # rows after the image tokens that the running pipeline call says its transformer input
+        # carries (FLUX.2's reference images: Adapter.reference_rows), set after this reset
+        self.reference_rows = 0
         # the buffers of the branches that ran are kept for the next generation (_buffer); the
         # others' go back to the allocator
         ran = {*getattr(self, "_parked", {}), *([self.branch] if getattr(self, "geometry", None) is not None else [])}

@@ -150,8 +150,34 @@ def test_pipeline_patch_runs_twice_and_keep_ratio_one_equals_dense():
     harness.check_pipeline(FLUX2, tiny_pipeline(), lambda pipe: pipe(**pipeline_kwargs()).images, check_pruned)
 
 
+def test_pipeline_reference_images_are_computed_not_pruned():
+    """Flux2Pipeline with reference images: their latents (and ids) follow the image's in every
+    transformer input; every step computes them, they are never selected, the pipeline keeps the
+    image's rows of the output. keep_ratio 1 equals dense (the reference rows' rotary rows follow
+    the selected ones), pruned calls repeat, unpatch restores dense."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(3)
+    references = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+                  for h, w in ((64, 96), (64, 64))]  # fmt: skip
+    pipe = tiny_pipeline()
+    rows = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, k: rows.append(k["hidden_states"].shape[1]),
+                                               with_kwargs=True)
+
+    def check_pruned(pipe):
+        s = cat_pruning.stats(pipe)
+        assert s.num_tokens == 30 and s.reference_tokens == rows[-1] - 30 > 0 and "pruned" in [st.mode for st in
+                                                                                              s.steps]
+        assert int(pipe.transformer._cat_pruning.state.idx.max()) < 30  # only image tokens are selected
+
+    harness.check_pipeline(FLUX2, pipe, lambda p: p(image=references, **pipeline_kwargs(batch=1)).images,
+                           check_pruned)
+    assert len(set(rows)) == 1 and rows[0] > 30
+
+
 @pytest.mark.parametrize("cfg_pairs", [None, False], ids=["cfg-auto", "cfg-given"])
-def test_reference_and_condition_images_and_kv_cache_are_refused(cfg_pairs):
+def test_condition_images_and_kv_cache_are_refused(cfg_pairs):
     """Refused before any pruned step, also when the config gives cfg_pairs (which skips reading
     the pipeline's guidance)."""
     from PIL import Image
@@ -162,11 +188,6 @@ def test_reference_and_condition_images_and_kv_cache_are_refused(cfg_pairs):
     for kv in (dict(kv_cache_mode="extract", num_ref_tokens=4), dict(kv_cache=object())):
         with pytest.raises(ValueError, match="kv_cache_mode"):
             model(**inputs(), timestep=t, **kv)
-    reference = Image.new("RGB", (64, 64), (200, 30, 40))
-    pipe = tiny_pipeline()
-    cat_pruning.patch(pipe, keep_ratio=0.3, full_steps=FULL, backend="torch", cfg_pairs=cfg_pairs)
-    with pytest.raises(ValueError, match="reference images"):
-        pipe(image=reference, **pipeline_kwargs(batch=1))
     if not hasattr(__import__("diffusers"), "Flux2KleinInpaintPipeline"):
         return  # diffusers before 0.42 has no Klein pipelines
     inpaint = tiny_pipeline("Flux2KleinInpaintPipeline", is_distilled=True)

@@ -63,6 +63,12 @@ class Adapter:
         """Raise ValueError for a pipeline call this adapter does not handle (read when the call
         sets its timesteps, in eager code, whatever cfg_pairs the config gives)."""
 
+    def reference_rows(self, pipeline: Any) -> int:
+        """Rows after the image tokens that the pipeline call now setting its timesteps puts in
+        every transformer input (FLUX.2's reference images), for families whose calls do not say
+        it themselves: every step computes them (Geometry.reference). Read in eager code."""
+        return 0
+
     def cfg_pairs(self, pipeline: Any) -> bool:
         """Whether the pipeline call now setting its timesteps runs classifier-free guidance, i.e.
         its transformer batch is two CFG halves (read once per call, in eager code)."""

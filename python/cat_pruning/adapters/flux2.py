@@ -16,10 +16,19 @@ Seams (diffusers 0.36 to 0.42), as for Flux.1 (cat_pruning.adapters.flux) except
 
 The clustering positions are the (row, column) columns 1 and 2 of ``img_ids`` (t, h, w, l).
 
-Not supported (a clear error): reference-image tokens (FLUX.2's image editing: the pipelines'
-``image`` argument, ``kv_cache_mode``), Klein inpainting (its condition image's tokens follow the
-image's), diffusers' own caching (``enable_cache``), attention masks. Reference tokens passed to a
-bare transformer are not detected: they would be selected and pruned like image tokens.
+Reference images (the pipelines' ``image`` argument: Flux2Pipeline, Klein) append their latents
+and ids to the image's in every transformer call and the pipeline keeps the image's rows of the
+output. The call itself does not say where the image's tokens end, so the pipeline does: at the
+call's start (its timesteps) the adapter reads the running call's ``image_latents`` (B, R, C)
+and the generation's geometry ends N rows before the input's end (``Geometry.reference``, as
+Qwen-Image-Edit's): every step computes the R reference rows, never selected, cached or
+forecast; the rotary hook puts their rows (shared by the samples) after the selected ones.
+
+Not supported (a clear error): the KV-cache mode (``kv_cache_mode``: Klein KV), Klein inpainting
+(its condition image's tokens follow the image's), reference images under model parallelism,
+diffusers' own caching (``enable_cache``), attention masks. Reference tokens passed to a bare
+transformer (no pipeline call) are not detected: they would be selected and pruned like image
+tokens.
 
 diffusers' model parallelism works as on Flux.1 (cat_pruning.parallel): under Ulysses context
 parallelism the model's pre-hook gathers the K selected rows before diffusers splits the
@@ -106,10 +115,14 @@ class CATFlux2AttnProcessor(CATFluxAttnProcessor):
         if state.mode != "pruned":
             return image_rotary_emb
         batch, k = state.idx.shape[0], state.idx.shape[1] // state.shard.cp_world  # this rank's rows
+        reference = state.geometry.reference  # rows shared by the samples after their selected rows
 
-        def per_sample(freqs: Tensor) -> Tensor:  # (T + B * K, D) -> (B, T + K, D)
-            text = freqs.shape[0] - batch * k
-            return torch.cat([freqs[:text].expand(batch, -1, -1), freqs[text:].view(batch, k, -1)], dim=1)
+        def per_sample(freqs: Tensor) -> Tensor:  # (T + B * K + R, D) -> (B, T + K + R, D)
+            text = freqs.shape[0] - batch * k - reference
+            parts = [freqs[:text].expand(batch, -1, -1), freqs[text:text + batch * k].view(batch, k, -1)]
+            if reference:
+                parts.append(freqs[text + batch * k:].expand(batch, -1, -1))
+            return torch.cat(parts, dim=1)
 
         return per_sample(image_rotary_emb[0]), per_sample(image_rotary_emb[1])
 
@@ -161,12 +174,24 @@ class Flux2Adapter(FluxAdapter):
         if name in CONDITION_TOKEN_PIPELINES:
             raise ValueError(f"cat_pruning: {name} adds its condition image's tokens to the image sequence, which "
                              "FLUX.2's patch does not support yet; unpatch to use it")
-        if pipeline_call_local(pipeline, "image") is not None:
-            raise ValueError(f"cat_pruning: FLUX.2 with reference images ({name}'s image argument) is not supported "
-                             "yet: their tokens would be pruned like the image's; unpatch to use them")
+        if pipeline_call_local(pipeline, "image") is not None and self._reference_latents(pipeline) is None:
+            raise ValueError(f"cat_pruning: {name}'s reference images (its image argument) reach the transformer "
+                             "in a way FLUX.2's patch does not know (no image_latents); unpatch to use them")
         if getattr(pipeline, "do_classifier_free_guidance", False) and not opens_cache_context(type(pipeline)):
             raise ValueError(f"cat_pruning: CFG on {name} calls the transformer twice per step without "
                              "transformer.cache_context; unpatch to use it")
+
+    @staticmethod
+    def _reference_latents(pipeline: Any) -> Tensor | None:
+        """The reference images' packed latents (B, R, C) of the running call: Flux2Pipeline and
+        Klein append them to the image's latents in every transformer input (and their ids to the
+        image's ids), then keep the first N rows of the output."""
+        latents = pipeline_call_local(pipeline, "image_latents")
+        return latents if isinstance(latents, Tensor) and latents.ndim == 3 else None
+
+    def reference_rows(self, pipeline: Any) -> int:
+        latents = self._reference_latents(pipeline)
+        return 0 if latents is None else latents.shape[1]
 
     def install_hooks(self, model: nn.Module, state: CATState) -> list:
         seen: dict[str, Any] = {"rope_calls": 0}  # fixed keys: torch.compile guards on them
@@ -178,8 +203,12 @@ class Flux2Adapter(FluxAdapter):
             img_ids = kwargs.get("img_ids", args[3] if len(args) > 3 else None)
             if img_ids is None:
                 raise ValueError("cat_pruning: FLUX.2 was called without img_ids")
-            seen["img_ids"] = img_ids[0] if img_ids.ndim == 3 else img_ids  # all N, before any split
-            state.positions = seen["img_ids"][:, 1:3].float()
+            seen["img_ids"] = img_ids[0] if img_ids.ndim == 3 else img_ids  # all N (+ R), before any split
+            reference = state.geometry.reference  # (the patch's pre-hook ran first: this call's geometry)
+            if reference and state.shard is not NONE:
+                raise ValueError("cat_pruning: FLUX.2 reference images under diffusers' model parallelism are not "
+                                 "supported yet; run them in one process per GPU (data parallelism)")
+            state.positions = seen["img_ids"][:state.geometry.num_tokens, 1:3].float()
             seen["rope_calls"] = 0
             return self.gather_before_split(state, args, kwargs)
 
@@ -187,12 +216,14 @@ class Flux2Adapter(FluxAdapter):
             seen["rope_calls"] += 1
             if seen["rope_calls"] != 1 or state.mode != "pruned":  # the first call is the image's
                 return None
-            shard, n = state.shard, state.geometry.num_tokens
-            if output[0].shape[0] != n // shard.cp_world:
+            shard, n, reference = state.shard, state.geometry.num_tokens, state.geometry.reference
+            if output[0].shape[0] != n // shard.cp_world + reference:
                 raise RuntimeError(f"cat_pruning: FLUX.2's first rotary call has {output[0].shape[0]} rows, "
-                                   f"expected the {n // shard.cp_world} image tokens of this rank (diffusers "
-                                   "changed its forward?)")
+                                   f"expected the {n // shard.cp_world + reference} image and reference tokens of "
+                                   "this rank (diffusers changed its forward?)")
             idx = state.idx
+            if reference:  # the reference rows after every sample's selected rows, once
+                return tuple(torch.cat([x[:n][idx].flatten(0, 1), x[n:]]) for x in output)
             if shard.cp_world > 1:  # this rank's share of the selection, from the table of all N tokens
                 share = idx.shape[1] // shard.cp_world
                 idx = idx[:, shard.cp_rank * share:(shard.cp_rank + 1) * share]
