@@ -379,22 +379,31 @@ def is_patched(obj: Any) -> bool:
     return _get(obj) is not None
 
 
-def reset(obj: Any, num_steps: int | None = None) -> None:
+def reset(obj: Any, num_steps: int | None = None, reference_tokens: int = 0) -> None:
     """Start a new generation: the next forward is step 0. Pipelines do this at every call (also
     when only their transformer is patched); a bare denoising loop calls it before each generation.
 
     Args:
         num_steps: the generation's number of denoising steps, which CATConfig.final_full_steps
             needs to find the last steps (a pipeline knows it); None (default): not known.
+        reference_tokens: rows at the end of every image input of this generation that are not
+            image tokens: reference images appended to the image's (FLUX.2's image editing). Every
+            step computes them; they are never selected or cached. A pipeline call says it itself
+            (Flux2Pipeline's image argument), and so do Qwen-Image's calls (img_shapes); a bare
+            FLUX.2 transformer cannot tell them from image tokens, so a loop that passes them
+            gives their number here (0, the default: none).
     """
     if num_steps is not None and (not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1):
         raise ValueError(f"cat_pruning.reset: num_steps must be an int >= 1 or None, got {num_steps!r}")
+    if not isinstance(reference_tokens, int) or isinstance(reference_tokens, bool) or reference_tokens < 0:
+        raise ValueError(f"cat_pruning.reset: reference_tokens must be an int >= 0, got {reference_tokens!r}")
     p = _require(obj)
     _sync(p)
     if p.pipeline is None:
         generation.start_bare_generation(p, num_steps)
     else:
         p.state.reset(num_steps)
+    p.state.reference_rows = reference_tokens
 
 
 def advance(obj: Any) -> None:

@@ -267,7 +267,9 @@ def restart(p: Any, restart: Restart) -> None:
     """A bare loop's timestep moved back (cat_pruning.generation): a new generation started without
     reset(). Seen before the step runs, the state resets and says so; seen late, steps ran on the
     last generation's caches, so the patch resets and refuses to go on."""
-    p.state.reset(p.state.num_steps)  # a loop that restarts runs as many steps as before
+    reference = p.state.reference_rows
+    p.state.reset(p.state.num_steps)  # a loop that restarts runs as many steps as before, on the same inputs
+    p.state.reference_rows = reference
     moved = f"the timestep went from {restart.before:g} back to {restart.now:g}"
     advice = ("call cat_pruning.reset(transformer) before each generation of a bare denoising loop (or patch "
               "the pipeline, which starts one at every call)")

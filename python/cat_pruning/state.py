@@ -137,8 +137,15 @@ class Geometry:
 
     def with_reference(self, rows: int) -> Geometry:
         """A flat token list (height 1) whose last `rows` tokens are reference rows."""
-        if self.height != 1 or self.reference or rows >= self.width:
-            raise ValueError(f"cat_pruning: {rows} reference rows cannot follow the image tokens of {self}")
+        if self.reference:
+            raise ValueError("cat_pruning: reference tokens were given (reset(reference_tokens=...)) but this "
+                             "family's calls say their reference rows themselves (Qwen-Image's img_shapes); "
+                             "leave reference_tokens at 0")
+        if self.height != 1:
+            raise ValueError("cat_pruning: reference tokens (reset(reference_tokens=...)) are for families whose "
+                             "image tokens come as a flat list (FLUX.2); this one's are a grid")
+        if rows >= self.width:
+            raise ValueError(f"cat_pruning: {rows} reference tokens, but the input has only {self.width} rows")
         return dataclasses.replace(self, width=self.width - rows, reference=rows)
 
 

@@ -191,6 +191,32 @@ def check_pruned_steps_match_oracle(fam: Family, model, kw, processor, to_tokens
     assert checked == pruned > 0
 
 
+def check_reference_rows(fam: Family, build, kw, reference: int, patch_kw: dict | None = None):
+    """kw's inputs end in `reference` rows that are not image tokens, declared with
+    reset(reference_tokens=...): keep_ratio 1 equals dense over a generation with pruned steps;
+    at keep_ratio 0.3 the selection never takes a reference row and every step computes them."""
+    dense = fam.run(build(), kw, fam.steps)
+    n = kw["hidden_states"].shape[1] - reference
+    for keep in (1.0, 0.3):
+        model = build()
+        cat_pruning.patch(model, keep_ratio=keep, full_steps=fam.full, backend="torch", final_full_steps=0,
+                          **(patch_kw or {}))
+        cat_pruning.reset(model, reference_tokens=reference)
+        state, picked = model._cat_pruning.state, []
+
+        def record(*_, state=state, picked=picked):
+            if state.mode == "pruned":
+                picked.append(state.idx.clone())
+
+        model.register_forward_pre_hook(record)
+        outs = fam.run(model, kw, fam.steps)
+        s = cat_pruning.stats(model)
+        assert s.num_tokens == n and s.reference_tokens == reference and "pruned" in {st.mode for st in s.steps}
+        assert picked and all(int(idx.max()) < n for idx in picked)
+        if keep == 1.0:
+            assert_all_close(outs, dense, F32)
+
+
 def check_unpatch_bitwise(fam: Family, model, kw, *, patch_twice: bool = True, detour: dict | None = None,
                           after_unpatch=None):
     """Unpatching restores the dense outputs bitwise and leaves no cat_pruning processor behind

@@ -276,3 +276,42 @@ def test_unsupported_cases_are_refused():
     model.fuse_qkv_projections()
     with pytest.raises(ValueError, match="fused"):
         cat_pruning.patch(model)
+
+
+
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_declared_reference_rows_keep_ratio_one_equals_dense(store):
+    """A bare loop whose inputs carry 6 reference rows after the 30 image tokens (as Kontext's)
+    declares them with reset(reference_tokens=6): computed at every step, never selected."""
+    harness.check_reference_rows(FLUX, tiny_flux, inputs(height=6, width=6), 6, patch_kw=store)
+
+
+def test_kontext_reference_image_is_computed_not_pruned():
+    """FluxKontextPipeline: the reference image's latents (and ids) follow the image's in every
+    transformer input; the pipeline call says how many (its image_latents), every step computes
+    them, only image tokens are selected, the pipeline keeps the image's rows. keep_ratio 1
+    equals dense, pruned calls repeat, unpatch restores dense. (max_area: Kontext scales the
+    output towards 1024² pixels otherwise.)"""
+    from diffusers import FluxKontextPipeline
+    from PIL import Image
+
+    base = tiny_pipeline()
+    pipe = FluxKontextPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=None, tokenizer=None,
+                               text_encoder_2=None, tokenizer_2=None, transformer=base.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(4)
+    reference = Image.fromarray((torch.rand(16, 24, 3, generator=g) * 255).to(torch.uint8).numpy())
+    rows = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, k: rows.append(k["hidden_states"].shape[1]),
+                                               with_kwargs=True)
+
+    def check_pruned(pipe):
+        s = cat_pruning.stats(pipe)
+        assert s.num_tokens == 30 and s.reference_tokens == 24 and "pruned" in [st.mode for st in s.steps]
+        assert int(pipe.transformer._cat_pruning.state.idx.max()) < 30  # only image tokens are selected
+
+    def call(pipe):
+        return pipe(**pipeline_kwargs(batch=1), image=reference, _auto_resize=False, max_area=24 * 20).images
+
+    harness.check_pipeline(FLUX, pipe, call, check_pruned)
+    assert set(rows) == {30 + 24}

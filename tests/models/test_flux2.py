@@ -176,6 +176,35 @@ def test_pipeline_reference_images_are_computed_not_pruned():
     assert len(set(rows)) == 1 and rows[0] > 30
 
 
+@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+def test_declared_reference_rows_keep_ratio_one_equals_dense(store):
+    """A bare loop whose inputs carry 6 reference rows after the 30 image tokens declares them
+    with reset(reference_tokens=6): computed at every step, never selected."""
+    harness.check_reference_rows(FLUX2, tiny_flux2, inputs(height=6, width=6), 6, patch_kw=store)
+
+
+def test_reference_tokens_are_refused_where_they_cannot_apply():
+    from qwen_models import inputs as qwen_inputs
+    from qwen_models import tiny_qwen
+
+    model = tiny_flux2()
+    cat_pruning.patch(model, backend="torch")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="reference_tokens must be an int >= 0"):
+            cat_pruning.reset(model, reference_tokens=bad)
+    cat_pruning.reset(model, reference_tokens=30)
+    with pytest.raises(ValueError, match="30 reference tokens, but the input has only 30 rows"):
+        model(**inputs(), timestep=torch.ones(2))
+    if tuple(int(p) for p in __import__("diffusers").__version__.split(".")[:2]) >= (0, 42):
+        qwen = tiny_qwen(layers=1)
+        cat_pruning.patch(qwen, backend="torch")
+        cat_pruning.reset(qwen, reference_tokens=4)
+        with pytest.raises(ValueError, match="say their reference rows themselves"):
+            qwen(**qwen_inputs(reference=((2, 2),)), timestep=torch.ones(2))
+        with pytest.raises(ValueError, match="image tokens come as a flat list"):
+            qwen(**qwen_inputs(), timestep=torch.ones(2))
+
+
 @pytest.mark.parametrize("cfg_pairs", [None, False], ids=["cfg-auto", "cfg-given"])
 def test_condition_images_and_kv_cache_are_refused(cfg_pairs):
     """Refused before any pruned step, also when the config gives cfg_pairs (which skips reading

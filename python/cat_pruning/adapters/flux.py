@@ -36,6 +36,12 @@ caches and selection (cat_pruning.state, branches). Flux pipelines whose true CF
 context (img2img, inpaint, Kontext in diffusers 0.42) are refused when they use it.
 Guidance-distilled Flux has no CFG batch: every sample has its own selection.
 
+Kontext's reference image (FluxKontextPipeline's ``image``) appends its latents and ids to the
+image's in every call: the pipeline call says how many rows (its ``image_latents``, read at the
+call's start), and they become reference rows (``Geometry.reference``), computed at every step and
+never pruned; the rotary hook puts their rows after each sample's selected rows. A bare loop
+declares them with ``cat_pruning.reset(model, reference_tokens=R)``.
+
 Not supported (a clear error): diffusers' own caching (``enable_cache``), ControlNet residuals,
 IP-Adapter, fused QKV projections, attention masks.
 """
@@ -102,6 +108,14 @@ def image_ids(height: int, width: int, device: str | torch.device = "cpu") -> Te
     rows = torch.arange(height, device=device).repeat_interleave(width)
     cols = torch.arange(width, device=device).repeat(height)
     return torch.stack([torch.zeros_like(rows), rows, cols], -1).float()
+
+
+def reference_latents(pipeline: Any) -> Tensor | None:
+    """The reference images' packed latents (B, R, C) of the running pipeline call, or None:
+    FluxKontextPipeline, Flux2Pipeline and Klein append them to the image's latents in every
+    transformer input (their ids to the image's ids) and keep the first N rows of the output."""
+    latents = pipeline_call_local(pipeline, "image_latents")
+    return latents if isinstance(latents, Tensor) and latents.ndim == 3 else None
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -174,6 +188,12 @@ class CATFluxAttnProcessor(CachedAttentionProcessor):
         return self._attend_text_image(query, key, value, backend)
 
 
+def refuse_parallel_reference(state: CATState) -> None:
+    if state.geometry.reference and state.shard is not NONE:
+        raise ValueError("cat_pruning: Flux reference images under diffusers' model parallelism are not supported "
+                         "yet; run them in one process per GPU (data parallelism)")
+
+
 class FluxAdapter(Adapter):
     family = "Flux.1 (FluxTransformer2DModel)"
     model_classes = ("FluxTransformer2DModel",)
@@ -211,6 +231,10 @@ class FluxAdapter(Adapter):
     def cfg_pairs(self, pipeline: Any) -> bool:
         return False  # true CFG is two calls per step, one per branch (cache_context), never a CFG batch
 
+    def reference_rows(self, pipeline: Any) -> int:
+        latents = reference_latents(pipeline)
+        return 0 if latents is None else latents.shape[1]
+
     def install_hooks(self, model: nn.Module, state: CATState) -> list:
         seen: dict[str, Tensor | None] = {"img_ids": None}  # fixed keys: torch.compile guards on them
 
@@ -219,15 +243,16 @@ class FluxAdapter(Adapter):
             img_ids = kwargs.get("img_ids", args[4] if len(args) > 4 else None)
             if img_ids is None:
                 raise ValueError("cat_pruning: Flux was called without img_ids")
-            seen["img_ids"] = img_ids[0] if img_ids.ndim == 3 else img_ids  # all N, before any split
-            state.positions = seen["img_ids"][:, 1:3]
+            seen["img_ids"] = img_ids[0] if img_ids.ndim == 3 else img_ids  # all N (+ R), before any split
+            refuse_parallel_reference(state)
+            state.positions = seen["img_ids"][:state.geometry.num_tokens, 1:3]
             return self.gather_before_split(state, args, kwargs)
 
         def rope_hook(module: nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor] | None:
             if state.mode != "pruned":
                 return None
-            idx, shard = state.idx, state.shard
-            text = output[0].shape[0] - state.geometry.num_tokens // shard.cp_world  # this rank's text rows
+            idx, shard, n, reference = state.idx, state.shard, state.geometry.num_tokens, state.geometry.reference
+            text = output[0].shape[0] - n // shard.cp_world - reference  # this rank's text rows
             if shard.cp_world == 1:
                 image = output[0][text:], output[1][text:]
             else:  # this rank's share of the selection, from the table of all N tokens
@@ -235,8 +260,9 @@ class FluxAdapter(Adapter):
                 idx = idx[:, shard.cp_rank * share:(shard.cp_rank + 1) * share]
                 image = module.forward(seen["img_ids"])
 
-            def select(freqs: Tensor, image: Tensor) -> Tensor:  # -> (B, text + K, D)
-                return torch.cat([freqs[:text].expand(idx.shape[0], -1, -1), image[idx]], dim=1)
+            def select(freqs: Tensor, image: Tensor) -> Tensor:  # -> (B, text + K (+ R), D)
+                rows = [freqs[:text], image[:n][idx], *([image[n:]] if reference else [])]
+                return torch.cat([r.expand(idx.shape[0], -1, -1) if r.ndim == 2 else r for r in rows], dim=1)
 
             return select(output[0], image[0]), select(output[1], image[1])
 

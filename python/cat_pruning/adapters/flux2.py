@@ -55,7 +55,7 @@ from .base import (
     random_inputs,
     refuse_diffusers_cache,
 )
-from .flux import CATFluxAttnProcessor, FluxAdapter
+from .flux import CATFluxAttnProcessor, FluxAdapter, reference_latents, refuse_parallel_reference
 
 # pipelines whose transformer input always carries a condition image's tokens after the image's
 CONDITION_TOKEN_PIPELINES = ("Flux2KleinInpaintPipeline",)
@@ -174,24 +174,12 @@ class Flux2Adapter(FluxAdapter):
         if name in CONDITION_TOKEN_PIPELINES:
             raise ValueError(f"cat_pruning: {name} adds its condition image's tokens to the image sequence, which "
                              "FLUX.2's patch does not support yet; unpatch to use it")
-        if pipeline_call_local(pipeline, "image") is not None and self._reference_latents(pipeline) is None:
+        if pipeline_call_local(pipeline, "image") is not None and reference_latents(pipeline) is None:
             raise ValueError(f"cat_pruning: {name}'s reference images (its image argument) reach the transformer "
                              "in a way FLUX.2's patch does not know (no image_latents); unpatch to use them")
         if getattr(pipeline, "do_classifier_free_guidance", False) and not opens_cache_context(type(pipeline)):
             raise ValueError(f"cat_pruning: CFG on {name} calls the transformer twice per step without "
                              "transformer.cache_context; unpatch to use it")
-
-    @staticmethod
-    def _reference_latents(pipeline: Any) -> Tensor | None:
-        """The reference images' packed latents (B, R, C) of the running call: Flux2Pipeline and
-        Klein append them to the image's latents in every transformer input (and their ids to the
-        image's ids), then keep the first N rows of the output."""
-        latents = pipeline_call_local(pipeline, "image_latents")
-        return latents if isinstance(latents, Tensor) and latents.ndim == 3 else None
-
-    def reference_rows(self, pipeline: Any) -> int:
-        latents = self._reference_latents(pipeline)
-        return 0 if latents is None else latents.shape[1]
 
     def install_hooks(self, model: nn.Module, state: CATState) -> list:
         seen: dict[str, Any] = {"rope_calls": 0}  # fixed keys: torch.compile guards on them
@@ -204,10 +192,7 @@ class Flux2Adapter(FluxAdapter):
             if img_ids is None:
                 raise ValueError("cat_pruning: FLUX.2 was called without img_ids")
             seen["img_ids"] = img_ids[0] if img_ids.ndim == 3 else img_ids  # all N (+ R), before any split
-            reference = state.geometry.reference  # (the patch's pre-hook ran first: this call's geometry)
-            if reference and state.shard is not NONE:
-                raise ValueError("cat_pruning: FLUX.2 reference images under diffusers' model parallelism are not "
-                                 "supported yet; run them in one process per GPU (data parallelism)")
+            refuse_parallel_reference(state)  # (the patch's pre-hook ran first: this call's geometry)
             state.positions = seen["img_ids"][:state.geometry.num_tokens, 1:3].float()
             seen["rope_calls"] = 0
             return self.gather_before_split(state, args, kwargs)
