@@ -145,6 +145,8 @@ def macs_record(name: str, module: Any, config: dict, gen: dict, steps: int, kee
         if label == "cat":
             cat_pruning.patch(model, cat_pruning.CATConfig.paper(
                 keep_ratio=keep_ratio, full_steps=full_steps, cfg_pairs=gen.get("cfg", b == 2), manual_steps=True))
+            # reference rows a bare call cannot show (FLUX.2's reference image): told, as a loop would
+            cat_pruning.reset(model, reference_tokens=gen.get("reference_rows", 0))
         counter = FlopCounterMode(display=False)
         with counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
             for i in range(steps):
@@ -192,7 +194,7 @@ def roofline_record(name: str, module: Any, config: dict, gen: dict, steps: int 
     for label in ("dense", "catf"):
         if label == "catf":
             cat_pruning.patch(model, cfg)
-            cat_pruning.reset(model, num_steps=steps)
+            cat_pruning.reset(model, num_steps=steps, reference_tokens=gen.get("reference_rows", 0))
         total = roofline.Cost()
         for i in range(steps):
             mode = cfg.mode(i, steps) if label == "catf" else "dense"

@@ -306,6 +306,7 @@ def check_real_config_macs_on_meta(fam: Family, model_cls, adapter, name: str, *
         model = model_cls(**config).to(torch.bfloat16)
     kw = adapter.real_inputs(config, gen, "meta", torch.bfloat16)
     cat_pruning.patch(model, keep_ratio=0.3, full_steps=8, **patch_kw)
+    cat_pruning.reset(model, reference_tokens=gen.get("reference_rows", 0))  # what a bare call cannot show
     fam.run(model, kw, 10)
     s = cat_pruning.stats(model)
     assert s.num_tokens == num_tokens and s.tokens_kept == tokens_kept

@@ -111,6 +111,9 @@ def test_real_config_macs_on_meta():
 
     harness.check_real_config_macs_on_meta(FLUX2, Flux2Transformer2DModel, flux2, "flux2-dev-1024", num_tokens=4096,
                                            tokens_kept=1229)
+    edit = harness.check_real_config_macs_on_meta(FLUX2, Flux2Transformer2DModel, flux2, "flux2-dev-1024-reference",
+                                                  num_tokens=4096, tokens_kept=1229)
+    assert edit.reference_tokens == 4096
 
 
 @pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())

@@ -40,6 +40,7 @@ projection by its global QKV : MLP ratio, as diffusers' does, and the caches hol
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -74,18 +75,26 @@ REAL_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
         dict(latent=128, text=512, batch=1),
     ),
 }  # fmt: skip
+# FLUX.2-dev 1024x1024 editing one 1024x1024 reference image: 4096 reference tokens after the image's
+# (a bare transformer is told them: reset(reference_tokens=...); Flux2Pipeline says them itself)
+REAL_CONFIGS["flux2-dev-1024-reference"] = (REAL_CONFIGS["flux2-dev-1024"][0],
+                                            dict(latent=128, text=512, batch=1, reference_rows=4096))
 
 
 def real_inputs(config: dict[str, Any], gen: dict[str, int], device: str | torch.device,
                 dtype: torch.dtype) -> dict[str, Any]:
     """Keyword arguments of one transformer call of a REAL_CONFIGS generation (random values;
     empty tensors on the meta device), timestep excluded."""
-    b, side, t = gen["batch"], gen["latent"] // 2, gen["text"]
+    b, side, t, ref = gen["batch"], gen["latent"] // 2, gen["text"], gen.get("reference_rows", 0)
     rand = random_inputs(device, dtype)
+    ids = image_ids(side, side, device)
+    if ref:  # a square reference image after the image, at time coordinate 10 (as Flux2Pipeline's)
+        ref_ids = image_ids(math.isqrt(ref), math.isqrt(ref), device)
+        ids = torch.cat([ids, ref_ids + torch.tensor([10, 0, 0, 0], device=device)])
     return dict(
-        hidden_states=rand(b, side * side, config["in_channels"]),
+        hidden_states=rand(b, side * side + ref, config["in_channels"]),
         encoder_hidden_states=rand(b, t, config["joint_attention_dim"]),
-        img_ids=image_ids(side, side, device),
+        img_ids=ids,
         txt_ids=text_ids(t, device),
         guidance=torch.full((b,), 4.0, device=device, dtype=dtype) if config.get("guidance_embeds", True) else None,
     )
