@@ -33,8 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
+from heldout import HeldOut  # noqa: E402
+
 from cat_pruning import CATConfig  # noqa: E402
-from cat_pruning.metrics import psnr  # noqa: E402
 
 SCHEDULE = ("full_steps", "refresh_every", "refresh_offset", "final_full_steps", "refresh_phase")
 
@@ -128,39 +129,20 @@ def main(argv=None) -> int:
     ap.add_argument("--caption-seed", type=int, default=950_000, help="first scene-generator seed of the prompts")
     ap.add_argument("--runs", required=True, help="JSON list of runs (see the module docstring)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
-    from cat_pruning.tiny import load_tiny_pipeline, make_example
-
-    pipe = load_tiny_pipeline(device="cpu", dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    prompts: list[str] = []
-    seed = args.caption_seed
-    while len(prompts) < args.prompts:
-        cap = make_example(seed)[1]
-        seed += 1
-        if cap not in prompts:
-            prompts.append(cap)
-
-    def gen(p):
-        g = torch.Generator("cpu").manual_seed(0)
-        return pipe(p, num_inference_steps=args.steps, generator=g, output_type="pt").images[0]
-
-    cache = Path(f"/tmp/output_dense_{args.caption_seed}_{args.prompts}_{args.steps}.pt")
-    dense = torch.load(cache) if cache.exists() else [gen(p) for p in prompts]
-    torch.save(dense, cache)
+    held = HeldOut(args.prompts, args.steps, args.caption_seed)
     for run in json.loads(args.runs):
         t0 = time.time()
-        ims = []
-        for p in prompts:
-            of = OutputForecast(pipe.transformer, run, args.steps)
+
+        def each(prompt: str, run=run) -> torch.Tensor:
+            of = OutputForecast(held.pipe.transformer, run, args.steps)
             try:
-                ims.append(gen(p))
+                return held.generate(prompt)
             finally:
                 of.remove()
-        full = sum(of.cfg.mode(s, args.steps) != "pruned" for s in range(args.steps))
-        ps = [psnr(a, b) for a, b in zip(ims, dense, strict=True)]
-        print(json.dumps(run), f"full steps {full}/{args.steps}",
-              f"PSNR {sum(ps) / len(ps):.2f} (worst {min(ps):.2f})", f"{time.time() - t0:.0f}s", flush=True)
+
+        full = sum(CATConfig(**{k: run[k] for k in SCHEDULE if k in run}).mode(s, args.steps) != "pruned"
+                   for s in range(args.steps))
+        held.score(run, each, t0, f"full steps {full}/{args.steps}")
     return 0
 
 
