@@ -315,3 +315,25 @@ def test_kontext_reference_image_is_computed_not_pruned():
 
     harness.check_pipeline(FLUX, pipe, call, check_pruned)
     assert set(rows) == {30 + 24}
+
+
+def test_img2img_image_latents_are_not_reference_rows():
+    """FluxImg2ImgPipeline also holds `image_latents`, for its start latents, not appended to the
+    transformer input: no reference rows (30 image tokens, 30 rows), keep_ratio 1 equals dense."""
+    from diffusers import FluxImg2ImgPipeline
+    from PIL import Image
+
+    base = tiny_pipeline()
+    pipe = FluxImg2ImgPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=None, tokenizer=None,
+                               text_encoder_2=None, tokenizer_2=None, transformer=base.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.fromarray((torch.rand(24, 20, 3, generator=torch.Generator().manual_seed(5)) * 255)
+                            .to(torch.uint8).numpy())  # fmt: skip
+
+    def check_pruned(pipe):
+        s = cat_pruning.stats(pipe)
+        assert s.num_tokens == 30 and s.reference_tokens == 0 and "pruned" in [st.mode for st in s.steps]
+
+    kw = {k: v for k, v in pipeline_kwargs(batch=1).items() if k != "generator"}
+    harness.check_pipeline(FLUX, pipe, lambda p: p(**kw, image=image, strength=0.9,
+                                                   generator=torch.Generator().manual_seed(0)).images, check_pruned)

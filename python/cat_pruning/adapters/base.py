@@ -234,6 +234,17 @@ def opens_cache_context(pipeline_cls: type) -> bool:
         return False
 
 
+@functools.cache
+def appends_image_latents(pipeline_cls: type) -> bool:
+    """Whether a pipeline class's __call__ appends `image_latents` to the latents it gives the
+    transformer (Kontext, FLUX.2's reference images), rather than keeping them for blending
+    (img2img, inpaint, fill): read from its source once per class; False where it cannot be read."""
+    try:
+        return "cat([latents, image_latents]" in inspect.getsource(pipeline_cls.__call__)
+    except (OSError, TypeError):
+        return False
+
+
 def random_inputs(device: str | torch.device, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
     """rand(*shape) for the adapters' real_inputs: standard-normal values drawn on the CPU from the
     global RNG, or an empty tensor on the meta device (MAC counting needs shapes only)."""

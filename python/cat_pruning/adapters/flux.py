@@ -58,6 +58,7 @@ from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
 from .base import (
     Adapter,
+    appends_image_latents,
     compute_dtype,
     get_submodule,
     hidden_states_arg,
@@ -113,7 +114,10 @@ def image_ids(height: int, width: int, device: str | torch.device = "cpu") -> Te
 def reference_latents(pipeline: Any) -> Tensor | None:
     """The reference images' packed latents (B, R, C) of the running pipeline call, or None:
     FluxKontextPipeline, Flux2Pipeline and Klein append them to the image's latents in every
-    transformer input (their ids to the image's ids) and keep the first N rows of the output."""
+    transformer input (their ids to the image's ids) and keep the first N rows of the output.
+    (img2img, inpaint and fill pipelines keep theirs for blending: not reference rows.)"""
+    if not appends_image_latents(type(pipeline)):
+        return None
     latents = pipeline_call_local(pipeline, "image_latents")
     return latents if isinstance(latents, Tensor) and latents.ndim == 3 else None
 
