@@ -121,6 +121,12 @@ def test_reference_images_stats_macs_match_flop_counter(zero_cond_t):
     harness.check_macs_match_flop_counter(QWEN, tiny_qwen(zero_cond_t=zero_cond_t), kw, 17)
 
 
+def test_reference_images_torch_compile_fullgraph_matches_eager_with_few_graphs():
+    """2511's reference conditioning (zero_cond_t: the modulate_index pre-hooks) under
+    torch.compile(fullgraph=True)."""
+    harness.check_compile_fullgraph(QWEN, tiny_qwen(layers=1, zero_cond_t=True), inputs(seed=11, reference=REFERENCE))
+
+
 def test_the_text_mask_reaches_the_pruned_steps():
     """Padding text tokens are masked on pruned steps as on dense ones: changing what a masked
     token holds changes nothing."""
