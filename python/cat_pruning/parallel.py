@@ -105,6 +105,13 @@ def _all_to_all(x: Tensor, group: Any) -> Tensor:
     return out.view(x.shape)
 
 
+def rank_share(idx: Tensor, shard: Sharding) -> Tensor:
+    """(B, K') selection, padded to a multiple of the ranks -> (B, K' / W) the tokens this rank
+    carries: diffusers splits the gathered rows in rank order."""
+    share = idx.shape[1] // shard.cp_world
+    return idx[:, shard.cp_rank * share:(shard.cp_rank + 1) * share]
+
+
 def gather_sequence(x: Tensor, shard: Sharding) -> Tensor:
     """(B, S, ...) rows of this rank -> (B, W * S, ...) rows of every rank in rank order (the
     sequence diffusers split), traceable by torch.compile."""

@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..parallel import NONE, Sharding, local_out_features
+from ..parallel import NONE, Sharding, local_out_features, rank_share
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
 from .base import (
@@ -260,8 +260,7 @@ class FluxAdapter(Adapter):
             if shard.cp_world == 1:
                 image = output[0][text:], output[1][text:]
             else:  # this rank's share of the selection, from the table of all N tokens
-                share = idx.shape[1] // shard.cp_world
-                idx = idx[:, shard.cp_rank * share:(shard.cp_rank + 1) * share]
+                idx = rank_share(idx, shard)
                 image = module.forward(seen["img_ids"])
 
             def select(freqs: Tensor, image: Tensor) -> Tensor:  # -> (B, text + K (+ R), D)

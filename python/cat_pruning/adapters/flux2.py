@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..parallel import NONE, Sharding, local_out_features
+from ..parallel import NONE, Sharding, local_out_features, rank_share
 from ..state import CacheLayout, CATState, Geometry
 from .base import (
     compute_dtype,
@@ -219,8 +219,7 @@ class Flux2Adapter(FluxAdapter):
             if reference:  # the reference rows after every sample's selected rows, once
                 return tuple(torch.cat([x[:n][idx].flatten(0, 1), x[n:]]) for x in output)
             if shard.cp_world > 1:  # this rank's share of the selection, from the table of all N tokens
-                share = idx.shape[1] // shard.cp_world
-                idx = idx[:, shard.cp_rank * share:(shard.cp_rank + 1) * share]
+                idx = rank_share(idx, shard)
                 output = module.forward(seen["img_ids"])
             return output[0][idx].flatten(0, 1), output[1][idx].flatten(0, 1)
 

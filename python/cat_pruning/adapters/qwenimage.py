@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..parallel import NONE, Sharding, gather_sequence, local_out_features
+from ..parallel import NONE, Sharding, gather_sequence, local_out_features, rank_share
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
 from .base import Adapter, compute_dtype, get_submodule, hidden_states_arg, random_inputs, refuse_diffusers_cache
@@ -216,8 +216,7 @@ class QwenImageAdapter(Adapter):
             img_freqs, txt_freqs = output  # (under context parallelism: this rank's rows)
             idx, shard, reference = state.idx, state.shard, state.geometry.reference
             if shard.cp_world > 1:  # this rank's share of the selection, from the table of all N tokens
-                share = idx.shape[1] // shard.cp_world
-                idx = idx[:, shard.cp_rank * share:(shard.cp_rank + 1) * share]
+                idx = rank_share(idx, shard)
                 img_freqs = type(module).forward(module, *args, **kwargs)[0]  # the class's: before diffusers' split
             if reference:  # the reference images' rows follow the image's, all of them
                 tail = img_freqs[-reference:].expand(idx.shape[0], -1, -1)
