@@ -189,7 +189,7 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
     def embed_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         # under context parallelism an adapter may gather at the model's input, before diffusers' split
         if state.mode == "pruned" and (state.shard.cp_world == 1 or not adapter.gathers_at_input):
-            return _gather_rows(state, output)
+            return adapter.gather_embedding(state, output)
         return None
 
     def out_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -210,18 +210,6 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
     _wrap_transformer(p)
     setattr(transformer, _ATTR, p)
     return obj
-
-
-def _gather_rows(state: CATState, tokens: torch.Tensor) -> torch.Tensor:
-    """The patch embedding's (B, N, C) output -> the (B, K, C) rows a pruned step computes, laid
-    out in memory as the embedding laid out its N rows. diffusers' PatchEmbed returns a
-    channel-major view (``flatten(2).transpose(1, 2)``), and the blocks' GEMMs and convolutions
-    may round differently on the other layout, so keep_ratio 1 would not be bitwise dense (Sana in
-    bfloat16 on the CPU). Strides are metadata: no host sync, and compiled code guards on them."""
-    rows = state.gather(tokens)
-    if tokens.dim() == 3 and not tokens.is_contiguous() and tokens.mT.is_contiguous():
-        return rows.mT.contiguous().mT
-    return rows
 
 
 def _generation_summary(state: CATState, geometry: Any, args: tuple, kwargs: dict) -> dict[str, float]:
@@ -461,7 +449,7 @@ def stats(obj: Any) -> CATStats:
                          padded_rows=padding, reference_tokens=reference,
                          # A copy to the host: stats() runs after a generation, never inside a denoising step.
                          recomputed=None if state.recomputed is None or state.recomputed.is_meta
-                         else state.recomputed.view(batch, g.height, g.width).cpu())  # fmt: skip
+                         else state.recomputed.view(batch, *g.grid).cpu())  # fmt: skip
         branches.append(name)
     return CATStats(family=p.adapter.family, config=state.config, macs=macs, macs_dense=macs_dense,
                     cache_bytes=state.cache_bytes(), branches=tuple(b for b in branches if b), **first)

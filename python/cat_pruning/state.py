@@ -77,11 +77,12 @@ def select_regions(d: Tensor, labels: Tensor, age: Tensor, positions: Tensor, k:
     spatial clusters, sorted ascending.
 
     d: (B, N) float token score; labels: (B, N) int64 cluster of each token; age: (B, N) float
-    pruned steps since each token was computed; positions: (N, 2) or (B, N, 2) integer-valued
-    (row, col) of each token. Clusters are taken in the order of their mean score times one plus
-    their mean age, each whole, the last one in part: its tokens nearest to its highest-scoring
-    token (a disc around it). Every tie is broken by a fixed rule (the lower cluster, then the
-    lower token index), so the result is a function of the inputs on any device.
+    pruned steps since each token was computed; positions: (N, P) or (B, N, P) integer-valued
+    (row, col) of each token (a video's (frame, row, col): P = 3). Clusters are taken in the
+    order of their mean score times one plus their mean age, each whole, the last one in part:
+    its tokens nearest to its highest-scoring token (a disc around it). Every tie is broken by
+    a fixed rule (the lower cluster, then the lower token index), so the result is a function of
+    the inputs on any device.
     """
     batch, n = d.shape
     c = num_clusters
@@ -97,8 +98,8 @@ def select_regions(d: Tensor, labels: Tensor, age: Tensor, positions: Tensor, k:
     place = torch.empty_like(by_score).scatter_(1, by_score, torch.arange(n, device=d.device).expand(batch, n))
     first = torch.full((batch, c), n, dtype=torch.int64, device=d.device).scatter_reduce(1, labels, place, "amin")
     seed = by_score.gather(1, first.clamp_max(n - 1))  # (B, C) token index of each cluster's seed
-    pos = positions.round().long().expand(batch, n, 2)
-    seed_pos = pos.gather(1, seed.gather(1, labels).unsqueeze(-1).expand(batch, n, 2))
+    pos = positions.round().long().expand(batch, n, positions.shape[-1])
+    seed_pos = pos.gather(1, seed.gather(1, labels).unsqueeze(-1).expand_as(pos))
     dist2 = (pos - seed_pos).square().sum(-1)  # exact integers
     # one integer key per token: (cluster rank, squared distance to the seed, token index)
     bound = dist2.amax(1, keepdim=True) + 1
@@ -130,10 +131,16 @@ class Geometry:
     # rows of the image stream after the N image tokens that every step computes, never selected,
     # cached or forecast: an edit model's reference-image tokens (Qwen-Image-Edit)
     reference: int = 0
+    frames: int = 1  # token frames of a video (Wan), frame-major: N = frames * height * width
 
     @property
     def num_tokens(self) -> int:
-        return self.height * self.width
+        return self.frames * self.height * self.width
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """The token grid: (height, width), a video's (frames, height, width)."""
+        return (self.frames, self.height, self.width) if self.frames > 1 else (self.height, self.width)
 
     def with_reference(self, rows: int) -> Geometry:
         """A flat token list (height 1) whose last `rows` tokens are reference rows."""
@@ -141,7 +148,7 @@ class Geometry:
             raise ValueError("cat_pruning: reference tokens were given (reset(reference_tokens=...)) but this "
                              "family's calls say their reference rows themselves (Qwen-Image's img_shapes); "
                              "leave reference_tokens at 0")
-        if self.height != 1:
+        if self.height != 1 or self.frames != 1:
             raise ValueError("cat_pruning: reference tokens (reset(reference_tokens=...)) are for families whose "
                              "image tokens come as a flat list (FLUX.2); this one's are a grid")
         if rows >= self.width:
@@ -390,13 +397,13 @@ class CATState:
         return torch.cat([idx, idx]) if self.cfg_pairs else idx
 
     def _token_positions(self, device: torch.device) -> Tensor:
-        """(N, 2) float32 (row, col) of every image token in token units."""
+        """(N, 2) float32 (row, col) of every image token in token units; a video's (N, 3)
+        (frame, row, col), a latent frame counting as one token's distance."""
         if self.positions is not None:
             return self.positions.to(device, torch.float32)
         g = self.geometry
-        rows = torch.arange(g.height, device=device, dtype=torch.float32).repeat_interleave(g.width)
-        cols = torch.arange(g.width, device=device, dtype=torch.float32).repeat(g.height)
-        return torch.stack([rows, cols], -1)
+        axes = torch.meshgrid(*(torch.arange(n, device=device, dtype=torch.float32) for n in g.grid), indexing="ij")
+        return torch.stack([a.flatten() for a in axes], -1)
 
     def _cluster(self, out: Tensor) -> Tensor:
         """k-means on (row, col) in token units plus a little content: compact spatial clusters."""

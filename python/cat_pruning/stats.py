@@ -23,9 +23,9 @@ class CATStats:
 
     macs / macs_dense count multiply-accumulates of the transformer (linears, convolutions,
     QK^T and PV) over all steps and samples; cache_bytes is what the caches hold now.
-    recomputed (B, height, width), on the CPU: how many steps computed each image token (None
-    before the caches exist). padded_rows: rows per sample that a pruned step computes beyond
-    its tokens_kept tokens, repeats of selected tokens (under context parallelism over W ranks,
+    recomputed (B, height, width), a video's (B, frames, height, width), on the CPU: how many
+    steps computed each image token (None before the caches exist). padded_rows: rows per sample
+    that a pruned step computes beyond its tokens_kept tokens, repeats of selected tokens (under context parallelism over W ranks,
     when W does not divide K: K is padded to a multiple of W); they cost MACs but compute no token.
     reference_tokens: rows per sample that every step computes besides the image tokens (an
     edit model's reference-image tokens): never selected or cached, counted in the MACs.

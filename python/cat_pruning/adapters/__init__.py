@@ -12,6 +12,7 @@ from .pixart import PixArtAdapter
 from .qwenimage import QwenImageAdapter
 from .sana import SanaAdapter
 from .sd3 import SD3Adapter
+from .wan import WanAdapter
 
 ADAPTERS: tuple[Adapter, ...] = (
     SD3Adapter(),
@@ -21,6 +22,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     SanaAdapter(),
     QwenImageAdapter(),
     Flux2Adapter(),
+    WanAdapter(),
 )
 
 

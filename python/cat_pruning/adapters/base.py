@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..parallel import NONE, Sharding
+from ..parallel import NONE, Sharding, local_out_features
 from ..state import CacheLayout, CATState, Geometry
 
 
@@ -53,6 +54,12 @@ class Adapter:
     def attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         raise NotImplementedError
 
+    def cross_attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Cross attentions from the image tokens to the text that keep their own processors
+        (PixArt's and Wan's ``attn2``): their queries are per token and their keys the text, so
+        they run on the computed rows unchanged; listed for MAC counting only."""
+        return {}
+
     def make_processor(self, state: CATState, name: str, attn: nn.Module) -> object:
         raise NotImplementedError
 
@@ -81,6 +88,11 @@ class Adapter:
         on layers that LoRA may wrap), which the patch attaches and keeps attached."""
         return []
 
+    def gather_embedding(self, state: CATState, output: torch.Tensor) -> torch.Tensor:
+        """The patch embedding's output on a pruned step -> the rows the step computes. Default:
+        (B, N, C) tokens (cat_pruning.adapters.base.gather_rows)."""
+        return gather_rows(state, output)
+
     def geometry(self, model: nn.Module, args: tuple, kwargs: dict) -> Geometry:
         """Default: latents (B, C, H, W) cut into patch_size x patch_size tokens (SD3, PixArt, DiT)."""
         hidden = hidden_states_arg(args, kwargs)
@@ -97,6 +109,16 @@ class Adapter:
             heads = attn.heads
             shape = (geometry.batch, heads, geometry.num_tokens, attn.to_k.out_features // heads)
             kv[name] = (shape, compute_dtype(attn.to_k))
+        out = get_submodule(model, self.out_proj)
+        return CacheLayout(kv, out.out_features, compute_dtype(out))
+
+    def flat_cache_layout(self, model: nn.Module, geometry: Geometry, shard: Sharding = NONE) -> CacheLayout:
+        """(B, N, H*D) K (after any rotation) and V caches, the layout of the processors built on
+        CachedAttentionProcessor._attend_text_image (H: this rank's heads under model parallelism),
+        and the noise cache in the output projection's shape."""
+        kv = {name: ((geometry.batch, geometry.num_tokens, local_out_features(attn.to_k) // shard.cp_world),
+                     compute_dtype(attn.to_k))
+              for name, attn in self.attention_modules(model).items()}  # fmt: skip
         out = get_submodule(model, self.out_proj)
         return CacheLayout(kv, out.out_features, compute_dtype(out))
 
@@ -120,7 +142,8 @@ class Adapter:
     def macs_per_sample(self, model: nn.Module, rows: int, num_tokens: int, text: int) -> int:
         """Multiply-accumulates of one forward for one sample with `rows` image tokens computed
         out of `num_tokens` and `text` text tokens: linears and convolutions by the rows they
-        run on, plus QK^T and PV of every attention layer."""
+        run on, plus QK^T and PV of every attention layer (the cross attentions': `rows` queries
+        over `text` keys)."""
         total = 0
         per_stream = {"image": rows, "text": text, "joint": rows + text, "sample": 1, "patch": num_tokens}
         for name, module in model.named_modules():
@@ -128,14 +151,28 @@ class Adapter:
                 stream = self.linear_stream(name)
                 if stream is not None:
                     total += per_stream[stream] * module.in_features * module.out_features
-            elif isinstance(module, nn.Conv2d) and name.startswith(self.patch_embed):
-                kh, kw = module.kernel_size
-                total += num_tokens * module.in_channels * kh * kw * module.out_channels // module.groups
+            elif isinstance(module, (nn.Conv2d, nn.Conv3d)) and name.startswith(self.patch_embed):
+                kernel = math.prod(module.kernel_size)
+                total += num_tokens * module.in_channels * kernel * module.out_channels // module.groups
         for name, attn in self.attention_modules(model).items():
             queries, keys = self.attention_shape(name, attn, rows, num_tokens, text)
             inner = attn.to_q.out_features if hasattr(attn, "to_q") else attn.inner_dim  # fused QKV: FLUX.2
             total += 2 * queries * keys * inner
+        for attn in self.cross_attention_modules(model).values():
+            total += 2 * rows * text * attn.to_q.out_features
         return total
+
+
+def gather_rows(state: CATState, tokens: torch.Tensor) -> torch.Tensor:
+    """The patch embedding's (B, N, C) output -> the (B, K, C) rows a pruned step computes, laid
+    out in memory as the embedding laid out its N rows. diffusers' PatchEmbed returns a
+    channel-major view (``flatten(2).transpose(1, 2)``), and the blocks' GEMMs and convolutions
+    may round differently on the other layout, so keep_ratio 1 would not be bitwise dense (Sana in
+    bfloat16 on the CPU). Strides are metadata: no host sync, and compiled code guards on them."""
+    rows = state.gather(tokens)
+    if tokens.dim() == 3 and not tokens.is_contiguous() and tokens.mT.is_contiguous():
+        return rows.mT.contiguous().mT
+    return rows
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:

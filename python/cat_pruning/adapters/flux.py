@@ -53,13 +53,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..parallel import NONE, Sharding, local_out_features, rank_share
+from ..parallel import NONE, Sharding, rank_share
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
 from .base import (
     Adapter,
     appends_image_latents,
-    compute_dtype,
     get_submodule,
     hidden_states_arg,
     opens_cache_context,
@@ -298,13 +297,7 @@ class FluxAdapter(Adapter):
         return Geometry(b, 1, n, hidden.dtype, hidden.device)
 
     def cache_layout(self, model: nn.Module, geometry: Geometry, shard: Sharding = NONE) -> CacheLayout:
-        """(B, N, H*D) K (after rotation) and V caches: the layout the processor produces (H: this
-        rank's heads under model parallelism)."""
-        kv = {name: ((geometry.batch, geometry.num_tokens, local_out_features(attn.to_k) // shard.cp_world),
-                     compute_dtype(attn.to_k))
-              for name, attn in self.attention_modules(model).items()}
-        out = get_submodule(model, self.out_proj)
-        return CacheLayout(kv, out.out_features, compute_dtype(out))
+        return self.flat_cache_layout(model, geometry, shard)
 
     def linear_stream(self, name: str) -> str | None:
         if name.startswith(("time_text_embed", "norm_out")) or ".norm1" in name or ".norm." in name:

@@ -109,17 +109,9 @@ class PixArtAdapter(Adapter):
             return "image"
         return None
 
-    def attention_shape(self, name: str, attn: nn.Module, rows: int, num_tokens: int, text: int) -> tuple[int, int]:
-        if name.endswith("attn2"):
-            return rows, text
-        return rows, num_tokens
+    def cross_attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        return {f"transformer_blocks.{i}.attn2": block.attn2 for i, block in enumerate(model.transformer_blocks)
+                if block.attn2 is not None}
 
-    def macs_per_sample(self, model: nn.Module, rows: int, num_tokens: int, text: int) -> int:
-        total = super().macs_per_sample(model, rows, num_tokens, text)
-        # The cross attentions keep their processors, so they are not in attention_modules.
-        for i, block in enumerate(model.transformer_blocks):
-            if block.attn2 is not None:
-                name = f"transformer_blocks.{i}.attn2"
-                queries, keys = self.attention_shape(name, block.attn2, rows, num_tokens, text)
-                total += 2 * queries * keys * block.attn2.to_q.out_features
-        return total
+    def attention_shape(self, name: str, attn: nn.Module, rows: int, num_tokens: int, text: int) -> tuple[int, int]:
+        return rows, num_tokens

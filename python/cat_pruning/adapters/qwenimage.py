@@ -54,10 +54,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..parallel import NONE, Sharding, gather_sequence, local_out_features, rank_share
+from ..parallel import NONE, Sharding, gather_sequence, rank_share
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
-from .base import Adapter, compute_dtype, get_submodule, hidden_states_arg, random_inputs, refuse_diffusers_cache
+from .base import Adapter, get_submodule, hidden_states_arg, random_inputs, refuse_diffusers_cache
 
 MIN_DIFFUSERS = (0, 42)  # the first release tested whose processor applies encoder_hidden_states_mask
 
@@ -256,13 +256,7 @@ class QwenImageAdapter(Adapter):
         return Geometry(b, height, width, hidden.dtype, hidden.device, reference)
 
     def cache_layout(self, model: nn.Module, geometry: Geometry, shard: Sharding = NONE) -> CacheLayout:
-        """(B, N, H*D) K (after rotation) and V caches: the layout the processor produces (H: this
-        rank's heads under model parallelism)."""
-        kv = {name: ((geometry.batch, geometry.num_tokens, local_out_features(attn.to_k) // shard.cp_world),
-                     compute_dtype(attn.to_k))
-              for name, attn in self.attention_modules(model).items()}  # fmt: skip
-        out = get_submodule(model, self.out_proj)
-        return CacheLayout(kv, out.out_features, compute_dtype(out))
+        return self.flat_cache_layout(model, geometry, shard)
 
     def linear_stream(self, name: str) -> str | None:
         if name.startswith(("time_text_embed", "norm_out")) or "_mod." in name:
