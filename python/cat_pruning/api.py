@@ -42,7 +42,6 @@ from .stats import CATStats, StepStats
 
 _ATTR = "_cat_pruning"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what cat_kernels' ops take
-_SCHEDULER_METHODS = ("set_timesteps", "step")
 _TRANSFORMER_METHODS = ("set_default_attn_processor", "cache_context")  # wrapped on the instance where it has them
 _PROCESSOR_ATTRS = ("_attention_backend", "_parallel_config")  # diffusers' per-processor settings
 
@@ -116,6 +115,9 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
         config: a :class:`CATConfig`; default CATConfig().
         **overrides: fields of CATConfig to change, e.g. keep_ratio=0.5.
 
+    A pipeline with two experts (Wan 2.2 A14B's transformer and transformer_2) gets both patched,
+    each with its own caches and schedule over the steps it runs.
+
     Patching a patched object replaces the old patch. On any error the object is left as it was.
     """
     if config is not None and not isinstance(config, CATConfig):
@@ -125,14 +127,21 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
     check_diffusers()
     config = (config or CATConfig()).replace(**overrides) if overrides else (config or CATConfig())
     pipeline, transformer = _split(obj)
-    adapter = find_adapter(transformer)
-    adapter.check_model(transformer)
-    _check_dtype(_model_dtype(transformer))
-    for path in (adapter.patch_embed, adapter.out_proj):
-        get_submodule(transformer, path)
-    if is_patched(obj):
-        unpatch(obj)
+    models = generation.experts(pipeline) if pipeline is not None else [transformer]
+    adapters = [find_adapter(model) for model in models]
+    for adapter, model in zip(adapters, models, strict=True):
+        adapter.check_model(model)
+        _check_dtype(_model_dtype(model))
+        for path in (adapter.patch_embed, adapter.out_proj):
+            get_submodule(model, path)
+    unpatch(obj)
+    for adapter, model in zip(adapters, models, strict=True):
+        _install(adapter, model, pipeline, config)
+    return obj
 
+
+def _install(adapter: Adapter, transformer: nn.Module, pipeline: Any | None, config: CATConfig) -> None:
+    """Patch one transformer (checked by patch())."""
     shard = sharding(transformer, adapter.family, adapter.supports_parallel)
     driver = "pipeline" if pipeline is not None else ("manual" if config.manual_steps else "auto")
     state = CATState(config, driver, lambda geometry, shard: adapter.cache_layout(transformer, geometry, shard),
@@ -209,7 +218,6 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
         generation.wrap_scheduler(p, pipeline.scheduler)
     _wrap_transformer(p)
     setattr(transformer, _ATTR, p)
-    return obj
 
 
 def _generation_summary(state: CATState, geometry: Any, args: tuple, kwargs: dict) -> dict[str, float]:
@@ -334,11 +342,21 @@ def _adopt_processors(p: _Patch) -> None:
         attn.set_processor(ours)
 
 
+def _patches(obj: Any) -> list[_Patch]:
+    """The patches of what the user passed: a pipeline's experts', or the transformer's."""
+    pipeline, transformer = _split(obj)
+    models = generation.experts(pipeline) if pipeline is not None else [transformer]
+    return [p for p in (getattr(m, _ATTR, None) for m in models) if p is not None]
+
+
 def unpatch(obj: Any) -> Any:
     """Remove the patch: the original processors, no hooks, the scheduler as it was. Returns obj."""
-    p = _get(obj)
-    if p is None:
-        return obj
+    for p in _patches(obj):
+        _remove(p)
+    return obj
+
+
+def _remove(p: _Patch) -> None:
     for handle in [*p.handles, *p.path_hooks]:
         handle.remove()
     originals = {id(ours): p.processors[name] for name, (_, ours) in p.installed.items()}
@@ -351,15 +369,12 @@ def unpatch(obj: Any) -> Any:
         for key, processor in saved.items():
             saved[key] = originals.get(id(processor), processor)
     for scheduler in p.schedulers:
-        if generation.wraps(p, scheduler):
-            for method in _SCHEDULER_METHODS:
-                scheduler.__dict__.pop(method, None)
+        generation.unwrap_scheduler(p, scheduler)
     for method in _TRANSFORMER_METHODS:
         if getattr(vars(p.transformer).get(method), generation.MARK, None) is p:
             del p.transformer.__dict__[method]
     p.state.release()
     delattr(p.transformer, _ATTR)
-    return obj
 
 
 def is_patched(obj: Any) -> bool:
@@ -385,13 +400,14 @@ def reset(obj: Any, num_steps: int | None = None, reference_tokens: int = 0) -> 
         raise ValueError(f"cat_pruning.reset: num_steps must be an int >= 1 or None, got {num_steps!r}")
     if not isinstance(reference_tokens, int) or isinstance(reference_tokens, bool) or reference_tokens < 0:
         raise ValueError(f"cat_pruning.reset: reference_tokens must be an int >= 0, got {reference_tokens!r}")
-    p = _require(obj)
-    _sync(p)
-    if p.pipeline is None:
-        generation.start_bare_generation(p, num_steps)
-    else:
-        p.state.reset(num_steps)
-    p.state.reference_rows = reference_tokens
+    _require(obj)
+    for p in _patches(obj):
+        _sync(p)
+        if p.pipeline is None:
+            generation.start_bare_generation(p, num_steps)
+        else:
+            p.state.reset(num_steps)
+        p.state.reference_rows = reference_tokens
 
 
 def advance(obj: Any) -> None:
@@ -426,8 +442,25 @@ def patched(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Iter
 
 def stats(obj: Any) -> CATStats:
     """What the last (or current) generation computed: per step mode and image tokens per
-    sample, MACs against the dense model, bytes held in caches."""
-    p = _require(obj)
+    sample, MACs against the dense model, bytes held in caches. For a pipeline of two experts
+    (Wan 2.2 A14B), both: their steps in the order they ran, MACs and caches summed."""
+    _require(obj)
+    parts = [_stats(p) for p in _patches(obj)]
+    if len(parts) == 1:
+        return parts[0]
+    ran = [part for part in parts if part.steps]
+    steps = [StepStats(i, s.mode, s.tokens) for i, s in enumerate(s for part in ran for s in part.steps)]
+    maps = [part.recomputed for part in ran if part.recomputed is not None]
+    same = len({m.shape for m in maps}) == 1
+    return dataclasses.replace(ran[0] if ran else parts[0], steps=steps, macs=sum(part.macs for part in parts),
+                               macs_dense=sum(part.macs_dense for part in parts),
+                               cache_bytes=sum(part.cache_bytes for part in parts),
+                               recomputed=sum(maps) if maps and same else None,
+                               experts=tuple(generation.EXPERTS[:len(parts)]))
+
+
+def _stats(p: _Patch) -> CATStats:
+    """stats() of one patched transformer."""
     state = p.state
     branches, macs, macs_dense = [], 0, 0
     for name in state.each_branch():  # guidance branches (cache_context): each its own calls

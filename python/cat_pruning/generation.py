@@ -155,6 +155,9 @@ class TimestepWatch:
 # and wrapped schedulers).
 
 MARK = "_cat_pruning_patch"  # on the methods a patch wraps on an instance: the patch they belong to
+# Pipelines whose transformer is two experts, each patched with its own state (Wan 2.2 A14B); a
+# scheduler's wrapped methods carry the list of every patch they drive (MARK)
+EXPERTS = ("transformer", "transformer_2")
 
 
 def count_forward(state: Any) -> None:
@@ -201,16 +204,40 @@ def running_pipeline(p: Any) -> Any | None:
     frame = sys._getframe(1)
     while frame is not None:
         owner = frame.f_locals.get("self")
-        transformer = getattr(owner, "transformer", None) if owner is not None else None
-        if transformer is not None and getattr(transformer, "_orig_mod", transformer) is p.transformer \
-                and hasattr(owner, "scheduler"):
+        if owner is not None and hasattr(owner, "scheduler") and p.transformer in experts(owner):
             return owner
         frame = frame.f_back
     return None
 
 
+def experts(pipeline: Any) -> list[Any]:
+    """A pipeline's transformers (torch.compile'd ones unwrapped): its transformer, and the second
+    expert of pipelines that switch to one at a timestep boundary (Wan 2.2 A14B's transformer_2)."""
+    found = []
+    for name in EXPERTS:
+        module = getattr(pipeline, name, None)
+        if isinstance(module, torch.nn.Module):
+            found.append(getattr(module, "_orig_mod", module))
+    return found
+
+
+def _patches(scheduler: Any) -> list:
+    """The patches whose steps a scheduler's wrapped methods drive (empty: not wrapped)."""
+    return getattr(vars(scheduler).get("step"), MARK, [])
+
+
 def wraps(p: Any, scheduler: Any) -> bool:
-    return getattr(vars(scheduler).get("step"), MARK, None) is p
+    return p in _patches(scheduler)
+
+
+def unwrap_scheduler(p: Any, scheduler: Any) -> None:
+    """The scheduler's methods stop driving `p`; unwrapped when they drive no patch any more."""
+    patches = _patches(scheduler)
+    if p in patches:
+        patches.remove(p)
+        if not patches:
+            for method in ("set_timesteps", "step"):
+                scheduler.__dict__.pop(method, None)
 
 
 def start_generation(p: Any, pipeline: Any) -> None:
@@ -218,7 +245,7 @@ def start_generation(p: Any, pipeline: Any) -> None:
     when none of its steps can be pruned."""
     state = p.state
     timesteps = getattr(pipeline.scheduler, "timesteps", None)
-    steps = len(timesteps) if timesteps is not None else None
+    steps = p.adapter.steps_run(pipeline, p.transformer, timesteps) if timesteps is not None else None
     state.reset(steps)
     state.driver = "pipeline"
     p.watch.clear()
@@ -284,33 +311,41 @@ def restart(p: Any, restart: Restart) -> None:
 
 
 def wrap_scheduler(p: Any, scheduler: Any) -> None:
-    """Reset at each pipeline call (it sets the timesteps once) and advance after each step.
+    """Reset at each pipeline call (it sets the timesteps once) and advance after each step; a
+    scheduler already wrapped for another patch (a pipeline's second expert, a from_pipe pipeline
+    with another transformer) drives this one too.
 
     Both run in the pipeline's eager loop, outside any compiled transformer."""
+    patches = _patches(scheduler)
+    if patches:
+        if p not in patches:
+            patches.append(p)
+            p.schedulers.append(scheduler)
+        return
+    patches = [p]
     set_timesteps, step = scheduler.set_timesteps, scheduler.step
-    state = p.state
 
     @functools.wraps(set_timesteps)  # pipelines inspect its signature (retrieve_timesteps: sigmas, mu)
     def wrapped_set_timesteps(*args: Any, **kwargs: Any) -> Any:
         out = set_timesteps(*args, **kwargs)
-        pipeline = running_pipeline(p) or p.pipeline  # a from_pipe pipeline may share this scheduler
-        p.sync()  # what was done to the model since the last call (cat_pruning.api)
-        if pipeline is not None:
-            start_generation(p, pipeline)
-        else:  # a bare loop setting the timesteps of a scheduler a transformer patch followed
-            start_bare_generation(p)
+        for patch in list(patches):
+            pipeline = running_pipeline(patch) or patch.pipeline  # a from_pipe pipeline may share this scheduler
+            patch.sync()  # what was done to the model since the last call (cat_pruning.api)
+            if pipeline is not None:
+                start_generation(patch, pipeline)
+            else:  # a bare loop setting the timesteps of a scheduler a transformer patch followed
+                start_bare_generation(patch)
         return out
 
     @functools.wraps(step)
     def wrapped_step(*args: Any, **kwargs: Any) -> Any:
-        if state.driver == "pipeline":  # else the bare loop's own driver counts (a followed pipeline's scheduler)
-            state.advance()
+        for patch in patches:
+            if patch.state.driver == "pipeline":  # else the bare loop's own driver counts (a followed pipeline's)
+                patch.state.advance()
         return step(*args, **kwargs)
 
-    setattr(wrapped_set_timesteps, MARK, p)
-    setattr(wrapped_step, MARK, p)
+    setattr(wrapped_set_timesteps, MARK, patches)
+    setattr(wrapped_step, MARK, patches)
     scheduler.set_timesteps = wrapped_set_timesteps
     scheduler.step = wrapped_step
     p.schedulers.append(scheduler)
-
-

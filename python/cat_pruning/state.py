@@ -59,9 +59,9 @@ TIE_BY_SCORE = 1e-3
 TIE_BY_HASH = 1e-6
 # What each guidance branch of a generation keeps for itself; the rest (config, step, mode, CFG
 # pairing, sharding) is shared by all of them.
-BRANCH_FIELDS = ("cache", "forwards", "geometry", "history", "allocated", "caching", "anchor", "labels", "staleness",
-                 "age", "idx", "selected", "recomputed", "predicted", "positions", "num_clusters", "kept", "k",
-                 "padding", "text_tokens")
+BRANCH_FIELDS = ("cache", "forwards", "called", "geometry", "history", "allocated", "caching", "anchor", "labels",
+                 "staleness", "age", "idx", "selected", "recomputed", "predicted", "positions", "num_clusters", "kept",
+                 "k", "padding", "text_tokens")
 
 
 def _hash(n: int, seed: Tensor, device: torch.device) -> Tensor:
@@ -211,6 +211,9 @@ class CATState:
         self.cache = self._stores[self.branch]
         self.cache.reset()
         self.forwards = 0  # transformer calls in the current step (eager code: generation.count_forward)
+        # whether a forward ran in the current step (set in traced code too): a step that did not
+        # call this transformer (the other expert's, Wan 2.2 A14B) is not one of its steps
+        self.called = False
         self.caching = False  # whether this step's processors and hooks hand their rows to the cache store
         self.geometry: Geometry | None = None
         self.history: list[tuple[str, int]] = []  # (mode, image tokens computed per sample)
@@ -295,8 +298,9 @@ class CATState:
     def _close_step(self) -> bool:
         """The current branch's part of closing a step; whether it ran a forward in it."""
         self.forwards = 0
-        if self.geometry is None:
+        if self.geometry is None or not self.called:
             return False
+        self.called = False
         self.history.append((self.mode, self.kept if self.mode == "pruned" else self.geometry.num_tokens))
         return True
 
@@ -357,6 +361,7 @@ class CATState:
         if self.cfg_pairs and geometry.batch % 2:
             raise ValueError(f"cfg_pairs=True needs an even batch [uncond; cond], got batch {geometry.batch}")
         self.geometry = geometry
+        self.called = True
         self.kept = self.tokens_kept(geometry.num_tokens)  # K: the tokens selected
         self.k = self.rows_computed(self.kept)  # K': the rows a pruned step computes (adapters read it)
         self.padding = self.k - self.kept  # 0 unless context parallelism pads the selection

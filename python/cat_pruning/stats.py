@@ -25,14 +25,19 @@ class CATStats:
     QK^T and PV) over all steps and samples; cache_bytes is what the caches hold now.
     recomputed (B, height, width), a video's (B, frames, height, width), on the CPU: how many
     steps computed each image token (None before the caches exist). padded_rows: rows per sample
-    that a pruned step computes beyond its tokens_kept tokens, repeats of selected tokens (under context parallelism over W ranks,
-    when W does not divide K: K is padded to a multiple of W); they cost MACs but compute no token.
+    that a pruned step computes beyond its tokens_kept tokens, repeats of selected tokens (under
+    context parallelism over W ranks, when W does not divide K: K is padded to a multiple of W);
+    they cost MACs but compute no token.
     reference_tokens: rows per sample that every step computes besides the image tokens (an
     edit model's reference-image tokens): never selected or cached, counted in the MACs.
     branches: the guidance branches (cache_context names) the generation ran, each with its own
     caches and selection (a pipeline that calls the transformer once per CFG branch has two; one
     whose calls open no context, none). macs, macs_dense and cache_bytes count all branches;
     steps, batch and recomputed are the first's.
+    experts: a pipeline's two experts (Wan 2.2 A14B: "transformer", "transformer_2"), each patched
+    with its own caches and schedule over the steps it runs: steps lists both experts' steps in
+    the order they ran (each expert's schedule starts over at its first step), macs, macs_dense
+    and cache_bytes count both, recomputed sums both; empty for one transformer.
     """
 
     family: str
@@ -48,6 +53,7 @@ class CATStats:
     padded_rows: int = 0
     branches: tuple[str, ...] = ()
     reference_tokens: int = 0
+    experts: tuple[str, ...] = ()
 
     @property
     def mac_fraction(self) -> float:

@@ -211,11 +211,41 @@ def test_pipeline_cfg_runs_both_branches_and_keep_ratio_one_equals_dense():
                            lambda pipe: pipe(**kw, generator=torch.Generator().manual_seed(0)).frames, check_pruned)
 
 
-def test_two_expert_pipeline_is_refused():
-    pipe = tiny_pipeline(transformer_2=tiny_wan(seed=1), boundary_ratio=0.5)
-    cat_pruning.patch(pipe, backend="torch")
-    with pytest.raises(ValueError, match="two experts"):
-        pipe(**pipeline_kwargs())
+def test_two_expert_pipeline_patches_both_experts():
+    """Wan 2.2 A14B: `transformer` runs the steps at or above the boundary timestep, `transformer_2`
+    the others. Patching the pipeline patches both, each with its own caches (per CFG branch) and
+    its own schedule over the steps it runs (its final full step included); keep_ratio 1 equals
+    dense; stats(pipe) lists both experts' steps in order; unpatch restores dense bitwise."""
+    steps = 10
+    kw = dict(pipeline_kwargs(), num_inference_steps=steps)
+    pipe = tiny_pipeline(transformer_2=tiny_wan(seed=1), boundary_ratio=0.8)
+
+    def call():
+        return pipe(**kw, generator=torch.Generator().manual_seed(0)).frames
+
+    dense = call()
+    high = int((pipe.scheduler.timesteps >= 800).sum())
+    assert 3 < high < steps - 3  # both experts prune
+    cat_pruning.patch(pipe, keep_ratio=1.0, full_steps=FULL, backend="torch")
+    assert cat_pruning.is_patched(pipe.transformer) and cat_pruning.is_patched(pipe.transformer_2)
+    torch.testing.assert_close(call(), dense, **harness.F32)
+    cat_pruning.patch(pipe, keep_ratio=0.3, full_steps=FULL, backend="torch", final_full_steps=1)
+    pruned = call()
+    assert not torch.equal(pruned, dense) and torch.equal(call(), pruned)
+    parts = [cat_pruning.stats(pipe.transformer), cat_pruning.stats(pipe.transformer_2)]
+    for part, n in zip(parts, (high, steps - high), strict=True):
+        assert [st.mode for st in part.steps] == [part.config.mode(i, n) for i in range(n)]
+        assert "pruned" in {st.mode for st in part.steps} and part.steps[-1].mode != "pruned"
+        assert part.branches == ("cond", "uncond")
+    both = cat_pruning.stats(pipe)
+    assert both.experts == ("transformer", "transformer_2")
+    assert [(st.mode, st.tokens) for st in both.steps] == [(st.mode, st.tokens) for p in parts for st in p.steps]
+    assert both.macs == sum(p.macs for p in parts) and both.macs_dense == sum(p.macs_dense for p in parts)
+    assert 0.3 < both.mac_fraction < 1.0
+    cat_pruning.unpatch(pipe)
+    assert not cat_pruning.is_patched(pipe.transformer) and not cat_pruning.is_patched(pipe.transformer_2)
+    assert not {"step", "set_timesteps"} & set(vars(pipe.scheduler))
+    assert torch.equal(call(), dense)
 
 
 def i2v_inputs(seed: int = 9):

@@ -76,6 +76,11 @@ class Adapter:
         it themselves: every step computes them (Geometry.reference). Read in eager code."""
         return 0
 
+    def steps_run(self, pipeline: Any, model: nn.Module, timesteps: torch.Tensor) -> int:
+        """How many of the pipeline call's `timesteps` run `model` (read when the call sets them,
+        in eager code): all of them, but in a pipeline of two experts (Wan 2.2 A14B)."""
+        return len(timesteps)
+
     def cfg_pairs(self, pipeline: Any) -> bool:
         """Whether the pipeline call now setting its timesteps runs classifier-free guidance, i.e.
         its transformer batch is two CFG halves (read once per call, in eager code)."""

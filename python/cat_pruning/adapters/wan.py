@@ -25,8 +25,12 @@ The clustering and the "regions" selection see each token's (frame, row, col).
 The pipelines call the transformer once per CFG branch inside ``transformer.cache_context("cond")``
 / ``("uncond")``: each branch has its own caches and selection (cat_pruning.state).
 
-Not supported yet (a clear error): Wan 2.2 A14B's second expert (``transformer_2``: a pipeline
-with a ``boundary_ratio``), diffusers' model parallelism, diffusers' own caching
+Wan 2.2 A14B is two experts, ``transformer`` for the timesteps at or above the pipeline's
+``boundary_ratio`` and ``transformer_2`` below it: patching the pipeline patches both, each with its
+own caches and its own schedule over the steps it runs, so the second expert starts with its own
+dense steps at the switch (its caches cannot come from the other expert's weights).
+
+Not supported yet (a clear error): diffusers' model parallelism, diffusers' own caching
 (``enable_cache``), fused QKV projections, attention masks.
 
 MACs: the I2V models' image-context tokens (257, Wan 2.1 I2V) are counted as context rows of
@@ -151,11 +155,16 @@ class WanAdapter(Adapter):
     def make_processor(self, state: CATState, name: str, attn: nn.Module) -> object:
         return CATWanAttnProcessor(state, name, attn.processor)
 
-    def check_pipeline(self, pipeline: Any) -> None:
-        if getattr(pipeline, "transformer_2", None) is not None:
-            raise ValueError(
-                f"cat_pruning: {type(pipeline).__name__} has two experts (transformer and transformer_2, Wan 2.2 "
-                "A14B); CAT Pruning supports one transformer per pipeline for now: unpatch to run it")
+    def steps_run(self, pipeline: Any, model: nn.Module, timesteps: Tensor) -> int:
+        """A pipeline of two experts (Wan 2.2 A14B, ``boundary_ratio``) runs ``transformer`` at the
+        timesteps at or above the boundary and ``transformer_2`` below it; each expert's schedule
+        counts its own steps."""
+        ratio = pipeline.config.get("boundary_ratio") if hasattr(pipeline, "config") else None
+        second = getattr(pipeline, "transformer_2", None)
+        if ratio is None or second is None:
+            return len(timesteps)
+        high = int((timesteps >= ratio * pipeline.scheduler.config.num_train_timesteps).sum())  # once per call
+        return len(timesteps) - high if model is getattr(second, "_orig_mod", second) else high
 
     def cfg_pairs(self, pipeline: Any) -> bool:
         return False  # CFG is two calls per step, one per branch (cache_context), never a CFG batch
