@@ -74,9 +74,6 @@ def _split(obj: Any) -> tuple[Any | None, nn.Module]:
     transformer = getattr(obj, "transformer", None)
     if isinstance(transformer, nn.Module):
         transformer = getattr(transformer, "_orig_mod", transformer)  # a torch.compile'd module
-        for name in ("controlnet", "image_encoder"):
-            if getattr(obj, name, None) is not None:
-                raise ValueError(f"cat_pruning: pipelines with a {name} are not supported yet ({type(obj).__name__})")
         if not hasattr(obj, "scheduler"):
             raise TypeError(f"{type(obj).__name__} has a transformer but no scheduler; pass the transformer instead")
         return obj, transformer
@@ -129,6 +126,9 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
     pipeline, transformer = _split(obj)
     models = generation.experts(pipeline) if pipeline is not None else [transformer]
     adapters = [find_adapter(model) for model in models]
+    for name in ("controlnet", "image_encoder"):
+        if pipeline is not None and getattr(pipeline, name, None) is not None and name not in adapters[0].components:
+            raise ValueError(f"cat_pruning: pipelines with a {name} are not supported yet ({type(pipeline).__name__})")
     for adapter, model in zip(adapters, models, strict=True):
         adapter.check_model(model)
         _check_dtype(_model_dtype(model))

@@ -183,7 +183,8 @@ def tiny_pipeline(**components):
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True],
-                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_spatial=2)
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_spatial=2,
+                           scale_factor_temporal=2)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, transformer=tiny_wan(),
                        **components)
@@ -204,7 +205,7 @@ def test_pipeline_cfg_runs_both_branches_and_keep_ratio_one_equals_dense():
 
     def check_pruned(pipe):
         s = cat_pruning.stats(pipe)
-        assert s.branches == ("cond", "uncond") and s.num_tokens == 3 * 4 * 4  # 9 frames, 16x16 -> 3 x 8 x 8 latent
+        assert s.branches == ("cond", "uncond") and s.num_tokens == 5 * 4 * 4  # 9 frames, 16x16 -> 5 x 8 x 8 latent
         assert "pruned" in [st.mode for st in s.steps]
 
     harness.check_pipeline(WAN, tiny_pipeline(),
@@ -283,3 +284,42 @@ def test_image_to_video_keep_ratio_one_equals_dense(store):
 
 def test_image_to_video_pruned_steps_match_masked_dense_oracle():
     harness.check_pruned_steps_match_oracle(I2V, tiny_i2v(), i2v_inputs(), OracleProcessor, tokens, N, extra_steps=1)
+
+
+def test_image_to_video_pipeline_with_its_image_encoder():
+    """The stock WanImageToVideoPipeline (Wan 2.1 I2V, prompt embeddings given) with a tiny CLIP
+    image encoder: its image tokens reach the cross attentions only, so the pipeline is patched
+    with it; keep_ratio 1 equals dense, pruned calls repeat exactly, unpatch restores dense. A
+    controlnet on a pipeline is still refused."""
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    base = tiny_pipeline()
+    torch.manual_seed(1)
+    encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                               num_attention_heads=2, image_size=32, patch_size=16)).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    # latents (4 channels), the first-frame mask (2: the VAE's temporal factor) and the condition (4)
+    transformer = tiny_wan(in_channels=2 * IN_CHANNELS + 2, image_dim=8, added_kv_proj_dim=24)
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=base.vae, scheduler=base.scheduler,
+                                   image_processor=processor, image_encoder=encoder, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(7)
+    image = Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy())
+    kw = dict(pipeline_kwargs(), image=image)
+    images = []
+    transformer.register_forward_pre_hook(
+        lambda m, a, k: images.append(k["encoder_hidden_states_image"].shape), with_kwargs=True)
+
+    def check_pruned(pipe):
+        s = cat_pruning.stats(pipe)
+        assert s.branches == ("cond", "uncond") and s.num_tokens == 5 * 4 * 4
+        assert "pruned" in [st.mode for st in s.steps]
+
+    harness.check_pipeline(WAN, pipe, lambda p: p(**kw, generator=torch.Generator().manual_seed(0)).frames,
+                           check_pruned)
+    assert set(images) == {torch.Size([1, 5, 8])}  # the CLIP tokens reached every call
+    base.controlnet = torch.nn.Linear(1, 1)
+    with pytest.raises(ValueError, match="pipelines with a controlnet are not supported"):
+        cat_pruning.patch(base)

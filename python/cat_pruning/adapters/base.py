@@ -37,6 +37,9 @@ class Adapter:
     # input (diffusers splits the sequence there: Flux) or the patch embedding's output is gathered
     # as in one process (diffusers splits after it: Qwen-Image)
     gathers_at_input: bool = False
+    # pipeline components besides the transformer that the family's pipelines may carry and CAT
+    # handles (others, e.g. an IP-Adapter's image_encoder or a controlnet, are refused at patch())
+    components: tuple[str, ...] = ()
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.model_classes

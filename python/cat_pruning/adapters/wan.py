@@ -138,6 +138,7 @@ class WanAdapter(Adapter):
     model_classes = ("WanTransformer3DModel",)
     patch_embed = "patch_embedding"
     out_proj = "proj_out"
+    components = ("image_encoder",)  # Wan 2.1 I2V's CLIP: its tokens reach the cross attentions only
 
     def check_model(self, model: nn.Module) -> None:
         refuse_diffusers_cache(model)
