@@ -62,7 +62,7 @@ def sharding(model: nn.Module, family: str, supported: bool) -> Sharding:
     if not supported:
         raise ValueError(
             f"cat_pruning: this {family} transformer has diffusers model parallelism enabled "
-            f"(enable_parallelism); CAT supports it on Flux.1, FLUX.2 and Qwen-Image only. For this family, "
+            f"(enable_parallelism); CAT supports it on Flux.1, FLUX.2, Qwen-Image and Wan only. For this family, "
             f"{DATA_PARALLEL_HINT}"
         )
     cp, tp = getattr(config, "context_parallel_config", None), getattr(config, "tensor_parallel_config", None)

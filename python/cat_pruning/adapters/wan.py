@@ -30,8 +30,16 @@ Wan 2.2 A14B is two experts, ``transformer`` for the timesteps at or above the p
 own caches and its own schedule over the steps it runs, so the second expert starts with its own
 dense steps at the switch (its caches cannot come from the other expert's weights).
 
-Not supported yet (a clear error): diffusers' model parallelism, diffusers' own caching
-(``enable_cache``), fused QKV projections, attention masks.
+diffusers' Ulysses context parallelism (cat_pruning.parallel): Wan's plan splits the sequence at
+the first block's input, after ``patch_embedding``, so a pruned step's K rows are gathered at the
+patch embedding as in one process and split there (K / W per rank), and so is a per-token
+timestep (split at the model's input, after the pre-hook gathered it). diffusers also splits
+``rope``'s output: the rotary hook gives each rank its share of the selection from the table of
+all N tokens (the class's forward). The CAT processor runs the all-to-alls around the caches
+(the rank's heads, all N tokens). Wan has no tensor-parallel plan in diffusers.
+
+Not supported yet (a clear error): ring attention, diffusers' own caching (``enable_cache``),
+fused QKV projections, attention masks.
 
 MACs: the I2V models' image-context tokens (257, Wan 2.1 I2V) are counted as context rows of
 the text embedding and of both cross-attention key/value projections (they run through one of
@@ -46,7 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..parallel import NONE, Sharding
+from ..parallel import NONE, Sharding, rank_share
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
 from .base import (
@@ -139,6 +147,7 @@ class WanAdapter(Adapter):
     patch_embed = "patch_embedding"
     out_proj = "proj_out"
     components = ("image_encoder",)  # Wan 2.1 I2V's CLIP: its tokens reach the cross attentions only
+    supports_parallel = True  # Ulysses context parallelism (module docstring)
 
     def check_model(self, model: nn.Module) -> None:
         refuse_diffusers_cache(model)
@@ -184,8 +193,12 @@ class WanAdapter(Adapter):
         def rope_hook(module: nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor] | None:
             if state.mode != "pruned":
                 return None
-            cos, sin = output  # (1, N, 1, D)
-            return cos[0][state.idx], sin[0][state.idx]  # (B, K, 1, D): each sample's selected rows
+            cos, sin = output  # (1, N, 1, D) (under context parallelism: this rank's rows)
+            idx = state.idx
+            if state.shard.cp_world > 1:  # this rank's share of the selection, from the table of all N tokens
+                idx = rank_share(idx, state.shard)
+                cos, sin = type(module).forward(module, *args)  # the class's: before diffusers' split
+            return cos[0][idx], sin[0][idx]  # (B, K, 1, D): each sample's selected rows
 
         return [
             model.register_forward_pre_hook(pre_hook, with_kwargs=True),
