@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import cat_pruning
 from cat_pruning.adapters.sd3 import REAL_CONFIGS as REAL_SD3
 
-FAMILIES = ("sd3", "pixart", "dit", "flux", "sana", "qwenimage", "flux2")  # adapter modules with REAL_CONFIGS
+FAMILIES = ("sd3", "pixart", "dit", "flux", "sana", "qwenimage", "flux2", "wan")  # adapter modules with REAL_CONFIGS
 SD3_MEDIUM, SD3_MEDIUM_GEN = REAL_SD3["sd3-medium-1024"]
 # A mid-size config that a CPU runs in seconds per step: 6 blocks, hidden 512, 1024 tokens.
 SD3_MID = dict(
@@ -176,6 +176,36 @@ def macs_record(name: str, module: Any, config: dict, gen: dict, steps: int, kee
         mac_fraction=frac_whole, mac_fraction_ideal=ideal_whole, mac_speedup_ideal=1 / ideal_whole,
         image_mac_fraction=frac_image, image_mac_fraction_ideal=ideal_image,
         check="pass" if ok else "FAIL", error=None if ok else "whole-model MACs off their ideal by > 0.5 pp",
+    )
+
+
+def cache_record(name: str, module: Any, config: dict, gen: dict, branches: int = 2) -> dict:
+    """Bytes the caches of one generation hold (stats().cache_bytes, counted on the meta device, bf16):
+    the paper's CAT (reused K/V and outputs) and patch()'s defaults (CAT-F: the Taylor forecast's
+    values and slopes too), per guidance branch and for `branches` of them (a pipeline that calls
+    the transformer once per CFG branch keeps caches per branch), beside the bf16 weights."""
+    model, kwargs = _meta_model(module, config, gen)
+    weights = sum(t.numel() * t.element_size() for t in model.parameters())
+    b = gen["batch"]
+    held = {}
+    for label, cfg in (("paper", cat_pruning.CATConfig.paper(manual_steps=True)),
+                       ("catf", cat_pruning.CATConfig(manual_steps=True))):
+        cat_pruning.patch(model, cfg)
+        cat_pruning.reset(model, num_steps=28)
+        for i in range(cfg.full_steps + 1):  # through the first pruned step: every cache allocated
+            t = torch.full((b,), 1000.0 * (1 - i / 28), device="meta", dtype=torch.bfloat16)
+            with torch.no_grad():
+                model(**kwargs, timestep=t, return_dict=False)
+            cat_pruning.advance(model)
+        held[label] = cat_pruning.stats(model).cache_bytes
+    stats = cat_pruning.stats(model)
+    cat_pruning.unpatch(model)
+    gib = 2**30
+    return dict(
+        case=f"cache[{name}]", op="cache", provider="meta-count", family=stats.family,
+        shape=dict(N=stats.num_tokens, batch=b, branches=branches),
+        weights_gib=weights / gib, cache_gib_per_branch={k: v / gib for k, v in held.items()},
+        cache_gib={k: branches * v / gib for k, v in held.items()}, check="n/a",
     )
 
 
@@ -330,6 +360,11 @@ def summary(records: list[dict]) -> str:
                              for g, p in r["predicted_ms"].items())
             lines.append(f"{r['case']}: CAT-F defaults predicted {gpus}; FLOPs {100 * r['flop_ratio']:.1f}%, "
                          f"bytes {100 * r['bytes_ratio']:.1f}% of dense (MAC-ideal {r['mac_speedup_ideal']:.2f}x)")
+        elif r["op"] == "cache":
+            per = r["cache_gib_per_branch"]
+            lines.append(f"{r['case']}: {r['shape']['N']:,} tokens, bf16 weights {r['weights_gib']:.1f} GiB; caches "
+                         f"per branch: paper CAT {per['paper']:.1f} GiB, CAT-F defaults {per['catf']:.1f} GiB "
+                         f"(x{r['shape']['branches']} CFG branches)")
         elif r["op"] == "macs":
             lines.append(
                 f"{r['case']}: whole model {100 * r['mac_fraction']:.2f}% of dense (ideal "
@@ -361,6 +396,9 @@ def run(args: Any) -> list[dict]:
     for name, steps in cases:
         if wanted in f"macs[{name},{steps} steps]":
             records.append(macs_record(name, *modules[name], steps, 0.3, 8))
+    for name in [name for name in modules if name.startswith("wan") and not args.quick]:
+        if wanted in f"cache[{name}]":
+            records.append(cache_record(name, *modules[name]))
     for name in ("sd3-medium-1024", "flux1-dev-1024"):
         if wanted in f"roofline[{name},28 steps]":
             records.append(roofline_record(name, *modules[name]))
