@@ -31,11 +31,12 @@ def test_wheel_installs_into_fresh_venv_and_imports(tmp_path):
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, env=env)
     probe = (
-        "import cat_kernels, cat_pruning, cat_pruning.tiny as t, cat_kernels.triton;"
+        "import cat_kernels, cat_pruning, cat_pruning.tiny, cat_pruning.photos, cat_pruning.video, cat_kernels.triton;"
         "print(cat_kernels.__file__); print(cat_pruning.__file__);"
-        "print((t.WEIGHTS_DIR / 'transformer' / 'diffusion_pytorch_model.safetensors').is_file())"
+        "print(*((m.WEIGHTS_DIR / 'transformer' / 'diffusion_pytorch_model.safetensors').is_file()"
+        " for m in (cat_pruning.tiny, cat_pruning.photos, cat_pruning.video)))"
     )
     out = subprocess.run([python, "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path).stdout
-    kernels_file, pruning_file, weights = out.split()
+    kernels_file, pruning_file, *weights = out.split()
     assert kernels_file.startswith(site) and pruning_file.startswith(site), out
-    assert weights == "True"
+    assert weights == ["True"] * 3  # the scene, photo and video models

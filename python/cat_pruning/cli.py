@@ -1,9 +1,10 @@
 """Command line: python -m cat_pruning demo, python -m cat_pruning generate.
 
 demo       generates a handful of prompts with one of the shipped models (--model tiny, the scene
-           model, or photos, the Flux-architecture photo model), dense and with CAT, and writes
-           one PNG per prompt (dense | CAT | how often each token was recomputed), with wall
-           time, speedup, MAC fraction and PSNR/SSIM against dense.
+           model, photos, the Flux-architecture photo model, or video, the Wan-architecture video
+           model), dense and with CAT, and writes one PNG per prompt (dense | CAT | how often each
+           token was recomputed; for video an animated GIF of those, frame by frame, and a PNG of
+           its frames), with wall time, speedup, MAC fraction and PSNR/SSIM against dense.
 generate   one prompt (--prompt) or a file of them (--prompts-file) with a shipped model or any
            supported diffusers pipeline saved on disk, and (with CAT) a picture of how often each
            token was recomputed. For DiT, which is class-conditional, the prompt is an ImageNet
@@ -47,7 +48,16 @@ PHOTO_DEMO_PROMPTS = [
     "hubble, full view",
     "gravel, close-up",
 ]
-SHIPPED = {"tiny": "shipped tiny model", "photos": "shipped photo model"}  # --model names of the shipped models
+VIDEO_DEMO_PROMPTS = [
+    "a red circle moving left over blue stripes",
+    "a green square growing over white checks",
+    "a yellow triangle moving up and a purple circle shrinking over orange dots",
+    "a white circle moving down over green waves",
+    "a blue square shrinking over red stripes",
+    "an orange triangle moving right over cyan checks",
+]
+# --model names of the shipped models
+SHIPPED = {"tiny": "shipped tiny model", "photos": "shipped photo model", "video": "shipped video model"}
 
 
 def _int(text: str) -> int:
@@ -135,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="dense vs CAT on a shipped model, PNGs and a table")
     common(demo, 28, None)
     demo.add_argument("--model", choices=sorted(SHIPPED), default="tiny",
-                      help="tiny (the scene model, SD3 architecture; default) or photos (Flux architecture)")
+                      help="tiny (the scene model, SD3 architecture; default), photos (Flux architecture) or video "
+                           "(Wan architecture: an animated GIF per prompt)")
     demo.add_argument("--prompts", type=_positive_int, default=4, help=f"how many (1..{len(DEMO_PROMPTS)})")
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default out/demo)")
 
@@ -198,6 +209,10 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
         from .photos import load_photo_pipeline
 
         return load_photo_pipeline(device=device, dtype=dtype)
+    if model == "video":
+        from .video import load_video_pipeline
+
+        return load_video_pipeline(device=device, dtype=dtype)
     path = Path(model)
     if not path.exists():
         raise SystemExit(f"error: --model {model!r}: no such folder (a local pipeline folder is needed; "
@@ -216,6 +231,10 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
         from .photos import load_photo_pipeline
 
         return load_photo_pipeline(device=device, dtype=dtype, path=path)
+    if pipeline_class == "TinyWanPipeline":
+        from .video import load_video_pipeline
+
+        return load_video_pipeline(device=device, dtype=dtype, path=path)
     transformer = index.get("transformer")
     if not isinstance(transformer, list) or len(transformer) != 2:
         raise SystemExit(f"error: {pipeline_class} has no transformer; cat_pruning patches diffusion transformers "
@@ -234,7 +253,10 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
 
 
 def _images(output) -> torch.Tensor:
-    """(B, 3, H, W) float in [0, 1] on the CPU from a pipeline output of any type."""
+    """(B, 3, H, W) float in [0, 1] on the CPU from a pipeline output of any type; a video
+    pipeline's (B, 3, F, H, W) frames in "pt" output."""
+    if hasattr(output, "frames"):
+        return output.frames.float().cpu()
     images = output.images
     if isinstance(images, torch.Tensor):
         return images.float().cpu()  # after the generation: no denoising step is running
@@ -385,7 +407,7 @@ def demo(args: argparse.Namespace) -> int:
 
     from .metrics import psnr, ssim
 
-    prompts = PHOTO_DEMO_PROMPTS if args.model == "photos" else DEMO_PROMPTS
+    prompts = {"photos": PHOTO_DEMO_PROMPTS, "video": VIDEO_DEMO_PROMPTS}.get(args.model, DEMO_PROMPTS)
     if args.prompts > len(prompts):
         raise SystemExit(f"error: --prompts must be at most {len(prompts)}")
     pipe = load_pipeline(args.model, args.device, _dtype(args))
@@ -404,8 +426,12 @@ def demo(args: argparse.Namespace) -> int:
             cat, t_cat = _run(pipe, prompt, args)
             stats = cat_pruning.stats(pipe)
         png = args.out / f"{i:02d}.png"
-        heat, label = _recompute_map(stats, (4 * dense.shape[-2], 4 * dense.shape[-1]))
-        _panel(_to_uint8(dense[0]), _to_uint8(cat[0]), heat, label, prompt).save(png)
+        if dense.dim() == 5:  # video (B, 3, F, H, W): the frames as images
+            _video_panels(dense[0], cat[0], stats, prompt, png)
+            dense, cat = (x[0].transpose(0, 1) for x in (dense, cat))
+        else:
+            heat, label = _recompute_map(stats, (4 * dense.shape[-2], 4 * dense.shape[-1]))
+            _panel(_to_uint8(dense[0]), _to_uint8(cat[0]), heat, label, prompt).save(png)
         rows.append(dict(prompt=prompt, dense_s=t_dense, cat_s=t_cat, speedup=t_dense / t_cat,
                          mac_fraction=stats.mac_fraction, psnr_db=psnr(cat, dense), ssim=ssim(cat, dense),
                          png=str(png)))
@@ -416,8 +442,30 @@ def demo(args: argparse.Namespace) -> int:
         print(f"{r['prompt'][:62]:<62} {r['dense_s']:8.2f} {r['cat_s']:7.2f} {r['speedup']:7.2f}x "
               f"{100 * r['mac_fraction']:5.1f}% {r['psnr_db']:8.2f} {r['ssim']:6.3f}")
     (args.out / "demo.json").write_text(json.dumps(rows, indent=1))
-    print(f"pictures: {args.out}/NN.png (dense | CAT | tokens recomputed); numbers: {args.out}/demo.json")
+    animated = f", {args.out}/NN.gif (the same, frame by frame)" if args.model == "video" else ""
+    print(f"pictures: {args.out}/NN.png (dense | CAT | tokens recomputed){animated}; numbers: {args.out}/demo.json")
     return 0
+
+
+def _video_panels(dense: torch.Tensor, cat: torch.Tensor, stats, caption: str, png: Path) -> None:
+    """A clip's (3, F, H, W) dense and CAT frames: NN.gif, dense | CAT | the frame's token map,
+    frame by frame (the maps on one colour scale), and NN.png, the same panels one under another."""
+    from PIL import Image
+
+    counts = stats.recomputed[-1]  # (F, h, w): steps that computed each token
+    scale = _map_scale(stats)
+    size = (4 * dense.shape[-2], 4 * dense.shape[-1])
+    panels = []
+    for f in range(dense.shape[1]):
+        heat = token_map(counts[f], scale, size)
+        label = (f"frame {f + 1} of {dense.shape[1]}: steps computed per token {int(counts[f].min())} to "
+                 f"{int(counts[f].max())} of {len(stats.steps)}")
+        panels.append(_panel(_to_uint8(dense[:, f]), _to_uint8(cat[:, f]), heat, label, caption))
+    panels[0].save(png.with_suffix(".gif"), save_all=True, append_images=panels[1:], duration=400, loop=0)
+    strip = Image.new("RGB", (panels[0].width, sum(p.height for p in panels)), "white")
+    for f, panel in enumerate(panels):
+        strip.paste(panel, (0, f * panels[0].height))
+    strip.save(png)
 
 
 def read_prompts(path: Path) -> list[str]:
