@@ -16,16 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..tiny.scenes import COLORS as SCENE_COLORS
+
+# The scene model's colours but black (a texture's dark half is dark already), and cyan
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 35, 35),
-    "green": (35, 170, 60),
-    "blue": (40, 70, 225),
-    "yellow": (245, 215, 30),
-    "white": (245, 245, 245),
-    "orange": (245, 135, 20),
-    "purple": (135, 45, 180),
-    "cyan": (30, 200, 210),
-}
+    **{name: rgb for name, rgb in SCENE_COLORS.items() if name != "black"}, "cyan": (30, 200, 210)}
 SHAPES = ("circle", "square", "triangle")
 MOTIONS = ("moving left", "moving right", "moving up", "moving down", "growing", "shrinking")
 TEXTURES = ("stripes", "checks", "dots", "waves")
