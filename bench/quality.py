@@ -4,6 +4,7 @@ against step/block-caching peers at matched MAC budgets, on one of the project's
     python bench/run.py --suite quality            # 32 prompts x 2 seeds (29 min with --threads 2)
     python bench/run.py --suite quality --quick    # 4 prompts x 1 seed
     python bench/run.py --suite quality --model photos   # the photo model (Flux architecture)
+    python bench/run.py --suite quality --model video    # the video model (Wan architecture)
 
 Unlike the kernels suite, this one runs its full set unless ``--quick`` is on the command line
 (run.py turns --quick on by default on CPU; that default is ignored here). Suite options (after
@@ -13,7 +14,7 @@ reference always runs), ``--peer-warmup W`` (dense steps the peers keep, default
 full_steps), ``--tune-items N`` (held-out tuning prompts, see below), ``--mac-items N``
 (generations whose MACs are counted for data-dependent methods), ``--examples N``,
 ``--target-cat cat:K:F`` (the CAT setting whose MAC fraction the peers are tuned to, default
-cat:0.3:8, the paper's default), ``--model tiny|photos`` (default tiny; see quality_models.py).
+cat:0.3:8, the paper's default), ``--model tiny|photos|video`` (default tiny; see quality_models.py).
 
 What runs, on the shipped tiny model (cat_pruning.tiny, a pixel-space SD3Transformer2DModel),
 fp32, one prompt per pipeline call with CFG:
@@ -37,7 +38,11 @@ fp32, one prompt per pipeline call with CFG:
 With ``--model photos`` the same runs happen on the photo model (cat_pruning.photos, a
 pixel-space FluxTransformer2DModel: double- and single-stream blocks, rotary positions), called
 without a CFG batch as Flux is; its prompts are its captions (photo name and zoom), every photo
-once before any twice; the cache-dit and diffusers peers hook both block stacks.
+once before any twice; the cache-dit and diffusers peers hook both block stacks. With ``--model
+video`` they run on the video model (cat_pruning.video, a pixel-space WanTransformer3DModel) with
+held-out clip captions; its pipeline calls the transformer once per CFG branch inside
+``cache_context`` as WanPipeline does, which the diffusers hooks use as it is and cache-dit runs
+with ``enable_separate_cfg``; a clip is scored as its frames side by side (quality_models.py).
 
 Measured per method: PSNR and SSIM of the final image against the dense image of the same
 prompt+seed (mean and worst over prompts); the MAC fraction, counted the same way for every

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from quality_base import Method, cat_config_fields, no_session
+from quality_models import first_image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -44,8 +45,7 @@ def generate(
     t0 = time.perf_counter()
     out = ctx.pipe(prompt, num_inference_steps=ctx.steps, guidance_scale=ctx.guidance,
                    generator=torch.Generator("cpu").manual_seed(seed), output_type="pt")  # fmt: skip
-    image = out.images[0].float().cpu()
-    return image, time.perf_counter() - t0
+    return first_image(out), time.perf_counter() - t0
 
 
 def count_flops(ctx: Context, item: tuple[str, int], reset: Callable[[], None] | None = None) -> int:

@@ -29,6 +29,7 @@ from quality_base import Method, Session, cat_config_fields, config_overrides, n
 from quality_peers import tune_catf, tune_continuous, tune_taylorseer
 
 import cat_pruning
+from cat_pruning.adapters.base import opens_cache_context
 
 # the fields in which the paper's CAT differs from patch()'s defaults (keep_ratio and full_steps are in the spec)
 PAPER = {k: v for k, v in dataclasses.asdict(cat_pruning.CATConfig.paper()).items()
@@ -115,7 +116,14 @@ def _cache_dit_session(params: dict[str, Any]) -> Session:
                 taylorseer_order=params["taylorseer_order"],
                 enable_encoder_calibrator=params["enable_encoder_calibrator"],
             )
-        if hasattr(tr, "single_transformer_blocks"):
+        separate_cfg = False  # a CFG batch [uncond; cond] runs in one forward (or there is none)
+        if type(tr).__name__ == "WanTransformer3DModel":
+            # Wan's blocks take (hidden_states, encoder_hidden_states) and return hidden_states: Pattern_2,
+            # and its pipelines call the transformer once per CFG branch
+            adapter = BlockAdapter(pipe=pipe, transformer=tr, blocks=tr.blocks,
+                                   forward_pattern=ForwardPattern.Pattern_2)
+            separate_cfg = True
+        elif hasattr(tr, "single_transformer_blocks"):
             # Flux: double- then single-stream blocks, both returning (encoder_hidden_states,
             # hidden_states) in diffusers >= 0.35: Pattern_1 twice, as cache-dit's Flux adapter uses.
             adapter = BlockAdapter(pipe=pipe, transformer=tr,
@@ -133,7 +141,7 @@ def _cache_dit_session(params: dict[str, Any]) -> Session:
                 Bn_compute_blocks=params["Bn_compute_blocks"],
                 residual_diff_threshold=params["residual_diff_threshold"],
                 max_warmup_steps=params["max_warmup_steps"],
-                enable_separate_cfg=False,  # a CFG batch [uncond; cond] runs in one forward (or there is none)
+                enable_separate_cfg=separate_cfg,
             ),
             calibrator_config=calibrator,
         )  # fmt: skip
@@ -147,9 +155,10 @@ def _cache_dit_session(params: dict[str, Any]) -> Session:
 
 def _diffusers_hook_session(params: dict[str, Any], kind: str) -> Session:
     """diffusers' FirstBlockCache / TaylorSeer hooks on the bare transformer. SD3Transformer2DModel
-    has no CacheMixin (no enable_cache, no cache_context) and the project's pipelines open no cache
-    context, so a context named "cond" is opened around every transformer call, and the hooks'
-    state is reset before every generation."""
+    has no CacheMixin (no enable_cache, no cache_context) and the scene and photo pipelines open no
+    cache context, so a context named "cond" is opened around every transformer call (the video
+    pipeline opens one per CFG branch itself, as WanPipeline does), and the hooks' state is reset
+    before every generation."""
 
     @contextlib.contextmanager
     def session(pipe) -> Iterator[Callable[[], None]]:
@@ -180,11 +189,12 @@ def _diffusers_hook_session(params: dict[str, Any], kind: str) -> Session:
                     ),
                 )
             registry.invalidate_child_registries_cache()
-            handles = [
-                tr.register_forward_pre_hook(lambda m, a, k: _set_cache_context(m, CacheContext("cond")),
-                                             with_kwargs=True),
-                tr.register_forward_hook(lambda m, a, o: _set_cache_context(m, None)),
-            ]  # fmt: skip
+            if not opens_cache_context(type(pipe)):
+                handles = [
+                    tr.register_forward_pre_hook(lambda m, a, k: _set_cache_context(m, CacheContext("cond")),
+                                                 with_kwargs=True),
+                    tr.register_forward_hook(lambda m, a, o: _set_cache_context(m, None)),
+                ]  # fmt: skip
 
             def reset() -> None:
                 registry.reset_stateful_hooks(recurse=True)
@@ -243,7 +253,15 @@ def peer_method(spec: str, warmup: int, arch: str = "SD3") -> Method:
         # Whole blocks first (a step-level cache like cache-dit's), then diffusers' lite mode, then
         # the attention and feed-forward submodules of every block (its norms and gates still run;
         # diffusers' default hooks attention only, which cannot come near CAT's MAC budget).
-        if arch == "Flux":  # re.fullmatch: the single-stream blocks need their own names
+        if arch == "Wan":  # blocks.N: self attention, cross attention, feed-forward
+            m.variants = [
+                ("cache_identifiers=[blocks.N] (whole blocks)",
+                 dict(cache_identifiers=[r"blocks\.\d+"], use_lite_mode=False)),
+                ("use_lite_mode=True", dict(cache_identifiers=None, use_lite_mode=True)),
+                ("cache_identifiers=[blocks.N.(attn1|attn2|ffn)]",
+                 dict(cache_identifiers=[r"blocks\.\d+\.(attn1|attn2|ffn)"], use_lite_mode=False)),
+            ]  # fmt: skip
+        elif arch == "Flux":  # re.fullmatch: the single-stream blocks need their own names
             m.variants = [
                 ("cache_identifiers=[(single_)transformer_blocks.N] (whole blocks)",
                  dict(cache_identifiers=[r"(single_)?transformer_blocks\.\d+"], use_lite_mode=False)),

@@ -1,11 +1,16 @@
-"""The models the quality suite runs on (``--model tiny|photos``): how to load each, its prompts,
-and the words the report uses for it. Everything model-specific in the suite is here.
+"""The models the quality suite runs on (``--model tiny|photos|video``): how to load each, its
+prompts, and the words the report uses for it. Everything model-specific in the suite is here.
 
 - ``tiny``: the shipped scene model (cat_pruning.tiny), a pixel-space SD3Transformer2DModel, one
   prompt per call with CFG; prompts are distinct captions of its scene generator.
 - ``photos``: the photo model (cat_pruning.photos), a pixel-space FluxTransformer2DModel trained on
   crops of scikit-image's photographs, Flux-style without a CFG batch; prompts are its captions
   (photo name and zoom).
+- ``video``: the video model (cat_pruning.video), a pixel-space WanTransformer3DModel trained on
+  procedural clips (8 frames of 32x32), CFG as one call per branch in cache_context (WanPipeline's
+  loop); prompts are held-out clip captions. A clip is scored as its frames side by side, one
+  (3, 32, 8 * 32) image: PSNR is the clip's, SSIM the frames' (a window spans two frames only
+  along the 7 columns at each seam).
 """
 
 from __future__ import annotations
@@ -68,6 +73,28 @@ def _load_photos(device: str, dtype: Any):
     return load_photo_pipeline(device=device, dtype=dtype)
 
 
+def video_prompts(n: int) -> list[str]:
+    """n distinct held-out clip captions (clips the training never draws)."""
+    from cat_pruning.video import eval_captions
+
+    return eval_captions(n)
+
+
+def _load_video(device: str, dtype: Any):
+    from cat_pruning.video import load_video_pipeline
+
+    return load_video_pipeline(device=device, dtype=dtype)
+
+
+def first_image(output: Any) -> Any:
+    """The first image of a pipeline call's "pt" output as (3, H, W) on the CPU; a video's frames
+    side by side, (3, H, F * W)."""
+    if hasattr(output, "frames"):
+        clip = output.frames[0].float().cpu()  # (3, F, H, W)
+        return clip.permute(0, 2, 1, 3).flatten(2)
+    return output.images[0].float().cpu()
+
+
 MODELS: dict[str, QualityModel] = {
     "tiny": QualityModel(
         name="tiny",
@@ -93,6 +120,19 @@ MODELS: dict[str, QualityModel] = {
         prompts=photo_prompts,
         results_stem="quality-photos",
         examples_name="quality-photos-examples.png",
+    ),
+    "video": QualityModel(
+        name="video",
+        arch="Wan",
+        title="Video model (`cat_pruning.video`, WanTransformer3DModel trained on procedural clips of shapes "
+        "moving over static textures",
+        prompt_source="held-out clip captions",
+        call_note="one clip per call, CFG as one transformer call per branch (WanPipeline's loop)",
+        plot_title="Video Wan model",
+        load=_load_video,
+        prompts=video_prompts,
+        results_stem="quality-video",
+        examples_name="quality-video-examples.png",
     ),
 }
 
@@ -133,7 +173,7 @@ class Generator:
         out = self.pipe(prompt, num_inference_steps=self.steps, guidance_scale=self.guidance,
                         generator=torch.Generator("cpu").manual_seed(seed), output_type="pt")  # fmt: skip
         self.bar.update()
-        return out.images[0].float().cpu()
+        return first_image(out)
 
     def measure(self, config: Any, items: list[tuple[str, int]], dense: list[Any] | None = None) -> dict:
         """Patch with `config`, generate `items`, unpatch. MAC fraction (mean over the items),

@@ -180,16 +180,20 @@ def _computed_steps(ctx: Context, m: Method) -> int:
 
 
 def _count_computed_steps(ctx: Context, m: Method) -> int:
+    """The first attention's calls per transformer call of a step (a pipeline that calls the
+    transformer once per CFG branch, as Wan's, runs both branches' attention in a computed step)."""
     tr = ctx.pipe.transformer
-    name = next(n for n, _ in tr.named_modules() if n.endswith("attn.to_q"))
-    calls = []
-    handle = tr.get_submodule(name).register_forward_hook(lambda *_: calls.append(1))
+    name = next(n for n, _ in tr.named_modules() if n.endswith(("attn.to_q", "attn1.to_q")))
+    calls, forwards = [], []
+    handles = [tr.get_submodule(name).register_forward_hook(lambda *_: calls.append(1)),
+               tr.register_forward_hook(lambda *_: forwards.append(1))]
     try:
         with m.session(ctx.pipe) as reset:
             generate(ctx, ctx.items[0], reset)
     finally:
-        handle.remove()
-    return len(calls)
+        for handle in handles:
+            handle.remove()
+    return round(len(calls) * ctx.steps / len(forwards))
 
 
 def tune_taylorseer(ctx: Context, m: Method, warmup: int) -> None:
