@@ -35,10 +35,12 @@ test-min-diffusers: install
 	CAT_EXPECT_DIFFUSERS=$(DIFFUSERS_MIN) PYTHONPATH=$(MIN_DIR) $(PY) -m pytest -q tests/models tests/test_cli.py \
 		-k "(keep_ratio_one or oracle or pipeline or tiny or cli) and not from-all and not from-rebase and not order-1" -p no:cacheprovider
 
-# Both shipped models: the scene model (SD3 architecture) and the photo model (Flux architecture).
+# The shipped models: the scene model (SD3 architecture), the photo model (Flux architecture) and
+# the video model (Wan architecture: animated GIFs).
 demo: install
 	$(PY) -m cat_pruning demo --model tiny --out out/demo/tiny
 	$(PY) -m cat_pruning demo --model photos --out out/demo/photos
+	$(PY) -m cat_pruning demo --model video --out out/demo/video
 
 lint: install
 	$(PY) -m ruff check .
