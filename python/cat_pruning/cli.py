@@ -156,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     common(gen, None, None)
     gen.add_argument("--model", default="tiny",
-                     help="'tiny' (the shipped scene model), 'photos' (the shipped photo model) or a pipeline folder")
+                     help="'tiny' (the shipped scene model), 'photos' (the shipped photo model) or a pipeline folder "
+                          "(of pictures: the video model runs in demo --model video)")
     what = gen.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the text (for DiT: an ImageNet class name)")
     what.add_argument("--prompts-file", type=Path, default=None, metavar="FILE",
@@ -562,6 +563,10 @@ def _load_patched(args: argparse.Namespace):
     import cat_pruning
 
     pipe = load_pipeline(args.model, args.device, _dtype(args))
+    if type(getattr(pipe, "transformer", None)).__name__ == "WanTransformer3DModel":
+        raise SystemExit(f"error: generate writes pictures; {type(pipe).__name__} makes videos: use `python -m "
+                         "cat_pruning demo --model video` (the shipped video model) or the Python API "
+                         "(cat_pruning.patch(pipe))")
     _check_size(pipe, args)
     if not args.dense:
         try:

@@ -143,3 +143,5 @@ def test_cli_demo_video_writes_an_animation(tmp_path):
     assert len(rows) == 1 and rows[0]["prompt"] == PROMPT and rows[0]["mac_fraction"] < 1
     gif = Image.open(demo / "00.gif")
     assert gif.n_frames == FRAMES and (demo / "00.png").is_file()
+    with pytest.raises(SystemExit, match="generate writes pictures; TinyWanPipeline makes videos"):
+        main(["generate", "--model", "video", "--prompt", PROMPT, "--out", str(tmp_path), *common])
