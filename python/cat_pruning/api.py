@@ -83,6 +83,13 @@ def _split(obj: Any) -> tuple[Any | None, nn.Module]:
     )
 
 
+def _models(obj: Any) -> tuple[Any | None, list[nn.Module]]:
+    """(pipeline or None, the transformers a patch of `obj` covers): a pipeline's experts
+    (generation.experts), or the transformer passed."""
+    pipeline, transformer = _split(obj)
+    return pipeline, (generation.experts(pipeline) if pipeline is not None else [transformer])
+
+
 def _get(obj: Any) -> _Patch | None:
     _, transformer = _split(obj)
     return getattr(transformer, _ATTR, None)
@@ -123,8 +130,7 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
                         f"CATConfig(...) or keyword arguments, e.g. patch(pipe, keep_ratio=0.3){hint}")
     check_diffusers()
     config = (config or CATConfig()).replace(**overrides) if overrides else (config or CATConfig())
-    pipeline, transformer = _split(obj)
-    models = generation.experts(pipeline) if pipeline is not None else [transformer]
+    pipeline, models = _models(obj)
     adapters = [find_adapter(model) for model in models]
     for name in ("controlnet", "image_encoder"):
         if pipeline is not None and getattr(pipeline, name, None) is not None and name not in adapters[0].components:
@@ -344,9 +350,7 @@ def _adopt_processors(p: _Patch) -> None:
 
 def _patches(obj: Any) -> list[_Patch]:
     """The patches of what the user passed: a pipeline's experts', or the transformer's."""
-    pipeline, transformer = _split(obj)
-    models = generation.experts(pipeline) if pipeline is not None else [transformer]
-    return [p for p in (getattr(m, _ATTR, None) for m in models) if p is not None]
+    return [p for p in (getattr(m, _ATTR, None) for m in _models(obj)[1]) if p is not None]
 
 
 def unpatch(obj: Any) -> Any:

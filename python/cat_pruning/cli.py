@@ -255,12 +255,11 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
 
 def _images(output) -> torch.Tensor:
     """(B, 3, H, W) float in [0, 1] on the CPU from a pipeline output of any type; a video
-    pipeline's (B, 3, F, H, W) frames in "pt" output."""
-    if hasattr(output, "frames"):
-        return output.frames.float().cpu()
-    images = output.images
+    pipeline's (B, 3, F, H, W) frames in "pt" output. (The copies to the host run after the
+    generation: no denoising step is running.)"""
+    images = output.frames if hasattr(output, "frames") else output.images
     if isinstance(images, torch.Tensor):
-        return images.float().cpu()  # after the generation: no denoising step is running
+        return images.float().cpu()
     arrays = [np.asarray(im, dtype=np.float32) / (255.0 if not isinstance(im, np.ndarray) else 1.0) for im in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
