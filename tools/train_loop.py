@@ -199,6 +199,44 @@ def cli_argv(argv: list[str] | None) -> list[str]:
     return argv if argv is not None else sys.argv[1:]
 
 
+def text_encoder(vocab: list[str], c: dict) -> Any:
+    """The shipped models' small word-level text encoder for a model config `c` (its text_dim,
+    text_layers and max_length)."""
+    from cat_pruning.tiny.text import TinyTextEncoder
+
+    return TinyTextEncoder(vocab=list(vocab), max_length=c["max_length"], dim=c["text_dim"],
+                           num_layers=c["text_layers"], num_heads=max(1, c["text_dim"] // 32),
+                           joint_attention_dim=c["text_dim"], pooled_projection_dim=c["text_dim"])  # fmt: skip
+
+
+def save_pipeline(pipeline_cls: type, out: Path, transformer: Any, text_encoder: Any, shift: float) -> Any:
+    """A pipeline of `pipeline_cls` around the models with a flow-matching Euler scheduler of
+    `shift`, saved to `out` (safetensors); returns it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    pipe = pipeline_cls(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)
+    pipe.save_pretrained(str(out))
+    return pipe
+
+
+def noised(args: argparse.Namespace, step: int, x0: torch.Tensor, captions: list[str], tokenizer: Any,
+           device: torch.device) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step's rectified-flow batch from clean samples x0 (B, ...) and their captions, everything
+    random drawn from (args.seed, step): captions dropped with --caption-dropout, noise, a
+    logit-normal sigma per sample, x_t = (1 - sigma) x0 + sigma noise. Returns (token ids, x0,
+    noise, sigma, x_t) on `device`; the target is noise - x0."""
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    drop = torch.rand(len(captions), generator=gen) < args.caption_dropout
+    captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+    ids = {k: v.to(device) for k, v in tokenizer(captions).items()}
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    sigma = torch.sigmoid(torch.randn(len(captions), generator=gen)).to(device)  # logit-normal(0, 1)
+    x0 = x0.to(device)
+    s = sigma.view(-1, *[1] * (x0.dim() - 1))
+    return ids, x0, noise, sigma, (1 - s) * x0 + s * noise
+
+
 def autocast(args: argparse.Namespace) -> torch.autocast:
     """bf16 autocast of a forward pass with --bf16 (weights, optimizer and EMA stay fp32)."""
     return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16)

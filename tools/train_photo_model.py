@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import train_loop  # noqa: E402  (the loop, checkpoints and summary the video model's training shares)
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel  # noqa: E402
+from diffusers import FluxTransformer2DModel  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from cat_pruning.photos.captions import VOCAB, ZOOMS, caption  # noqa: E402
@@ -69,23 +69,11 @@ def build_models(c: dict) -> tuple[FluxTransformer2DModel, TinyTextEncoder]:
         guidance_embeds=False,
         axes_dims_rope=tuple(c["rope"]),
     )
-    text_encoder = TinyTextEncoder(
-        vocab=list(VOCAB),
-        max_length=c["max_length"],
-        dim=c["text_dim"],
-        num_layers=c["text_layers"],
-        num_heads=max(1, c["text_dim"] // 32),
-        joint_attention_dim=c["text_dim"],
-        pooled_projection_dim=c["text_dim"],
-    )
-    return transformer, text_encoder
+    return transformer, train_loop.text_encoder(VOCAB, c)
 
 
 def save_pipeline(out: Path, transformer, text_encoder, shift: float) -> PhotoFluxPipeline:
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    pipe = PhotoFluxPipeline(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)
-    pipe.save_pretrained(str(out))  # safetensors
-    return pipe
+    return train_loop.save_pipeline(PhotoFluxPipeline, out, transformer, text_encoder, shift)
 
 
 def write_samples(pipe: PhotoFluxPipeline, data, out: Path, steps: int, seeds=(0, 1), scale: int = 2) -> None:
@@ -147,16 +135,7 @@ def main(argv=None) -> int:
     def step_loss(models: torch.nn.ModuleDict, step: int) -> torch.Tensor:
         # Everything random in this step from (seed, step): a resumed run draws what an uninterrupted one would.
         x0, caps = data.sample(np.random.default_rng([args.seed, step]), args.batch_size)
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        x0 = pack(torch.from_numpy(x0))
-        drop = torch.rand(len(caps), generator=gen) < args.caption_dropout
-        caps = ["" if d else c for c, d in zip(caps, drop.tolist(), strict=True)]
-        ids = {k: v.to(dev) for k, v in tok(caps).items()}
-        noise = torch.randn(x0.shape, generator=gen).to(dev)
-        sigma = torch.sigmoid(torch.randn(len(caps), generator=gen)).to(dev)  # logit-normal(0, 1)
-        x0 = x0.to(dev)
-        s = sigma.view(-1, 1, 1)
-        xt = (1 - s) * x0 + s * noise
+        ids, x0, noise, sigma, xt = train_loop.noised(args, step, pack(torch.from_numpy(x0)), caps, tok, dev)
         with train_loop.autocast(args):
             hidden, pooled = models["text_encoder"](ids["input_ids"], ids["attention_mask"])
             pred = models["transformer"](hidden_states=xt, timestep=sigma, encoder_hidden_states=hidden,

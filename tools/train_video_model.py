@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import train_loop  # noqa: E402
-from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel  # noqa: E402
+from diffusers import WanTransformer3DModel  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from cat_pruning.tiny.text import TinyTextEncoder  # noqa: E402
@@ -55,18 +55,11 @@ def build_models(c: dict) -> tuple[WanTransformer3DModel, TinyTextEncoder]:
         out_channels=3, text_dim=c["text_dim"], freq_dim=c["freq_dim"], ffn_dim=c["ffn"], num_layers=c["layers"],
         rope_max_seq_len=64,
     )
-    text_encoder = TinyTextEncoder(
-        vocab=list(VOCAB), max_length=c["max_length"], dim=c["text_dim"], num_layers=c["text_layers"],
-        num_heads=max(1, c["text_dim"] // 32), joint_attention_dim=c["text_dim"], pooled_projection_dim=c["text_dim"],
-    )
-    return transformer, text_encoder
+    return transformer, train_loop.text_encoder(VOCAB, c)
 
 
 def save_pipeline(out: Path, transformer, text_encoder, shift: float) -> TinyWanPipeline:
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    pipe = TinyWanPipeline(transformer=transformer, text_encoder=text_encoder, scheduler=scheduler)
-    pipe.save_pretrained(str(out))  # safetensors
-    return pipe
+    return train_loop.save_pipeline(TinyWanPipeline, out, transformer, text_encoder, shift)
 
 
 def write_samples(pipe: TinyWanPipeline, out: Path, steps: int, rows: int = 6, scale: int = 3) -> None:
@@ -114,16 +107,7 @@ def main(argv=None) -> int:
     def step_loss(models: torch.nn.ModuleDict, step: int) -> torch.Tensor:
         # Everything random in this step from (seed, step): a resumed run draws what an uninterrupted one would.
         x0, caps = batch(np.random.default_rng([args.seed, step]), args.batch_size)
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        x0 = torch.from_numpy(x0)
-        drop = torch.rand(len(caps), generator=gen) < args.caption_dropout
-        caps = ["" if d else c for c, d in zip(caps, drop.tolist(), strict=True)]
-        ids = {k: v.to(dev) for k, v in tok(caps).items()}
-        noise = torch.randn(x0.shape, generator=gen).to(dev)
-        sigma = torch.sigmoid(torch.randn(len(caps), generator=gen)).to(dev)  # logit-normal(0, 1)
-        x0 = x0.to(dev)
-        s = sigma.view(-1, 1, 1, 1, 1)
-        xt = (1 - s) * x0 + s * noise
+        ids, x0, noise, sigma, xt = train_loop.noised(args, step, torch.from_numpy(x0), caps, tok, dev)
         with train_loop.autocast(args):
             hidden, _ = models["text_encoder"](ids["input_ids"], ids["attention_mask"])
             pred = models["transformer"](hidden_states=xt, timestep=1000 * sigma, encoder_hidden_states=hidden,
