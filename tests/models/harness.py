@@ -76,6 +76,18 @@ def tokens_of(out: torch.Tensor, height: int, width: int, p: int = 2) -> torch.T
     return out.view(b, c, height, p, width, p).permute(0, 2, 4, 3, 5, 1).reshape(b, height * width, -1)
 
 
+def tool_module(name: str):
+    """The script tools/<name>.py (a training script) loaded as a module, to call its main() and helpers."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_vae(latent_channels: int, levels: int = 1, **config):
     """A tiny AutoencoderKL for the pipeline tests (the caller seeds the global RNG)."""
     from diffusers import AutoencoderKL

@@ -3,7 +3,6 @@ training script (tools/train_photo_model.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -16,6 +15,8 @@ try:
     import cat_pruning.photos  # noqa: F401
 except ImportError:  # a checkout without an install
     sys.path.insert(0, str(ROOT / "python"))
+
+from harness import tool_module  # noqa: E402
 
 import cat_pruning  # noqa: E402
 from cat_pruning.photos import (  # noqa: E402
@@ -49,10 +50,7 @@ def _gen(pipe, seed=7, steps=3, prompt=PROMPT):
 
 
 def _train_module():
-    spec = importlib.util.spec_from_file_location("train_photo_model", ROOT / "tools" / "train_photo_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return tool_module("train_photo_model")
 
 
 def test_captions_fit_the_tokenizer():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -15,6 +14,8 @@ try:
     import cat_pruning.tiny  # noqa: F401
 except ImportError:  # a checkout without an install
     sys.path.insert(0, str(ROOT / "python"))
+
+from harness import tool_module  # noqa: E402
 
 from cat_pruning.tiny import (  # noqa: E402
     VOCAB,
@@ -35,10 +36,7 @@ def pipe():
 
 
 def _train_module():
-    spec = importlib.util.spec_from_file_location("train_tiny_t2i", ROOT / "tools" / "train_tiny_t2i.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return tool_module("train_tiny_t2i")
 
 
 def test_scenes_deterministic_and_in_vocab():

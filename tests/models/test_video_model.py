@@ -3,7 +3,6 @@ its training script (tools/train_video_model.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -17,6 +16,8 @@ try:
     import cat_pruning.video  # noqa: F401
 except ImportError:  # a checkout without an install
     sys.path.insert(0, str(ROOT / "python"))
+
+from harness import tool_module  # noqa: E402
 
 import cat_pruning  # noqa: E402
 from cat_pruning.tiny import TinyTokenizer  # noqa: E402
@@ -50,10 +51,7 @@ def _gen(pipe, seed=7, steps=3, prompt=PROMPT):
 
 
 def _train_module():
-    spec = importlib.util.spec_from_file_location("train_video_model", ROOT / "tools" / "train_video_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return tool_module("train_video_model")
 
 
 def test_clips_are_deterministic_captioned_and_mostly_static():
