@@ -154,9 +154,11 @@ class TimestepWatch:
 # the patch record of cat_pruning.api (its state, adapter, transformer, pipeline, driver, watch
 # and wrapped schedulers).
 
-MARK = "_cat_pruning_patch"  # on the methods a patch wraps on an instance: the patch they belong to
-# Pipelines whose transformer is two experts, each patched with its own state (Wan 2.2 A14B); a
-# scheduler's wrapped methods carry the list of every patch they drive (MARK)
+# On the methods a patch wraps on an instance: the patch they belong to; on a scheduler's, the list
+# of every patch they drive (a pipeline's two experts, from_pipe pipelines sharing the scheduler)
+MARK = "_cat_pruning_patch"
+# A pipeline's transformers: its transformer, and the second expert of Wan 2.2 A14B's pipelines,
+# each patched with its own state
 EXPERTS = ("transformer", "transformer_2")
 
 
