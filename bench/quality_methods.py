@@ -8,7 +8,8 @@
   ``peer@mac:X`` to the fraction X;
 - ``catf@cat:K:F`` / ``catf@mac:X``: CAT-F (forecast="taylor") at its best schedule for that budget
   (refresh_every and full_steps from a grid, keep_ratio solved for the budget, the best on the
-  tuning prompts kept), found the same way as diffusers TaylorSeer's best warm-up, interval and order.
+  tuning prompts kept), found the same way as diffusers TaylorSeer's best warm-up, interval and order;
+  ``catf-hidden@...`` / ``catf-noise@...``: the same with the grid held to one output_cache.
 
 A method's ``session(pipe)`` is a context manager that installs it for the generations inside and
 yields a per-call reset (or None). Sessions look at the transformer they get, so the same peer
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 from quality_base import Method, Session, cat_config_fields, config_overrides, no_session  # noqa: F401 - re-exported
-from quality_peers import tune_catf, tune_continuous, tune_taylorseer
+from quality_peers import CATF_OUTPUT_CACHES, tune_catf, tune_continuous, tune_taylorseer
 
 import cat_pruning
 from cat_pruning.adapters.base import opens_cache_context
@@ -94,11 +95,15 @@ def parse_target(target: str) -> str:
     return target
 
 
-def catf_method(target: str) -> Method:
-    """CAT-F at its best schedule for the budget `target` (tuned by quality_peers.tune_catf)."""
-    m = Method(f"catf@{target}", f"CAT-F @ {target}", "catf", dict(forecast="taylor"),
+def catf_method(target: str, output_cache: str = "") -> Method:
+    """CAT-F at its best schedule for the budget `target` (tuned by quality_peers.tune_catf), over
+    both output caches or only `output_cache`."""
+    suffix = f"-{output_cache}" if output_cache else ""
+    name = f"CAT-F ({output_cache} cache) @ {target}" if output_cache else f"CAT-F @ {target}"
+    m = Method(f"catf{suffix}@{target}", name, "catf", dict(forecast="taylor"),
                session=lambda pipe: _cat_session(m.params)(pipe), matched_to=target)  # fmt: skip
-    m.tune = lambda ctx: tune_catf(ctx, m)
+    caches = (output_cache,) if output_cache else CATF_OUTPUT_CACHES
+    m.tune = lambda ctx: tune_catf(ctx, m, caches)
     return m
 
 
@@ -292,10 +297,10 @@ def make_methods(opts: argparse.Namespace) -> list[Method]:
             out.append(cat_method(spec))
             continue
         peer, _, target = spec.partition("@")  # peer@cat:K:F / peer@mac:X: tuned to that MAC fraction
-        if peer == "catf":
+        if peer in ("catf", *(f"catf-{c}" for c in CATF_OUTPUT_CACHES)):
             if not target:
-                raise SystemExit("bench quality: catf needs a budget: catf@cat:K:F or catf@mac:X")
-            out.append(catf_method(parse_target(target)))
+                raise SystemExit(f"bench quality: {peer} needs a budget: {peer}@cat:K:F or {peer}@mac:X")
+            out.append(catf_method(parse_target(target), peer.partition("-")[2]))
             continue
         m = peer_method(peer, opts.peer_warmup, getattr(opts, "arch", "SD3"))
         if target:

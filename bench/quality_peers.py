@@ -29,7 +29,8 @@ CATF_FINAL = (0, 1)  # final_full_steps: the last steps computed in full, as TAY
 # steps). The old grid (4, 6, 8) missed TaylorSeer's own schedule: 8 prompts outside the bench's
 # sets, 51% MACs, full 7, refreshes 8, 11, ..., 26 and one token (order 1, damping 0.4): 50.93 dB,
 # against 48.09 for diffusers TaylorSeer computing the same steps (warm-up 7, interval 3, order 2).
-CATF_FULL = tuple(range(4, 11))
+# From 2: TaylorSeer's warm-up 3 (full_steps 3 here) wins its 44% budget on the photo model.
+CATF_FULL = tuple(range(2, 11))
 # forecast_kv_damping: full slope steps suit short horizons (refresh every 2-3 steps), damped
 # ones long horizons (measured on 8 prompts: refresh every 6, 35% MACs: 27.9 dB at 1.0, 34.1 at 0.5),
 # so 0.5 competes only in schedules refreshing every CATF_DAMPED_REFRESH steps or more.
@@ -46,6 +47,11 @@ CATF_FORECAST_FROM = ("refresh",)
 # CATF_ORDER2_REFRESH steps.
 CATF_OUTPUT = ((1, 0.4), (2, 0.8))
 CATF_ORDER2_REFRESH = (2, 3)
+# output_cache: the model's prediction ("noise") or the final norm's input ("hidden"), whose forecast
+# wants the undamped step (photo model, 8 tuning prompts, 44%, order 1: 48.35 dB at damping 1.0,
+# 43.95 at 0.8; 65%, every 2, order 2: 55.49 at 1.0, 54.07 at 0.8)
+CATF_OUTPUT_CACHES = ("noise", "hidden")
+CATF_OUTPUT_BY_CACHE = {"noise": CATF_OUTPUT, "hidden": ((1, 1.0), (2, 1.0))}
 # refresh_offset: besides the default phase (refreshes from the fill step on), the phase with the
 # same number of refreshes whose last one lands on the second-to-last step (the last step of a
 # flow-matching scheduler barely moves the latent). 8 prompts outside the bench's sets, 44%: 40.9 dB
@@ -249,14 +255,15 @@ def catf_schedule_fraction(ctx: Context, full_steps: int, refresh_every: int, ke
     return (ctx.steps - pruned + pruned * step_fraction(kept)) / ctx.steps
 
 
-def catf_candidates(ctx: Context, n: int, step_fraction: Callable[[int], float]) -> list[tuple[dict, float]]:
+def catf_candidates(ctx: Context, n: int, step_fraction: Callable[[int], float],
+                    output_caches: tuple[str, ...] = CATF_OUTPUT_CACHES) -> list[tuple[dict, float]]:
     """(params, MAC fraction) of every CAT-F schedule within BAND of ctx.target: per full_steps,
     refresh_every and final_full_steps (CATF_FINAL), the K of n tokens that lands on the budget,
     or the nearest K if none does,
     with each refresh phase (the default and the end-aligned one, same MACs), each K/V damping
     (0.5 only when refreshing every CATF_DAMPED_REFRESH steps or more), each forecast_from of
-    CATF_FORECAST_FROM and each output forecast (order 2 only when refreshing every
-    CATF_ORDER2_REFRESH steps)."""
+    CATF_FORECAST_FROM, each output cache of `output_caches` and each of its output forecasts
+    (CATF_OUTPUT_BY_CACHE; order 2 only when refreshing every CATF_ORDER2_REFRESH steps)."""
     candidates = []
     fulls = [f for f in CATF_FULL if f < ctx.steps]
     for full, every, final in itertools.product(fulls, CATF_REFRESH, CATF_FINAL):
@@ -268,21 +275,22 @@ def catf_candidates(ctx: Context, n: int, step_fraction: Callable[[int], float])
         if abs(frac - ctx.target) > BAND:
             continue
         offsets = sorted({0, end_aligned_offset(ctx.steps - final, full, every)})
-        outputs = [o for o in CATF_OUTPUT if o[0] == 1 or every in CATF_ORDER2_REFRESH]
+        outputs = [(cache, order, damping) for cache in output_caches for order, damping in CATF_OUTPUT_BY_CACHE[cache]
+                   if order == 1 or every in CATF_ORDER2_REFRESH]  # fmt: skip
         dampings = [d for d in CATF_KV_DAMPING if d == 1.0 or every >= CATF_DAMPED_REFRESH]
         candidates += [(dict(keep_ratio=kept / n, full_steps=full, refresh_every=every, refresh_offset=o,
                              final_full_steps=final, forecast_kv_damping=d, forecast_from=f, forecast_order=order,
-                             forecast_damping=damping), frac)
+                             forecast_damping=damping, output_cache=cache), frac)
                        for o in offsets for d in dampings for f in CATF_FORECAST_FROM
-                       for order, damping in outputs]  # fmt: skip
+                       for cache, order, damping in outputs]  # fmt: skip
     return candidates
 
 
-def tune_catf(ctx: Context, m: Method) -> None:
+def tune_catf(ctx: Context, m: Method, output_caches: tuple[str, ...] = CATF_OUTPUT_CACHES) -> None:
     """CAT-F at its best schedule for the budget: for each refresh_every of CATF_REFRESH, full_steps
     of CATF_FULL, refresh phase (end_aligned_offset), forecast_kv_damping of CATF_KV_DAMPING,
-    forecast_from and output forecast
-    (CATF_OUTPUT), the keep_ratio that lands on the budget
+    forecast_from, output cache of `output_caches` and output forecast (CATF_OUTPUT_BY_CACHE), the
+    keep_ratio that lands on the budget
     (the MAC fraction of a pruned step is affine in the tokens it computes: measured at two keep
     ratios), or the nearest one within BAND; the best PSNR on the tuning prompts wins."""
     import cat_pruning
@@ -307,7 +315,7 @@ def tune_catf(ctx: Context, m: Method) -> None:
     def step_fraction(k: int) -> float:
         return f0 + slope * (k - k0)
 
-    candidates = catf_candidates(ctx, n, step_fraction)
+    candidates = catf_candidates(ctx, n, step_fraction, output_caches)
     if not candidates:
         raise ValueError(f"no CAT-F schedule reaches the budget {ctx.target:.3f}")
     pick_best(ctx, m, candidates, "CAT-F schedule")

@@ -213,14 +213,18 @@ def test_catf_candidates_follow_the_band_rule(monkeypatch):
         assert abs(frac - ctx.target) <= quality_peers.BAND
         key = (p["full_steps"], p["refresh_every"], p["final_full_steps"], p["keep_ratio"])
         dampings.setdefault(key, set()).add((p["refresh_offset"], p["forecast_kv_damping"], p["forecast_from"],
-                                             (p["forecast_order"], p["forecast_damping"])))  # fmt: skip
+                                             (p["output_cache"], p["forecast_order"], p["forecast_damping"])))  # fmt: skip
     for (full, every, final, _keep), d in dampings.items():
-        outputs = [o for o in quality_peers.CATF_OUTPUT if o[0] == 1 or every in quality_peers.CATF_ORDER2_REFRESH]
+        outputs = [(cache, *o) for cache in ("noise", "hidden") for o in quality_peers.CATF_OUTPUT_BY_CACHE[cache]
+                   if o[0] == 1 or every in quality_peers.CATF_ORDER2_REFRESH]  # fmt: skip
         kvs = [kv for kv in quality_peers.CATF_KV_DAMPING if kv == 1 or every >= quality_peers.CATF_DAMPED_REFRESH]
         offsets = {0, quality_peers.end_aligned_offset(steps - final, full, every)}
         assert d == {(o, kv, f, out) for o in offsets for kv in kvs for f in quality_peers.CATF_FORECAST_FROM
                      for out in outputs}  # fmt: skip
     assert any(p["refresh_offset"] for p, _ in got)
+    # one output cache only: the grid held to it
+    hidden = quality_peers.catf_candidates(ctx, n, lambda k: 0.05 + 0.9 * k / n, ("hidden",))
+    assert hidden and [p for p, _ in hidden] == [p for p, _ in got if p["output_cache"] == "hidden"]
     # an end-aligned phase keeps the number of refreshes (so the MACs) and ends them on the step before
     # the last pruned one (the second-to-last step without final full steps)
     for p, _ in got:

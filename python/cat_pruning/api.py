@@ -36,8 +36,8 @@ from .adapters.base import PathHook, compute_dtype, encoder_hidden_states_arg, g
 from .compat import check_diffusers
 from .config import CATConfig
 from .generation import TimestepWatch
-from .parallel import NONE, check_agreement, sharding
-from .state import CATState
+from .parallel import NONE, Sharding, check_agreement, sharding
+from .state import CacheLayout, CATState, Geometry
 from .stats import CATStats, StepStats
 
 _ATTR = "_cat_pruning"
@@ -150,8 +150,13 @@ def _install(adapter: Adapter, transformer: nn.Module, pipeline: Any | None, con
     """Patch one transformer (checked by patch())."""
     shard = sharding(transformer, adapter.family, adapter.supports_parallel)
     driver = "pipeline" if pipeline is not None else ("manual" if config.manual_steps else "auto")
-    state = CATState(config, driver, lambda geometry, shard: adapter.cache_layout(transformer, geometry, shard),
-                     cond_first=adapter.cfg_cond_first)
+    hidden = config.output_cache == "hidden"
+
+    def layout(geometry: Geometry, shard: Sharding) -> CacheLayout:
+        layout = adapter.cache_layout(transformer, geometry, shard)
+        return adapter.hidden_layout(transformer, layout) if hidden else layout
+
+    state = CATState(config, driver, layout, cond_first=adapter.cfg_cond_first)
     attns = adapter.attention_modules(transformer)
     p = _Patch(state, adapter, transformer, pipeline, {n: a.processor for n, a in attns.items()}, [], driver=driver)
     for name, attn in attns.items():
@@ -184,6 +189,12 @@ def _install(adapter: Adapter, transformer: nn.Module, pipeline: Any | None, con
             generation.check_branch(state)
             if state.driver != "auto":
                 generation.count_forward(state)
+        if hidden:
+            if state.shard.cp_world > 1:
+                raise ValueError(
+                    "cat_pruning: output_cache=\"hidden\" does not run under context parallelism (each rank holds "
+                    "a share of the hidden rows); patch with output_cache=\"noise\"")
+            adapter.check_hidden_cache(args, kwargs)
         geometry = adapter.geometry(module, args, kwargs)
         if state.reference_rows:  # the pipeline call said its input carries reference rows
             geometry = geometry.with_reference(state.reference_rows)
@@ -210,12 +221,17 @@ def _install(adapter: Adapter, transformer: nn.Module, pipeline: Any | None, con
     def out_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return state.on_output(output)
 
+    def hidden_hook(module: nn.Module, args: tuple) -> tuple:
+        # output_cache="hidden": the last block's rows -> every row, before the final norm
+        return (state.on_output(args[0]), *args[1:])
+
     p.handles += [
         transformer.register_forward_pre_hook(pre_hook, with_kwargs=True),
         transformer.register_forward_hook(post_hook),
     ]
     # By path: LoRA may wrap these layers (Flux's x_embedder, every proj_out) after the patch.
-    p.path_hooks += [PathHook(adapter.patch_embed, embed_hook), PathHook(adapter.out_proj, out_hook)]
+    output = PathHook(adapter.final_norm, hidden_hook, pre=True) if hidden else PathHook(adapter.out_proj, out_hook)
+    p.path_hooks += [PathHook(adapter.patch_embed, embed_hook), output]
     for hook in adapter.install_hooks(transformer, state):
         (p.path_hooks if isinstance(hook, PathHook) else p.handles).append(hook)
     for hook in p.path_hooks:
@@ -463,6 +479,15 @@ def stats(obj: Any) -> CATStats:
                                experts=tuple(generation.EXPERTS[:len(parts)]))
 
 
+def _step_macs(p: _Patch, rows: int, dense_rows: int) -> int:
+    """MACs of one forward for one sample that computes `rows` of `dense_rows` rows; with
+    output_cache="hidden" the output projection runs on every row."""
+    macs = p.adapter.macs_per_sample(p.transformer, rows, dense_rows, p.state.text_tokens)
+    if p.state.config.output_cache == "hidden":
+        macs += (dense_rows - rows) * p.adapter.head_macs_per_row(p.transformer)
+    return macs
+
+
 def _stats(p: _Patch) -> CATStats:
     """stats() of one patched transformer."""
     state = p.state
@@ -476,8 +501,7 @@ def _stats(p: _Patch) -> CATStats:
         padding = state.padding if g is not None else 0
         rows = [(tokens + padding if mode == "pruned" else tokens) + reference for mode, tokens in history]
         dense_rows = n + reference
-        macs_of = {t: p.adapter.macs_per_sample(p.transformer, t, dense_rows, state.text_tokens)
-                   for t in {dense_rows, *rows}}
+        macs_of = {t: _step_macs(p, t, dense_rows) for t in {dense_rows, *rows}}
         macs += sum(batch * macs_of[t] for t in rows)
         macs_dense += batch * len(history) * macs_of[dense_rows]
         if not branches:  # the first branch's steps, geometry and token map ("cond" before "uncond")

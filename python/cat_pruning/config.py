@@ -11,6 +11,7 @@ from cat_kernels.backend import BACKENDS
 SELECTIONS = ("regions", "cat", "cat-no-staleness", "topk", "random")
 FORECASTS = ("none", "taylor")
 FORECAST_FROM = ("all", "refresh", "rebase")
+OUTPUT_CACHES = ("noise", "hidden")
 IMPORTANCES = ("auto", "change", "forecast-error")
 REFRESH_PHASES = ("fill", "end")
 
@@ -130,6 +131,16 @@ class CATConfig:
             and 48.4 dB at order 2 (damping 0.8); at 51%, every 3: 44.7 against 45.2; at 44%,
             every 4: 40.9 against 40.3). The K/V rows and extra caches stay first order (order
             2 there measured no better). Only with forecast="taylor".
+        output_cache: what the per-token output cache holds, which a pruned step scatters its
+            computed rows into and reads (reuses or forecasts) for the others: "noise" (default,
+            the paper: the model's per-token prediction) or "hidden" (the last block's hidden
+            state, the input of the model's final norm; the final norm, its timestep modulation
+            and the output projection then run on every token at every step, as diffusers'
+            TaylorSeer does when it forecasts whole blocks). "hidden" costs the output
+            projection over all N tokens at a pruned step (a fraction of a percent of a step)
+            and caches the model width instead of the output channels; the selection is then
+            scored on the hidden state's change. Not under context parallelism, and not for a
+            per-token timestep (Wan 2.2 TI2V): patch() refuses both.
         manual_steps: for a bare transformer only: the caller marks the end of every denoising
             step with `cat_pruning.advance(transformer)` instead of the transformer counting its
             own forwards. Needed under torch.compile, where the count cannot be kept inside the
@@ -159,6 +170,7 @@ class CATConfig:
     forecast_horizon: float = 0.0
     forecast_from: str = "refresh"
     forecast_order: int = 2
+    output_cache: str = "noise"
 
     def __post_init__(self) -> None:
         """Refuse what would run differently from what it says: a value of the wrong type is a
@@ -293,6 +305,7 @@ _RULES = (
     ("forecast_horizon", "number", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     ("forecast_from", "str", lambda v: v in FORECAST_FROM, f"one of {FORECAST_FROM}"),
     ("forecast_order", "int", lambda v: v in (1, 2), "1 or 2"),
+    ("output_cache", "str", lambda v: v in OUTPUT_CACHES, f"one of {OUTPUT_CACHES}"),
 )
 # the knobs of the Taylor forecast, which forecast="none" (reuse) does not read
 _TAYLOR_ONLY = ("forecast_damping", "forecast_kv_damping", "forecast_horizon", "forecast_from", "forecast_order")

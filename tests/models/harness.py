@@ -125,7 +125,8 @@ STORES = {"reuse": dict(forecast="none", refresh_every=0), "forecast": dict(fore
 # default is second order).
 STATEFUL_STORES = {**STORES, "forecast-from-all": dict(forecast="taylor", refresh_every=2, forecast_from="all"),
                    "forecast-from-rebase": dict(forecast="taylor", refresh_every=2, forecast_from="rebase"),
-                   "forecast-order-1": dict(forecast="taylor", refresh_every=2, forecast_order=1, forecast_damping=0.4)}
+                   "forecast-order-1": dict(forecast="taylor", refresh_every=2, forecast_order=1, forecast_damping=0.4),
+                   "forecast-hidden": dict(forecast="taylor", refresh_every=2, output_cache="hidden")}
 
 
 # ---------------------------------------------------------------------- the shared checks
@@ -154,7 +155,9 @@ def check_pruned_steps_match_oracle(fam: Family, model, kw, processor, to_tokens
     unpatched model whose cached attentions get `processor(k_cache, v_cache, selected)` (and, with
     `conv_hook(cache, selected)`, forward pre-hooks on the modules of the state's extra caches).
     Selected tokens match the oracle; unselected ones return the noise cache from before the step,
-    bitwise. `to_tokens` maps an output to (B, N, D) rows. cfg_pairs None: patch without it.
+    bitwise. With output_cache="hidden" the cache holds the final norm's input instead: the oracle
+    gets the cache's rows there for the unselected tokens (a pre-hook), and every row of the output
+    must match it. `to_tokens` maps an output to (B, N, D) rows. cfg_pairs None: patch without it.
     With forecasting (patch_kw), "the cache" is what the cache store reads for the skipped rows:
     their forecasts for this step.
     With cfg_pairs the batch halves share a selection (with unpaired_differ they share it exactly
@@ -163,6 +166,7 @@ def check_pruned_steps_match_oracle(fam: Family, model, kw, processor, to_tokens
     patch_kw = dict(patch_kw or {}, **({} if cfg_pairs is None else dict(cfg_pairs=cfg_pairs)))
     cat_pruning.patch(model, keep_ratio=0.3, full_steps=fam.full, backend="torch", **patch_kw)
     state = model._cat_pruning.state
+    hidden = state.config.output_cache == "hidden"
     checked = 0
 
     def step(**args):
@@ -184,14 +188,21 @@ def check_pruned_steps_match_oracle(fam: Family, model, kw, processor, to_tokens
             attn.set_processor(processor(*kv[name], selected))
         handles = [oracle.get_submodule(name).register_forward_pre_hook(conv_hook(cache, selected))
                    for name, cache in extra.items()]
+        if hidden:
+            final_norm = oracle.get_submodule(model._cat_pruning.adapter.final_norm)
+            handles.append(final_norm.register_forward_pre_hook(_read_cache(noise_before, selected)))
         want = oracle(**args)[0]
         for handle in handles:
             handle.remove()
         got_rows, want_rows = to_tokens(out), to_tokens(want)
         torch.testing.assert_close(got_rows[selected], want_rows[selected], **F32)
-        if noise_width is not None:
+        if hidden:
+            torch.testing.assert_close(got_rows, want_rows, **F32)
+            assert noise_before.shape[-1] == model.get_submodule(model._cat_pruning.adapter.out_proj).in_features
+        elif noise_width is not None:
             assert noise_before.shape[-1] == noise_width
-        assert torch.equal(got_rows[~selected], noise_before[~selected])
+        if not hidden:
+            assert torch.equal(got_rows[~selected], noise_before[~selected])
         if cfg_pairs or unpaired_differ:
             half = b // 2
             assert torch.equal(idx[:half], idx[half:]) == bool(cfg_pairs)
@@ -201,6 +212,19 @@ def check_pruned_steps_match_oracle(fam: Family, model, kw, processor, to_tokens
     fam.run(step, kw, fam.steps + extra_steps, horizon=fam.steps)
     pruned = sum(s.mode == "pruned" for s in cat_pruning.stats(model).steps)
     assert checked == pruned > 0
+
+
+def _read_cache(cache: torch.Tensor, selected: torch.Tensor):
+    """A forward pre-hook that puts the (B, N, D) cache's rows in place of the unselected tokens' rows
+    of the module's first input (any reference rows after the N image rows pass through)."""
+
+    def hook(module, args):
+        rows = args[0].clone()
+        n = cache.shape[1]
+        rows[:, :n] = torch.where(selected.unsqueeze(-1), rows[:, :n], cache.to(rows.dtype))
+        return (rows, *args[1:])
+
+    return hook
 
 
 def check_reference_rows(fam: Family, build, kw, reference: int, patch_kw: dict | None = None):
@@ -275,23 +299,36 @@ def check_samples_independent(fam: Family, model, kw, *, cfg_pairs: bool | None 
         torch.testing.assert_close(b, a[perm], **F32)
 
 
-def check_macs_match_flop_counter(fam: Family, model, kw, tokens_kept: int):
-    """stats().macs within 2% of FlopCounterMode's count over a generation; returns the stats."""
+def _counted_generation(fam: Family, model, kw, patch_kw: dict | None = None):
+    """A patched generation under FlopCounterMode: (stats, the counted MACs)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=fam.full, backend="torch")
+    cat_pruning.patch(model, keep_ratio=0.3, full_steps=fam.full, backend="torch", **(patch_kw or {}))
     counter = FlopCounterMode(display=False)
     # The math backend runs attention as matmuls the counter sees (CPU flash attention is not counted).
     with counter, sdpa_kernel(SDPBackend.MATH):
         fam.run(model, kw, fam.steps)
-    s = cat_pruning.stats(model)
+    return cat_pruning.stats(model), counter.get_total_flops() / 2
+
+
+def check_hidden_cache_macs(fam: Family, build, kw):
+    """output_cache="hidden" runs the output projection on every row of a pruned step: what it adds
+    to stats().macs over "noise" is exactly what it adds to FlopCounterMode's count, and not 0."""
+    noise, counted_noise = _counted_generation(fam, build(), kw)
+    hidden, counted_hidden = _counted_generation(fam, build(), kw, dict(output_cache="hidden"))
+    assert [st.tokens for st in hidden.steps] == [st.tokens for st in noise.steps]
+    assert hidden.macs - noise.macs == counted_hidden - counted_noise > 0
+
+
+def check_macs_match_flop_counter(fam: Family, model, kw, tokens_kept: int):
+    """stats().macs within 2% of FlopCounterMode's count over a generation; returns the stats."""
+    s, measured = _counted_generation(fam, model, kw)
     # patch()'s defaults: refresh steps between the pruned ones, every one of them counted
     assert [st.mode for st in s.steps] == [s.config.mode(i) for i in range(fam.steps)]
     assert {st.mode for st in s.steps} >= {"refresh", "pruned"}
     assert [st.tokens for st in s.steps] == [tokens_kept if st.mode == "pruned" else s.num_tokens for st in s.steps]
     assert s.tokens_kept == tokens_kept
-    measured = counter.get_total_flops() / 2
     assert abs(s.macs - measured) / measured < 0.02, (s.macs, measured)
     assert 0.3 < s.mac_fraction < 1.0
     return s

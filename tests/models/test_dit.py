@@ -63,6 +63,10 @@ def test_stats_macs_match_flop_counter():
     harness.check_macs_match_flop_counter(DIT, tiny_dit(), inputs(batch=2, side=16, seed=10), 20)
 
 
+def test_hidden_cache_macs_match_flop_counter():  # DiT's output projection is proj_out_2
+    harness.check_hidden_cache_macs(DIT, tiny_dit, inputs(batch=2, side=16, seed=10))
+
+
 def test_meta_device():
     harness.check_meta_device(DIT, tiny_dit, inputs(device="meta"), out_shape=(2, OUT_CHANNELS, 10, 10))
 

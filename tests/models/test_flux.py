@@ -91,6 +91,10 @@ def test_stats_macs_match_flop_counter():
     harness.check_macs_match_flop_counter(FLUX, tiny_flux(), inputs(batch=2, height=8, width=7, seed=10), 17)
 
 
+def test_hidden_cache_macs_match_flop_counter():
+    harness.check_hidden_cache_macs(FLUX, tiny_flux, inputs(batch=2, height=8, width=7, seed=10))
+
+
 def test_meta_device():
     harness.check_meta_device(FLUX, tiny_flux, inputs(device="meta"))
 

@@ -18,7 +18,11 @@ FAMILIES = {"sd3": "tiny_sd3", "pixart": "tiny_pixart", "dit": "tiny_dit", "flux
 STEPS = 5  # full_steps 2: anchor, fill, then pruned (and, with the forecast store, refresh) steps
 
 
-@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+# the two stores, and the forecast with the output cache at the final norm's input
+STORES = {**harness.STORES, "forecast-hidden": harness.STATEFUL_STORES["forecast-hidden"]}
+
+
+@pytest.mark.parametrize("store", STORES.values(), ids=STORES.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_keep_ratio_one_is_bitwise_dense(family, dtype, store):

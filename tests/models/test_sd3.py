@@ -120,6 +120,10 @@ def test_stats_macs_match_flop_counter():
     assert torch.equal(s.recomputed.sum((1, 2)), torch.full((2,), float(per_sample)))
 
 
+def test_hidden_cache_macs_match_flop_counter():
+    harness.check_hidden_cache_macs(SD3, lambda: tiny_sd3("sd35"), inputs(batch=2, height=16, width=16, seed=10))
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_meta_device(variant):
     harness.check_meta_device(SD3, lambda: tiny_sd3(variant), inputs(device="meta"))

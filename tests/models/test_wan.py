@@ -323,3 +323,10 @@ def test_image_to_video_pipeline_with_its_image_encoder():
     base.controlnet = torch.nn.Linear(1, 1)
     with pytest.raises(ValueError, match="pipelines with a controlnet are not supported"):
         cat_pruning.patch(base)
+
+
+def test_hidden_output_cache_refuses_a_per_token_timestep():
+    model = tiny_wan()
+    cat_pruning.patch(model, full_steps=FULL, backend="torch", output_cache="hidden")
+    with pytest.raises(ValueError, match='output_cache="hidden" needs one timestep per sample.*output_cache="noise"'):
+        run_per_token(model, inputs(seed=3), 1)

@@ -31,6 +31,9 @@ class Adapter:
     model_classes: tuple[str, ...] = ()  # diffusers class names this adapter handles
     patch_embed: str = ""  # submodule whose output is the (B, N, C) image tokens
     out_proj: str = ""  # submodule whose output is the (B, rows, C_out) per-token prediction
+    # submodule whose first input is the last block's (B, rows, D) image hidden states: the seam of
+    # CATConfig.output_cache="hidden" (the final norm, its modulation and out_proj run per token after it)
+    final_norm: str = "norm_out"
     cfg_cond_first: bool = False  # the pipeline's CFG batch is [cond; uncond] rather than [uncond; cond]
     supports_parallel: bool = False  # its processors and hooks handle diffusers' model parallelism
     # Under context parallelism, whether the adapter gathers a pruned step's K rows at the model's
@@ -130,7 +133,24 @@ class Adapter:
         out = get_submodule(model, self.out_proj)
         return CacheLayout(kv, out.out_features, compute_dtype(out))
 
+    def hidden_layout(self, model: nn.Module, layout: CacheLayout) -> CacheLayout:
+        """`layout` with the output cache moved to final_norm's input (output_cache="hidden"): the
+        output projection's input width, in the dtype the model computes in."""
+        out = getattr(get_submodule(model, self.out_proj), "base_layer", get_submodule(model, self.out_proj))
+        return dataclasses.replace(layout, out_channels=out.in_features, out_dtype=compute_dtype(out))
+
+    def check_hidden_cache(self, args: tuple, kwargs: dict) -> None:
+        """Raise ValueError for a call whose final layers are not per token given the last
+        block's hidden state and per-sample inputs (output_cache="hidden"). Default: all are."""
+
     # ------------------------------------------------------------------ MAC accounting
+
+    def head_macs_per_row(self, model: nn.Module) -> int:
+        """Multiply-accumulates of the output projection for one row: what output_cache="hidden"
+        adds per row that a pruned step does not compute."""
+        out = get_submodule(model, self.out_proj)
+        out = getattr(out, "base_layer", out)
+        return out.in_features * out.out_features
 
     def linear_stream(self, name: str) -> str | None:
         """Which rows a Linear runs on: "image" (computed tokens), "text", "joint" (both, Flux's

@@ -49,6 +49,7 @@ once per sample.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -210,6 +211,18 @@ class WanAdapter(Adapter):
         hidden = hidden_states_arg(args, kwargs)
         if hidden.ndim != 5:
             raise ValueError(f"cat_pruning: Wan takes (B, C, frames, height, width) latents, got {tuple(hidden.shape)}")
+
+    def hidden_layout(self, model: nn.Module, layout: CacheLayout) -> CacheLayout:
+        # the model hands norm_out hidden_states.float()
+        return dataclasses.replace(super().hidden_layout(model, layout), out_dtype=torch.float32)
+
+    def check_hidden_cache(self, args: tuple, kwargs: dict) -> None:
+        timestep = timestep_arg(args, kwargs)
+        if timestep is not None and timestep.ndim == 2:
+            raise ValueError(
+                "cat_pruning: output_cache=\"hidden\" needs one timestep per sample, but this Wan pipeline gives "
+                "one per token (Wan 2.2 TI2V, expand_timesteps): the final modulation is then per token; patch with "
+                "output_cache=\"noise\"")
 
     def gather_embedding(self, state: CATState, output: Tensor) -> Tensor:
         # (B, C, F, H, W) -> (B, C, K, 1, 1): the model's flatten(2).transpose(1, 2) makes the (B, K, C) rows
