@@ -36,7 +36,7 @@ from .adapters.base import PathHook, compute_dtype, encoder_hidden_states_arg, g
 from .compat import check_diffusers
 from .config import CATConfig
 from .generation import TimestepWatch
-from .parallel import NONE, Sharding, check_agreement, sharding
+from .parallel import NONE, Sharding, check_agreement, gather_sequence, sharding
 from .state import CacheLayout, CATState, Geometry
 from .stats import CATStats, StepStats
 
@@ -190,10 +190,6 @@ def _install(adapter: Adapter, transformer: nn.Module, pipeline: Any | None, con
             if state.driver != "auto":
                 generation.count_forward(state)
         if hidden:
-            if state.shard.cp_world > 1:
-                raise ValueError(
-                    "cat_pruning: output_cache=\"hidden\" does not run under context parallelism (each rank holds "
-                    "a share of the hidden rows); patch with output_cache=\"noise\"")
             adapter.check_hidden_cache(args, kwargs)
         geometry = adapter.geometry(module, args, kwargs)
         if state.reference_rows:  # the pipeline call said its input carries reference rows
@@ -221,9 +217,19 @@ def _install(adapter: Adapter, transformer: nn.Module, pipeline: Any | None, con
     def out_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return state.on_output(output)
 
-    def hidden_hook(module: nn.Module, args: tuple) -> tuple:
+    def hidden_hook(module: nn.Module, args: tuple) -> tuple | None:
         # output_cache="hidden": the last block's rows -> every row, before the final norm
-        return (state.on_output(args[0]), *args[1:])
+        shard = state.shard
+        if shard.cp_world == 1:
+            return (state.on_output(args[0]), *args[1:])
+        if state.mode == "dense":  # nothing cached: each rank's rows go on as they are
+            return None
+        # Under context parallelism each rank holds a contiguous share of the rows (diffusers gathers
+        # them after the output projection): the store gets every rank's, in order, and each rank
+        # goes on with its share of the full rows.
+        full = state.on_output(gather_sequence(args[0], shard))
+        share = full.shape[1] // shard.cp_world
+        return (full[:, shard.cp_rank * share:(shard.cp_rank + 1) * share], *args[1:])
 
     p.handles += [
         transformer.register_forward_pre_hook(pre_hook, with_kwargs=True),

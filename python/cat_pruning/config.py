@@ -139,8 +139,9 @@ class CATConfig:
             TaylorSeer does when it forecasts whole blocks). "hidden" costs the output
             projection over all N tokens at a pruned step (a fraction of a percent of a step)
             and caches the model width instead of the output channels; the selection is then
-            scored on the hidden state's change. Not under context parallelism, and not for a
-            per-token timestep (Wan 2.2 TI2V): patch() refuses both.
+            scored on the hidden state's change. Under context parallelism each rank keeps the
+            whole cache, as it does the noise cache. Not for a per-token timestep (Wan 2.2
+            TI2V): refused at its first call.
         manual_steps: for a bare transformer only: the caller marks the end of every denoising
             step with `cat_pruning.advance(transformer)` instead of the transformer counting its
             own forwards. Needed under torch.compile, where the count cannot be kept inside the

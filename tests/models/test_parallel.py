@@ -28,7 +28,7 @@ if not hasattr(diffusers, "TensorParallelConfig"):  # diffusers' tensor parallel
 
 HERE = Path(__file__).parent
 MATCHED = ["cp-after", "cp-before", "tp-after", "tp-before"]
-REFUSED = ["cp-disagree", "ring", "sd3", "cp-after+hidden"]
+REFUSED = ["cp-disagree", "ring", "sd3"]
 # K not a multiple of the ranks (9 of 30 tokens on 2 ranks): PADDED's settings, both orders
 PADDED = ["cp-after+pad", "cp-before+pad", "cp-after+pad-reuse", "cp-after+pad-refresh", "cp-after+pad-rebase1",
           "cp-after+pad-rebase"]
@@ -43,8 +43,10 @@ QWEN = [name.replace("flux2/", "qwen/") for name in FLUX2]
 # and a per-token timestep split after the patch embedding, the rotary tables per block; CFG per branch
 WAN = [name.replace("flux2/", "wan/") for name in FLUX2 if "/tp-" not in name]
 TI2V = ["ti2v/cp-after", "ti2v/cp-after+pad"]  # the per-token timestep (WanPipeline's expand_timesteps)
+# output_cache="hidden": the cache at the final norm's input, which context parallelism splits
+HIDDEN = ["cp-after+hidden", "tp-after+hidden", "qwen/cp-after+hidden", "wan/cp-after+hidden"]
 SCENARIOS = ["cp-dense", "cp-one", "tp-dense", "tp-one", *MATCHED, *PADDED, *REFUSED, *FLUX2, *QWEN, *WAN, *TI2V,
-             "tp-after+hidden"]
+             *HIDDEN]
 # fp32; the split only changes summation orders. Measured: latents <= 2.9e-6; noise predictions
 # (|noise| up to 42) <= 1.9e-5, at most 0.55 of this tolerance, with K padded or not
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -106,13 +108,16 @@ def test_parallel_cat_equals_one_process_cat(ranks, scenario):
         torch.testing.assert_close(got["latents"], cat["latents"], **TOL)
 
 
-def test_tensor_parallel_with_the_hidden_cache_equals_one_process(ranks):
-    """output_cache="hidden" under tensor parallelism: the final norm's input is every rank's whole
-    rows, so the ranks make one process's selections and latents."""
-    want, dense = one_process("flux", "hidden"), one_process("flux", "dense")
+@pytest.mark.parametrize("scenario", HIDDEN)
+def test_model_parallel_with_the_hidden_cache_equals_one_process(ranks, scenario):
+    """output_cache="hidden": under context parallelism each rank holds a share of the final norm's
+    input rows; the store gets every rank's and each rank goes on with its share of the full rows.
+    The ranks make one process's selections and latents (tensor parallelism: whole rows anyway)."""
+    family = _family(scenario)[0]
+    want, dense = one_process(family, "hidden"), one_process(family, "dense")
     assert "pruned" in want["modes"] and not torch.allclose(want["latents"], dense["latents"], **TOL)
     for rank in ranks:
-        got = _ok(rank["tp-after+hidden"])
+        got = _ok(rank[scenario])
         assert got["modes"] == want["modes"] and len(got["picks"]) == len(want["picks"]) > 0
         for mine, ref in zip(got["picks"], want["picks"], strict=True):
             assert torch.equal(mine, ref)
@@ -165,7 +170,6 @@ def test_context_parallel_with_k_not_a_multiple_of_the_ranks_equals_one_process(
     ("cp-disagree", r"ranks of this parallel group disagree \(per rank: hidden_states sum"),
     ("ring", r"ring attention .* not supported with CAT; use ContextParallelConfig\(ulysses_degree=N\)"),
     ("sd3", r"SD3.*model parallelism .* Flux.1, FLUX.2, Qwen-Image and Wan only.*data parallelism.*--prompts-file"),
-    ("cp-after+hidden", r'output_cache="hidden" does not run under context parallelism.*output_cache="noise"'),
 ])
 def test_what_is_not_supported_fails_with_a_message(ranks, scenario, message):
     import re
