@@ -47,11 +47,13 @@ CATF_FORECAST_FROM = ("refresh",)
 # CATF_ORDER2_REFRESH steps.
 CATF_OUTPUT = ((1, 0.4), (2, 0.8))
 CATF_ORDER2_REFRESH = (2, 3)
-# output_cache: the model's prediction ("noise") or the final norm's input ("hidden"), whose forecast
-# wants the undamped step (photo model, 8 tuning prompts, 44%, order 1: 48.35 dB at damping 1.0,
-# 43.95 at 0.8; 65%, every 2, order 2: 55.49 at 1.0, 54.07 at 0.8)
+# output_cache: the model's prediction ("noise") or the final norm's input ("hidden"). The hidden
+# state's forecast often wants the undamped step (photo model, 8 prompts outside the bench's sets,
+# 44%, every 3, order 1: 48.35 dB at damping 1.0, 43.95 at 0.8; 65%, every 2, order 2: 55.49 at
+# 1.0, 54.07 at 0.8) but not with refreshes far apart (scene model, 35%, every 5, order 1: 34.43 at
+# 0.4, 27.26 at 1.0), so it gets both.
 CATF_OUTPUT_CACHES = ("noise", "hidden")
-CATF_OUTPUT_BY_CACHE = {"noise": CATF_OUTPUT, "hidden": ((1, 1.0), (2, 1.0))}
+CATF_OUTPUT_BY_CACHE = {"noise": CATF_OUTPUT, "hidden": (*CATF_OUTPUT, (1, 1.0), (2, 1.0))}
 # refresh_offset: besides the default phase (refreshes from the fill step on), the phase with the
 # same number of refreshes whose last one lands on the second-to-last step (the last step of a
 # flow-matching scheduler barely moves the latent). 8 prompts outside the bench's sets, 44%: 40.9 dB

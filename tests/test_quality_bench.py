@@ -212,8 +212,8 @@ def test_catf_candidates_follow_the_band_rule(monkeypatch):
     for p, frac in got:
         assert abs(frac - ctx.target) <= quality_peers.BAND
         key = (p["full_steps"], p["refresh_every"], p["final_full_steps"], p["keep_ratio"])
-        dampings.setdefault(key, set()).add((p["refresh_offset"], p["forecast_kv_damping"], p["forecast_from"],
-                                             (p["output_cache"], p["forecast_order"], p["forecast_damping"])))  # fmt: skip
+        output = (p["output_cache"], p["forecast_order"], p["forecast_damping"])
+        dampings.setdefault(key, set()).add((p["refresh_offset"], p["forecast_kv_damping"], p["forecast_from"], output))
     for (full, every, final, _keep), d in dampings.items():
         outputs = [(cache, *o) for cache in ("noise", "hidden") for o in quality_peers.CATF_OUTPUT_BY_CACHE[cache]
                    if o[0] == 1 or every in quality_peers.CATF_ORDER2_REFRESH]  # fmt: skip
