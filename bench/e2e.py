@@ -182,16 +182,19 @@ def macs_record(name: str, module: Any, config: dict, gen: dict, steps: int, kee
 def cache_record(name: str, module: Any, config: dict, gen: dict, branches: int = 2) -> dict:
     """Bytes the caches of one generation hold (stats().cache_bytes, counted on the meta device, bf16):
     the paper's CAT (reused K/V and outputs) and patch()'s defaults (CAT-F: the Taylor forecast's
-    values and slopes too), per guidance branch and for `branches` of them (a pipeline that calls
-    the transformer once per CFG branch keeps caches per branch), beside the bf16 weights."""
+    values and slopes too; and with slope_dtype="cache"), per guidance branch and for `branches`
+    of them (a pipeline that calls the transformer once per CFG branch keeps caches per branch),
+    beside the bf16 weights and what diffusers' TaylorSeer holds at orders 1 and 2
+    (taylorseer_bytes)."""
     model, kwargs = _meta_model(module, config, gen)
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     b = gen["batch"]
     held = {}
     for label, cfg in (("paper", cat_pruning.CATConfig.paper(manual_steps=True)),
-                       ("catf", cat_pruning.CATConfig(manual_steps=True))):
+                       ("catf", cat_pruning.CATConfig(manual_steps=True)),
+                       ("catf-cache-dtype-slopes", cat_pruning.CATConfig(manual_steps=True, slope_dtype="cache"))):
         cat_pruning.patch(model, cfg)
-        cat_pruning.reset(model, num_steps=28)
+        cat_pruning.reset(model, num_steps=28, reference_tokens=gen.get("reference_rows", 0))
         for i in range(cfg.full_steps + 1):  # through the first pruned step: every cache allocated
             t = torch.full((b,), 1000.0 * (1 - i / 28), device="meta", dtype=torch.bfloat16)
             with torch.no_grad():
@@ -200,6 +203,8 @@ def cache_record(name: str, module: Any, config: dict, gen: dict, branches: int 
         held[label] = cat_pruning.stats(model).cache_bytes
     stats = cat_pruning.stats(model)
     cat_pruning.unpatch(model)
+    for order in (1, 2):
+        held[f"taylorseer-order{order}"] = taylorseer_bytes(module, config, gen, order)
     gib = 2**30
     return dict(
         case=f"cache[{name}]", op="cache", provider="meta-count", family=stats.family,
@@ -207,6 +212,42 @@ def cache_record(name: str, module: Any, config: dict, gen: dict, branches: int 
         weights_gib=weights / gib, cache_gib_per_branch={k: v / gib for k, v in held.items()},
         cache_gib={k: branches * v / gib for k, v in held.items()}, check="n/a",
     )
+
+
+def taylorseer_bytes(module: Any, config: dict, gen: dict, max_order: int) -> int:
+    """Bytes diffusers' TaylorSeer holds for one guidance branch forecasting every attention layer's
+    output (its default identifiers where they match: they miss attn1/attn2, so every family's
+    self and cross attentions are named) once every factor exists: max_order + 1 bf16 (its default
+    taylor_factors_dtype) tensors per attention output, counted on the meta device."""
+    import re
+
+    from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    from cat_pruning.adapters import find_adapter
+
+    model, kwargs = _meta_model(module, config, gen)
+    adapter = find_adapter(model)
+    names = [*adapter.attention_modules(model), *adapter.cross_attention_modules(model)]
+    apply_taylorseer_cache(model, TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=max_order + 1,
+                                                        max_order=max_order,
+                                                        cache_identifiers=[re.escape(n) for n in names]))
+    b = gen["batch"]
+    _set_cache_context(model, CacheContext("cond"))  # its hooks keep one state per context
+    for i in range(max_order + 1):  # computed steps: each adds a factor
+        t = torch.full((b,), 1000.0 * (1 - i / 28), device="meta", dtype=torch.bfloat16)
+        with torch.no_grad():
+            model(**kwargs, timestep=t, return_dict=False)
+    total = 0
+    for sub in model.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        for hook in registry.hooks.values() if registry is not None else ():
+            states = getattr(getattr(hook, "state_manager", None), "_state_cache", {})
+            for state in states.values():
+                total += sum(t.numel() * t.element_size() for factors in state.taylor_factors.values()
+                             for t in factors.values())
+    assert total > 0, "TaylorSeer held nothing: its hooks or state layout changed"
+    return total
 
 
 def roofline_record(name: str, module: Any, config: dict, gen: dict, steps: int = 28) -> dict:
@@ -363,8 +404,10 @@ def summary(records: list[dict]) -> str:
         elif r["op"] == "cache":
             per = r["cache_gib_per_branch"]
             lines.append(f"{r['case']}: {r['shape']['N']:,} tokens, bf16 weights {r['weights_gib']:.1f} GiB; caches "
-                         f"per branch: paper CAT {per['paper']:.1f} GiB, CAT-F defaults {per['catf']:.1f} GiB "
-                         f"(x{r['shape']['branches']} CFG branches)")
+                         f"per branch: paper CAT {per['paper']:.2f} GiB, CAT-F defaults {per['catf']:.2f} GiB "
+                         f"({per['catf-cache-dtype-slopes']:.2f} with bf16 slopes), "
+                         f"diffusers TaylorSeer order 1 {per['taylorseer-order1']:.2f} / order 2 "
+                         f"{per['taylorseer-order2']:.2f} GiB (x{r['shape']['branches']} CFG branches)")
         elif r["op"] == "macs":
             lines.append(
                 f"{r['case']}: whole model {100 * r['mac_fraction']:.2f}% of dense (ideal "
@@ -396,9 +439,11 @@ def run(args: Any) -> list[dict]:
     for name, steps in cases:
         if wanted in f"macs[{name},{steps} steps]":
             records.append(macs_record(name, *modules[name], steps, 0.3, 8))
-    for name in [name for name in modules if name.startswith("wan") and not args.quick]:
-        if wanted in f"cache[{name}]":
-            records.append(cache_record(name, *modules[name]))
+    for name, (module, config, gen) in modules.items():
+        if wanted in f"cache[{name}]" and not args.quick:
+            # Qwen-Image's and Wan's pipelines call the transformer once per CFG branch, each with its caches
+            branches = 2 if module.__name__.rsplit(".", 1)[-1] in ("qwenimage", "wan") else 1
+            records.append(cache_record(name, module, config, gen, branches))
     for name in ("sd3-medium-1024", "flux1-dev-1024"):
         if wanted in f"roofline[{name},28 steps]":
             records.append(roofline_record(name, *modules[name]))

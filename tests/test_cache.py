@@ -293,3 +293,33 @@ def test_refresh_phase_end_counts_the_refreshes_back_from_the_end():
 def test_the_paper_preset_has_no_final_full_step():
     """CATConfig.paper() is the published schedule: after the fill step every step is pruned."""
     assert [CATConfig.paper().mode(s, 28) for s in range(8, 28)] == ["pruned"] * 20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("setting", ["float32", "cache"])
+def test_slope_dtype_sets_the_kv_slopes_and_the_output_state_stays_fp32(dtype, setting):
+    """slope_dtype="cache": the K/V and extra caches' slopes are stored in the caches' own dtype
+    (with a bf16 model the forecast state is then twice the reuse caches, not three times);
+    "float32" (the default): fp32. The output cache's slope, curvature and forecast slope stay
+    fp32. The forecast of a straight line is right to the dtype's rounding either way."""
+    store = ForecastStore(CATConfig(backend="torch", slope_dtype=setting))
+    kv = {"layer": ((B, H, N, D), dtype)}
+    extra = {"conv": ((B, C, N, 1), dtype)}
+    store.allocate(kv, extra, ((B, N, C), dtype), torch.device("cpu"))
+    kv_slope = dtype if setting == "cache" else torch.float32
+    assert {name: t.dtype for name, t in store.slopes.items()} == {
+        "layer/k": kv_slope, "layer/v": kv_slope, "extra/conv": kv_slope, "noise": torch.float32}
+    assert store.curv.dtype == store.slope_read.dtype == torch.float32
+    g = torch.Generator().manual_seed(5)
+    k0, k1 = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, D, generator=g)
+    for t, mode in enumerate(["anchor", "fill", "pruned"]):
+        pruned = mode == "pruned"
+        store.begin_step(mode, torch.tensor([[0, 1], [0, 1]]) if pruned else None)  # tokens 0 and 1 computed
+        key = (k0 + t * k1).to(dtype)
+        rows = key[:, :, :2] if pruned else key
+        got, _ = store.kv("layer", rows, rows)
+        store.end_step()
+        store.advance()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 0.1, torch.float16: 0.02}[dtype]
+    skipped = got[:, :, 4:].float()
+    torch.testing.assert_close(skipped, (k0 + 2 * k1)[:, :, 4:], rtol=0, atol=tol * 4)

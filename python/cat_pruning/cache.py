@@ -154,6 +154,14 @@ class ReuseStore:
         return self.noise.clone()
 
 
+def slope_dtype(config: CATConfig, name: str, base: Tensor) -> torch.dtype:
+    """The dtype of a cache's slope: fp32, or with slope_dtype="cache" the cache's own for the K/V
+    rows and extra caches (their slopes are most of CAT-F's memory: bf16 slopes next to bf16 values
+    make the forecast state 2x the paper's reuse caches instead of 3x). The output cache, one
+    tensor, whose forecast the image is made of, keeps fp32."""
+    return base.dtype if config.slope_dtype == "cache" and name != "noise" else torch.float32
+
+
 class ForecastStore(ReuseStore):
     """Skipped rows are read as a damped first-order Taylor forecast from their last two computations."""
 
@@ -174,13 +182,13 @@ class ForecastStore(ReuseStore):
 
     def allocate(self, kv: dict, extra: dict, noise: tuple, device: torch.device) -> None:
         super().allocate(kv, extra, noise, device)
-        slope_dtype = torch.float32
         for name, base in self._bases().items():
             # Zeros, not empty: with full_steps=2 the anchor step is step 0, which runs before any
             # cache exists, and the fill step then takes (new - base) * 0 as its slope: finite only
             # when base is.
             base.zero_()
-            self.slopes[name] = self._empty(f"slope/{name}", base.shape, slope_dtype, device).zero_()
+            dtype = slope_dtype(self.config, name, base)
+            self.slopes[name] = self._empty(f"slope/{name}", base.shape, dtype, device).zero_()
             # What a step reads is used only inside its own layer (the attention right after, the
             # block's convolution), so the layers share one buffer per role, shape and dtype.
             role = "extra" if name.startswith("extra/") else name.rsplit("/", 1)[-1]  # k, v, extra or noise
@@ -191,8 +199,8 @@ class ForecastStore(ReuseStore):
         self.clock = self._empty("clock", (), torch.float32, device).zero_()
         self.started = self._empty("started", (), torch.float32, device).zero_()
         if self.config.forecast_order == 2:
-            self.curv = self._empty("curv", self.noise.shape, slope_dtype, device).zero_()
-            self.slope_read = self._empty("slope_read", self.noise.shape, slope_dtype, device).zero_()
+            self.curv = self._empty("curv", self.noise.shape, torch.float32, device).zero_()
+            self.slope_read = self._empty("slope_read", self.noise.shape, torch.float32, device).zero_()
             self.span = self._empty("span", (batch, n), torch.float32, device).zero_()
 
     def _bases(self) -> dict[str, Tensor]:
