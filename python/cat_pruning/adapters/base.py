@@ -136,8 +136,13 @@ class Adapter:
     def hidden_layout(self, model: nn.Module, layout: CacheLayout) -> CacheLayout:
         """`layout` with the output cache moved to final_norm's input (output_cache="hidden"): the
         output projection's input width, in the dtype the model computes in."""
-        out = getattr(get_submodule(model, self.out_proj), "base_layer", get_submodule(model, self.out_proj))
+        out = self._out_linear(model)
         return dataclasses.replace(layout, out_channels=out.in_features, out_dtype=compute_dtype(out))
+
+    def _out_linear(self, model: nn.Module) -> nn.Module:
+        """The output projection (under a PEFT LoRA layer, its base layer)."""
+        out = get_submodule(model, self.out_proj)
+        return getattr(out, "base_layer", out)
 
     def check_hidden_cache(self, args: tuple, kwargs: dict) -> None:
         """Raise ValueError for a call whose final layers are not per token given the last
@@ -148,8 +153,7 @@ class Adapter:
     def head_macs_per_row(self, model: nn.Module) -> int:
         """Multiply-accumulates of the output projection for one row: what output_cache="hidden"
         adds per row that a pruned step does not compute."""
-        out = get_submodule(model, self.out_proj)
-        out = getattr(out, "base_layer", out)
+        out = self._out_linear(model)
         return out.in_features * out.out_features
 
     def linear_stream(self, name: str) -> str | None:
