@@ -14,6 +14,7 @@ import argparse
 import copy
 import csv
 import json
+import math
 import os
 import shlex
 import sys
@@ -24,7 +25,17 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-from train_tiny_t2i import lr_at  # the scene model's schedule: warmup, constant or cosine
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, cosine: bool) -> float:
+    """Linear warmup, then constant (default: the weights after N steps do not depend on
+    --steps, so a run cut short by --max-minutes is reproduced by --steps N) or cosine to 10%."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if not cosine:
+        return base
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
 def add_arguments(ap: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float, shift: float,
@@ -222,12 +233,18 @@ def save_pipeline(pipeline_cls: type, out: Path, transformer: Any, text_encoder:
 
 def noised(args: argparse.Namespace, step: int, x0: torch.Tensor, captions: list[str], tokenizer: Any,
            device: torch.device) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A step's rectified-flow batch from clean samples x0 (B, ...) and their captions, everything
-    random drawn from (args.seed, step): captions dropped with --caption-dropout, noise, a
-    logit-normal sigma per sample, x_t = (1 - sigma) x0 + sigma noise. Returns (token ids, x0,
-    noise, sigma, x_t) on `device`; the target is noise - x0."""
+    """A step's rectified-flow batch (noise_batch) with everything random drawn from (args.seed, step)."""
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-    drop = torch.rand(len(captions), generator=gen) < args.caption_dropout
+    return noise_batch(gen, x0, captions, args.caption_dropout, tokenizer, device)
+
+
+def noise_batch(gen: torch.Generator, x0: torch.Tensor, captions: list[str], caption_dropout: float, tokenizer: Any,
+                device: torch.device) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A rectified-flow batch from clean samples x0 (B, ...) and their captions, everything random
+    drawn from `gen` in this order: captions dropped with probability `caption_dropout`, noise, a
+    logit-normal sigma per sample; x_t = (1 - sigma) x0 + sigma noise. Returns (token ids, x0,
+    noise, sigma, x_t) on `device`; the target is noise - x0."""
+    drop = torch.rand(len(captions), generator=gen) < caption_dropout
     captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
     ids = {k: v.to(device) for k, v in tokenizer(captions).items()}
     noise = torch.randn(x0.shape, generator=gen).to(device)

@@ -26,7 +26,6 @@ import argparse
 import copy
 import csv
 import json
-import math
 import os
 import sys
 import time
@@ -37,11 +36,14 @@ try:
 except ImportError:  # running from a checkout without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-import numpy as np
-import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from PIL import Image
-from tqdm import tqdm
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import train_loop  # noqa: E402  (the learning-rate schedule and rectified-flow batch all three trainings share)
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from cat_pruning.tiny.pipeline import TinyT2IPipeline, image_grid
 from cat_pruning.tiny.scenes import IMAGE_SIZE, VOCAB, make_batch
@@ -89,17 +91,6 @@ def build_models(c: dict) -> tuple[SD3Transformer2DModel, TinyTextEncoder]:
         pooled_projection_dim=c["text_dim"],
     )
     return transformer, text_encoder
-
-
-def lr_at(step: int, total: int, base: float, warmup: int, cosine: bool) -> float:
-    """Linear warmup, then constant (default: the weights after N steps do not depend on
-    --steps, so a run cut short by --max-minutes is reproduced by --steps N) or cosine to 10%."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    if not cosine:
-        return base
-    p = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
 def save_pipeline(out: Path, transformer, text_encoder, shift: float) -> TinyT2IPipeline:
@@ -197,20 +188,14 @@ def main(argv=None) -> int:
     running, n_run, step = 0.0, 0, 0
     bar = tqdm(range(args.steps), desc="train", mininterval=5, dynamic_ncols=True)
     for step in bar:
-        lr = lr_at(step, args.steps, args.lr, args.warmup, args.cosine)
+        lr = train_loop.lr_at(step, args.steps, args.lr, args.warmup, args.cosine)
         for g in opt.param_groups:
             g["lr"] = lr
         seeds = np.arange(args.batch_size) + (args.seed * 1_000_003 + step) * args.batch_size
         x0, caps = make_batch(seeds)
-        x0 = torch.from_numpy(x0)
-        drop = torch.rand(len(caps), generator=gen) < args.caption_dropout
-        caps = ["" if d else c for c, d in zip(caps, drop.tolist(), strict=True)]
-        ids = {k: v.to(dev) for k, v in tok(caps).items()}
-        noise = torch.randn(x0.shape, generator=gen).to(dev)
-        sigma = torch.sigmoid(torch.randn(len(caps), generator=gen)).to(dev)  # logit-normal(0, 1)
-        x0 = x0.to(dev)
-        s = sigma.view(-1, 1, 1, 1)
-        xt = (1 - s) * x0 + s * noise
+        # one generator for the whole run (the shipped weights were trained so)
+        ids, x0, noise, sigma, xt = train_loop.noise_batch(gen, torch.from_numpy(x0), caps, args.caption_dropout, tok,
+                                                           dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
             hidden, pooled = text_encoder(ids["input_ids"], ids["attention_mask"])
             pred = transformer(
