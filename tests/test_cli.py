@@ -23,8 +23,9 @@ def test_demo_writes_pictures_and_numbers(tmp_path):
 
 
 def test_generate_dense_and_cat(tmp_path, capsys):
-    """Dense, CAT-F at patch()'s defaults, and the paper's CAT (--paper), each named by its settings."""
-    for extra in (["--dense"], [], ["--paper"]):
+    """Dense, CAT-F at patch()'s defaults, with the noise cache, and the paper's CAT (--paper), each
+    named by its settings."""
+    for extra in (["--dense"], [], ["--output-cache", "noise"], ["--paper"]):
         assert main(["generate", "--prompt", "a red circle on a blue background", "--steps", "5",
                      "--full-steps", "2", "--out", str(tmp_path), "--backend", "torch", *extra]) == 0
     names = sorted(p.name for p in tmp_path.glob("*.png"))
@@ -32,6 +33,7 @@ def test_generate_dense_and_cat(tmp_path, capsys):
     run = "tiny-64x64-5steps-g4-fp32"  # the tiny model's size and guidance
     catf = "cat-k0.02-f2-r3-forecast"
     assert names == sorted(f"{stem}-{n}" for n in (f"{catf}-{run}-tokens.png", f"{catf}-{run}.png",
+                                                   f"{catf}-noise-{run}-tokens.png", f"{catf}-noise-{run}.png",
                                                    f"cat-k0.3-f2-{run}-tokens.png", f"cat-k0.3-f2-{run}.png",
                                                    f"dense-{run}.png"))
     out = capsys.readouterr().out
@@ -50,6 +52,7 @@ def test_generate_dense_and_cat(tmp_path, capsys):
     (["generate", "--prompt", "x", "--full-steps", "1"], "must be >= 2"),
     (["generate", "--prompt", "x", "--refresh-every", "-1"], "must be >= 0"),
     (["generate", "--prompt", "x", "--forecast", "linear"], "invalid choice"),
+    (["generate", "--prompt", "x", "--output-cache", "latent"], "invalid choice"),
     (["demo", "--steps", "0"], "must be >= 1"),
 ])
 def test_bad_input_is_a_clear_error(argv, message, capsys):

@@ -138,6 +138,10 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
     for adapter, model in zip(adapters, models, strict=True):
         adapter.check_model(model)
         _check_dtype(_model_dtype(model))
+        if config.output_cache == "hidden" and adapter.per_token_timestep(pipeline):
+            raise ValueError(f"cat_pruning: output_cache=\"hidden\" needs one timestep per sample, but "
+                             f"{type(pipeline).__name__} gives one per token (expand_timesteps): the final modulation "
+                             f"is then per token; pass output_cache=\"noise\" or \"auto\"")
         for path in (adapter.patch_embed, adapter.out_proj):
             get_submodule(model, path)
     unpatch(obj)
@@ -148,6 +152,8 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
 
 def _install(adapter: Adapter, transformer: nn.Module, pipeline: Any | None, config: CATConfig) -> None:
     """Patch one transformer (checked by patch())."""
+    if config.output_cache == "auto":
+        config = config.replace(output_cache="noise" if adapter.per_token_timestep(pipeline) else "hidden")
     shard = sharding(transformer, adapter.family, adapter.supports_parallel)
     driver = "pipeline" if pipeline is not None else ("manual" if config.manual_steps else "auto")
     hidden = config.output_cache == "hidden"

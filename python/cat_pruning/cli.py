@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .config import CATConfig
+from .config import OUTPUT_CACHES, CATConfig
 
 DEMO_PROMPTS = [
     "a red circle above a blue square on a yellow background",
@@ -99,14 +99,14 @@ _guidance = _bounded(_float, lambda v: v >= 0, "be >= 0")
 def _config(args: argparse.Namespace) -> CATConfig:
     """The CATConfig of a command: patch()'s defaults (or, with --paper, the paper's CAT) and the flags given."""
     base = CATConfig.paper() if args.paper else CATConfig()
-    given = {k: getattr(args, k) for k in ("keep_ratio", "full_steps", "refresh_every", "forecast")
+    given = {k: getattr(args, k) for k in ("keep_ratio", "full_steps", "refresh_every", "forecast", "output_cache")
              if getattr(args, k) is not None}
     return base.replace(backend=args.backend, **given)
 
 
 def _describe(cfg: CATConfig) -> str:
     return (f"keep_ratio {cfg.keep_ratio}, full_steps {cfg.full_steps}, refresh_every {cfg.refresh_every}, "
-            f"forecast {cfg.forecast}")
+            f"forecast {cfg.forecast}, output_cache {cfg.output_cache}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -126,6 +126,10 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"every N-th step recomputes all tokens, 0 never (default {d.refresh_every}; --paper 0)")
         p.add_argument("--forecast", choices=["taylor", "none"], default=None,
                        help=f"read skipped tokens as a forecast or reuse them (default {d.forecast}; --paper none)")
+        p.add_argument("--output-cache", choices=list(OUTPUT_CACHES), default=None,
+                       help=f"what the per-token output cache holds: the last block's hidden state or the "
+                            f"model's prediction (default {d.output_cache}: hidden, noise on a per-token timestep; "
+                            f"--paper noise)")
         p.add_argument("--paper", action="store_true", help="start from the paper's CAT (CATConfig.paper())")
         p.add_argument("--steps", type=_positive_int, default=steps, help=f"denoising steps (default {steps or own})")
         p.add_argument("--guidance", type=_guidance, default=guidance,
@@ -643,7 +647,8 @@ def _run_name(pipe, args: argparse.Namespace, size: tuple[int, int] | None) -> s
     else:
         cfg = _config(args)
         parts = [f"cat-k{cfg.keep_ratio}-f{cfg.full_steps}" + (f"-r{cfg.refresh_every}" if cfg.refresh_every else "")
-                 + ("-forecast" if cfg.forecast != "none" else "")]
+                 + ("-forecast" if cfg.forecast != "none" else "")
+                 + (f"-{args.output_cache}" if args.output_cache else "")]
     parts += [args.model if args.model in SHIPPED else _slug(Path(args.model).resolve().name or "model"),
               f"{size[0]}x{size[1]}"]
     steps = args.steps if args.steps is not None else _pipeline_default(pipe, "num_inference_steps")

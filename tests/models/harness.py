@@ -118,15 +118,21 @@ def permuted(v, perm, keys=None):
 
 # The two cache-store behaviours the shared checks run under (ids for pytest): reuse (the paper),
 # and the Taylor forecast with a full refresh every second step, so refresh steps run too.
-STORES = {"reuse": dict(forecast="none", refresh_every=0), "forecast": dict(forecast="taylor", refresh_every=2)}
+# The noise cache is named: patch()'s default ("auto") is the hidden cache, which "forecast-hidden" checks.
+NOISE = dict(output_cache="noise")
+STORES = {"reuse": dict(NOISE, forecast="none", refresh_every=0),
+          "forecast": dict(NOISE, forecast="taylor", refresh_every=2)}
 # The masked-dense oracle (and SD3's torch.compile check) also run with the other forecast_from
 # values (the default "refresh" reads a pruned step's rows without keeping them; "all" feeds them
 # into value and slope, "rebase" into the value), and with the first-order output forecast (the
 # default is second order).
-STATEFUL_STORES = {**STORES, "forecast-from-all": dict(forecast="taylor", refresh_every=2, forecast_from="all"),
-                   "forecast-from-rebase": dict(forecast="taylor", refresh_every=2, forecast_from="rebase"),
-                   "forecast-order-1": dict(forecast="taylor", refresh_every=2, forecast_order=1, forecast_damping=0.4),
+STATEFUL_STORES = {**STORES, "forecast-from-all": dict(NOISE, forecast="taylor", refresh_every=2, forecast_from="all"),
+                   "forecast-from-rebase": dict(NOISE, forecast="taylor", refresh_every=2, forecast_from="rebase"),
+                   "forecast-order-1": dict(NOISE, forecast="taylor", refresh_every=2, forecast_order=1,
+                                            forecast_damping=0.4),
                    "forecast-hidden": dict(forecast="taylor", refresh_every=2, output_cache="hidden")}
+# the two stores and the hidden output cache (patch()'s default)
+HIDDEN_STORES = {**STORES, "forecast-hidden": STATEFUL_STORES["forecast-hidden"]}
 
 
 # ---------------------------------------------------------------------- the shared checks
@@ -315,7 +321,7 @@ def _counted_generation(fam: Family, model, kw, patch_kw: dict | None = None):
 def check_hidden_cache_macs(fam: Family, build, kw):
     """output_cache="hidden" runs the output projection on every row of a pruned step: what it adds
     to stats().macs over "noise" is exactly what it adds to FlopCounterMode's count, and not 0."""
-    noise, counted_noise = _counted_generation(fam, build(), kw)
+    noise, counted_noise = _counted_generation(fam, build(), kw, NOISE)
     hidden, counted_hidden = _counted_generation(fam, build(), kw, dict(output_cache="hidden"))
     assert [st.tokens for st in hidden.steps] == [st.tokens for st in noise.steps]
     assert hidden.macs - noise.macs == counted_hidden - counted_noise > 0

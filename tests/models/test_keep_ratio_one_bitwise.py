@@ -19,7 +19,7 @@ STEPS = 5  # full_steps 2: anchor, fill, then pruned (and, with the forecast sto
 
 
 # the two stores, and the forecast with the output cache at the final norm's input
-STORES = {**harness.STORES, "forecast-hidden": harness.STATEFUL_STORES["forecast-hidden"]}
+STORES = harness.HIDDEN_STORES
 
 
 @pytest.mark.parametrize("store", STORES.values(), ids=STORES.keys())

@@ -107,7 +107,8 @@ def test_per_token_timestep_pruned_steps_match_masked_dense_oracle():
     model = tiny_wan()
     seen = []
     model.condition_embedder.register_forward_hook(lambda m, a, out: seen.append(out[0].shape[1]))
-    harness.check_pruned_steps_match_oracle(TI2V, model, kw, OracleProcessor, tokens, N, extra_steps=1)
+    harness.check_pruned_steps_match_oracle(TI2V, model, kw, OracleProcessor, tokens, N, extra_steps=1,
+                                            patch_kw=harness.NOISE)
     kept = cat_pruning.stats(model).tokens_kept
     assert kept < N and kept in seen and N in seen  # the time embedding ran on the K tokens' timesteps
 
@@ -325,8 +326,37 @@ def test_image_to_video_pipeline_with_its_image_encoder():
         cat_pruning.patch(base)
 
 
-def test_hidden_output_cache_refuses_a_per_token_timestep():
+@pytest.mark.parametrize("output_cache", ["hidden", "auto"])
+def test_hidden_output_cache_refuses_a_per_token_timestep(output_cache):
+    """A bare transformer cannot know its pipeline's expand_timesteps: "auto" is "hidden" there,
+    refused at the first call with a per-token timestep."""
     model = tiny_wan()
-    cat_pruning.patch(model, full_steps=FULL, backend="torch", output_cache="hidden")
-    with pytest.raises(ValueError, match='output_cache="hidden" needs one timestep per sample.*output_cache="noise"'):
+    cat_pruning.patch(model, full_steps=FULL, backend="torch", output_cache=output_cache)
+    assert cat_pruning.stats(model).config.output_cache == "hidden"
+    with pytest.raises(ValueError, match='"hidden".*needs one timestep per sample.*patch the pipeline.*"noise"'):
         run_per_token(model, inputs(seed=3), 1)
+
+
+def test_output_cache_auto_follows_the_pipelines_timestep():
+    """"auto" is the hidden cache, except on a pipeline that gives a per-token timestep (Wan 2.2
+    TI2V's expand_timesteps), where it is the noise cache and the generation equals one patched
+    with "noise"; "hidden" on such a pipeline is refused at patch time, leaving it unpatched."""
+    kw = pipeline_kwargs()
+
+    def generate(pipe):
+        return pipe(**kw, generator=torch.Generator().manual_seed(0)).frames
+
+    for expand, want in ((False, "hidden"), (True, "noise")):
+        pipe = tiny_pipeline(expand_timesteps=expand)
+        pipe.set_progress_bar_config(disable=True)
+        cat_pruning.patch(pipe, full_steps=FULL, backend="torch")
+        assert cat_pruning.stats(pipe).config.output_cache == want
+        if expand:
+            auto = generate(pipe)
+            assert "pruned" in [st.mode for st in cat_pruning.stats(pipe).steps]
+            cat_pruning.patch(pipe, full_steps=FULL, backend="torch", output_cache="noise")
+            assert torch.equal(generate(pipe), auto)
+            cat_pruning.unpatch(pipe)
+            with pytest.raises(ValueError, match='"hidden" needs one timestep per sample.*WanPipeline.*"noise"'):
+                cat_pruning.patch(pipe, output_cache="hidden")
+            assert not cat_pruning.is_patched(pipe)

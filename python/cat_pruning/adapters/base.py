@@ -144,6 +144,12 @@ class Adapter:
         out = get_submodule(model, self.out_proj)
         return getattr(out, "base_layer", out)
 
+    def per_token_timestep(self, pipeline: Any) -> bool:
+        """Whether `pipeline` calls the model with one timestep per token, whose final modulation
+        is then per token: output_cache="auto" is then "noise", and "hidden" is refused. Default:
+        never."""
+        return False
+
     def check_hidden_cache(self, args: tuple, kwargs: dict) -> None:
         """Raise ValueError for a call whose final layers are not per token given the last
         block's hidden state and per-sample inputs (output_cache="hidden"). Default: all are."""

@@ -216,13 +216,16 @@ class WanAdapter(Adapter):
         # the model hands norm_out hidden_states.float()
         return dataclasses.replace(super().hidden_layout(model, layout), out_dtype=torch.float32)
 
+    def per_token_timestep(self, pipeline: Any) -> bool:
+        return pipeline is not None and bool(getattr(pipeline, "config", {}).get("expand_timesteps", False))
+
     def check_hidden_cache(self, args: tuple, kwargs: dict) -> None:
         timestep = timestep_arg(args, kwargs)
         if timestep is not None and timestep.ndim == 2:
             raise ValueError(
-                "cat_pruning: output_cache=\"hidden\" needs one timestep per sample, but this Wan pipeline gives "
-                "one per token (Wan 2.2 TI2V, expand_timesteps): the final modulation is then per token; patch with "
-                "output_cache=\"noise\"")
+                "cat_pruning: output_cache=\"hidden\" (what \"auto\" is on a bare transformer) needs one timestep "
+                "per sample, but this call gives one per token (Wan 2.2 TI2V, expand_timesteps): the final modulation "
+                "is then per token; patch the pipeline, or pass output_cache=\"noise\"")
 
     def gather_embedding(self, state: CATState, output: Tensor) -> Tensor:
         # (B, C, F, H, W) -> (B, C, K, 1, 1): the model's flatten(2).transpose(1, 2) makes the (B, K, C) rows
