@@ -320,11 +320,11 @@ def test_tokens_suite_solves_the_keep_ratio_that_fits_a_budget(monkeypatch):
 
 def test_cache_records_count_cat_and_taylorseer_state_on_the_meta_device(monkeypatch):
     """bench/e2e.py cache[...]: DiT-XL/2 at 256 px (every layer cached, one branch). CAT-F keeps
-    bf16 values and fp32 slopes, three times the paper's bf16 rows, plus the read buffer the layers
-    share and the output state (fp32, the model width wide with the default hidden cache: each state
-    tensor as large as one layer's K and V rows of the paper's 28); with slope_dtype="cache" (bf16 slopes) twice plus the same;
-    diffusers' TaylorSeer holds one bf16 factor per order and attention output (28 layers, 256
-    tokens, width 1152, batch 2)."""
+    bf16 values and fp32 slopes, three times the paper's bf16 rows, plus the read buffer the
+    layers share and the output state (fp32, the model width wide with the default hidden cache:
+    each state tensor as large as one layer's K and V rows of the paper's 28); with
+    slope_dtype="cache" (bf16 slopes) twice plus the same; diffusers' TaylorSeer holds one bf16
+    factor per order and attention output (28 layers, 256 tokens, width 1152, batch 2)."""
     monkeypatch.syspath_prepend(str(BENCH))
     import e2e
 

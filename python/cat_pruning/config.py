@@ -103,9 +103,14 @@ class CATConfig:
             (default: "forecast-error" with forecast="taylor", else "change"). Ties in
             staleness (every token after a refresh step) go to the larger score first, then to
             a hash of token and step, never to the lower token index.
-        forecast_damping: multiplier of the forecast step of the model output (noise cache),
-            in [0, 1]. Default 0.8 (best with forecast_order=2; with forecast_order=1 about 0.4 is
-            best); 0 reuses the last value.
+        forecast_damping: multiplier of the forecast step of the output cache (output_cache),
+            in [0, 1]; 0 reuses the last value. Default 0.85: with the hidden cache at order 2
+            (patch()'s defaults, 8 prompts outside the bench's sets) the photo model measured
+            47.91 / 49.40 / 50.48 / 50.65 / 49.77 dB at 0.8 / 0.85 / 0.9 / 0.95 / 1.0 and the scene
+            model 48.03 / 48.30 / 47.92 / 47.75 / 47.38: 0.85 is above 0.8 on both, in mean and
+            worst image, where 0.9 and up cost the scene model's worst image 2 dB (the photo model
+            alone would take 0.95). With the noise cache about 0.8 is best at forecast_order=2,
+            about 0.4 at forecast_order=1.
         forecast_kv_damping: the same for the attention K/V rows and extra caches, in [0, 1]. 1 suits
             refresh steps every 2-3 steps; with longer gaps (refresh_every >= 4 or 0) about 0.5 is better
             (scene model, 8 prompts, refresh every 6 at 35% MACs: 27.9 dB at 1.0, 34.1 dB at 0.5).
@@ -134,27 +139,29 @@ class CATConfig:
             2 there measured no better). Only with forecast="taylor".
         output_cache: what the per-token output cache holds, which a pruned step scatters its
             computed rows into and reads (reuses or forecasts) for the others: "noise" (the
-            paper: the model's per-token prediction), "hidden" (the last block's hidden state,
-            the input of the model's final norm; the final norm, its timestep modulation and the
-            output projection then run on every token at every step, as diffusers' TaylorSeer
-            does when it forecasts whole blocks) or "auto" (default: "hidden", except on a
-            pipeline that gives a per-token timestep, Wan 2.2 TI2V's ``expand_timesteps``, where
-            it is "noise"; ``stats()`` and the patch's config say which). "hidden" costs the
-            output projection over all N tokens at a pruned step (a fraction of a percent of a
-            step) and caches the model width instead of the output channels; the selection is
-            then scored on the hidden state's change. 64 images at the defaults: scene model
-            (SD3) 47.03 dB against 46.69 with "noise", photo model (Flux) 47.20 against 45.35
-            (keep_ratio 0.2: 47.47 against 46.64, 47.43 against 46.08); and only with "hidden"
-            does no larger keep_ratio fall more than 0.3 dB below a smaller one on either model
-            (README, "Quality"). The scene model's keep_ratio 0.75 is where "noise" is better
-            (51.68 against 51.05). Under context parallelism each rank keeps the whole cache,
-            as it does the noise cache. "hidden" is refused with a per-token timestep (the final modulation is then per token): at
-            patch time on such a pipeline, at the first call on a bare transformer (where
-            "auto" cannot see the pipeline: patch the pipeline, or pass "noise").
+            paper: the model's per-token prediction), "hidden" (the last block's hidden
+            state, the input of the model's final norm; the final norm, its timestep
+            modulation and the output projection then run on every token at every step, as
+            diffusers' TaylorSeer does when it forecasts whole blocks) or "auto" (default:
+            "hidden", except on a pipeline that gives a per-token timestep, Wan 2.2 TI2V's
+            ``expand_timesteps``, where it is "noise"; ``stats()`` and the patch's config
+            say which). "hidden" costs the output projection over all N tokens at a pruned
+            step (a fraction of a percent of a step) and caches the model width instead of
+            the output channels; the selection is then scored on the hidden state's change.
+            64 images at the defaults (damping 0.8): scene model (SD3) 47.03 dB against
+            46.69 with "noise", photo model (Flux) 47.20 against 45.35 (keep_ratio 0.2:
+            47.47 against 46.64, 47.43 against 46.08); and only with "hidden" does no larger
+            keep_ratio fall more than 0.3 dB below a smaller one on either model (README,
+            "Quality"). The scene model's keep_ratio 0.75 is where "noise" is better (51.68
+            against 51.05). Under context parallelism each rank keeps the whole cache, as it
+            does the noise cache. "hidden" is refused with a per-token timestep (the final
+            modulation is then per token): at patch time on such a pipeline, at the first
+            call on a bare transformer (where "auto" cannot see the pipeline: patch the
+            pipeline, or pass "noise").
         slope_dtype: what the K/V and extra caches' slopes are stored in: "float32" (default) or
             "cache" (the cache's own dtype, e.g. bf16 next to bf16 rows). "cache" makes CAT-F's
-            state about 2x the paper's reuse caches instead of 3x in bf16 (Flux.1-dev 1024 px:
-            5.40 GiB against 8.07, the paper's 2.67) and costs PSNR: models in bf16, 16 images,
+            state about 2.1x the paper's reuse caches instead of 3.1x in bf16 (Flux.1-dev 1024
+            px: 5.63 GiB against 8.30, the paper's 2.67) and costs PSNR: models in bf16, 16 images,
             against fp32 slopes: photo model -0.003 dB at the defaults, +0.009 at keep 0.2; scene
             model -0.09 at the defaults, -0.31 at keep 0.2 (worst image -2.6 dB). The output
             cache's forecast state is fp32 either way. Only with forecast="taylor".
@@ -182,7 +189,7 @@ class CATConfig:
     refresh_offset: int = 0
     refresh_phase: str = "fill"
     final_full_steps: int = 1
-    forecast_damping: float = 0.8
+    forecast_damping: float = 0.85
     forecast_kv_damping: float = 1.0
     forecast_horizon: float = 0.0
     forecast_from: str = "refresh"
