@@ -54,12 +54,13 @@ CATF_ORDER2_REFRESH = (2, 3)
 # 0.4, 27.26 at 1.0), so it gets both.
 CATF_OUTPUT_CACHES = ("noise", "hidden")
 CATF_OUTPUT_BY_CACHE = {"noise": CATF_OUTPUT, "hidden": (*CATF_OUTPUT, (1, 1.0), (2, 1.0))}
-# refresh_offset: besides the default phase (refreshes from the fill step on), the phase with the
-# same number of refreshes whose last one lands on the second-to-last step (the last step of a
-# flow-matching scheduler barely moves the latent). 8 prompts outside the bench's sets, 44%: 40.9 dB
-# at keep 0.0586, full 6, every 4, refreshes 9-25; 42.2 at 10-26; the default schedule, 35% and 65%
-# picks: ties within 0.15 dB.
-
+# refresh_offset: every phase of the refresh steps (0, the default, refreshes refresh_every steps
+# after the fill step; 1 .. refresh_every - 1 earlier first refreshes), each with its own K for the
+# budget. The phase decides a lot, and not monotonically: photo model, 8 prompts outside the bench's
+# sets, 35%, full 3, every 4, last step full, one token, order 1 undamped, hidden cache: offsets 1 /
+# 2 / 3 (refreshes 3-23, 4-24, 5-25) give 32.92 / 41.86 / 37.79 dB. Offset 2 computes the steps of
+# diffusers TaylorSeer's pick there (warm-up 3, interval 4, cooldown 27: 41.88 dB), which the two
+# phases the grid had before (the default and the one ending on the second-to-last step) missed.
 
 def tune_continuous(ctx: Context, m: Method, knob: str, lo: float, hi: float, iters: int = 6) -> None:
     """Log-bisection of a threshold (larger = more caching = fewer MACs) towards the target fraction
@@ -138,11 +139,12 @@ def prepare_peer(ctx: Context, m: Method) -> None:
 
 
 
-def tune_psnr(ctx: Context, m: Method) -> float:
-    """Mean PSNR of the method against dense over the held-out tuning items (dense images made once)."""
+def tune_psnr(ctx: Context, m: Method, items: list | None = None) -> float:
+    """Mean PSNR of the method against dense over the held-out tuning items (default all of
+    ctx.tune_set; dense images made once)."""
     from cat_pruning.metrics import psnr
 
-    items = ctx.tune_set
+    items = ctx.tune_set if items is None else items
     for it in items:
         if it not in ctx.tune_dense:
             with no_session(ctx.pipe):
@@ -156,24 +158,47 @@ def tune_psnr(ctx: Context, m: Method) -> float:
     return statistics.fmean(scores)
 
 
+# Screening: a grid of more than SCREEN_KEEP candidates is scored on the first SCREEN_ITEMS tuning
+# items first; the best SCREEN_KEEP (at least; an eighth of the grid if more) are then scored on
+# all of them, and the best mean over all wins. Every peer is tuned so.
+SCREEN_ITEMS = 2
+SCREEN_KEEP = 12
+TUNING_LOGS = ("tuning", "screening")  # params that log the tuning, not settings of the method
+
+
 def pick_best(ctx: Context, m: Method, candidates: list[tuple[dict, float]], what: str) -> None:
     """Among (params, MAC fraction) candidates within BAND of ctx.target (else the closest one),
-    keeps the one with the best PSNR on the tuning prompts."""
+    keeps the one with the best PSNR on the tuning prompts (after screening a large grid on
+    SCREEN_ITEMS of them: SCREEN_KEEP)."""
     band = [c for c in candidates if abs(c[1] - ctx.target) <= BAND]
     if not band:
         band = [min(candidates, key=lambda c: abs(c[1] - ctx.target))]
-    tried = []
     base = dict(m.params)
-    for params, frac in band:
+
+    def score(params: dict, items: list | None) -> float:
         m.params.clear()
         m.params.update(base, **params)
-        tried.append((params, frac, tune_psnr(ctx, m)))
+        return tune_psnr(ctx, m, items)
+
+    keep = max(SCREEN_KEEP, len(band) // 8)
+    screened = {}
+    if len(band) > keep and len(ctx.tune_set) > SCREEN_ITEMS:
+        screen = ctx.tune_set[:SCREEN_ITEMS]
+        screened = {i: score(params, screen) for i, (params, _) in enumerate(band)}
+        survivors = sorted(screened, key=screened.get, reverse=True)[:keep]
+    else:
+        survivors = range(len(band))
+    tried = [(band[i][0], band[i][1], score(band[i][0], None)) for i in survivors]
     best = max(tried, key=lambda t: t[2])
     m.params.clear()
     m.params.update(base, **best[0])
     m.params["tuning"] = [dict(**p, mac_fraction=f, tune_psnr=q) for p, f, q in tried]
-    m.notes.append(f"best {what} of {len(tried)} within {BAND:.2f} of the budget {ctx.target:.3f} on "
-                   f"{len(ctx.tune_set)} held-out tuning prompt(s): {best[0]} "
+    if screened:
+        m.params["screening"] = [dict(**band[i][0], mac_fraction=band[i][1], screen_psnr=q)
+                                 for i, q in screened.items()]
+    screened_note = (f", the best {len(tried)} of a screening on {SCREEN_ITEMS} of them" if screened else "")
+    m.notes.append(f"best {what} of {len(band) if screened else len(tried)} within {BAND:.2f} of the budget "
+                   f"{ctx.target:.3f} on {len(ctx.tune_set)} held-out tuning prompt(s){screened_note}: {best[0]} "
                    f"(MAC fraction {best[1]:.3f}, PSNR {best[2]:.2f} dB)")
 
 
@@ -181,7 +206,8 @@ def _computed_steps(ctx: Context, m: Method) -> int:
     """Steps in which the peer ran the model's attention (a call counter on the first attention's
     to_q, which a TaylorSeer forecast step skips): one plain generation, no FLOP counting, once per
     schedule (kept in ctx.memo: several budgets share the peer's schedules)."""
-    key = ("computed_steps", m.id.partition("@")[0], *sorted((k, str(v)) for k, v in m.params.items() if k != "tuning"))
+    settings = sorted((k, str(v)) for k, v in m.params.items() if k not in TUNING_LOGS)
+    key = ("computed_steps", m.id.partition("@")[0], *settings)
     if key not in ctx.memo:
         ctx.memo[key] = _count_computed_steps(ctx, m)
     return ctx.memo[key]
@@ -232,18 +258,6 @@ def tune_taylorseer(ctx: Context, m: Method, warmup: int) -> None:
     pick_best(ctx, m, candidates, "TaylorSeer schedule")
 
 
-def end_aligned_offset(steps: int, full_steps: int, refresh_every: int) -> int:
-    """The refresh_offset that moves the default refresh steps (from the fill step on, every
-    refresh_every) so that the last lands on the second-to-last step, keeping their number; 0 when
-    the default already ends there or no shift keeps the number."""
-    fill = full_steps - 1
-    if not refresh_every or fill + refresh_every > steps - 1:
-        return 0
-    last = fill + (steps - 1 - fill) // refresh_every * refresh_every  # the default's last refresh
-    offset = refresh_every + (steps - 2 - last)
-    return offset if offset >= 1 and offset != refresh_every else 0
-
-
 def catf_schedule_fraction(ctx: Context, full_steps: int, refresh_every: int, kept: int,
                            step_fraction: Callable[[int], float], refresh_offset: int = 0,
                            final_full_steps: int = 0) -> float:  # fmt: skip
@@ -262,7 +276,7 @@ def catf_candidates(ctx: Context, n: int, step_fraction: Callable[[int], float],
     """(params, MAC fraction) of every CAT-F schedule within BAND of ctx.target: per full_steps,
     refresh_every and final_full_steps (CATF_FINAL), the K of n tokens that lands on the budget,
     or the nearest K if none does,
-    with each refresh phase (the default and the end-aligned one, same MACs), each K/V damping
+    for each refresh phase (refresh_offset 0 .. refresh_every - 1, each with its own K), each K/V damping
     (0.5 only when refreshing every CATF_DAMPED_REFRESH steps or more), each forecast_from of
     CATF_FORECAST_FROM, each output cache of `output_caches` and each of its output forecasts
     (CATF_OUTPUT_BY_CACHE; order 2 only when refreshing every CATF_ORDER2_REFRESH steps)."""
@@ -271,26 +285,28 @@ def catf_candidates(ctx: Context, n: int, step_fraction: Callable[[int], float],
     for full, every, final in itertools.product(fulls, CATF_REFRESH, CATF_FINAL):
         if full + final >= ctx.steps:
             continue
-        lo, hi = (catf_schedule_fraction(ctx, full, every, k, step_fraction, final_full_steps=final) for k in (1, n))
-        kept = max(1, min(n, round(1 + (ctx.target - lo) / (hi - lo) * (n - 1))))  # lands on the budget
-        frac = catf_schedule_fraction(ctx, full, every, kept, step_fraction, final_full_steps=final)
-        if abs(frac - ctx.target) > BAND:
-            continue
-        offsets = sorted({0, end_aligned_offset(ctx.steps - final, full, every)})
         outputs = [(cache, order, damping) for cache in output_caches for order, damping in CATF_OUTPUT_BY_CACHE[cache]
                    if order == 1 or every in CATF_ORDER2_REFRESH]  # fmt: skip
         dampings = [d for d in CATF_KV_DAMPING if d == 1.0 or every >= CATF_DAMPED_REFRESH]
-        candidates += [(dict(keep_ratio=kept / n, full_steps=full, refresh_every=every, refresh_offset=o,
-                             final_full_steps=final, forecast_kv_damping=d, forecast_from=f, forecast_order=order,
-                             forecast_damping=damping, output_cache=cache), frac)
-                       for o in offsets for d in dampings for f in CATF_FORECAST_FROM
-                       for cache, order, damping in outputs]  # fmt: skip
+        for o in range(every):  # every phase (0: the default)
+            lo, hi = (catf_schedule_fraction(ctx, full, every, k, step_fraction, refresh_offset=o,
+                                             final_full_steps=final) for k in (1, n))  # fmt: skip
+            kept = max(1, min(n, round(1 + (ctx.target - lo) / (hi - lo) * (n - 1))))  # lands on the budget
+            frac = catf_schedule_fraction(ctx, full, every, kept, step_fraction, refresh_offset=o,
+                                          final_full_steps=final)
+            if abs(frac - ctx.target) > BAND:
+                continue
+            candidates += [(dict(keep_ratio=kept / n, full_steps=full, refresh_every=every, refresh_offset=o,
+                                 final_full_steps=final, forecast_kv_damping=d, forecast_from=f, forecast_order=order,
+                                 forecast_damping=damping, output_cache=cache), frac)
+                           for d in dampings for f in CATF_FORECAST_FROM
+                           for cache, order, damping in outputs]  # fmt: skip
     return candidates
 
 
 def tune_catf(ctx: Context, m: Method, output_caches: tuple[str, ...] = CATF_OUTPUT_CACHES) -> None:
     """CAT-F at its best schedule for the budget: for each refresh_every of CATF_REFRESH, full_steps
-    of CATF_FULL, refresh phase (end_aligned_offset), forecast_kv_damping of CATF_KV_DAMPING,
+    of CATF_FULL, refresh phase (every refresh_offset), forecast_kv_damping of CATF_KV_DAMPING,
     forecast_from, output cache of `output_caches` and output forecast (CATF_OUTPUT_BY_CACHE), the
     keep_ratio that lands on the budget
     (the MAC fraction of a pruned step is affine in the tokens it computes: measured at two keep

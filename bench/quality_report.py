@@ -63,7 +63,7 @@ def write_outputs(records: list[dict], shape: dict, opts: Any, model: QualityMod
 
 
 def _settings(r: dict) -> str:
-    p = {k: v for k, v in r.get("params", {}).items() if k != "tuning"}
+    p = {k: v for k, v in r.get("params", {}).items() if k not in ("tuning", "screening")}
     if r["group"] in ("cat", "ablation", "catf"):
         return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())

@@ -7,6 +7,7 @@ import importlib.util
 import itertools
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -192,9 +193,10 @@ def test_catf_schedule_fraction(monkeypatch):
 
 
 def test_catf_candidates_follow_the_band_rule(monkeypatch):
-    """CAT-F candidates: K solved to land on the budget where the schedule can; else the nearest K,
-    kept only within BAND of the budget (the rule the peers' schedules follow); the damped K/V
-    forecast and the second-order output forecast only where refreshes are far apart / close."""
+    """CAT-F candidates: for every refresh phase, K solved to land on the budget where the schedule
+    can, else the nearest K, kept only within BAND of the budget (the rule the peers' schedules
+    follow); the damped K/V forecast and the second-order output forecast only where refreshes are
+    far apart / close."""
     import sys
     from types import SimpleNamespace
 
@@ -206,51 +208,55 @@ def test_catf_candidates_follow_the_band_rule(monkeypatch):
 
     n, steps = 100, 28
     ctx = SimpleNamespace(steps=steps, target=0.45)
-    got = quality_peers.catf_candidates(ctx, n, lambda k: 0.05 + 0.9 * k / n)
-    schedules = {(p["full_steps"], p["refresh_every"], p["final_full_steps"]) for p, _ in got}
-    dampings = {}
+    step_fraction = lambda k: 0.05 + 0.9 * k / n  # noqa: E731
+    got = quality_peers.catf_candidates(ctx, n, step_fraction)
+    variants = {}
     for p, frac in got:
         assert abs(frac - ctx.target) <= quality_peers.BAND
-        key = (p["full_steps"], p["refresh_every"], p["final_full_steps"], p["keep_ratio"])
+        key = (p["full_steps"], p["refresh_every"], p["final_full_steps"], p["refresh_offset"], p["keep_ratio"])
         output = (p["output_cache"], p["forecast_order"], p["forecast_damping"])
-        dampings.setdefault(key, set()).add((p["refresh_offset"], p["forecast_kv_damping"], p["forecast_from"], output))
-    for (full, every, final, _keep), d in dampings.items():
+        variants.setdefault(key, set()).add((p["forecast_kv_damping"], p["forecast_from"], output))
+    for (full, every, final, offset, keep), d in variants.items():
         outputs = [(cache, *o) for cache in ("noise", "hidden") for o in quality_peers.CATF_OUTPUT_BY_CACHE[cache]
                    if o[0] == 1 or every in quality_peers.CATF_ORDER2_REFRESH]  # fmt: skip
         kvs = [kv for kv in quality_peers.CATF_KV_DAMPING if kv == 1 or every >= quality_peers.CATF_DAMPED_REFRESH]
-        offsets = {0, quality_peers.end_aligned_offset(steps - final, full, every)}
-        assert d == {(o, kv, f, out) for o in offsets for kv in kvs for f in quality_peers.CATF_FORECAST_FROM
-                     for out in outputs}  # fmt: skip
-    assert any(p["refresh_offset"] for p, _ in got)
-    # one output cache only: the grid held to it
-    hidden = quality_peers.catf_candidates(ctx, n, lambda k: 0.05 + 0.9 * k / n, ("hidden",))
-    assert hidden and [p for p, _ in hidden] == [p for p, _ in got if p["output_cache"] == "hidden"]
-    # an end-aligned phase keeps the number of refreshes (so the MACs) and ends them on the step before
-    # the last pruned one (the second-to-last step without final full steps)
-    for p, _ in got:
-        if p["refresh_offset"]:
-            cfg = cat_pruning.CATConfig(full_steps=p["full_steps"], refresh_every=p["refresh_every"],
-                                        refresh_offset=p["refresh_offset"], final_full_steps=p["final_full_steps"])
-            default = cfg.replace(refresh_offset=0)
-            end = steps - p["final_full_steps"]
-            refreshes = [s for s in range(end) if cfg.mode(s, steps) == "refresh"]
-            assert refreshes[-1] == end - 2
-            assert len(refreshes) == [default.mode(s, steps) for s in range(end)].count("refresh")
-    assert {p["final_full_steps"] for p, _ in got} == set(quality_peers.CATF_FINAL)
-    assert any(p["forecast_order"] == 2 for p, _ in got) and any(p["forecast_order"] == 1 for p, _ in got)
-    assert any(keep > 1 / n for *_, keep in dampings) and any(keep == 1 / n for *_, keep in dampings)
+        assert d == {(kv, f, out) for kv in kvs for f in quality_peers.CATF_FORECAST_FROM for out in outputs}
+        # the phase: the first refresh offset (or refresh_every) steps after the fill step
+        cfg = cat_pruning.CATConfig(full_steps=full, refresh_every=every, refresh_offset=offset, final_full_steps=final)
+        first = next(s for s in range(steps) if cfg.mode(s, steps) == "refresh")
+        assert 0 <= offset < every and first == full - 1 + (offset or every)
+        # K solved for this phase: one token more or less crosses the budget, unless K is at its bounds
+        kept = round(keep * n)
+        frac = quality_peers.catf_schedule_fraction(ctx, full, every, kept, step_fraction, refresh_offset=offset,
+                                                    final_full_steps=final)
+        nearer = [quality_peers.catf_schedule_fraction(ctx, full, every, k, step_fraction, refresh_offset=offset,
+                                                       final_full_steps=final)
+                  for k in (kept - 1, kept + 1) if 1 <= k <= n]  # fmt: skip
+        assert all(abs(frac - ctx.target) <= abs(f - ctx.target) + 1e-12 for f in nearer)
+    assert any(keep > 1 / n for *_, keep in variants) and any(keep == 1 / n for *_, keep in variants)
+    schedules = {key[:4] for key in variants}
     for full, every, final in itertools.product(quality_peers.CATF_FULL, quality_peers.CATF_REFRESH,
                                                 quality_peers.CATF_FINAL):
-        one = quality_peers.catf_schedule_fraction(ctx, full, every, 1, lambda k: 0.05 + 0.9 * k / n,
-                                                   final_full_steps=final)
-        reachable = one <= ctx.target  # K = 1 already costs more than the budget otherwise
-        key = (full, every, final)
-        assert (key in schedules) == (reachable or one - ctx.target <= quality_peers.BAND)
-        if key in schedules and not reachable:  # the nearest K: one token
-            picked = {p["keep_ratio"] for p, _ in got
-                      if (p["full_steps"], p["refresh_every"], p["final_full_steps"]) == key}
-            assert picked == {1 / n}
+        for offset in range(every):
+            one = quality_peers.catf_schedule_fraction(ctx, full, every, 1, step_fraction, refresh_offset=offset,
+                                                       final_full_steps=final)
+            reachable = one <= ctx.target  # K = 1 already costs more than the budget otherwise
+            key = (full, every, final, offset)
+            assert (key in schedules) == (reachable or one - ctx.target <= quality_peers.BAND)
+            if key in schedules and not reachable:  # the nearest K: one token
+                assert {k[4] for k in variants if k[:4] == key} == {1 / n}
     assert any(abs(f - ctx.target) < 0.005 for _, f in got)  # some schedules land on the budget
+    # every phase of some schedules competes, and phases of one schedule may need different K
+    phases = {}
+    for full, every, final, offset, keep in variants:
+        phases.setdefault((full, every, final), {})[offset] = keep
+    assert any(len(ph) == every >= 4 for (_, every, _), ph in phases.items())
+    assert any(len(set(ph.values())) > 1 for ph in phases.values())
+    # one output cache only: the grid held to it
+    hidden = quality_peers.catf_candidates(ctx, n, step_fraction, ("hidden",))
+    assert hidden and [p for p, _ in hidden] == [p for p, _ in got if p["output_cache"] == "hidden"]
+    assert {p["final_full_steps"] for p, _ in got} == set(quality_peers.CATF_FINAL)
+    assert any(p["forecast_order"] == 2 for p, _ in got) and any(p["forecast_order"] == 1 for p, _ in got)
 
 
 def test_quality_parts_import_one_way():
@@ -264,3 +270,43 @@ def test_quality_parts_import_one_way():
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         assert imported & set(layers) <= set(layers[:i]), (name, sorted(imported & set(layers)))
+
+
+@pytest.mark.parametrize("grid", [5, 40, 200])
+def test_pick_best_screens_a_large_grid_on_two_items_then_scores_the_best_on_all(monkeypatch, grid):
+    """A grid larger than SCREEN_KEEP is scored on the first SCREEN_ITEMS tuning items; the best
+    max(SCREEN_KEEP, grid / 8) go on to every item and the best mean there wins, even where the
+    screening ranked it lower; a small grid is scored on every item at once."""
+    import sys
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.delitem(sys.modules, "quality_peers", raising=False)
+    import quality_base
+    import quality_peers
+
+    rng = random.Random(grid)
+    screen_score = {i: rng.random() for i in range(grid)}
+    full_score = {i: rng.random() for i in range(grid)}
+    calls = []
+
+    def fake_tune_psnr(ctx, m, items=None):
+        i = m.params["i"]
+        calls.append((i, len(items if items is not None else ctx.tune_set)))
+        return screen_score[i] if items is not None else full_score[i]
+
+    monkeypatch.setattr(quality_peers, "tune_psnr", fake_tune_psnr)
+    ctx = SimpleNamespace(target=0.5, tune_set=[("p", k) for k in range(8)])
+    m = quality_base.Method("x", "x", "peer", {"fixed": 1}, session=None)
+    quality_peers.pick_best(ctx, m, [({"i": i}, 0.5) for i in range(grid)], "schedule")
+    keep = max(quality_peers.SCREEN_KEEP, grid // 8)
+    if grid > keep:
+        assert [c for c in calls if c[1] == quality_peers.SCREEN_ITEMS] == [(i, 2) for i in range(grid)]
+        survivors = sorted(range(grid), key=screen_score.get, reverse=True)[:keep]
+        assert sorted(i for i, n in calls if n == 8) == sorted(survivors)
+        assert len(m.params["screening"]) == grid and len(m.params["tuning"]) == keep
+        want = max(survivors, key=full_score.get)
+    else:
+        assert calls == [(i, 8) for i in range(grid)] and "screening" not in m.params
+        want = max(range(grid), key=full_score.get)
+    assert m.params["i"] == want and m.params["fixed"] == 1
