@@ -62,6 +62,7 @@ CATF_OUTPUT_BY_CACHE = {"noise": CATF_OUTPUT, "hidden": (*CATF_OUTPUT, (1, 1.0),
 # diffusers TaylorSeer's pick there (warm-up 3, interval 4, cooldown 27: 41.88 dB), which the two
 # phases the grid had before (the default and the one ending on the second-to-last step) missed.
 
+
 def tune_continuous(ctx: Context, m: Method, knob: str, lo: float, hi: float, iters: int = 6) -> None:
     """Log-bisection of a threshold (larger = more caching = fewer MACs) towards the target fraction
     on the first item; keeps the value whose fraction was closest."""
