@@ -198,7 +198,7 @@ def pick_best(ctx: Context, m: Method, candidates: list[tuple[dict, float]], wha
         m.params["screening"] = [dict(**band[i][0], mac_fraction=band[i][1], screen_psnr=q)
                                  for i, q in screened.items()]
     screened_note = (f", the best {len(tried)} of a screening on {SCREEN_ITEMS} of them" if screened else "")
-    m.notes.append(f"best {what} of {len(band) if screened else len(tried)} within {BAND:.2f} of the budget "
+    m.notes.append(f"best {what} of {len(band)} within {BAND:.2f} of the budget "
                    f"{ctx.target:.3f} on {len(ctx.tune_set)} held-out tuning prompt(s){screened_note}: {best[0]} "
                    f"(MAC fraction {best[1]:.3f}, PSNR {best[2]:.2f} dB)")
 
