@@ -135,25 +135,35 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
     for name in ("controlnet", "image_encoder"):
         if pipeline is not None and getattr(pipeline, name, None) is not None and name not in adapters[0].components:
             raise ValueError(f"cat_pruning: pipelines with a {name} are not supported yet ({type(pipeline).__name__})")
+    configs = []
     for adapter, model in zip(adapters, models, strict=True):
         adapter.check_model(model)
         _check_dtype(_model_dtype(model))
-        if config.output_cache == "hidden" and adapter.per_token_timestep(pipeline):
-            raise ValueError(f"cat_pruning: output_cache=\"hidden\" needs one timestep per sample, but "
-                             f"{type(pipeline).__name__} gives one per token (expand_timesteps): the final modulation "
-                             f"is then per token; pass output_cache=\"noise\" or \"auto\"")
+        configs.append(_resolve_output_cache(config, adapter, pipeline))
         for path in (adapter.patch_embed, adapter.out_proj):
             get_submodule(model, path)
     unpatch(obj)
-    for adapter, model in zip(adapters, models, strict=True):
-        _install(adapter, model, pipeline, config)
+    for adapter, model, model_config in zip(adapters, models, configs, strict=True):
+        _install(adapter, model, pipeline, model_config)
     return obj
 
 
-def _install(adapter: Adapter, transformer: nn.Module, pipeline: Any | None, config: CATConfig) -> None:
-    """Patch one transformer (checked by patch())."""
+def _resolve_output_cache(config: CATConfig, adapter: Adapter, pipeline: Any | None) -> CATConfig:
+    """`config` with output_cache "auto" resolved for this model: "noise" where the pipeline gives
+    one timestep per token (the final modulation is then per token), else "hidden"; an explicit
+    "hidden" there is refused."""
+    per_token = adapter.per_token_timestep(pipeline)
+    if config.output_cache == "hidden" and per_token:
+        raise ValueError(f"cat_pruning: output_cache=\"hidden\" needs one timestep per sample, but "
+                         f"{type(pipeline).__name__} gives one per token (expand_timesteps): the final modulation "
+                         f"is then per token; pass output_cache=\"noise\" or \"auto\"")
     if config.output_cache == "auto":
-        config = config.replace(output_cache="noise" if adapter.per_token_timestep(pipeline) else "hidden")
+        return config.replace(output_cache="noise" if per_token else "hidden")
+    return config
+
+
+def _install(adapter: Adapter, transformer: nn.Module, pipeline: Any | None, config: CATConfig) -> None:
+    """Patch one transformer (checked by patch(), its output_cache resolved)."""
     shard = sharding(transformer, adapter.family, adapter.supports_parallel)
     driver = "pipeline" if pipeline is not None else ("manual" if config.manual_steps else "auto")
     hidden = config.output_cache == "hidden"
