@@ -158,13 +158,14 @@ class CATConfig:
             modulation is then per token): at patch time on such a pipeline, at the first
             call on a bare transformer (where "auto" cannot see the pipeline: patch the
             pipeline, or pass "noise").
-        slope_dtype: what the K/V and extra caches' slopes are stored in: "float32" (default) or
-            "cache" (the cache's own dtype, e.g. bf16 next to bf16 rows). "cache" makes CAT-F's
+        slope_dtype: what the K/V and extra caches' slopes are stored in: "cache" (default: the
+            cache's own dtype, e.g. bf16 next to bf16 rows) or "float32". "cache" makes CAT-F's
             state about 2.1x the paper's reuse caches instead of 3.1x in bf16 (Flux.1-dev 1024
-            px: 5.63 GiB against 8.30, the paper's 2.67) and costs PSNR: models in bf16, 16 images,
-            against fp32 slopes: photo model -0.003 dB at the defaults, +0.009 at keep 0.2; scene
-            model -0.09 at the defaults, -0.31 at keep 0.2 (worst image -2.6 dB). The output
-            cache's forecast state is fp32 either way. Only with forecast="taylor".
+            px: 5.63 GiB against 8.30, the paper's 2.67); in fp32 models the two are the same.
+            PSNR against fp32 slopes, models in bf16, the quality bench's first 16 prompts
+            (bench/experiments/config_sweep.py): photo model -0.02 dB at the defaults, -0.04 at
+            keep 0.2; scene model -0.08 and +0.23. The output cache's forecast state is fp32
+            either way. Only with forecast="taylor".
         manual_steps: for a bare transformer only: the caller marks the end of every denoising
             step with `cat_pruning.advance(transformer)` instead of the transformer counting its
             own forwards. Needed under torch.compile, where the count cannot be kept inside the
@@ -195,7 +196,7 @@ class CATConfig:
     forecast_from: str = "refresh"
     forecast_order: int = 2
     output_cache: str = "auto"
-    slope_dtype: str = "float32"
+    slope_dtype: str = "cache"
 
     def __post_init__(self) -> None:
         """Refuse what would run differently from what it says: a value of the wrong type is a
