@@ -1,11 +1,12 @@
 """cat_kernels: the tensor ops behind CAT Pruning (token statistics, selection, gather, scatter,
-forecast of cached rows, k-means), each as a Triton kernel, an optional compiled extension and a
-pure-torch reference.
+forecast of cached rows, attention over forecast caches, k-means), each as a Triton kernel, an
+optional compiled extension and a pure-torch reference.
 
 Knows nothing of diffusers. ``from cat_kernels import ops`` or the names re-exported here.
 """
 
 from .ops import (
+    forecast_attention,
     forecast_kv_,
     forecast_tokens_,
     gather_tokens,
@@ -24,6 +25,7 @@ __all__ = [
     "scatter_kv_",
     "forecast_tokens_",
     "forecast_kv_",
+    "forecast_attention",
     "kmeans",
 ]
 __version__ = "0.1.0"

@@ -22,6 +22,7 @@ __all__ = [
     "scatter_kv_",
     "forecast_tokens_",
     "forecast_kv_",
+    "forecast_attention",
     "kmeans",
     "kmeans_assign",
 ]
@@ -90,6 +91,21 @@ def forecast_kv_(
 ) -> None:
     """The K and V caches' forecast step (one launch on CUDA); see reference.forecast_kv_."""
     _ops.forecast_kv_(k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim)
+
+
+def forecast_attention(
+    q: Tensor,
+    k_base: Tensor,
+    v_base: Tensor,
+    k_slope: Tensor | None,
+    v_slope: Tensor | None,
+    weight: Tensor | None,
+    k_extra: Tensor | None = None,
+    v_extra: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """Attention over forecast K/V caches, blocked ATen (CPU and CUDA); see reference.forecast_attention."""
+    return _ops.forecast_attention(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, scale)
 
 
 def kmeans(features: Tensor, num_clusters: int, iters: int) -> Tensor:

@@ -13,6 +13,8 @@ mask out-of-range rows instead of faulting. Shape, dtype and device checks alway
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -26,6 +28,7 @@ __all__ = [
     "scatter_kv_",
     "forecast_tokens_",
     "forecast_kv_",
+    "forecast_attention",
     "kmeans",
 ]
 
@@ -35,6 +38,9 @@ _INTS = (torch.int32, torch.int64)
 # tokens; more fall back to the reference, cat_kernels/triton/select.py) and cluster ranks into 10.
 MAX_TOKENS = 1 << 20
 MAX_CLUSTERS = 1023
+# forecast_attention's head dim: every model family here has D <= 128 (SD3 64, PixArt 72, Flux,
+# Wan and Qwen-Image 128); the Triton kernel's tiles spill above (cat_kernels/triton/attention.py).
+MAX_HEAD_DIM = 128
 
 
 # --------------------------------------------------------------------------- validation
@@ -199,6 +205,27 @@ def _forecast_kv_op(
 @_forecast_kv_op.register_fake
 def _(k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim, backend):
     return None
+
+
+@torch.library.custom_op("cat_ops::forecast_attention", mutates_args=())
+def _forecast_attention_op(
+    q: Tensor,
+    k_base: Tensor,
+    v_base: Tensor,
+    k_slope: Tensor | None,
+    v_slope: Tensor | None,
+    weight: Tensor | None,
+    k_extra: Tensor | None,
+    v_extra: Tensor | None,
+    scale: float,
+    backend: str,
+) -> Tensor:
+    return _impl("forecast_attention", backend)(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, scale)
+
+
+@_forecast_attention_op.register_fake
+def _(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, scale, backend):
+    return q.new_empty(q.shape)
 
 
 @torch.library.custom_op("cat_ops::kmeans", mutates_args=())
@@ -490,6 +517,123 @@ def forecast_kv_(
     _forecast_kv_op(
         k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim,
         _backend.resolve(k_base.device, backend),
+    )  # fmt: skip
+
+
+def _check_pair(names: tuple[str, str], a: Tensor | None, b: Tensor | None) -> bool:
+    """Both given (True) or both None (False)."""
+    if (a is None) != (b is None):
+        given, missing = names if b is None else names[::-1]
+        raise ValueError(f"{given} and {missing} go together: {given} was given, {missing} is None")
+    return a is not None
+
+
+def forecast_attention(
+    q: Tensor,
+    k_base: Tensor,
+    v_base: Tensor,
+    k_slope: Tensor | None,
+    v_slope: Tensor | None,
+    weight: Tensor | None,
+    k_extra: Tensor | None = None,
+    v_extra: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Attention of a pruned step over forecast K/V caches, the forecast formed on the fly.
+
+    out = softmax(q k^T * scale) v over N image keys and T extra keys, where image token n's key
+    is round(k_base[n] + weight[b, n] * k_slope[n]) to k_base's dtype (fp32 product, then sum:
+    exactly the `k_out` row :func:`forecast_kv_` writes for a skipped token; weight 0 gives the
+    base) and its value likewise; the extra rows (the text keys/values) are attended as given.
+    Logits, softmax and both products in fp32 (16-bit inputs: 16-bit operands, fp32
+    accumulation), output rounded once to q's dtype. The keys' order does not matter. It replaces
+    forecast_kv_ into a buffer + torch.cat + SDPA (about 14 bytes moved per cached element with
+    bf16 caches and fp32 slopes) by one pass that reads base and slope (6 bytes). Computed
+    tokens must already be in the bases (forecast_kv_ or scatter_kv_ refreshes them) with weight
+    0. Source: issue 21 item 2; see :func:`cat_kernels.reference.forecast_attention`.
+
+    Args:
+        q: (B, H, M, D) float32/float16/bfloat16, any strides (a transposed (B, M, H, D) view is
+            fine), 1 <= D <= 128.
+        k_base, v_base: (B, H, N, D) contiguous caches, each of one float dtype (may differ).
+        k_slope, v_slope: the caches' slopes, their bases' shapes, contiguous, any float dtype
+            (fp32 next to a bf16 base is fine); both None for plain reuse (the paper's CAT: the
+            bases are attended as they are and no slope is read).
+        weight: (B, N) float32, each token's forecast horizon (0 for computed tokens); may be None
+            only without slopes (it is unused then).
+        k_extra, v_extra: (B, H, T, D) extra keys/values, any float dtype, any strides; both None
+            or both given (T may be 0).
+        scale: the logits' scale, a finite number; default 1/sqrt(D).
+        backend: "auto" (default), "triton", "cuda" or "torch"; see :mod:`cat_kernels.backend`.
+    Returns:
+        (B, H, M, D) contiguous, q's dtype.
+
+    The compiled extension ("cuda") runs a blocked ATen implementation on CPU and CUDA tensors
+    (key blocks formed, two fp32 GEMMs and an online softmax per block; on CUDA the GEMMs follow
+    torch's matmul precision setting): no hand-written CUDA kernel, because the Triton kernel is
+    the one that runs on GPUs (auto picks it), a straightforward scalar CUDA kernel would be
+    slower than cuBLAS, and a tensor-core one would duplicate the Triton kernel untested (no GPU
+    here). docs/design.md section 7 says the same.
+    """
+    _check_tensor("q", q, 4, _FLOATS)
+    _check_tensor("k_base", k_base, 4, _FLOATS)
+    _check_tensor("v_base", v_base, 4, _FLOATS)
+    B, H, M, D = q.shape
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"q's head dim D must lie in [1, {MAX_HEAD_DIM}], got {D}")
+    if k_base.shape[:2] != (B, H) or k_base.shape[3] != D:
+        raise ValueError(
+            f"k_base must have shape (B, H, N, D) with q's (B, H, D) = {(B, H, D)}, got {tuple(k_base.shape)}"
+        )
+    N = k_base.shape[2]
+    if v_base.shape != k_base.shape:
+        raise ValueError(f"v_base must have the shape of k_base {tuple(k_base.shape)}, got {tuple(v_base.shape)}")
+    if N > MAX_TOKENS:
+        raise ValueError(f"k_base has N={N} tokens; at most {MAX_TOKENS} are supported")
+    tensors = {"q": q, "k_base": k_base, "v_base": v_base}
+    if _check_pair(("k_slope", "v_slope"), k_slope, v_slope):
+        for name, t, base in (("k_slope", k_slope, k_base), ("v_slope", v_slope, v_base)):
+            _check_tensor(name, t, 4, _FLOATS)
+            if t.shape != base.shape:
+                raise ValueError(f"{name} must have the shape of its base {tuple(base.shape)}, got {tuple(t.shape)}")
+            tensors[name] = t
+        if weight is None:
+            raise ValueError("weight must be given with slopes (zeros for plain reuse)")
+    if weight is not None:
+        _check_tensor("weight", weight, 2, (torch.float32,))
+        if weight.shape != (B, N):
+            raise ValueError(f"weight must have shape (B, N) = {(B, N)}, got {tuple(weight.shape)}")
+        tensors["weight"] = weight
+    for name in ("k_base", "v_base", "k_slope", "v_slope"):
+        t = tensors.get(name)
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (a cache the caller allocates), got strides {t.stride()}")
+    T = 0
+    if _check_pair(("k_extra", "v_extra"), k_extra, v_extra):
+        _check_tensor("k_extra", k_extra, 4, _FLOATS)
+        _check_tensor("v_extra", v_extra, 4, _FLOATS)
+        T = k_extra.shape[2]
+        if k_extra.shape != (B, H, T, D):
+            raise ValueError(
+                f"k_extra must have shape (B, H, T, D) with q's (B, H, D) = {(B, H, D)}, got {tuple(k_extra.shape)}"
+            )
+        if v_extra.shape != k_extra.shape:
+            raise ValueError(
+                f"v_extra must have the shape of k_extra {tuple(k_extra.shape)}, got {tuple(v_extra.shape)}"
+            )
+        tensors.update(k_extra=k_extra, v_extra=v_extra)
+    if N + T == 0:
+        raise ValueError("forecast_attention needs at least one key: N + T = 0")
+    _check_same_device(**tensors)
+    if scale is None:
+        scale = D**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    return _forecast_attention_op(
+        q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, float(scale),
+        _backend.resolve(q.device, backend),
     )  # fmt: skip
 
 

@@ -26,6 +26,8 @@ __all__ = [
     "scatter_kv_",
     "forecast_tokens_",
     "forecast_kv_",
+    "forecast_rows",
+    "forecast_attention",
     "kmeans",
     "kmeans_assign",
 ]
@@ -214,6 +216,53 @@ def forecast_kv_(
     """:func:`forecast_tokens_` for the K and the V cache of one layer (one launch in kernels)."""
     forecast_tokens_(k_base, k_slope, k_out, pos, k, weight, inv_dt, dim)
     forecast_tokens_(v_base, v_slope, v_out, pos, v, weight, inv_dt, dim)
+
+
+def forecast_rows(base: Tensor, slope: Tensor | None, weight: Tensor | None) -> Tensor:
+    """The value a skipped token's row is read as: base + weight * slope, in base's dtype.
+
+    base: (B, H, N, D) float; slope: its shape, any float dtype, or None (plain reuse: base
+    itself); weight: (B, N) float32. fp32 math, product then sum, two roundings (never a fused
+    multiply-add), rounded once to base's dtype: exactly `out` of :func:`forecast_tokens_` for a
+    token with pos = -1. weight 0 gives base unchanged (for finite slopes).
+    """
+    if slope is None:
+        return base
+    w = weight.float()[:, None, :, None]  # per token, broadcast over heads and channels
+    return (base.float() + w * slope.float()).to(base.dtype)
+
+
+def forecast_attention(
+    q: Tensor,
+    k_base: Tensor,
+    v_base: Tensor,
+    k_slope: Tensor | None,
+    v_slope: Tensor | None,
+    weight: Tensor | None,
+    k_extra: Tensor | None = None,
+    v_extra: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """softmax(q k^T * scale) v over N forecast image keys and T extra keys, in fp32.
+
+    q: (B, H, M, D); k_base, v_base: (B, H, N, D) caches; k_slope, v_slope: their slopes or None;
+    weight: (B, N) float32 (None only without slopes); k_extra, v_extra: (B, H, T, D) or None.
+    Image keys/values are :func:`forecast_rows` (rounded to the caches' dtypes, as forecast_kv_
+    stores them), extra rows are taken as given; everything is upcast to fp32, the softmax and
+    both products run in fp32, and the output is rounded once to q's dtype. scale defaults to
+    1/sqrt(D). The keys' order does not change the result. Source: issue 21 item 2.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    keys = [forecast_rows(k_base, k_slope, weight).float()]
+    values = [forecast_rows(v_base, v_slope, weight).float()]
+    if k_extra is not None:
+        keys.append(k_extra.float())
+        values.append(v_extra.float())
+    k = torch.cat(keys, dim=2)
+    v = torch.cat(values, dim=2)
+    logits = (q.float() @ k.transpose(-1, -2)) * scale
+    return (torch.softmax(logits, dim=-1) @ v).to(q.dtype)
 
 
 def kmeans_assign(features: Tensor, centroids: Tensor) -> Tensor:

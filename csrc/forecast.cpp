@@ -1,11 +1,15 @@
 // The forecast ops (issue 10, CAT-F): schemas (a TORCH_LIBRARY_FRAGMENT of cat_kernels), the CPU
 // (C++) implementation and the Meta one. Mirrors forecast_tokens_ / forecast_kv_ in
-// cat_kernels/reference.py bit for bit: fp32 math, one rounding per stored value.
+// cat_kernels/reference.py bit for bit: fp32 math, one rounding per stored value. Also
+// forecast_attention (issue 21 item 2): a blocked ATen implementation shared with CUDA.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
 
 #include "forecast.h"
 
@@ -128,6 +132,81 @@ void forecast_kv_meta(at::Tensor& k_base, at::Tensor& v_base, at::Tensor& k_slop
   check_forecast_kv(k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim);
 }
 
+// ----------------------------------------------------------------------------- forecast_attention
+
+// Keys or values [start, start + len) of one cache in fp32: base + w * slope rounded to base's
+// dtype (the product and the sum are separate ATen ops: two roundings, no fused multiply-add),
+// or the base itself without slopes. w: weight as (B, 1, N, 1).
+at::Tensor formed_block(const at::Tensor& base, const std::optional<at::Tensor>& slope, const at::Tensor& w, int64_t start,
+                        int64_t len) {
+  const at::Tensor b = base.narrow(2, start, len).to(at::kFloat);
+  if (!slope.has_value()) return b;
+  const at::Tensor step = at::mul(w.narrow(2, start, len), slope->narrow(2, start, len).to(at::kFloat));
+  return at::add(b, step).to(base.scalar_type()).to(at::kFloat);
+}
+
+// Running max, normaliser and fp32 accumulator of the online softmax, (B, H, M, 1|D).
+struct OnlineSoftmax {
+  at::Tensor m, l, acc;
+
+  void update(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, double scale) {
+    at::Tensor s = at::matmul(qf, k.transpose(-1, -2)).mul_(scale);
+    const at::Tensor m_new = at::maximum(m, std::get<0>(s.max(-1, /*keepdim=*/true)));
+    const at::Tensor alpha = (m - m_new).exp_();  // 0 at the first block (m = -inf)
+    at::Tensor& p = s.sub_(m_new).exp_();
+    l = l.mul_(alpha).add_(p.sum(-1, /*keepdim=*/true));
+    acc = acc.mul_(alpha).add_(at::matmul(p, v));
+    m = m_new;
+  }
+};
+
+}  // namespace
+
+at::Tensor forecast_attention_blocked(const at::Tensor& q, const at::Tensor& k_base, const at::Tensor& v_base,
+                                      const std::optional<at::Tensor>& k_slope, const std::optional<at::Tensor>& v_slope,
+                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& k_extra,
+                                      const std::optional<at::Tensor>& v_extra, std::optional<double> scale) {
+  const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3), N = k_base.size(2);
+  if (q.numel() == 0) return at::empty(q.sizes(), q.options());
+  const double sc = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
+  // Keys per block: the (B, H, M, block) logits stay near 16M floats (64 MB).
+  const int64_t block = std::clamp<int64_t>((int64_t(1) << 24) / (B * H * M), 64, 4096);
+  const at::Tensor qf = q.to(at::kFloat);
+  const auto f32 = qf.options().memory_format(at::MemoryFormat::Contiguous);
+  OnlineSoftmax st{at::full({B, H, M, 1}, -std::numeric_limits<float>::infinity(), f32), at::zeros({B, H, M, 1}, f32),
+                   at::zeros({B, H, M, D}, f32)};
+  const at::Tensor w = weight.has_value() ? weight->view({B, 1, N, 1}) : at::Tensor();
+  for (int64_t start = 0; start < N; start += block) {
+    const int64_t len = std::min(block, N - start);
+    st.update(qf, formed_block(k_base, k_slope, w, start, len), formed_block(v_base, v_slope, w, start, len), sc);
+  }
+  const int64_t T = k_extra.has_value() ? k_extra->size(2) : 0;
+  for (int64_t start = 0; start < T; start += block) {
+    const int64_t len = std::min(block, T - start);
+    st.update(qf, k_extra->narrow(2, start, len).to(at::kFloat), v_extra->narrow(2, start, len).to(at::kFloat), sc);
+  }
+  return st.acc.div_(st.l).to(q.scalar_type());
+}
+
+namespace {
+
+at::Tensor forecast_attention_cpu(const at::Tensor& q, const at::Tensor& k_base, const at::Tensor& v_base,
+                                  const std::optional<at::Tensor>& k_slope, const std::optional<at::Tensor>& v_slope,
+                                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& k_extra,
+                                  const std::optional<at::Tensor>& v_extra, std::optional<double> scale) {
+  check_forecast_attention(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra);
+  CAT_CHECK_DEVICE_TYPE(q, at::kCPU);
+  return forecast_attention_blocked(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, scale);
+}
+
+at::Tensor forecast_attention_meta(const at::Tensor& q, const at::Tensor& k_base, const at::Tensor& v_base,
+                                   const std::optional<at::Tensor>& k_slope, const std::optional<at::Tensor>& v_slope,
+                                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& k_extra,
+                                   const std::optional<at::Tensor>& v_extra, std::optional<double> scale) {
+  check_forecast_attention(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra);
+  return at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
 }  // namespace
 
 }  // namespace cat_kernels
@@ -140,16 +219,21 @@ TORCH_LIBRARY_FRAGMENT(cat_kernels, m) {
   m.def(
       "forecast_kv_(Tensor(a!) k_base, Tensor(b!) v_base, Tensor(c!) k_slope, Tensor(d!) v_slope, Tensor(e!) k_out, "
       "Tensor(f!) v_out, Tensor pos, Tensor k, Tensor v, Tensor weight, Tensor inv_dt, int dim) -> ()");
+  m.def(
+      "forecast_attention(Tensor q, Tensor k_base, Tensor v_base, Tensor? k_slope, Tensor? v_slope, Tensor? weight, "
+      "Tensor? k_extra=None, Tensor? v_extra=None, float? scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cat_kernels, CPU, m) {
   using namespace cat_kernels;
   m.impl("forecast_tokens_", &forecast_tokens_cpu);
   m.impl("forecast_kv_", &forecast_kv_cpu);
+  m.impl("forecast_attention", &forecast_attention_cpu);
 }
 
 TORCH_LIBRARY_IMPL(cat_kernels, Meta, m) {
   using namespace cat_kernels;
   m.impl("forecast_tokens_", &forecast_tokens_meta);
   m.impl("forecast_kv_", &forecast_kv_meta);
+  m.impl("forecast_attention", &forecast_attention_meta);
 }

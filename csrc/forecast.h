@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -72,6 +73,71 @@ inline void check_forecast_kv(const at::Tensor& k_base, const at::Tensor& v_base
   TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
   check_forecast_inputs(pos, weight, inv_dt);
 }
+
+// forecast_attention (issue 21 item 2): q (B, H, M, D); bases (B, H, N, D) contiguous; slopes
+// both or neither, their bases' shapes, contiguous; weight (B, N) fp32, required with slopes;
+// extras both or neither, (B, H, T, D); 1 <= D <= 128; N + T >= 1; one device.
+inline void check_forecast_attention(const at::Tensor& q, const at::Tensor& k_base, const at::Tensor& v_base,
+                                     const std::optional<at::Tensor>& k_slope, const std::optional<at::Tensor>& v_slope,
+                                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& k_extra,
+                                     const std::optional<at::Tensor>& v_extra) {
+  CAT_CHECK_FLOAT(q);
+  CAT_CHECK_DIM(q, 4);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
+  TORCH_CHECK(D >= 1 && D <= 128, "q's head dim D must lie in [1, 128], got ", D);
+  CAT_CHECK_FLOAT(k_base);
+  CAT_CHECK_FLOAT(v_base);
+  TORCH_CHECK(k_base.dim() == 4 && k_base.size(0) == B && k_base.size(1) == H && k_base.size(3) == D,
+              "k_base must have shape (B, H, N, D) with q's (B, H, D) = (", B, ", ", H, ", ", D, "), got ", k_base.sizes());
+  const int64_t N = k_base.size(2);
+  TORCH_CHECK(v_base.sizes() == k_base.sizes(), "v_base must have the shape of k_base ", k_base.sizes(), ", got ",
+              v_base.sizes());
+  TORCH_CHECK(k_base.is_contiguous(), "k_base must be contiguous, got strides ", k_base.strides());
+  TORCH_CHECK(v_base.is_contiguous(), "v_base must be contiguous, got strides ", v_base.strides());
+  CAT_CHECK_SAME_DEVICE(k_base, q);
+  CAT_CHECK_SAME_DEVICE(v_base, q);
+  TORCH_CHECK(k_slope.has_value() == v_slope.has_value(), "k_slope and v_slope go together: both or neither");
+  if (k_slope.has_value()) {
+    const std::pair<const char*, const at::Tensor*> slopes[] = {{"k_slope", &*k_slope}, {"v_slope", &*v_slope}};
+    for (const auto& [name, t] : slopes) {
+      TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf || t->scalar_type() == at::kBFloat16, name,
+                  " must be float32/float16/bfloat16, got ", t->scalar_type());
+      TORCH_CHECK(t->sizes() == k_base.sizes(), name, " must have the shape of its base ", k_base.sizes(), ", got ",
+                  t->sizes());
+      TORCH_CHECK(t->is_contiguous(), name, " must be contiguous, got strides ", t->strides());
+      TORCH_CHECK(t->device() == q.device(), name, " is on ", t->device(), " but q is on ", q.device());
+    }
+    TORCH_CHECK(weight.has_value(), "weight must be given with slopes (zeros for plain reuse)");
+  }
+  if (weight.has_value()) {
+    const at::Tensor& w = *weight;
+    CAT_CHECK_FP32(w);
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == B && w.size(1) == N, "weight must have shape (B, N) = (", B, ", ", N, "), got ",
+                w.sizes());
+    CAT_CHECK_SAME_DEVICE(w, q);
+  }
+  TORCH_CHECK(k_extra.has_value() == v_extra.has_value(), "k_extra and v_extra go together: both or neither");
+  int64_t T = 0;
+  if (k_extra.has_value()) {
+    const at::Tensor &kx = *k_extra, &vx = *v_extra;
+    CAT_CHECK_FLOAT(kx);
+    CAT_CHECK_FLOAT(vx);
+    TORCH_CHECK(kx.dim() == 4 && kx.size(0) == B && kx.size(1) == H && kx.size(3) == D,
+                "k_extra must have shape (B, H, T, D) with q's (B, H, D) = (", B, ", ", H, ", ", D, "), got ", kx.sizes());
+    TORCH_CHECK(vx.sizes() == kx.sizes(), "v_extra must have the shape of k_extra ", kx.sizes(), ", got ", vx.sizes());
+    CAT_CHECK_SAME_DEVICE(kx, q);
+    CAT_CHECK_SAME_DEVICE(vx, q);
+    T = kx.size(2);
+  }
+  TORCH_CHECK(N + T >= 1, "forecast_attention needs at least one key: N + T = 0");
+}
+
+// forecast_attention with ATen ops on any device (forecast.cpp): key blocks formed in fp32 as
+// forecast_rows does, two fp32 GEMMs and an online softmax per block. Checked by the caller.
+at::Tensor forecast_attention_blocked(const at::Tensor& q, const at::Tensor& k_base, const at::Tensor& v_base,
+                                      const std::optional<at::Tensor>& k_slope, const std::optional<at::Tensor>& v_slope,
+                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& k_extra,
+                                      const std::optional<at::Tensor>& v_extra, std::optional<double> scale);
 
 // The forecast of a skipped token, base + w * slope with two roundings (never a fused multiply-add),
 // as the reference's torch ops compute it.

@@ -126,6 +126,19 @@ void forecast_kv_cuda(at::Tensor& k_base, at::Tensor& v_base, at::Tensor& k_slop
   }
 }
 
+// forecast_attention on CUDA tensors: the blocked ATen implementation of forecast.cpp (cuBLAS
+// GEMMs per key block). No hand-written kernel: the Triton one is what runs on GPUs (backend
+// "auto"); this keeps backend="cuda" complete with the CPU path's tested semantics.
+at::Tensor forecast_attention_cuda(const at::Tensor& q, const at::Tensor& k_base, const at::Tensor& v_base,
+                                   const std::optional<at::Tensor>& k_slope, const std::optional<at::Tensor>& v_slope,
+                                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& k_extra,
+                                   const std::optional<at::Tensor>& v_extra, std::optional<double> scale) {
+  check_forecast_attention(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra);
+  CAT_CHECK_DEVICE_TYPE(q, at::kCUDA);
+  const c10::cuda::CUDAGuard guard(q.device());
+  return forecast_attention_blocked(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, scale);
+}
+
 }  // namespace
 }  // namespace cat_kernels
 
@@ -133,4 +146,5 @@ TORCH_LIBRARY_IMPL(cat_kernels, CUDA, m) {
   using namespace cat_kernels;
   m.impl("forecast_tokens_", &forecast_tokens_cuda);
   m.impl("forecast_kv_", &forecast_kv_cuda);
+  m.impl("forecast_attention", &forecast_attention_cuda);
 }

@@ -6,6 +6,7 @@ fp32/fp16/bf16 data. CUDA tensors,
 or CPU tensors under TRITON_INTERPRET=1.
 """
 
+from .attention import forecast_attention
 from .forecast import forecast_kv_, forecast_tokens_
 from .gather_scatter import gather_tokens, scatter_kv_, scatter_tokens_
 from .kmeans import kmeans, kmeans_assign
@@ -20,6 +21,7 @@ __all__ = [
     "scatter_kv_",
     "forecast_tokens_",
     "forecast_kv_",
+    "forecast_attention",
     "kmeans",
     "kmeans_assign",
 ]
