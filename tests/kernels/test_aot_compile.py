@@ -1,6 +1,7 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90 (no GPU needed), at the
 SD3/Flux shapes (C = 64 output channels, head dim 64/128, N = 4096 tokens, 20 clusters; the
-selection also at N = 16384, Flux at 2048x2048; the forecast of K/V and of the noise cache), and
+selection also at N = 16384, Flux at 2048x2048; the forecast of K/V and of the noise cache;
+attention over forecast caches at head dims 64, 72 and 128), and
 reports ptxas registers and spills (printed, and as junit properties); a kernel that spills
 more than its SPILL_LIMITS entry fails.
 
@@ -27,6 +28,7 @@ gather_scatter = importlib.import_module("cat_kernels.triton.gather_scatter")
 forecast = importlib.import_module("cat_kernels.triton.forecast")
 kmeans = importlib.import_module("cat_kernels.triton.kmeans")
 select = importlib.import_module("cat_kernels.triton.select")
+attention = importlib.import_module("cat_kernels.triton.attention")
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
@@ -78,6 +80,27 @@ _FC_CONTIG = _contiguous(
 )
 _FC_OPTS = {"enable_fp_fusion": False}
 
+
+
+def _fa(D, dtype="*bf16", slope="*fp32", spec=None):
+    """forecast_attention with the launcher's config: q, caches, extras and out of `dtype`, slopes
+    of `slope` (None: plain reuse, no slopes)."""
+    types = dict.fromkeys(("q_ptr", "kb_ptr", "vb_ptr", "kx_ptr", "vx_ptr", "o_ptr"), dtype)
+    types |= {"ks_ptr": slope or dtype, "vs_ptr": slope or dtype, "w_ptr": "*fp32", "qk_scale": "fp32"}
+    lowp = dtype != "*fp32"
+    cfg = attention.config(D, lowp, {None: 0, "*fp32": 4}.get(slope, 2))
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    const = {"D": D, "HAS_SLOPE": slope is not None, "LOWP": lowp, "INTERPRET": False, **cfg}
+    opts = {"enable_fp_fusion": False, "num_stages": num_stages}
+    return (attention._forecast_attention_kernel, types, const, num_warps, opts, spec)
+
+
+# The launch for q a (B, M, H, D) view, contiguous caches and extras, a contiguous weight.
+_FA_CONTIG = _contiguous(
+    ["s_qd", "s_wn", "s_kxd", "s_vxd"],
+    ["N", "s_qb", "s_qh", "s_qm", "s_wb", "s_kxb", "s_kxh", "s_kxt", "s_vxb", "s_vxh", "s_vxt"],
+)
+
 # name: (kernel, pointer/float types, constexprs, num_warps, compile options, specialisation).
 # Configs come from the launchers' own helpers at the SD3 shapes (C = 64, F = 66, N = 4096).
 # Strides are runtime values unless a specialisation is given: the generic (strided) build is
@@ -113,6 +136,17 @@ KERNELS = {
     "forecast_tokens_noise": (
         forecast._forecast_kernel, _FC_NOISE, _fc_const(64, False), forecast.NUM_WARPS, _FC_OPTS, None,
     ),
+    # forecast_attention: SD3 (D = 64) and Flux (128) with fp32 slopes next to bf16 caches, Flux
+    # with slopes in the cache dtype, PixArt's D = 72 (split 64 + 16), the paper's CAT (no slopes)
+    # and fp32 models (3xTF32 dots).
+    "forecast_attention_sd3": _fa(64),
+    "forecast_attention_sd3_contiguous": _fa(64, spec=_FA_CONTIG),
+    "forecast_attention_flux_contiguous": _fa(128, spec=_FA_CONTIG),
+    "forecast_attention_flux_bf16_slopes": _fa(128, slope="*bf16"),
+    "forecast_attention_d72_contiguous": _fa(72, spec=_FA_CONTIG),
+    "forecast_attention_reuse": _fa(64, slope=None),
+    "forecast_attention_fp32": _fa(64, dtype="*fp32"),
+    "forecast_attention_fp32_d128": _fa(128, dtype="*fp32"),
     "kmeans_assign": (
         kmeans._kmeans_assign_kernel, _KM_TYPES, _KM_CONST, kmeans.NUM_WARPS, {"enable_fp_fusion": False}, None,
     ),
@@ -145,7 +179,10 @@ KERNELS = {
 # select_tokens_16384 holds 32 keys per thread in 128 registers (16 warps) and still spills a
 # little around its three sorts: measured 3164 B (sm_90) and 3172 B (sm_80) per thread, against
 # about 20 KB for the earlier one-kernel, int64-key version. The bound is that figure.
-SPILL_LIMITS = dict.fromkeys(KERNELS, 0) | {"select_tokens_16384": 3200}
+# forecast_attention in fp32 at D = 128 (3xTF32 dots: each operand held as two TF32 halves) spills
+# at every tile tried; measured 220 B (sm_80) and 396 B (sm_90) per thread at 32 x 16 tiles, 4 warps.
+# fp32 attention on a GPU is off the models' path (they run in bf16/fp16).
+SPILL_LIMITS = dict.fromkeys(KERNELS, 0) | {"select_tokens_16384": 3200, "forecast_attention_fp32_d128": 512}
 
 
 def _ptxas_usage(ptx: str, cc: int) -> tuple[int, int]:
