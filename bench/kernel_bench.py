@@ -4,7 +4,9 @@ Providers (each checked against cat_kernels.reference before it is timed):
 - ``torch-ref``: cat_kernels.reference, the oracle and fallback;
 - ``torch-baseline``: the plain torch idiom a user would write (advanced indexing for gather,
   ``index_put_`` for scatter, and for selection a bare ``topk`` of d: a lower bound that does
-  not implement the policy, so it is not compared, its check column reads n/a);
+  not implement the policy, so it is not compared, its check column reads n/a); for
+  forecast_attention the unfused path it replaces: ``ops.forecast_kv_`` (backend auto) into
+  persistent out buffers, ``torch.cat`` with the text rows, then SDPA;
 - ``triton``: cat_kernels.triton (CUDA; on CPU only when TRITON_INTERPRET=1 is set in the
   environment, which is slow, so by default it is skipped on CPU);
 - ``ext``: the compiled extension cat_kernels.extension, when it imports (CPU and CUDA);
@@ -18,9 +20,13 @@ with 20 clusters; k-means on 64 channels + 2 position features):
 - flux-1024: N=4096, hidden 3072, H=24, D=128;
 - flux-2048: N=16384, hidden 3072, H=24, D=128;
 - plus a ``token_stats+select_tokens`` row at N=16384 (the design target: < 50 us on an H100).
+forecast_attention runs at a pruned step's shape: M = ceil(0.05 N) + T queries (the computed
+image tokens and the text) over N image + T text keys, T = 333 on sd3 (SD3-medium's text tokens)
+and 512 on flux, bf16 caches with fp32 slopes (slope_dtype="float32") and with bf16 slopes
+(slope_dtype="cache"), and in the full run with none (the paper's reuse).
 ``--quick`` (the default on CPU) keeps sd3-1024 and the fused row, with fewer repeats.
 ``--shapes a,b`` picks shapes by name (sd3-1024, flux-1024, flux-2048, n16384 for the fused row,
-and ``tiny``, N=400, for smoke runs such as ``TRITON_INTERPRET=1 ... --device cpu --shapes tiny``).
+and ``tiny``, N=400, T=24, for smoke runs such as ``TRITON_INTERPRET=1 ... --device cpu --shapes tiny``).
 
 Bytes for GB/s count what the op must read and write at least once: gather/scatter move the
 K selected rows twice (read + write) plus the indices; token_stats reads out and anchor and the
@@ -28,6 +34,11 @@ labels and writes d; select_tokens reads d, labels, staleness and writes stalene
 forecast_kv_ / forecast_tokens_ read base + slope of all N rows, the K new rows, pos, weight and
 inv_dt, and write out for all N rows and base + slope for the K computed rows (per cache; the
 forecast rows run at B = 1 on the Flux shapes, which have no CFG pair).
+forecast_attention counts the minimum: q read and the output written once, base (and slope)
+of K and V read once, the text rows and the weights read once (what the fused kernel needs; the
+unfused baseline moves about 14 bytes per cached bf16 element with fp32 slopes against 6 here),
+and TFLOP/s from the two products, 4*B*H*M*(N+T)*D.
+(Unfused with bf16 slopes: about 12 bytes against 4.)
 k-means reports TFLOP/s from 3*B*N*nc*F per assignment (iters + 1 of them), no GB/s.
 """
 
@@ -62,6 +73,7 @@ OPS = (
     "scatter_kv_",
     "forecast_kv_",
     "forecast_tokens_",
+    "forecast_attention",
     "kmeans",
 )
 PROVIDERS = ("torch-ref", "torch-baseline", "triton", "ext", "ops-auto")
@@ -69,6 +81,7 @@ NUM_CLUSTERS = 20
 OUT_CHANNELS = 64
 KEEP_RATIO = 0.3
 KMEANS_ITERS = 10
+ATTENTION_KEEP = 0.05  # image queries of forecast_attention's pruned step (CAT-F keeps 2-30%)
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,7 @@ class Model:
     D: int
     C_out: int = OUT_CHANNELS
     B_forecast: int = 0  # batch of the forecast rows; 0: B
+    T: int = 0  # text tokens (the extra keys of forecast_attention)
 
     @property
     def K(self) -> int:
@@ -88,16 +102,16 @@ class Model:
 
 
 SHAPES = {
-    "sd3-1024": Model("sd3-1024", B=2, N=4096, C=1536, H=24, D=64),
+    "sd3-1024": Model("sd3-1024", B=2, N=4096, C=1536, H=24, D=64, T=333),
     # Flux is guidance-distilled (no CFG pair): its forecast rows use one prompt, B = 1.
-    "flux-1024": Model("flux-1024", B=2, N=4096, C=3072, H=24, D=128, B_forecast=1),
-    "flux-2048": Model("flux-2048", B=2, N=16384, C=3072, H=24, D=128, B_forecast=1),
+    "flux-1024": Model("flux-1024", B=2, N=4096, C=3072, H=24, D=128, B_forecast=1, T=512),
+    "flux-2048": Model("flux-2048", B=2, N=16384, C=3072, H=24, D=128, B_forecast=1, T=512),
 }
 QUICK_SHAPES = ("sd3-1024",)
 # Shapes for the fused token_stats+select_tokens row (only N, B, C_out matter).
 FUSED_SHAPES = {"n16384": Model("n16384", B=2, N=16384, C=3072, H=24, D=128)}
 # Not run by default: smoke tests of providers (the Triton interpreter on CPU), via --shapes tiny.
-TINY = Model("tiny", B=2, N=400, C=96, H=2, D=16)
+TINY = Model("tiny", B=2, N=400, C=96, H=2, D=16, T=24)
 
 
 # --------------------------------------------------------------------------- providers
@@ -167,11 +181,36 @@ def _select_lower_bound(d, cluster_score, labels, staleness, k, first, importanc
     return idx
 
 
+_UNFUSED_BUFFERS: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def _unfused_attention(q, k_base, v_base, k_slope, v_slope, weight, k_extra=None, v_extra=None, scale=None):
+    """What forecast_attention replaces: ops.forecast_kv_ (backend auto) forms every skipped row
+    into out buffers (persistent, as the forecast store keeps them; no token computed here),
+    torch.cat appends the text rows, SDPA attends. Without slopes (the paper's reuse) the bases
+    are read as they are: cat + SDPA."""
+    k, v = k_base, v_base
+    if k_slope is not None:
+        key = (tuple(k_base.shape), k_base.dtype, v_base.dtype, k_base.device)
+        if key not in _UNFUSED_BUFFERS:
+            B, H, N, D = k_base.shape
+            pos = torch.full((B, N), -1, dtype=torch.int64, device=q.device)
+            rows = torch.empty((B, H, 1, D), dtype=k_base.dtype, device=q.device)  # never read: pos = -1
+            outs = (torch.empty_like(k_base), torch.empty_like(v_base))
+            _UNFUSED_BUFFERS[key] = (*outs, pos, rows, torch.ones_like(weight))
+        k, v, pos, rows, inv_dt = _UNFUSED_BUFFERS[key]
+        ops.forecast_kv_(k_base, v_base, k_slope, v_slope, k, v, pos, rows, rows, weight, inv_dt, 2, backend="auto")
+    if k_extra is not None:
+        k, v = torch.cat([k, k_extra], 2), torch.cat([v, v_extra], 2)
+    return torch.nn.functional.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), scale=scale)
+
+
 class _Baselines:
     gather_tokens = staticmethod(_gather_baseline)
     scatter_tokens_ = staticmethod(_scatter_baseline)
     scatter_kv_ = staticmethod(_scatter_kv_baseline)
     select_tokens = staticmethod(_select_lower_bound)
+    forecast_attention = staticmethod(_unfused_attention)
 
 
 BASELINES = _Baselines()
@@ -210,6 +249,11 @@ class _OpsAuto:
     @staticmethod
     def forecast_tokens_(base, slope, out, pos, rows, weight, inv_dt, dim):
         return ops.forecast_tokens_(base, slope, out, pos, rows, weight, inv_dt, dim, backend="auto")
+
+    @staticmethod
+    def forecast_attention(q, k_base, v_base, k_slope, v_slope, weight, k_extra=None, v_extra=None, scale=None):
+        return ops.forecast_attention(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, scale=scale,
+                                      backend="auto")  # fmt: skip
 
     @staticmethod
     def kmeans(features, num_clusters, iters):
@@ -327,6 +371,8 @@ def _compare_fused(inputs: dict[str, Any], actual: object, k: int) -> str | None
 def _note(provider: str, op: str, device: str) -> str:
     if provider == "torch-baseline" and op == "select_tokens":
         return "lower bound: plain topk, not the policy"
+    if provider == "torch-baseline" and op == "forecast_attention":
+        return "unfused: forecast_kv_ (auto) + cat + SDPA"
     if provider == "ops-auto":
         chosen = auto_backend(device)
         return f"auto -> {chosen}" + (" (the compiled extension)" if chosen == "cuda" else "")
@@ -510,6 +556,44 @@ def _cases_for(m: Model, device: str, mods: dict[str, Any], seed: int, quick: bo
         exact=True,
         nbytes=Bf * Co * (N * (es + 4) + K * es + N * es + K * (es + 4)) + fc_idx,
     )
+
+    # forecast_attention: a pruned step's queries (the computed image tokens and the text, a
+    # (B, M, H, D) view as attention makes them) over the forecast caches and the text keys.
+    M = math.ceil(ATTENTION_KEEP * N) + m.T
+    T = m.T
+
+    def fattn_make(slope_dtype):
+        def make():
+            g = _gen(device, seed)
+            i = {"q": _randn((Bf, M, H, D), bf16, device, g).transpose(1, 2)}
+            i["k_base"], i["v_base"] = (_randn((Bf, H, N, D), bf16, device, g) for _ in range(2))
+            # Slopes are per-step changes: small next to the values.
+            i["k_slope"], i["v_slope"] = (
+                (0.1 * _randn((Bf, H, N, D), f32, device, g)).to(slope_dtype) if slope_dtype else None
+                for _ in range(2)
+            )
+            i["weight"] = torch.rand(Bf, N, generator=g, device=device) * 3 if slope_dtype else None
+            i["k_extra"], i["v_extra"] = (_randn((Bf, T, H, D), bf16, device, g).transpose(1, 2) for _ in range(2))
+            return i
+
+        return make
+
+    for variant, slope_dtype in (("slope-fp32", f32), ("slope-bf16", bf16), ("reuse", None)):
+        if quick and variant == "reuse":
+            continue
+        sb = torch.empty((), dtype=slope_dtype).element_size() if slope_dtype else 0
+        yield from case(
+            "forecast_attention",
+            variant,
+            {"B": Bf, "H": H, "M": M, "N": N, "T": T, "D": D},
+            bf16,
+            fattn_make(slope_dtype),
+            lambda fn, i: fn(i["q"], i["k_base"], i["v_base"], i["k_slope"], i["v_slope"], i["weight"],
+                             i["k_extra"], i["v_extra"]),  # fmt: skip
+            nbytes=2 * Bf * H * M * D * es + 2 * Bf * H * N * D * (es + sb) + 2 * Bf * H * T * D * es
+            + (Bf * N * 4 if slope_dtype else 0),
+            flops=4 * Bf * H * M * (N + T) * D,
+        )
 
     # kmeans on (B, N, C_out + 2) features: content plus a row/col code.
     F = Co + 2
