@@ -298,9 +298,9 @@ def test_the_paper_preset_has_no_final_full_step():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("setting", ["float32", "cache"])
 def test_slope_dtype_sets_the_kv_slopes_and_the_output_state_stays_fp32(dtype, setting):
-    """slope_dtype="cache": the K/V and extra caches' slopes are stored in the caches' own dtype
-    (with a bf16 model the forecast state is then twice the reuse caches, not three times);
-    "float32" (the default): fp32. The output cache's slope, curvature and forecast slope stay
+    """slope_dtype="cache" (the default): the K/V and extra caches' slopes are stored in the caches'
+    own dtype (with a bf16 model the forecast state is then twice the reuse caches, not three
+    times); "float32": fp32. The output cache's slope, curvature and forecast slope stay
     fp32. The forecast of a straight line is right to the dtype's rounding either way."""
     store = ForecastStore(CATConfig(backend="torch", slope_dtype=setting))
     kv = {"layer": ((B, H, N, D), dtype)}
@@ -323,3 +323,69 @@ def test_slope_dtype_sets_the_kv_slopes_and_the_output_state_stays_fp32(dtype, s
     tol = {torch.float32: 1e-5, torch.bfloat16: 0.1, torch.float16: 0.02}[dtype]
     skipped = got[:, :, 4:].float()
     torch.testing.assert_close(skipped, (k0 + 2 * k1)[:, :, 4:], rtol=0, atol=tol * 4)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_calibration_fits_the_step_a_damped_forecast_misses(order):
+    """Straight lines, the output forecast damped to 0.8 of the step: without calibration a skipped
+    token lands short of its line; forecast_calibration="output" fits the multiplier 1/0.8 on the
+    computed tokens and puts every skipped token on it. The K/V forecasts are not calibrated."""
+    def outputs(calibration):
+        store = _store(ForecastStore, forecast="taylor", forecast_damping=0.8, forecast_kv_damping=0.8,
+                       forecast_order=order, forecast_calibration=calibration)
+        return [(mode, got, truth) for _, mode, got, truth in _steps(store, SCHEDULE)]
+
+    for (mode, got, truth), (_, plain, _) in zip(outputs("output"), outputs("none"), strict=True):
+        if mode != "pruned":
+            continue
+        torch.testing.assert_close(got[3], truth[3], rtol=1e-5, atol=1e-5)
+        assert (plain[3] - truth[3]).abs().amax() > 0.1  # the damped forecast misses
+        torch.testing.assert_close(got[0], plain[0])  # K/V as without calibration
+
+
+def test_calibration_is_least_squares_over_distinct_computed_tokens_and_clamped():
+    """Random rows: the skipped output rows of a pruned step are base + m x (forecast - base) with
+    m = <new - base, forecast - base> / |forecast - base|^2 over the computed tokens, clamped to
+    [0, 1.5]; a token given twice (context-parallel padding) counts once."""
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(B, N, C, generator=g) for _ in range(3)]
+
+    def run(idx, scale):
+        store = _store(ForecastStore, forecast="taylor", forecast_order=1, forecast_damping=1.0,
+                       forecast_calibration="output")
+        for t, mode in enumerate(["anchor", "fill", "pruned"]):
+            sel = torch.tensor([idx, idx]) if mode == "pruned" else None
+            store.begin_step(mode, sel)
+            if mode == "pruned":
+                forecast = store.forecast_output()
+                new = rows[0] + scale * (forecast - rows[0]) + 0.3 * rows[2]  # off the forecast's line
+                new = new[:, idx]
+            else:
+                new = rows[0] + t * (rows[1] - rows[0])
+            for name, (k, v) in store.kv_cache.items():
+                shape = (B, H, len(idx) if sel is not None else N, D)
+                store.kv(name, torch.zeros(shape), torch.zeros(shape))
+            store.rows("conv", torch.zeros(B, C, len(idx) if sel is not None else N, 1))
+            out = store.output(new)
+            store.end_step()
+            store.advance()
+        return forecast, new, out
+
+    for scale in (0.6, 5.0, -2.0):
+        forecast, new, out = run([1, 4, 6], scale)
+        base, step = rows[1], forecast - rows[1]
+        distinct = [1, 4, 6]
+        fit = ((new - base[:, distinct]) * step[:, distinct]).sum((1, 2)) / step[:, distinct].square().sum((1, 2))
+        fit = fit.clamp(0.0, 1.5)
+        skipped = [n for n in range(N) if n not in distinct]
+        want = base + fit[:, None, None] * step
+        torch.testing.assert_close(out[:, skipped], want[:, skipped], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[:, distinct], new)
+        _, _, repeated = run([1, 4, 6, 6], scale)  # token 6 twice, with the same row
+        torch.testing.assert_close(repeated, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(forecast_from="all"), dict(forecast="none"), dict(forecast_calibration="kv")])
+def test_calibration_needs_a_taylor_forecast_that_pruned_rows_do_not_feed(kw):
+    with pytest.raises(ValueError, match="forecast_calibration"):
+        CATConfig(**{"forecast_calibration": "output", "refresh_every": 3, **kw})

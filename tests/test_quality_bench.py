@@ -214,11 +214,12 @@ def test_catf_candidates_follow_the_band_rule(monkeypatch):
     for p, frac in got:
         assert abs(frac - ctx.target) <= quality_peers.BAND
         key = (p["full_steps"], p["refresh_every"], p["final_full_steps"], p["refresh_offset"], p["keep_ratio"])
-        output = (p["output_cache"], p["forecast_order"], p["forecast_damping"])
+        output = (p["output_cache"], p["forecast_order"], p["forecast_damping"], p.get("forecast_calibration", "none"))
         variants.setdefault(key, set()).add((p["forecast_kv_damping"], p["forecast_from"], output))
     for (full, every, final, offset, keep), d in variants.items():
-        outputs = [(cache, *o) for cache in ("noise", "hidden") for o in quality_peers.CATF_OUTPUT_BY_CACHE[cache]
-                   if o[0] == 1 or every in quality_peers.CATF_ORDER2_REFRESH]  # fmt: skip
+        outputs = [(cache, *o, c) for cache in ("noise", "hidden") for o in quality_peers.CATF_OUTPUT_BY_CACHE[cache]
+                   if o[0] == 1 or every in quality_peers.CATF_ORDER2_REFRESH
+                   for c in ("none", "output") if c == "none" or (cache, *o) in quality_peers.CATF_CALIBRATED]  # fmt: skip
         kvs = [kv for kv in quality_peers.CATF_KV_DAMPING if kv == 1 or every >= quality_peers.CATF_DAMPED_REFRESH]
         assert d == {(kv, f, out) for kv in kvs for f in quality_peers.CATF_FORECAST_FROM for out in outputs}
         # the phase: the first refresh offset (or refresh_every) steps after the fill step
@@ -257,6 +258,10 @@ def test_catf_candidates_follow_the_band_rule(monkeypatch):
     assert hidden and [p for p, _ in hidden] == [p for p, _ in got if p["output_cache"] == "hidden"]
     assert {p["final_full_steps"] for p, _ in got} == set(quality_peers.CATF_FINAL)
     assert any(p["forecast_order"] == 2 for p, _ in got) and any(p["forecast_order"] == 1 for p, _ in got)
+    # the calibrated output forecast competes, and each candidate is a valid CATConfig
+    assert any(p.get("forecast_calibration") == "output" for p, _ in got)
+    for p, _ in got:
+        cat_pruning.CATConfig(**p)
 
 
 def test_quality_parts_import_one_way():

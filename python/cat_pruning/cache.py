@@ -162,6 +162,12 @@ def slope_dtype(config: CATConfig, name: str, base: Tensor) -> torch.dtype:
     return base.dtype if config.slope_dtype == "cache" and name != "noise" else torch.float32
 
 
+# forecast_calibration="output": the fitted multiplier of the output forecast's step lies in this
+# range (0: reuse; above 1: the step went further than the forecast; 8 held-out prompts put the
+# fits of a refresh-every-4 schedule between 0.5 and 1.6)
+CALIBRATION_RANGE = (0.0, 1.5)
+
+
 class ForecastStore(ReuseStore):
     """Skipped rows are read as a damped first-order Taylor forecast from their last two computations."""
 
@@ -285,12 +291,31 @@ class ForecastStore(ReuseStore):
         slope = self.slopes[name]
         if name == "noise" and self.curv is not None:
             slope = self._forecast_slope(base, new)
+        if name == "noise" and self.mode == "pruned" and self.config.forecast_calibration == "output":
+            weight = weight * self._calibration(base, slope, new, weight).unsqueeze(1)
         ops.forecast_tokens_(base, slope, out, self.pos, new, weight, self.inv_dt, dim, backend=self.config.backend)
         if self._rows_only_read:
             ops.scatter_tokens_(out, self.idx, new, dim, backend=self.config.backend)
         if self._rebase:
             ops.scatter_tokens_(base, self.idx, new, dim, backend=self.config.backend)
         return out if self.mode == "pruned" else new
+
+    def _calibration(self, base: Tensor, slope: Tensor, new: Tensor, weight: Tensor) -> Tensor:
+        """forecast_calibration="output": (B,) the multiplier of the output forecast's step that
+        fits the computed rows `new` (B, K, C) best in least squares, clamped to CALIBRATION_RANGE;
+        1 where the forecast does not move. A token repeated in idx (context-parallel padding)
+        counts once, so the fit does not depend on the world size."""
+        backend, idx = self.config.backend, self.idx
+        b = ops.gather_tokens(base, idx, 1, backend=backend).float()
+        step = ops.gather_tokens(slope, idx, 1, backend=backend).float() * weight.gather(1, idx).unsqueeze(-1)
+        miss = new.to(base.dtype).float() - b  # the computed rows' move since their base, as the op rounds it
+        k = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)
+        first = torch.full_like(weight, idx.shape[1], dtype=torch.int64).scatter_reduce(1, idx, k, "amin")
+        once = (first.gather(1, idx) == k).unsqueeze(-1)
+        num = torch.where(once, miss * step, 0.0).sum((1, 2))
+        den = torch.where(once, step.square(), 0.0).sum((1, 2))
+        fit = torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
+        return fit.clamp(*CALIBRATION_RANGE)
 
     def _forecast_slope(self, base: Tensor, new: Tensor) -> Tensor:
         """forecast_order=2: the output's slopes as a cache of their own (value s1, slope curv),
