@@ -56,9 +56,10 @@ CATF_OUTPUT_CACHES = ("noise", "hidden")
 CATF_OUTPUT_BY_CACHE = {"noise": CATF_OUTPUT, "hidden": (*CATF_OUTPUT, (1, 1.0), (2, 1.0))}
 # (output_cache, forecast_order, forecast_damping) also tried with forecast_calibration="output"
 # (the skipped tokens' output step fitted on the computed ones): it pays on an undamped first-order
-# forecast (photo model, 8 prompts outside the bench's sets, 37% MACs, refresh every 4, 10
-# tokens: 41.85 -> 43.83 dB) and costs on a damped one (scene model, 35%, damping 0.4: 36.73 ->
-# 35.16; patch()'s defaults, order 2 at 0.85: -3 to -4 dB), so only there.
+# forecast with refreshes 4 steps apart (photo model, 8 prompts outside the bench's sets, 36.5%
+# MACs, one token: 41.85 -> 43.55 dB), costs with refreshes closer (every 3 at 44%: 48.37 ->
+# 47.23) and on a damped forecast (scene model, 35%, damping 0.4: 36.73 -> 35.16; patch()'s
+# defaults, order 2 at 0.85: -3 to -4 dB), so only the undamped one competes.
 CATF_CALIBRATED = (("hidden", 1, 1.0),)
 # refresh_offset: every phase of the refresh steps (0, the default, refreshes refresh_every steps
 # after the fill step; 1 .. refresh_every - 1 earlier first refreshes), each with its own K for the

@@ -174,10 +174,11 @@ class CATConfig:
             the forecast does not move). It costs no MACs. It pays where a fixed step is far
             off, and costs where the damping is tuned, because the computed tokens are chosen
             where the forecast missed most and attend to forecast K/V, so their fit is biased
-            (8 prompts outside the bench's sets: photo model, 36.5% MACs, refresh every 4,
-            order 1, damping 1, 10 tokens: 41.85 dB -> 43.83; scene model, 35%, refresh every 5,
-            order 1: 30.31 -> 33.88 at damping 1, 36.73 -> 35.16 at damping 0.4; patch()'s
-            defaults: photo 49.40 -> 45.65, scene 48.30 -> 45.19). The quality bench's tuner
+            (8 prompts outside the bench's sets: photo model, order 1, damping 1, refresh every
+            4 at 36.5% MACs: 41.85 dB -> 43.55 with one token, 43.83 with 10; but every 3 at 44%:
+            48.37 -> 47.23, every 2 at 65%: 55.49 -> 51.86 at order 2; scene model, 35%, refresh
+            every 5, order 1: 30.31 -> 33.88 at damping 1, 36.73 -> 35.16 at damping 0.4;
+            patch()'s defaults: photo 49.40 -> 45.65, scene 48.30 -> 45.19). The quality bench's tuner
             tries it. Only with forecast="taylor" and forecast_from "refresh" or "rebase".
         manual_steps: for a bare transformer only: the caller marks the end of every denoising
             step with `cat_pruning.advance(transformer)` instead of the transformer counting its
