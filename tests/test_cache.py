@@ -346,7 +346,7 @@ def test_calibration_fits_the_step_a_damped_forecast_misses(order):
 def test_calibration_is_least_squares_over_distinct_computed_tokens_and_clamped():
     """Random rows: the skipped output rows of a pruned step are base + m x (forecast - base) with
     m = <new - base, forecast - base> / |forecast - base|^2 over the computed tokens, clamped to
-    [0, 1.5]; a token given twice (context-parallel padding) counts once."""
+    [0, 1.5]; a token repeated after the selection (context-parallel padding) counts once."""
     g = torch.Generator().manual_seed(3)
     rows = [torch.randn(B, N, C, generator=g) for _ in range(3)]
 
@@ -355,7 +355,7 @@ def test_calibration_is_least_squares_over_distinct_computed_tokens_and_clamped(
                        forecast_calibration="output")
         for t, mode in enumerate(["anchor", "fill", "pruned"]):
             sel = torch.tensor([idx, idx]) if mode == "pruned" else None
-            store.begin_step(mode, sel)
+            store.begin_step(mode, sel, 3 if mode == "pruned" else None)  # the selection: 3 tokens
             if mode == "pruned":
                 forecast = store.forecast_output()
                 new = rows[0] + scale * (forecast - rows[0]) + 0.3 * rows[2]  # off the forecast's line

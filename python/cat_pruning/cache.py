@@ -107,9 +107,12 @@ class ReuseStore:
 
     # ------------------------------------------------------------------ steps (traced)
 
-    def begin_step(self, mode: str, idx: Tensor | None) -> None:
-        """A forward starts in `mode`; `idx` (B, K) are the tokens a pruned step computes."""
+    def begin_step(self, mode: str, idx: Tensor | None, kept: int | None = None) -> None:
+        """A forward starts in `mode`; `idx` (B, K') are the tokens a pruned step computes, its
+        first `kept` columns the selection (the rest repeat selected tokens: context-parallel
+        padding, cat_pruning.state); None: every column."""
         self.mode, self.idx = mode, idx
+        self.kept = kept
 
     def kv(self, name: str, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """This layer's new image K/V rows (all N, or the K selected on a pruned step) -> the
@@ -228,8 +231,8 @@ class ForecastStore(ReuseStore):
 
     # ------------------------------------------------------------------ steps (traced)
 
-    def begin_step(self, mode: str, idx: Tensor | None) -> None:
-        super().begin_step(mode, idx)
+    def begin_step(self, mode: str, idx: Tensor | None, kept: int | None = None) -> None:
+        super().begin_step(mode, idx, kept)
         if self.clock is None:
             return
         batch, n = self.last.shape
@@ -302,18 +305,15 @@ class ForecastStore(ReuseStore):
 
     def _calibration(self, base: Tensor, slope: Tensor, new: Tensor, weight: Tensor) -> Tensor:
         """forecast_calibration="output": (B,) the multiplier of the output forecast's step that
-        fits the computed rows `new` (B, K, C) best in least squares, clamped to CALIBRATION_RANGE;
-        1 where the forecast does not move. A token repeated in idx (context-parallel padding)
-        counts once, so the fit does not depend on the world size."""
-        backend, idx = self.config.backend, self.idx
+        fits the computed rows `new` (B, K', C) best in least squares, clamped to CALIBRATION_RANGE;
+        1 where the forecast does not move. Only the selection's rows count (not the padding's
+        repeats), so the fit does not depend on the world size."""
+        backend, kept = self.config.backend, self.kept
+        idx, new = self.idx[:, :kept], new[:, :kept]
         b = ops.gather_tokens(base, idx, 1, backend=backend).float()
         step = ops.gather_tokens(slope, idx, 1, backend=backend).float() * weight.gather(1, idx).unsqueeze(-1)
         miss = new.to(base.dtype).float() - b  # the computed rows' move since their base, as the op rounds it
-        k = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)
-        first = torch.full_like(weight, idx.shape[1], dtype=torch.int64).scatter_reduce(1, idx, k, "amin")
-        once = (first.gather(1, idx) == k).unsqueeze(-1)
-        num = torch.where(once, miss * step, 0.0).sum((1, 2))
-        den = torch.where(once, step.square(), 0.0).sum((1, 2))
+        num, den = (miss * step).sum((1, 2)), step.square().sum((1, 2))
         fit = torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
         return fit.clamp(*CALIBRATION_RANGE)
 

@@ -367,7 +367,7 @@ class CATState:
         self.padding = self.k - self.kept  # 0 unless context parallelism pads the selection
         self.caching = self.allocated and self.mode in self.cache.modes
         if self.caching:
-            self.cache.begin_step(self.mode, self.idx)
+            self.cache.begin_step(self.mode, self.idx, self.kept)
 
     def tokens_kept(self, num_tokens: int) -> int:
         """K of a pruned step: the config's, whatever the number of processes, so that the
