@@ -61,6 +61,9 @@ def add_arguments(ap: argparse.ArgumentParser, *, steps: int, batch_size: int, l
     ap.add_argument("--save-every", type=int, default=save_every, help="checkpoint + pipeline every N steps")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start from the weights of a saved pipeline (e.g. the shipped one) instead of at random; "
+                         "its train_summary.json is kept in this run's summary")
     ap.add_argument("--sample-steps", type=int, default=28)
     ap.add_argument("--no-samples", action="store_true")
     ap.add_argument("--tiny-config", action="store_true", help="a very small model (for tests)")
@@ -100,6 +103,7 @@ def train(args: argparse.Namespace, argv: list[str], script: str, cfg: dict, mod
     of the EMA weights. Returns (the saved pipeline, the summary written to train_summary.json)."""
     dev = torch.device(args.device)
     out: Path = args.out
+    init_summary = init_weights(models, args.init_from) if args.init_from else None
     models = models.to(dev).train()
     ema = copy.deepcopy(models).eval().requires_grad_(False)
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
@@ -201,9 +205,28 @@ def train(args: argparse.Namespace, argv: list[str], script: str, cfg: dict, mod
         "torch": torch.__version__,
         "threads": args.threads,
     }
+    if init_summary is not None:
+        summary["init_from"] = {"path": str(args.init_from), "summary": init_summary}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary), flush=True)
     return pipe, summary
+
+
+def init_weights(models: torch.nn.ModuleDict, pipeline_dir: Path) -> dict | None:
+    """Load each model's weights from `pipeline_dir`/<name>/ (a pipeline saved by save_pipeline);
+    every tensor must match by name and shape. Returns that pipeline's train_summary.json, if any."""
+    from safetensors.torch import load_file
+
+    for name, model in models.items():
+        path = pipeline_dir / name / "diffusion_pytorch_model.safetensors"
+        if not path.is_file():
+            raise SystemExit(f"train: --init-from {pipeline_dir} has no {path.relative_to(pipeline_dir)}")
+        try:
+            model.load_state_dict(load_file(str(path)))
+        except RuntimeError as e:
+            raise SystemExit(f"train: --init-from {pipeline_dir}: {name} does not match this model config: {e}")
+    summary = pipeline_dir / "train_summary.json"
+    return json.loads(summary.read_text()) if summary.is_file() else None
 
 
 def cli_argv(argv: list[str] | None) -> list[str]:
