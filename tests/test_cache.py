@@ -389,3 +389,118 @@ def test_calibration_is_least_squares_over_distinct_computed_tokens_and_clamped(
 def test_calibration_needs_a_taylor_forecast_that_pruned_rows_do_not_feed(kw):
     with pytest.raises(ValueError, match="forecast_calibration"):
         CATConfig(**{"forecast_calibration": "output", "refresh_every": 3, **kw})
+
+
+# ---------------------------------------------------------------------- kv_dtype="float8"
+
+
+def _heads_of_many_scales(seed: int, shape: tuple[int, ...], head_dim: int) -> torch.Tensor:
+    """Random rows whose heads differ in magnitude by up to 10^6 (so one scale per row would lose
+    the small heads)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g).unflatten(-1, (-1, head_dim))
+    scales = 10.0 ** torch.randint(-3, 4, (*x.shape[:-1], 1), generator=g).float()
+    return (x * scales).flatten(-2)
+
+
+def _float8_rows(shape, head_dim, dtype=torch.float32):
+    from cat_pruning.cache import FLOAT8, Float8Rows
+
+    data = torch.empty(shape, dtype=FLOAT8)
+    scale = torch.empty(*shape[:-1], shape[-1] // head_dim)
+    return Float8Rows(data, scale, head_dim, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_float8_rows_keep_each_head_to_e4m3_precision(dtype):
+    """Every head of every row round-trips within e4m3's rounding of its own magnitude: half a
+    unit in the last of 3 mantissa bits (2^-4 relative), or half the subnormal step (2^-10 of
+    the head's scale) near zero; plus the dtype's own rounding of the result."""
+    shape, head_dim = (2, 13, 4 * 6), 6
+    x = _heads_of_many_scales(1, shape, head_dim).to(dtype)
+    rows = _float8_rows(shape, head_dim, dtype)
+    rows.store_(x)
+    got = rows.dequantized()
+    assert got.dtype == dtype and rows.data.dtype == torch.float8_e4m3fn
+    scale = rows.scale.repeat_interleave(head_dim, -1)
+    eps = torch.finfo(dtype).eps
+    bound = (x.float().abs() * 2**-4 + scale * 2**-10) * (1 + eps) + got.float().abs() * eps
+    assert ((got.float() - x.float()).abs() <= bound).all()
+    # the largest magnitude of each head is stored as e4m3's largest finite value
+    assert torch.equal(rows.data.float().abs().unflatten(-1, (-1, head_dim)).amax(-1),
+                       torch.full(rows.scale.shape, 448.0))
+
+
+def test_float8_rows_quantize_each_head_alone_so_a_rank_with_half_the_heads_stores_the_same():
+    """Context parallelism splits a (B, N, H*D) cache by heads: the heads a rank holds must
+    quantize to the same bytes and scales as in one process."""
+    shape, head_dim = (2, 9, 4 * 8), 8
+    x = _heads_of_many_scales(2, shape, head_dim)
+    whole, half = _float8_rows(shape, head_dim), _float8_rows((2, 9, 2 * 8), head_dim)
+    whole.store_(x)
+    half.store_(x[..., 16:])
+    assert torch.equal(whole.data[..., 16:].view(torch.uint8), half.data.view(torch.uint8))
+    assert torch.equal(whole.scale[..., 2:], half.scale)
+
+
+@pytest.mark.parametrize("layout", ["flat", "heads"])
+def test_float8_rows_scatter_writes_the_selected_rows_only(layout):
+    shape, head_dim, dim = ((B, N, H * D), D, 1) if layout == "flat" else ((B, H, N, D), D, 2)
+    old, new = _heads_of_many_scales(3, shape, head_dim), _heads_of_many_scales(4, shape, head_dim)
+    rows, want = _float8_rows(shape, head_dim), _float8_rows(shape, head_dim)
+    rows.store_(old)
+    idx = torch.tensor([[1, 4, 10], [0, 4, 7]])
+    index = idx.view(B, *([1] * (dim - 1)), 3, 1).expand(*shape[:dim], 3, shape[-1])
+    rows.scatter_(idx, new.gather(dim, index), dim)
+    mixed = old.clone()
+    mixed.scatter_(dim, index, new.gather(dim, index))
+    want.store_(mixed)
+    assert torch.equal(rows.data.view(torch.uint8), want.data.view(torch.uint8))
+    assert torch.equal(rows.scale, want.scale)
+
+
+@pytest.mark.parametrize("cls", [ReuseStore, ForecastStore])
+def test_float8_kv_caches_take_a_byte_per_element_and_attend_computed_rows_exactly(cls):
+    """kv_dtype="float8": K/V rows (and with slope_dtype="cache" their slopes) are fp8 with
+    per-head scales; a pruned step's computed rows are returned as given, the others as the
+    store dequantizes them (what skipped_kv previews)."""
+    store = cls(CATConfig(backend="torch", kv_dtype="float8", forecast="taylor" if cls is ForecastStore else "none",
+                          **({} if cls is ForecastStore else dict(refresh_every=0))))
+    shape = (B, N, H * D)  # a flat (B, N, H*D) cache, as Flux's
+    store.allocate({"layer": (shape, torch.bfloat16)}, {}, ((B, N, C), torch.bfloat16), torch.device("cpu"),
+                   head_dims={"layer": D})
+    assert all(t.dtype == torch.float8_e4m3fn for t in store.kv_cache["layer"])
+    fp8 = [*store.kv_cache["layer"], *(r.data for r in getattr(store, "slopes8", {}).values())]
+    assert len(fp8) == (4 if cls is ForecastStore else 2)
+    g = torch.Generator().manual_seed(6)
+    idx = torch.tensor([[2, 5], [3, 5]])
+    modes = ["anchor", "fill", "pruned", "pruned"] if cls is ForecastStore else ["fill", "pruned", "pruned"]
+    for mode in modes:
+        key, value = (torch.randn(*shape, generator=g).to(torch.bfloat16) for _ in range(2))
+        pruned = mode == "pruned"
+        store.begin_step(mode, idx if pruned else None)
+        if pruned:
+            want_k, want_v = store.skipped_kv("layer")
+            index = idx.unsqueeze(-1).expand(B, 2, H * D)
+            key, value = key.gather(1, index), value.gather(1, index)
+            want_k.scatter_(1, index, key)
+            want_v.scatter_(1, index, value)
+        got_k, got_v = store.kv("layer", key, value)
+        if pruned:
+            torch.testing.assert_close(got_k, want_k, rtol=0.01, atol=0.02)
+            torch.testing.assert_close(got_v, want_v, rtol=0.01, atol=0.02)
+            assert torch.equal(got_k.gather(1, index), key) and torch.equal(got_v.gather(1, index), value)
+        store.end_step()
+        store.advance()
+
+
+def test_float8_needs_head_sizes_and_the_refresh_forecast():
+    store = ReuseStore(CATConfig(backend="torch", forecast="none", refresh_every=0, kv_dtype="float8"))
+    with pytest.raises(ValueError, match="head size"):
+        store.allocate({"layer": ((B, N, H * D), torch.bfloat16)}, {}, ((B, N, C), torch.bfloat16),
+                       torch.device("cpu"))
+    for forecast_from in ("all", "rebase"):
+        with pytest.raises(ValueError, match="forecast_from"):
+            CATConfig(kv_dtype="float8", forecast_from=forecast_from)
+    with pytest.raises(ValueError, match="kv_dtype"):
+        CATConfig(kv_dtype="fp8")

@@ -60,6 +60,66 @@ def _token_dim(shape: tuple[int, ...]) -> int:
     return 1 if len(shape) == 3 else 2
 
 
+def _per_row(x: Tensor, dim: int) -> Tensor:
+    """A (B, N) per-token value viewed to broadcast over a cache with its tokens along `dim`."""
+    return x.view(x.shape[0], *([1] * (dim - 1)), x.shape[1], 1)
+
+
+FLOAT8 = torch.float8_e4m3fn
+FLOAT8_MAX = torch.finfo(FLOAT8).max  # 448
+
+
+def _scatter_rows_(dst: Tensor, idx: Tensor, rows: Tensor, dim: int) -> None:
+    """dst's rows of the tokens idx (B, K) along `dim` <- rows (dst's shape with K there)."""
+    index = idx.view(*idx.shape[:1], *([1] * (dim - 1)), idx.shape[1], *([1] * (rows.dim() - dim - 1)))
+    dst.scatter_(dim, index.expand(rows.shape), rows)
+
+
+class Float8Rows:
+    """A K/V cache in fp8 (e4m3), kv_dtype="float8": every head of every row is stored as
+    ``data * scale`` with its own fp32 scale, its largest magnitude mapped to 448. Per head, not
+    per row, so that a context-parallel rank (which holds some of the heads) quantizes its heads
+    exactly as one process does."""
+
+    def __init__(self, data: Tensor, scale: Tensor, head_dim: int, dtype: torch.dtype) -> None:
+        self.data, self.scale, self.head_dim, self.dtype = data, scale, head_dim, dtype
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (-1, self.head_dim))
+
+    def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        heads = self._heads(x).float()
+        scale = (heads.abs().amax(-1) / FLOAT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        return (heads / scale.unsqueeze(-1)).to(FLOAT8).flatten(-2), scale
+
+    def store_(self, x: Tensor) -> None:
+        """Every row <- x."""
+        data, scale = self._quantize(x)
+        self.data.copy_(data)
+        self.scale.copy_(scale)
+
+    def scatter_(self, idx: Tensor, rows: Tensor, dim: int) -> None:
+        """The rows of the tokens idx (B, K) along `dim` <- rows."""
+        data, scale = self._quantize(rows)
+        # (scatter has no fp8 kernels: the bytes are moved as they are)
+        _scatter_rows_(self.data.view(torch.uint8), idx, data.view(torch.uint8), dim)
+        _scatter_rows_(self.scale, idx, scale, dim)
+
+    def dequantize_(self, out: Tensor) -> Tensor:
+        """out (the cache's shape, its model dtype) <- every row's value; returns out."""
+        heads = self._heads(out)
+        heads.copy_(self._heads(self.data))
+        heads.mul_(self.scale.unsqueeze(-1))
+        return out
+
+    def dequantized(self) -> Tensor:
+        return self.dequantize_(torch.empty(self.data.shape, dtype=self.dtype, device=self.data.device))
+
+    def zero_(self) -> None:
+        self.data.zero_()
+        self.scale.zero_()
+
+
 class ReuseStore:
     """Skipped rows reuse their value at the token's last computation (CAT Pruning as published)."""
 
@@ -73,6 +133,8 @@ class ReuseStore:
 
     def reset(self) -> None:
         self.kv_cache: dict[str, tuple[Tensor, Tensor]] = {}
+        self.float8: dict[str, Float8Rows] = {}  # kv_dtype="float8": K/V cache (name/k, name/v) -> its rows
+        self.reads: dict[str, Tensor] = {}  # cache name -> the buffer a step reads (forecast + fresh rows)
         self.extra: dict[str, Tensor] = {}
         self.noise: Tensor | None = None
         self.idx: Tensor | None = None
@@ -80,13 +142,40 @@ class ReuseStore:
 
     # ------------------------------------------------------------------ lifecycle (eager)
 
-    def allocate(self, kv: dict, extra: dict, noise: tuple, device: torch.device) -> None:
-        """Buffers for every cache: name -> (shape, dtype); noise = (shape, dtype). A generation
-        of the same shapes as the last gets the last one's buffers (same addresses, stale values)."""
-        self.kv_cache = {name: (self._empty(f"{name}/k", *spec, device), self._empty(f"{name}/v", *spec, device))
-                         for name, spec in kv.items()}  # fmt: skip
+    def allocate(self, kv: dict, extra: dict, noise: tuple, device: torch.device,
+                 head_dims: dict[str, int] | None = None) -> None:
+        """Buffers for every cache: name -> (shape, dtype); noise = (shape, dtype); head_dims:
+        channels per head of each (B, N, H*D) K/V cache (read with kv_dtype="float8"). A
+        generation of the same shapes as the last gets the last one's buffers (same addresses,
+        stale values)."""
+        float8 = self.config.kv_dtype == "float8"
+        self.kv_cache = {name: tuple(self._empty(f"{name}/{part}", shape, FLOAT8 if float8 else dtype, device)
+                                     for part in "kv")
+                         for name, (shape, dtype) in kv.items()}  # fmt: skip
+        if float8:
+            for name, (shape, dtype) in kv.items():
+                head_dim = shape[-1] if len(shape) == 4 else (head_dims or {}).get(name)
+                if head_dim is None:
+                    raise ValueError(f"cat_pruning: kv_dtype='float8' needs the head size of the (B, N, H*D) cache "
+                                     f"{name!r}, which this family's cache layout does not give")
+                for part, data in zip("kv", self.kv_cache[name], strict=True):
+                    self.float8[f"{name}/{part}"] = self._float8(f"{name}/{part}", data, head_dim, dtype)
+                    self.reads[f"{name}/{part}"] = self._read(part, shape, dtype, device)
         self.extra = {name: self._empty(f"extra/{name}", *spec, device) for name, spec in extra.items()}
         self.noise = self._empty("noise", *noise, device)
+
+    def _float8(self, name: str, data: Tensor, head_dim: int, dtype: torch.dtype) -> Float8Rows:
+        """fp8 rows over `data` with their scales (zeros: a row read before it is stored is 0)."""
+        scale = self._empty(f"scale/{name}", (*data.shape[:-1], data.shape[-1] // head_dim), torch.float32,
+                            data.device)
+        rows = Float8Rows(data, scale, head_dim, dtype)
+        rows.zero_()
+        return rows
+
+    def _read(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """What a step reads is used only inside its own layer (the attention right after, the
+        block's convolution), so the layers share one buffer per role, shape and dtype."""
+        return self._empty(f"read/{role}/{tuple(shape)}/{dtype}", shape, dtype, device)
 
     def _empty(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         t = self._pool.get(name)
@@ -96,7 +185,8 @@ class ReuseStore:
 
     def tensors(self) -> list[Tensor]:
         """Every buffer the store holds (for static-address marking and byte counts)."""
-        return [*(t for pair in self.kv_cache.values() for t in pair), *self.extra.values(), self.noise]
+        return [*(t for pair in self.kv_cache.values() for t in pair), *(r.scale for r in self.float8.values()),
+                *self.reads.values(), *self.extra.values(), self.noise]
 
     def nbytes(self) -> int:
         unique = {id(t): t for t in self.tensors() if t is not None}  # shared buffers count once
@@ -117,6 +207,8 @@ class ReuseStore:
     def kv(self, name: str, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """This layer's new image K/V rows (all N, or the K selected on a pruned step) -> the
         image K/V over all N tokens to attend over."""
+        if self.float8:
+            return self._kv_float8(name, key, value)
         k_cache, v_cache = self.kv_cache[name]
         if self.mode != "pruned":
             k_cache.copy_(key)
@@ -124,6 +216,20 @@ class ReuseStore:
             return key, value
         ops.scatter_kv_(k_cache, v_cache, self.idx, key, value, _token_dim(k_cache.shape), backend=self.config.backend)
         return k_cache, v_cache
+
+    def _kv_float8(self, name: str, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """kv() with fp8 caches: the computed rows are stored quantized and attended exactly."""
+        k8, v8 = self.float8[f"{name}/k"], self.float8[f"{name}/v"]
+        if self.mode != "pruned":
+            k8.store_(key)
+            v8.store_(value)
+            return key, value
+        dim = _token_dim(key.shape)
+        k8.scatter_(self.idx, key, dim)
+        v8.scatter_(self.idx, value, dim)
+        k_out, v_out = k8.dequantize_(self.reads[f"{name}/k"]), v8.dequantize_(self.reads[f"{name}/v"])
+        ops.scatter_kv_(k_out, v_out, self.idx, key, value, dim, backend=self.config.backend)
+        return k_out, v_out
 
     def rows(self, name: str, x: Tensor) -> Tensor:
         """The same for one extra cache."""
@@ -148,6 +254,8 @@ class ReuseStore:
     def skipped_kv(self, name: str) -> tuple[Tensor, Tensor]:
         """What the coming pruned step reads for this layer's skipped rows (eager, between steps;
         the tests' masked-dense oracle uses it)."""
+        if self.float8:
+            return self.float8[f"{name}/k"].dequantized(), self.float8[f"{name}/v"].dequantized()
         return self.kv_cache[name][0].clone(), self.kv_cache[name][1].clone()
 
     def skipped_rows(self, name: str) -> Tensor:
@@ -179,7 +287,7 @@ class ForecastStore(ReuseStore):
     def reset(self) -> None:
         super().reset()
         self.slopes: dict[str, Tensor] = {}  # cache name (K/V as name/k, name/v) -> slope buffer
-        self.reads: dict[str, Tensor] = {}  # ... -> the buffer the step reads (forecast + fresh rows)
+        self.slopes8: dict[str, Float8Rows] = {}  # kv_dtype="float8" with slope_dtype="cache": ... -> fp8 slopes
         self.last: Tensor | None = None  # (B, N) time of each token's last computation
         self.clock: Tensor | None = None  # () the time of the current step
         self.started: Tensor | None = None  # () 1 once a first value of every row is stored
@@ -189,20 +297,26 @@ class ForecastStore(ReuseStore):
         self.slope_read: Tensor | None = None
         self.span: Tensor | None = None
 
-    def allocate(self, kv: dict, extra: dict, noise: tuple, device: torch.device) -> None:
-        super().allocate(kv, extra, noise, device)
+    def allocate(self, kv: dict, extra: dict, noise: tuple, device: torch.device,
+                 head_dims: dict[str, int] | None = None) -> None:
+        super().allocate(kv, extra, noise, device, head_dims)
         for name, base in self._bases().items():
             # Zeros, not empty: with full_steps=2 the anchor step is step 0, which runs before any
             # cache exists, and the fill step then takes (new - base) * 0 as its slope: finite only
             # when base is.
             base.zero_()
+            rows8 = self.float8.get(name)
+            if rows8 is not None:  # fp8 K/V (their read buffers are the reuse store's)
+                if self.config.slope_dtype == "cache":
+                    data = self._empty(f"slope/{name}", base.shape, FLOAT8, device)
+                    self.slopes8[name] = self._float8(f"slope/{name}", data, rows8.head_dim, rows8.dtype)
+                else:
+                    self.slopes[name] = self._empty(f"slope/{name}", base.shape, torch.float32, device).zero_()
+                continue
             dtype = slope_dtype(self.config, name, base)
             self.slopes[name] = self._empty(f"slope/{name}", base.shape, dtype, device).zero_()
-            # What a step reads is used only inside its own layer (the attention right after, the
-            # block's convolution), so the layers share one buffer per role, shape and dtype.
             role = "extra" if name.startswith("extra/") else name.rsplit("/", 1)[-1]  # k, v, extra or noise
-            self.reads[name] = self._empty(f"read/{role}/{tuple(base.shape)}/{base.dtype}", base.shape, base.dtype,
-                                           device)
+            self.reads[name] = self._read(role, base.shape, base.dtype, device)
         batch, n = self.noise.shape[:2]
         self.last = self._empty("last", (batch, n), torch.float32, device).zero_()
         self.clock = self._empty("clock", (), torch.float32, device).zero_()
@@ -222,8 +336,8 @@ class ForecastStore(ReuseStore):
 
     def tensors(self) -> list[Tensor]:
         order2 = [self.curv, self.slope_read, self.span] if self.curv is not None else []
-        return [*super().tensors(), *self.slopes.values(), *self.reads.values(), self.last, self.clock,
-                self.started, *order2]
+        return [*super().tensors(), *self.slopes.values(), *(r.data for r in self.slopes8.values()),
+                *(r.scale for r in self.slopes8.values()), self.last, self.clock, self.started, *order2]
 
     def advance(self) -> None:
         if self.clock is not None:
@@ -332,6 +446,8 @@ class ForecastStore(ReuseStore):
         return self.slope_read
 
     def kv(self, name: str, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        if self.float8:
+            return self._kv_float8(name, key, value)
         kb, vb = self.kv_cache[name]
         if self.mode == "anchor":
             kb.copy_(key)
@@ -346,6 +462,39 @@ class ForecastStore(ReuseStore):
         if self._rebase:
             ops.scatter_kv_(kb, vb, self.idx, key, value, dim, backend=self.config.backend)
         return (k_out, v_out) if self.mode == "pruned" else (key, value)
+
+    def _kv_float8(self, name: str, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """kv() with fp8 value and slope caches (forecast_from="refresh", so only steps that
+        compute every row store): a pruned step dequantizes each row's value and slope into the
+        read buffers and forecasts there; the others store the new values and slopes."""
+        dim = _token_dim(key.shape)
+        for part, new in (("k", key), ("v", value)):
+            cache = f"{name}/{part}"
+            base, out = self.float8[cache], self.reads[cache]
+            if self.mode == "anchor":
+                base.store_(new)
+                continue
+            base.dequantize_(out)
+            slope = self.slopes8.get(cache)
+            if self.mode == "pruned":
+                if slope is None:
+                    step = self.slopes[cache]
+                else:
+                    step = slope.dequantize_(self._read("slope", out.shape, out.dtype, out.device))
+                out.addcmul_(step, _per_row(self.weight_kv, dim))
+                continue
+            torch.sub(new, out, out=out)  # every row computed: the slope from the stored value, then the value
+            out.mul_(_per_row(self.inv_dt, dim))
+            if slope is not None:
+                slope.store_(out)
+            else:
+                self.slopes[cache].copy_(out)
+            base.store_(new)
+        if self.mode != "pruned":
+            return key, value
+        k_out, v_out = self.reads[f"{name}/k"], self.reads[f"{name}/v"]
+        ops.scatter_kv_(k_out, v_out, self.idx, key, value, dim, backend=self.config.backend)
+        return k_out, v_out
 
     def rows(self, name: str, x: Tensor) -> Tensor:
         return self._update(f"extra/{name}", x, self.weight_kv)
@@ -374,7 +523,12 @@ class ForecastStore(ReuseStore):
     def _forecast(self, name: str, which: int, idx: Tensor | None = None) -> Tensor:
         """The forecast of a cache's rows at the current time: every row, or (a (B, N, C) cache
         only) the rows of the tokens idx (B, K)."""
-        base, slope, elapsed = self._bases()[name], self.slopes[name], self.clock - self.last
+        base, elapsed = self._bases()[name], self.clock - self.last
+        if name in self.float8:
+            base = self.float8[name].dequantized()
+            slope = self.slopes8[name].dequantized() if name in self.slopes8 else self.slopes[name]
+        else:
+            slope = self.slopes[name]
         curv, span = (self.curv, self.span) if name == "noise" else (None, None)
         if idx is not None:
             base, slope = (ops.gather_tokens(t, idx, 1, backend=self.config.backend) for t in (base, slope))
@@ -382,7 +536,7 @@ class ForecastStore(ReuseStore):
             if curv is not None:
                 curv, span = ops.gather_tokens(curv, idx, 1, backend=self.config.backend), span.gather(1, idx)
         weight = self._weights(elapsed)[which]
-        w = weight.view(weight.shape[0], *([1] * (_token_dim(base.shape) - 1)), weight.shape[1], 1)
+        w = _per_row(weight, _token_dim(base.shape))
         slope = slope.float()
         if curv is not None:  # as _forecast_slope, in the same roundings
             slope = slope + self._slope_weight(elapsed, span).unsqueeze(-1) * curv

@@ -13,6 +13,7 @@ FORECASTS = ("none", "taylor")
 FORECAST_FROM = ("all", "refresh", "rebase")
 OUTPUT_CACHES = ("auto", "noise", "hidden")
 SLOPE_DTYPES = ("float32", "cache")
+KV_DTYPES = ("model", "float8")
 FORECAST_CALIBRATIONS = ("none", "output")
 IMPORTANCES = ("auto", "change", "forecast-error")
 REFRESH_PHASES = ("fill", "end")
@@ -183,6 +184,16 @@ class CATConfig:
             (full 4, every 4 at offset 2) gives 44.77 / 45.80 / 45.83 / 45.49 / 44.98 / 45.58 /
             46.84 dB at keep 1 token / 0.02 / 0.05 / 0.1 / 0.2 / 0.3 / 0.5 (without it 40.42 /
             40.91 at 0.05 / 41.76 at 0.2 / 45.12 at 0.5: below at every keep ratio). Only with forecast="taylor" and forecast_from "refresh" or "rebase".
+        kv_dtype: what the image K/V caches (and with slope_dtype="cache" their slopes) are
+            stored in: "model" (default: the dtype the K projection computes in) or "float8":
+            e4m3 with one fp32 scale per head of each row (its largest magnitude maps to 448),
+            about half the bytes of bf16 caches (Wan 2.1-14B at 480p with both CFG branches:
+            the paper's caches 25 GB instead of 50, next to 28 GB of bf16 weights). A step
+            dequantizes a layer's rows into one buffer that all layers share and attends over
+            it; the rows a pruned step computes are attended exactly and stored quantized.
+            Quality cost measured in the README ("Memory"). Sana's convolution caches and the
+            output cache keep the model's dtype. With forecast="taylor" only with
+            forecast_from="refresh".
         manual_steps: for a bare transformer only: the caller marks the end of every denoising
             step with `cat_pruning.advance(transformer)` instead of the transformer counting its
             own forwards. Needed under torch.compile, where the count cannot be kept inside the
@@ -215,6 +226,7 @@ class CATConfig:
     output_cache: str = "auto"
     slope_dtype: str = "cache"
     forecast_calibration: str = "none"
+    kv_dtype: str = "model"
 
     def __post_init__(self) -> None:
         """Refuse what would run differently from what it says: a value of the wrong type is a
@@ -244,6 +256,10 @@ class CATConfig:
             raise ValueError(f"CATConfig.forecast_calibration={self.forecast_calibration!r} fits the forecast on a "
                              f"pruned step's computed rows, which forecast_from=\"all\" makes the new values and "
                              f"slopes of their tokens: use forecast_from=\"refresh\" or \"rebase\"")
+        if self.kv_dtype == "float8" and self.forecast == "taylor" and self.forecast_from != "refresh":
+            raise ValueError(f"CATConfig.kv_dtype=\"float8\" keeps the K/V forecast state as it was at the last full "
+                             f"or refresh step; forecast_from={self.forecast_from!r} would update it at every pruned "
+                             f"step (a requantization per step): use forecast_from=\"refresh\" (the default)")
         if self.selection == "regions":
             for name in ("importance_fraction", "staleness_decay"):
                 value, default = getattr(self, name), _DEFAULTS[name]
@@ -357,6 +373,7 @@ _RULES = (
     ("output_cache", "str", lambda v: v in OUTPUT_CACHES, f"one of {OUTPUT_CACHES}"),
     ("slope_dtype", "str", lambda v: v in SLOPE_DTYPES, f"one of {SLOPE_DTYPES}"),
     ("forecast_calibration", "str", lambda v: v in FORECAST_CALIBRATIONS, f"one of {FORECAST_CALIBRATIONS}"),
+    ("kv_dtype", "str", lambda v: v in KV_DTYPES, f"one of {KV_DTYPES}"),
 )
 # the knobs of the Taylor forecast, which forecast="none" (reuse) does not read
 _TAYLOR_ONLY = ("forecast_damping", "forecast_kv_damping", "forecast_horizon", "forecast_from", "forecast_order",

@@ -117,6 +117,9 @@ class CacheLayout:
     out_dtype: torch.dtype
     # other per-layer caches a family needs besides K/V (Sana: the depthwise-conv inputs), name -> (shape, dtype)
     extra: dict[str, tuple[tuple[int, ...], torch.dtype]] = dataclasses.field(default_factory=dict)
+    # channels of one head in each (B, N, H*D) K/V cache (kv_dtype="float8" scales each head of a
+    # row on its own, so that a context-parallel rank's heads quantize as in one process)
+    head_dims: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,7 +321,7 @@ class CATState:
         device = g.device
 
         noise = ((g.batch, g.num_tokens, layout.out_channels), layout.out_dtype)
-        self.cache.allocate(layout.kv, layout.extra, noise, device)
+        self.cache.allocate(layout.kv, layout.extra, noise, device, layout.head_dims)
         self.labels = self._buffer("labels", (scored, g.num_tokens), torch.int64, device)
         self.staleness = self._buffer("staleness", (scored, g.num_tokens), torch.float32, device)
         self.age = self._buffer("age", (scored, g.num_tokens), torch.float32, device)  # "regions": steps since computed

@@ -29,7 +29,9 @@ PADDED = {"pad": dict(SETTINGS, keep_ratio=0.3),  # the Taylor forecast (the def
           "pad-refresh": dict(SETTINGS, keep_ratio=0.3, forecast_from="refresh"),  # scatters into the reads
           "pad-rebase1": dict(SETTINGS, keep_ratio=0.3, forecast_from="rebase", forecast_order=1),  # and the bases
           "pad-rebase": dict(SETTINGS, keep_ratio=0.3, forecast_from="rebase"),  # and the order-2 span
-          "hidden": dict(SETTINGS, output_cache="hidden")}  # the cache at the final norm's input
+          "hidden": dict(SETTINGS, output_cache="hidden"),  # the cache at the final norm's input
+          "float8": dict(SETTINGS, kv_dtype="float8"),  # fp8 K/V rows, scaled per head
+          "float8-reuse": dict(SETTINGS, forecast="none", kv_dtype="float8")}
 
 
 def build(family: str = "flux"):

@@ -45,8 +45,10 @@ WAN = [name.replace("flux2/", "wan/") for name in FLUX2 if "/tp-" not in name]
 TI2V = ["ti2v/cp-after", "ti2v/cp-after+pad"]  # the per-token timestep (WanPipeline's expand_timesteps)
 # output_cache="hidden": the cache at the final norm's input, which context parallelism splits
 HIDDEN = ["cp-after+hidden", "tp-after+hidden", "qwen/cp-after+hidden", "wan/cp-after+hidden"]
+# kv_dtype="float8": each rank holds some heads of every K/V row, quantized per head as in one process
+FLOAT8 = ["cp-after+float8", "tp-after+float8", "cp-after+float8-reuse", "wan/cp-after+float8"]
 SCENARIOS = ["cp-dense", "cp-one", "tp-dense", "tp-one", *MATCHED, *PADDED, *REFUSED, *FLUX2, *QWEN, *WAN, *TI2V,
-             *HIDDEN]
+             *HIDDEN, *FLOAT8]
 # fp32; the split only changes summation orders. Measured: latents <= 2.9e-6; noise predictions
 # (|noise| up to 42) <= 1.9e-5, at most 0.55 of this tolerance, with K padded or not
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -108,13 +110,14 @@ def test_parallel_cat_equals_one_process_cat(ranks, scenario):
         torch.testing.assert_close(got["latents"], cat["latents"], **TOL)
 
 
-@pytest.mark.parametrize("scenario", HIDDEN)
-def test_model_parallel_with_the_hidden_cache_equals_one_process(ranks, scenario):
+@pytest.mark.parametrize("scenario", [*HIDDEN, *FLOAT8])
+def test_model_parallel_with_the_hidden_cache_or_fp8_kv_equals_one_process(ranks, scenario):
     """output_cache="hidden": under context parallelism each rank holds a share of the final norm's
     input rows; the store gets every rank's and each rank goes on with its share of the full rows.
+    kv_dtype="float8": each rank quantizes its heads of every K/V row, as one process does.
     The ranks make one process's selections and latents (tensor parallelism: whole rows anyway)."""
-    family = _family(scenario)[0]
-    want, dense = one_process(family, "hidden"), one_process(family, "dense")
+    family, local = _family(scenario)
+    want, dense = one_process(family, local.partition("+")[2]), one_process(family, "dense")
     assert "pruned" in want["modes"] and not torch.allclose(want["latents"], dense["latents"], **TOL)
     for rank in ranks:
         got = _ok(rank[scenario])

@@ -127,11 +127,12 @@ class Adapter:
         """(B, N, H*D) K (after any rotation) and V caches, the layout of the processors built on
         CachedAttentionProcessor._attend_text_image (H: this rank's heads under model parallelism),
         and the noise cache in the output projection's shape."""
+        attns = self.attention_modules(model)
         kv = {name: ((geometry.batch, geometry.num_tokens, local_out_features(attn.to_k) // shard.cp_world),
                      compute_dtype(attn.to_k))
-              for name, attn in self.attention_modules(model).items()}  # fmt: skip
+              for name, attn in attns.items()}  # fmt: skip
         out = get_submodule(model, self.out_proj)
-        return CacheLayout(kv, out.out_features, compute_dtype(out))
+        return CacheLayout(kv, out.out_features, compute_dtype(out), head_dims=head_dims(attns))
 
     def hidden_layout(self, model: nn.Module, layout: CacheLayout) -> CacheLayout:
         """`layout` with the output cache moved to final_norm's input (output_cache="hidden"): the
@@ -211,6 +212,12 @@ def gather_rows(state: CATState, tokens: torch.Tensor) -> torch.Tensor:
     if tokens.dim() == 3 and not tokens.is_contiguous() and tokens.mT.is_contiguous():
         return rows.mT.contiguous().mT
     return rows
+
+
+def head_dims(attns: dict[str, nn.Module]) -> dict[str, int]:
+    """Channels per head of each attention layer (CacheLayout.head_dims)."""
+    return {name: int(getattr(attn, "head_dim", 0) or attn.to_k.out_features // attn.heads)
+            for name, attn in attns.items()}  # fmt: skip
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:

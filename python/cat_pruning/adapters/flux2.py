@@ -51,6 +51,7 @@ from ..state import CacheLayout, CATState, Geometry
 from .base import (
     compute_dtype,
     get_submodule,
+    head_dims,
     opens_cache_context,
     pipeline_call_local,
     random_inputs,
@@ -249,7 +250,7 @@ class Flux2Adapter(FluxAdapter):
                 width = local_out_features(proj)
             kv[name] = ((geometry.batch, geometry.num_tokens, width // shard.cp_world), compute_dtype(proj))
         out = get_submodule(model, self.out_proj)
-        return CacheLayout(kv, out.out_features, compute_dtype(out))
+        return CacheLayout(kv, out.out_features, compute_dtype(out), head_dims=head_dims(self.attention_modules(model)))
 
     def linear_stream(self, name: str) -> str | None:
         if name.startswith(("time_guidance_embed", "double_stream_modulation", "single_stream_modulation")):

@@ -55,7 +55,7 @@ from cat_kernels import ops
 from ..parallel import NONE, Sharding
 from ..processors import CachedAttentionProcessor
 from ..state import CacheLayout, CATState, Geometry
-from .base import Adapter, PathHook, compute_dtype, get_submodule, hidden_states_arg, random_inputs
+from .base import Adapter, PathHook, compute_dtype, get_submodule, head_dims, hidden_states_arg, random_inputs
 
 # Real architectures, for MAC counts on the meta device: (transformer config, generation), where
 # the generation gives the latent side, the text tokens and the transformer batch (CFG halves).
@@ -222,13 +222,13 @@ class SanaAdapter(Adapter):
         the depthwise conv's input over all positions, token-major (B, N, 2*hidden): the block's
         map is channels-last, so the cache views as that map without a copy."""
         b, n = geometry.batch, geometry.num_tokens
-        kv = {name: ((b, n, attn.to_k.out_features), compute_dtype(attn.to_k))
-              for name, attn in self.attention_modules(model).items()}
+        attns = self.attention_modules(model)
+        kv = {name: ((b, n, attn.to_k.out_features), compute_dtype(attn.to_k)) for name, attn in attns.items()}
         extra = {f"transformer_blocks.{i}.ff.conv_depth": ((b, n, block.ff.conv_depth.in_channels),
                                                            compute_dtype(block.ff.conv_depth))
                  for i, block in enumerate(model.transformer_blocks)}
         out = get_submodule(model, self.out_proj)
-        return CacheLayout(kv, out.out_features, compute_dtype(out), extra)
+        return CacheLayout(kv, out.out_features, compute_dtype(out), extra, head_dims(attns))
 
     def linear_stream(self, name: str) -> str | None:
         if name.startswith("time_embed"):
