@@ -72,14 +72,14 @@ def _forecast_kernel(
     base, slope, out (and base2, slope2, out2 when TWO): (B, H, N, D) contiguous, base and out
     of one dtype, slope of any float dtype; rows, rows2: (B, H, K, D) any strides; pos: (B, N)
     int32/int64; weight, inv_dt: (B, N) fp32; all (B, N) any strides. pos outside [0, K) is a
-    skipped token (no fault). Grid (B*H, cdiv(N, BLOCK_N), cdiv(D, BLOCK_D)). TWO does the K and
+    skipped token (no fault). Grid row_grid(B*H, N, BLOCK_N, D, BLOCK_D). TWO does the K and
     V caches of a layer in one launch. Source: issue 10 (CAT-F), docs/design.md section 5.
     """
     # int64 offsets: B*H*N*D passes 2^31 for video-sized K/V caches.
-    bh = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     n_ok = n < N
     col_ok = cols < D
@@ -102,6 +102,16 @@ def _forecast_kernel(
             base2_ptr, slope2_ptr, out2_ptr, rows2_ptr + b * s_r2b + h * s_r2h, off, j, s_r2k, s_r2d, cols,
             new_ok, m_all, m_new, m_old, w, idt, ROUND_BF16,
         )
+
+
+def row_grid(bh: int, rows: int, block_rows: int, cols: int, block_cols: int) -> tuple[int, int, int]:
+    """The launch grid of a kernel over (B*H, rows, cols) tiles: the row blocks on axis 0, whose
+    limit is 2^31 - 1 (axes 1 and 2 stop at 65,535, which a video's rows in blocks of 4 pass
+    above 262,140 rows), then B*H, then the column blocks."""
+    grid = (triton.cdiv(rows, block_rows), bh, triton.cdiv(cols, block_cols))
+    if grid[1] > 65535 or grid[2] > 65535:
+        raise ValueError(f"cat_kernels (triton): B*H = {bh} or {grid[2]} column blocks exceed the grid's 65535")
+    return grid
 
 
 def _strides4(t: Tensor, dim: int) -> tuple[int, int, int, int]:
@@ -127,8 +137,7 @@ def _forecast(caches: list[tuple[Tensor, Tensor, Tensor, Tensor]], pos: Tensor, 
     two = len(caches) == 2
     (b1, s1, o1, r1), (b2, s2, o2, r2) = caches[0], caches[-1]  # TWO=False: placeholders compiled away
     block_n, block_d = _blocks(D)
-    grid = (B * H, triton.cdiv(N, block_n), triton.cdiv(D, block_d))
-    _forecast_kernel[grid](
+    _forecast_kernel[row_grid(B * H, N, block_n, D, block_d)](
         b1, s1, o1, r1, b2, s2, o2, r2, pos, weight, inv_dt,
         H, N, K, D,
         *_strides4(r1, dim), *_strides4(r2, dim),

@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .forecast import _strides4, row_grid
+
 __all__ = ["gather_tokens", "scatter_tokens_", "scatter_kv_"]
 
 BLOCK_K = 16  # rows per program
@@ -28,13 +30,13 @@ def _gather_tokens_kernel(
     """y[b,h,j,:] = x[b,h,idx[b,j],:]; rows with idx outside [0, N) are written as zeros.
 
     x: (B, H, N, D) any strides; idx: (B, K) int32/int64 any strides; y: (B, H, K, D) contiguous.
-    Grid (B*H, cdiv(K, BLOCK_K), cdiv(D, BLOCK_D)). Source: docs/design.md section 3 (gather).
+    Grid row_grid(B*H, K, BLOCK_K, D, BLOCK_D). Source: docs/design.md section 3 (gather).
     """
     # int64 offsets: B*H*N*D passes 2^31 for video-sized K/V caches.
-    bh = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    j = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    j = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     j_ok = j < K
     col_ok = cols < D
@@ -59,13 +61,13 @@ def _scatter_rows_kernel(
     """dst[b,h,idx[b,j],:] = src[b,h,j,:] (and dst2 from src2 when TWO), cast to dst's dtype.
 
     dst, dst2: (B, H, N, D); src, src2: (B, H, K, D); idx: (B, K) int32/int64; all any strides.
-    Rows with idx outside [0, N) are skipped. Grid (B*H, cdiv(K, BLOCK_K), cdiv(D, BLOCK_D)).
+    Rows with idx outside [0, N) are skipped. Grid row_grid(B*H, K, BLOCK_K, D, BLOCK_D).
     TWO writes the K and V caches in one launch. Source: docs/design.md section 5 (scatter).
     """
-    bh = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    j = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    j = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     j_ok = j < K
     col_ok = cols < D
@@ -83,13 +85,6 @@ def _scatter_rows_kernel(
             dst2_ptr + b * s_d2b + h * s_d2h + dst_row[:, None] * s_d2n + cols[None, :] * s_d2d,
             v2.to(dst2_ptr.dtype.element_ty), mask=m,
         )
-
-
-def _strides4(t: Tensor, dim: int) -> tuple[int, int, int, int]:
-    """Strides (b, h, n, d) of t seen as (B, H, N, D); H = 1 (stride 0) when dim == 1."""
-    if dim == 1:
-        return (t.stride(0), 0, t.stride(1), t.stride(2))
-    return (t.stride(0), t.stride(1), t.stride(2), t.stride(3))
 
 
 def _block_d(D: int) -> int:
@@ -111,7 +106,7 @@ def gather_tokens_triton(x: Tensor, idx: Tensor, dim: int) -> Tensor:
     if y.numel() == 0:
         return y
     block_d = _block_d(D)
-    grid = (B * H, triton.cdiv(K, BLOCK_K), triton.cdiv(D, block_d))
+    grid = row_grid(B * H, K, BLOCK_K, D, block_d)
     _gather_tokens_kernel[grid](
         x, idx, y, H, N, K, D, *_strides4(x, dim), idx.stride(0), idx.stride(1),
         BLOCK_K=BLOCK_K, BLOCK_D=block_d, num_warps=4,
@@ -133,7 +128,7 @@ def _scatter(dst: Tensor, src: Tensor, dst2: Tensor | None, src2: Tensor | None,
         src = src.to(dst.dtype)
         src2 = src2.to(dst2.dtype)
     block_d = _block_d(D)
-    grid = (B * H, triton.cdiv(K, BLOCK_K), triton.cdiv(D, block_d))
+    grid = row_grid(B * H, K, BLOCK_K, D, block_d)
     _scatter_rows_kernel[grid](
         dst, src, dst2, src2, idx, H, N, K, D,
         *_strides4(dst, dim), *_strides4(src, dim), *_strides4(dst2, dim), *_strides4(src2, dim),

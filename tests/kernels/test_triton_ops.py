@@ -239,3 +239,46 @@ def test_kmeans_assign_ties(device):
     labels = tk.kmeans_assign(x, cent)
     assert torch.equal(labels.cpu(), reference.kmeans_assign(x, cent).cpu())
     assert int(labels.max()) <= 1  # the duplicate centroid 2 never wins
+
+
+# ----------------------------------------------------------------------------- launch grids
+
+
+class _Launch:
+    """Stands in for a @triton.jit kernel: records the grid it is launched on."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return lambda *args, **kwargs: None
+
+
+def test_video_sized_launches_keep_every_grid_axis_within_its_limit(monkeypatch):
+    """A video's flat (B, N, C) caches run in blocks of 4 rows (C = 5120: 256 columns a program),
+    so the forecast's row blocks pass the 65,535 of grid axes 1 and 2 above 262,140 rows (a
+    million rows: 250,000 blocks); they go on axis 0 (2^31 - 1). Shapes only: meta tensors."""
+    import cat_kernels.triton.forecast as forecast
+    import cat_kernels.triton.gather_scatter as gather_scatter
+
+    B, N, C, K = 2, 1_000_000, 5120, 1_000_000
+    meta = dict(device="meta")
+    cache = torch.empty(B, N, C, dtype=torch.bfloat16, **meta)
+    rows = torch.empty(B, K, C, dtype=torch.bfloat16, **meta)
+    per_token = torch.empty(B, N, **meta)
+    pos = torch.empty(B, N, dtype=torch.int64, **meta)
+    idx = torch.empty(B, K, dtype=torch.int64, **meta)
+    launches = _Launch()
+    monkeypatch.setattr(forecast, "_forecast_kernel", launches)
+    monkeypatch.setattr(gather_scatter, "_gather_tokens_kernel", launches)
+    monkeypatch.setattr(gather_scatter, "_scatter_rows_kernel", launches)
+    forecast.forecast_kv_triton(cache, cache, cache, cache, cache, cache, pos, rows, rows, per_token, per_token, 1)
+    gather_scatter.gather_tokens_triton(cache, idx, 1)
+    gather_scatter.scatter_kv_triton(cache, cache, idx, rows, rows, 1)
+    assert len(launches.grids) == 3
+    assert launches.grids[0] == (250_000, 2, 20)  # row blocks, B*H, column blocks
+    for grid in launches.grids:
+        assert grid[0] <= 2**31 - 1 and max(grid[1:]) <= 65535
+    with pytest.raises(ValueError, match="65535"):
+        forecast.row_grid(70_000, N, 4, C, 256)
