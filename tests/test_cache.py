@@ -504,3 +504,23 @@ def test_float8_needs_head_sizes_and_the_refresh_forecast():
             CATConfig(kv_dtype="float8", forecast_from=forecast_from)
     with pytest.raises(ValueError, match="kv_dtype"):
         CATConfig(kv_dtype="fp8")
+
+
+def test_float8_rows_with_fp32_slopes_keep_the_slope_in_fp32():
+    """kv_dtype="float8" with slope_dtype="float32": the values are fp8, the slopes fp32 and
+    taken in fp32 (new row minus the dequantized value), not rounded to the model's dtype first."""
+    store = ForecastStore(CATConfig(backend="torch", kv_dtype="float8", slope_dtype="float32"))
+    store.allocate({"layer": ((B, H, N, D), torch.bfloat16)}, {}, ((B, N, C), torch.bfloat16), torch.device("cpu"))
+    assert store.slopes["layer/k"].dtype == torch.float32 and not store.slopes8
+    g = torch.Generator().manual_seed(8)
+    rows = [torch.randn(B, H, N, D, generator=g).to(torch.bfloat16) for _ in range(2)]
+    for mode, key in zip(["anchor", "fill"], rows, strict=True):
+        store.begin_step(mode, None)
+        store.kv("layer", key, key)
+        store.end_step()
+        store.advance()
+    # the stored value the slope starts from: the anchor row in fp8, dequantized to bf16
+    anchor = _float8_rows((B, H, N, D), D, torch.bfloat16)
+    anchor.store_(rows[0])
+    want = rows[1].float() - anchor.dequantized().float()
+    assert torch.equal(store.slopes["layer/k"], want)

@@ -483,12 +483,14 @@ class ForecastStore(ReuseStore):
                     step = slope.dequantize_(self._read("slope", out.shape, out.dtype, out.device))
                 out.addcmul_(step, _per_row(self.weight_kv, dim))
                 continue
-            torch.sub(new, out, out=out)  # every row computed: the slope from the stored value, then the value
-            out.mul_(_per_row(self.inv_dt, dim))
+            # every row computed: the slope from the stored value (in the slope's precision), then the value
             if slope is not None:
-                slope.store_(out)
+                target = torch.sub(new, out, out=out)
             else:
-                self.slopes[cache].copy_(out)
+                target = self.slopes[cache].copy_(new).sub_(out)
+            target.mul_(_per_row(self.inv_dt, dim))
+            if slope is not None:
+                slope.store_(target)
             base.store_(new)
         if self.mode != "pruned":
             return key, value
