@@ -213,12 +213,33 @@ def pick_best(ctx: Context, m: Method, candidates: list[tuple[dict, float]], wha
 def _computed_steps(ctx: Context, m: Method) -> int:
     """Steps in which the peer ran the model's attention (a call counter on the first attention's
     to_q, which a TaylorSeer forecast step skips): one plain generation, no FLOP counting, once per
-    schedule (kept in ctx.memo: several budgets share the peer's schedules)."""
+    schedule (kept in ctx.memo: several budgets share the peer's schedules). Where the first
+    schedule counted for a peer's hooks (its settings but the schedule's) gives what diffusers'
+    rule says (taylorseer_schedule_steps), the rule answers for that peer's other schedules."""
     settings = sorted((k, str(v)) for k, v in m.params.items() if k not in TUNING_LOGS)
     key = ("computed_steps", m.id.partition("@")[0], *settings)
     if key not in ctx.memo:
-        ctx.memo[key] = _count_computed_steps(ctx, m)
+        hooks = ("rule_holds", m.id.partition("@")[0],
+                 *((k, v) for k, v in settings if k not in TAYLORSEER_SCHEDULE))  # fmt: skip
+        rule = taylorseer_schedule_steps(ctx.steps, *(m.params.get(k) for k in TAYLORSEER_SCHEDULE))
+        if hooks not in ctx.memo:
+            ctx.memo[key] = _count_computed_steps(ctx, m)
+            ctx.memo[hooks] = ctx.memo[key] == rule
+        else:
+            ctx.memo[key] = rule if ctx.memo[hooks] else _count_computed_steps(ctx, m)
     return ctx.memo[key]
+
+
+# the settings of diffusers' TaylorSeer that decide which steps it computes
+TAYLORSEER_SCHEDULE = ("disable_cache_before_step", "cache_interval", "disable_cache_after_step")
+
+
+def taylorseer_schedule_steps(steps: int, before: int, interval: int, after: int | None) -> int:
+    """Steps of `steps` that diffusers' TaylorSeer hook computes in full (TaylorSeerCacheHook:
+    step s < disable_cache_before_step, or (s - disable_cache_before_step - 1) a multiple of
+    cache_interval, or s >= disable_cache_after_step)."""
+    return sum(s < before or (s - before - 1) % interval == 0 or (after is not None and s >= after)
+               for s in range(steps))  # fmt: skip
 
 
 def _count_computed_steps(ctx: Context, m: Method) -> int:

@@ -315,3 +315,40 @@ def test_pick_best_screens_a_large_grid_on_two_items_then_scores_the_best_on_all
         assert calls == [(i, 8) for i in range(grid)] and "screening" not in m.params
         want = max(range(grid), key=full_score.get)
     assert m.params["i"] == want and m.params["fixed"] == 1
+
+
+@pytest.mark.parametrize(("before", "interval", "after"), [(2, 4, None), (5, 3, 27), (7, 2, 26), (3, 1, None),
+                                                           (10, 14, 25)])
+def test_taylorseer_schedule_rule_is_what_diffusers_hook_computes(monkeypatch, before, interval, after):
+    """The quality bench counts a TaylorSeer schedule's computed steps by diffusers' rule
+    (quality_peers.taylorseer_schedule_steps) once a generation has confirmed it for the peer's
+    hooks; the rule must be the hook's: counted here on a toy block under the real hook."""
+    pytest.importorskip("diffusers")
+    from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import quality_peers
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return x * 2
+
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([Block()])
+    model.forward = lambda x: model.blocks[0](x)
+    apply_taylorseer_cache(model, TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=before,
+                                                        disable_cache_after_step=after, max_order=1,
+                                                        cache_identifiers=[r"blocks\.\d+"]))
+    _set_cache_context(model, CacheContext("cond"))
+    steps = 28
+    for _ in range(steps):
+        model.forward(torch.ones(2))
+    want = model.blocks[0].calls
+    assert 0 < want <= steps
+    assert quality_peers.taylorseer_schedule_steps(steps, before, interval, after) == want
