@@ -318,7 +318,8 @@ def catf_candidates(ctx: Context, n: int, step_fraction: Callable[[int], float],
         outputs = [(cache, order, damping, calibration)
                    for cache in output_caches for order, damping in CATF_OUTPUT_BY_CACHE[cache]
                    if order == 1 or every in CATF_ORDER2_REFRESH
-                   for calibration in ("none", "output")[:1 + ((cache, order, damping) in CATF_CALIBRATED)]]  # fmt: skip
+                   for calibration in ("none", "output")[:1 + ((cache, order, damping) in CATF_CALIBRATED)]
+                   ]  # fmt: skip
         dampings = [d for d in CATF_KV_DAMPING if d == 1.0 or every >= CATF_DAMPED_REFRESH]
         for o in range(every):  # every phase (0: the default)
             lo, hi = (catf_schedule_fraction(ctx, full, every, k, step_fraction, refresh_offset=o,

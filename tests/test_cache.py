@@ -362,7 +362,7 @@ def test_calibration_is_least_squares_over_distinct_computed_tokens_and_clamped(
                 new = new[:, idx]
             else:
                 new = rows[0] + t * (rows[1] - rows[0])
-            for name, (k, v) in store.kv_cache.items():
+            for name in store.kv_cache:
                 shape = (B, H, len(idx) if sel is not None else N, D)
                 store.kv(name, torch.zeros(shape), torch.zeros(shape))
             store.rows("conv", torch.zeros(B, C, len(idx) if sel is not None else N, 1))

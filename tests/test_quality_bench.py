@@ -219,7 +219,8 @@ def test_catf_candidates_follow_the_band_rule(monkeypatch):
     for (full, every, final, offset, keep), d in variants.items():
         outputs = [(cache, *o, c) for cache in ("noise", "hidden") for o in quality_peers.CATF_OUTPUT_BY_CACHE[cache]
                    if o[0] == 1 or every in quality_peers.CATF_ORDER2_REFRESH
-                   for c in ("none", "output") if c == "none" or (cache, *o) in quality_peers.CATF_CALIBRATED]  # fmt: skip
+                   for c in ("none", "output") if c == "none" or (cache, *o) in quality_peers.CATF_CALIBRATED
+                   ]  # fmt: skip
         kvs = [kv for kv in quality_peers.CATF_KV_DAMPING if kv == 1 or every >= quality_peers.CATF_DAMPED_REFRESH]
         assert d == {(kv, f, out) for kv in kvs for f in quality_peers.CATF_FORECAST_FROM for out in outputs}
         # the phase: the first refresh offset (or refresh_every) steps after the fill step

@@ -224,7 +224,7 @@ def init_weights(models: torch.nn.ModuleDict, pipeline_dir: Path) -> dict | None
         try:
             model.load_state_dict(load_file(str(path)))
         except RuntimeError as e:
-            raise SystemExit(f"train: --init-from {pipeline_dir}: {name} does not match this model config: {e}")
+            raise SystemExit(f"train: --init-from {pipeline_dir}: {name} does not match this model config: {e}") from e
     summary = pipeline_dir / "train_summary.json"
     return json.loads(summary.read_text()) if summary.is_file() else None
 

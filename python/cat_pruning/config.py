@@ -183,7 +183,8 @@ class CATConfig:
             tries it. With it, more tokens are not always better: the photo model's 35% pick
             (full 4, every 4 at offset 2) gives 44.77 / 45.80 / 45.83 / 45.49 / 44.98 / 45.58 /
             46.84 dB at keep 1 token / 0.02 / 0.05 / 0.1 / 0.2 / 0.3 / 0.5 (without it 40.42 /
-            40.91 at 0.05 / 41.76 at 0.2 / 45.12 at 0.5: below at every keep ratio). Only with forecast="taylor" and forecast_from "refresh" or "rebase".
+            40.91 at 0.05 / 41.76 at 0.2 / 45.12 at 0.5: below at every keep ratio). Only with
+            forecast="taylor" and forecast_from "refresh" or "rebase".
         kv_dtype: what the image K/V caches (and with slope_dtype="cache" their slopes) are
             stored in: "model" (default: the dtype the K projection computes in) or "float8":
             e4m3 with one fp32 scale per head of each row (its largest magnitude maps to 448),
@@ -191,7 +192,8 @@ class CATConfig:
             the paper's caches 25 GB instead of 50, next to 28 GB of bf16 weights). A step
             dequantizes a layer's rows into one buffer that all layers share and attends over
             it; the rows a pruned step computes are attended exactly and stored quantized.
-            Quality cost measured in the README ("Memory"). Sana's convolution caches and the
+            Within 0.1 dB on the shipped image models; the video model loses 2.2 dB at the
+            defaults, all from the keys (README, "Cache memory"). Sana's convolution caches and the
             output cache keep the model's dtype. With forecast="taylor" only with
             forecast_from="refresh".
         manual_steps: for a bare transformer only: the caller marks the end of every denoising
