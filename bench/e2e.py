@@ -183,7 +183,7 @@ def cache_record(name: str, module: Any, config: dict, gen: dict, branches: int 
     """Bytes the caches of one generation hold (stats().cache_bytes, counted on the meta device, bf16):
     the paper's CAT (reused K/V and outputs) and patch()'s defaults (CAT-F: the Taylor forecast's
     values and slopes too, the slopes in bf16; and with slope_dtype="float32"), both also with fp8 K/V
-    caches (kv_dtype="float8"), per guidance branch and for `branches`
+    caches (kv_dtype="float8") and with fp8 V only ("float8-values"), per guidance branch and for `branches`
     of them (a pipeline that calls the transformer once per CFG branch keeps caches per branch),
     beside the bf16 weights and what diffusers' TaylorSeer holds at orders 1 and 2
     (taylorseer_bytes)."""
@@ -195,7 +195,10 @@ def cache_record(name: str, module: Any, config: dict, gen: dict, branches: int 
                        ("catf", cat_pruning.CATConfig(manual_steps=True)),
                        ("catf-fp32-slopes", cat_pruning.CATConfig(manual_steps=True, slope_dtype="float32")),
                        ("paper-float8", cat_pruning.CATConfig.paper(manual_steps=True, kv_dtype="float8")),
-                       ("catf-float8", cat_pruning.CATConfig(manual_steps=True, kv_dtype="float8"))):
+                       ("catf-float8", cat_pruning.CATConfig(manual_steps=True, kv_dtype="float8")),
+                       ("paper-float8-values",
+                        cat_pruning.CATConfig.paper(manual_steps=True, kv_dtype="float8-values")),
+                       ("catf-float8-values", cat_pruning.CATConfig(manual_steps=True, kv_dtype="float8-values"))):
         cat_pruning.patch(model, cfg)
         cat_pruning.reset(model, num_steps=28, reference_tokens=gen.get("reference_rows", 0))
         for i in range(cfg.full_steps + 1):  # through the first pruned step: every cache allocated
@@ -409,7 +412,8 @@ def summary(records: list[dict]) -> str:
             lines.append(f"{r['case']}: {r['shape']['N']:,} tokens, bf16 weights {r['weights_gib']:.1f} GiB; caches "
                          f"per branch: paper CAT {per['paper']:.2f} GiB, CAT-F defaults {per['catf']:.2f} GiB "
                          f"({per['catf-fp32-slopes']:.2f} with fp32 slopes); with fp8 K/V paper "
-                         f"{per['paper-float8']:.2f}, CAT-F {per['catf-float8']:.2f} GiB; "
+                         f"{per['paper-float8']:.2f}, CAT-F {per['catf-float8']:.2f} GiB, fp8 V only "
+                         f"{per['paper-float8-values']:.2f} / {per['catf-float8-values']:.2f}; "
                          f"diffusers TaylorSeer order 1 {per['taylorseer-order1']:.2f} / order 2 "
                          f"{per['taylorseer-order2']:.2f} GiB (x{r['shape']['branches']} CFG branches)")
         elif r["op"] == "macs":

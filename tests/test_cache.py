@@ -3,6 +3,8 @@ schedule with refresh steps, and the forecast knobs' validation."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -459,19 +461,24 @@ def test_float8_rows_scatter_writes_the_selected_rows_only(layout):
     assert torch.equal(rows.scale, want.scale)
 
 
+@pytest.mark.parametrize("kv_dtype", ["float8", "float8-values"])
 @pytest.mark.parametrize("cls", [ReuseStore, ForecastStore])
-def test_float8_kv_caches_take_a_byte_per_element_and_attend_computed_rows_exactly(cls):
+def test_float8_kv_caches_take_a_byte_per_element_and_attend_computed_rows_exactly(cls, kv_dtype):
     """kv_dtype="float8": K/V rows (and with slope_dtype="cache" their slopes) are fp8 with
-    per-head scales; a pruned step's computed rows are returned as given, the others as the
-    store dequantizes them (what skipped_kv previews)."""
-    store = cls(CATConfig(backend="torch", kv_dtype="float8", forecast="taylor" if cls is ForecastStore else "none",
+    per-head scales ("float8-values": V only, K in the model's dtype); a pruned step's computed
+    rows are returned as given, the others as the store dequantizes them (what skipped_kv
+    previews)."""
+    store = cls(CATConfig(backend="torch", kv_dtype=kv_dtype, forecast="taylor" if cls is ForecastStore else "none",
                           **({} if cls is ForecastStore else dict(refresh_every=0))))
     shape = (B, N, H * D)  # a flat (B, N, H*D) cache, as Flux's
     store.allocate({"layer": (shape, torch.bfloat16)}, {}, ((B, N, C), torch.bfloat16), torch.device("cpu"),
                    head_dims={"layer": D})
-    assert all(t.dtype == torch.float8_e4m3fn for t in store.kv_cache["layer"])
-    fp8 = [*store.kv_cache["layer"], *(r.data for r in getattr(store, "slopes8", {}).values())]
-    assert len(fp8) == (4 if cls is ForecastStore else 2)
+    k_dtype = torch.float8_e4m3fn if kv_dtype == "float8" else torch.bfloat16
+    assert [t.dtype for t in store.kv_cache["layer"]] == [k_dtype, torch.float8_e4m3fn]
+    assert sorted(store.float8) == (["layer/k", "layer/v"] if kv_dtype == "float8" else ["layer/v"])
+    if cls is ForecastStore:
+        assert sorted(store.slopes8) == sorted(store.float8)
+        assert kv_dtype == "float8" or store.slopes["layer/k"].dtype == torch.bfloat16
     g = torch.Generator().manual_seed(6)
     idx = torch.tensor([[2, 5], [3, 5]])
     modes = ["anchor", "fill", "pruned", "pruned"] if cls is ForecastStore else ["fill", "pruned", "pruned"]
@@ -499,9 +506,9 @@ def test_float8_needs_head_sizes_and_the_refresh_forecast():
     with pytest.raises(ValueError, match="head size"):
         store.allocate({"layer": ((B, N, H * D), torch.bfloat16)}, {}, ((B, N, C), torch.bfloat16),
                        torch.device("cpu"))
-    for forecast_from in ("all", "rebase"):
+    for forecast_from, kv_dtype in itertools.product(("all", "rebase"), ("float8", "float8-values")):
         with pytest.raises(ValueError, match="forecast_from"):
-            CATConfig(kv_dtype="float8", forecast_from=forecast_from)
+            CATConfig(kv_dtype=kv_dtype, forecast_from=forecast_from)
     with pytest.raises(ValueError, match="kv_dtype"):
         CATConfig(kv_dtype="fp8")
 

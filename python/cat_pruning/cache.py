@@ -67,6 +67,8 @@ def _per_row(x: Tensor, dim: int) -> Tensor:
 
 FLOAT8 = torch.float8_e4m3fn
 FLOAT8_MAX = torch.finfo(FLOAT8).max  # 448
+# kv_dtype -> the K/V caches it stores in fp8
+FLOAT8_PARTS = {"model": "", "float8": "kv", "float8-values": "v"}
 
 
 def _scatter_rows_(dst: Tensor, idx: Tensor, rows: Tensor, dim: int) -> None:
@@ -148,17 +150,20 @@ class ReuseStore:
         channels per head of each (B, N, H*D) K/V cache (read with kv_dtype="float8"). A
         generation of the same shapes as the last gets the last one's buffers (same addresses,
         stale values)."""
-        float8 = self.config.kv_dtype == "float8"
-        self.kv_cache = {name: tuple(self._empty(f"{name}/{part}", shape, FLOAT8 if float8 else dtype, device)
+        quantized = FLOAT8_PARTS[self.config.kv_dtype]  # "k" and/or "v": the caches stored in fp8
+        self.kv_cache = {name: tuple(self._empty(f"{name}/{part}", shape, FLOAT8 if part in quantized else dtype,
+                                                 device)
                                      for part in "kv")
                          for name, (shape, dtype) in kv.items()}  # fmt: skip
-        if float8:
-            for name, (shape, dtype) in kv.items():
-                head_dim = shape[-1] if len(shape) == 4 else (head_dims or {}).get(name)
-                if head_dim is None:
-                    raise ValueError(f"cat_pruning: kv_dtype='float8' needs the head size of the (B, N, H*D) cache "
-                                     f"{name!r}, which this family's cache layout does not give")
-                for part, data in zip("kv", self.kv_cache[name], strict=True):
+        for name, (shape, dtype) in kv.items():
+            if not quantized:
+                break
+            head_dim = shape[-1] if len(shape) == 4 else (head_dims or {}).get(name)
+            if head_dim is None:
+                raise ValueError(f"cat_pruning: kv_dtype={self.config.kv_dtype!r} needs the head size of the (B, N, "
+                                 f"H*D) cache {name!r}, which this family's cache layout does not give")
+            for part, data in zip("kv", self.kv_cache[name], strict=True):
+                if part in quantized:
                     self.float8[f"{name}/{part}"] = self._float8(f"{name}/{part}", data, head_dim, dtype)
                     self.reads[f"{name}/{part}"] = self._read(part, shape, dtype, device)
         self.extra = {name: self._empty(f"extra/{name}", *spec, device) for name, spec in extra.items()}
@@ -218,18 +223,25 @@ class ReuseStore:
         return k_cache, v_cache
 
     def _kv_float8(self, name: str, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        """kv() with fp8 caches: the computed rows are stored quantized and attended exactly."""
-        k8, v8 = self.float8[f"{name}/k"], self.float8[f"{name}/v"]
-        if self.mode != "pruned":
-            k8.store_(key)
-            v8.store_(value)
-            return key, value
-        dim = _token_dim(key.shape)
-        k8.scatter_(self.idx, key, dim)
-        v8.scatter_(self.idx, value, dim)
-        k_out, v_out = k8.dequantize_(self.reads[f"{name}/k"]), v8.dequantize_(self.reads[f"{name}/v"])
-        ops.scatter_kv_(k_out, v_out, self.idx, key, value, dim, backend=self.config.backend)
-        return k_out, v_out
+        """kv() with fp8 caches: the computed rows are stored quantized and attended exactly; a
+        cache kept in the model's dtype (kv_dtype="float8-values": K) as without fp8."""
+        dim, backend = _token_dim(key.shape), self.config.backend
+        read = []
+        for part, new, cache in zip("kv", (key, value), self.kv_cache[name], strict=True):
+            rows = self.float8.get(f"{name}/{part}")
+            if self.mode != "pruned":
+                (cache.copy_ if rows is None else rows.store_)(new)
+                read.append(new)
+                continue
+            if rows is None:
+                ops.scatter_tokens_(cache, self.idx, new, dim, backend=backend)
+                read.append(cache)
+                continue
+            rows.scatter_(self.idx, new, dim)
+            out = rows.dequantize_(self.reads[f"{name}/{part}"])
+            ops.scatter_tokens_(out, self.idx, new, dim, backend=backend)
+            read.append(out)
+        return read[0], read[1]
 
     def rows(self, name: str, x: Tensor) -> Tensor:
         """The same for one extra cache."""
@@ -254,9 +266,9 @@ class ReuseStore:
     def skipped_kv(self, name: str) -> tuple[Tensor, Tensor]:
         """What the coming pruned step reads for this layer's skipped rows (eager, between steps;
         the tests' masked-dense oracle uses it)."""
-        if self.float8:
-            return self.float8[f"{name}/k"].dequantized(), self.float8[f"{name}/v"].dequantized()
-        return self.kv_cache[name][0].clone(), self.kv_cache[name][1].clone()
+        k, v = (self.float8[f"{name}/{part}"].dequantized() if f"{name}/{part}" in self.float8 else cache.clone()
+                for part, cache in zip("kv", self.kv_cache[name], strict=True))
+        return k, v
 
     def skipped_rows(self, name: str) -> Tensor:
         return self.extra[name].clone()
@@ -466,11 +478,17 @@ class ForecastStore(ReuseStore):
     def _kv_float8(self, name: str, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """kv() with fp8 value and slope caches (forecast_from="refresh", so only steps that
         compute every row store): a pruned step dequantizes each row's value and slope into the
-        read buffers and forecasts there; the others store the new values and slopes."""
+        read buffers and forecasts there; the others store the new values and slopes. A cache
+        kept in the model's dtype (kv_dtype="float8-values": K) is forecast as without fp8."""
         dim = _token_dim(key.shape)
+        read = []
         for part, new in (("k", key), ("v", value)):
             cache = f"{name}/{part}"
+            if cache not in self.float8:  # kept in the model's dtype (kv_dtype="float8-values": K)
+                read.append(self._update(cache, new, self.weight_kv))
+                continue
             base, out = self.float8[cache], self.reads[cache]
+            read.append(out if self.mode == "pruned" else new)
             if self.mode == "anchor":
                 base.store_(new)
                 continue
@@ -482,6 +500,7 @@ class ForecastStore(ReuseStore):
                 else:
                     step = slope.dequantize_(self._read("slope", out.shape, out.dtype, out.device))
                 out.addcmul_(step, _per_row(self.weight_kv, dim))
+                ops.scatter_tokens_(out, self.idx, new, dim, backend=self.config.backend)  # computed rows: exact
                 continue
             # every row computed: the slope from the stored value (in the slope's precision), then the value
             if slope is not None:
@@ -492,11 +511,7 @@ class ForecastStore(ReuseStore):
             if slope is not None:
                 slope.store_(target)
             base.store_(new)
-        if self.mode != "pruned":
-            return key, value
-        k_out, v_out = self.reads[f"{name}/k"], self.reads[f"{name}/v"]
-        ops.scatter_kv_(k_out, v_out, self.idx, key, value, dim, backend=self.config.backend)
-        return k_out, v_out
+        return read[0], read[1]
 
     def rows(self, name: str, x: Tensor) -> Tensor:
         return self._update(f"extra/{name}", x, self.weight_kv)

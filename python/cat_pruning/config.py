@@ -13,7 +13,7 @@ FORECASTS = ("none", "taylor")
 FORECAST_FROM = ("all", "refresh", "rebase")
 OUTPUT_CACHES = ("auto", "noise", "hidden")
 SLOPE_DTYPES = ("float32", "cache")
-KV_DTYPES = ("model", "float8")
+KV_DTYPES = ("model", "float8", "float8-values")
 FORECAST_CALIBRATIONS = ("none", "output")
 IMPORTANCES = ("auto", "change", "forecast-error")
 REFRESH_PHASES = ("fill", "end")
@@ -186,16 +186,17 @@ class CATConfig:
             40.91 at 0.05 / 41.76 at 0.2 / 45.12 at 0.5: below at every keep ratio). Only with
             forecast="taylor" and forecast_from "refresh" or "rebase".
         kv_dtype: what the image K/V caches (and with slope_dtype="cache" their slopes) are
-            stored in: "model" (default: the dtype the K projection computes in) or "float8":
+            stored in: "model" (default: the dtype the K projection computes in), "float8":
             e4m3 with one fp32 scale per head of each row (its largest magnitude maps to 448),
             about half the bytes of bf16 caches (Wan 2.1-14B at 480p with both CFG branches:
-            the paper's caches 25 GB instead of 50, next to 28 GB of bf16 weights). A step
+            the paper's caches 27 GiB instead of 50, next to 27 GiB of bf16 weights), or
+            "float8-values": only V in fp8, K in the model's dtype (about 0.75x). A step
             dequantizes a layer's rows into one buffer that all layers share and attends over
             it; the rows a pruned step computes are attended exactly and stored quantized.
-            Within 0.1 dB on the shipped image models; the video model loses 2.2 dB at the
-            defaults, all from the keys (README, "Cache memory"). Sana's convolution caches and the
-            output cache keep the model's dtype. With forecast="taylor" only with
-            forecast_from="refresh".
+            "float8" is within 0.1 dB on the shipped image models; the video model loses 2.2 dB
+            at the defaults, all from the keys, which "float8-values" keeps (README, "Cache
+            memory"). Sana's convolution caches and the output cache keep the model's dtype.
+            With forecast="taylor" only with forecast_from="refresh".
         manual_steps: for a bare transformer only: the caller marks the end of every denoising
             step with `cat_pruning.advance(transformer)` instead of the transformer counting its
             own forwards. Needed under torch.compile, where the count cannot be kept inside the
@@ -258,10 +259,11 @@ class CATConfig:
             raise ValueError(f"CATConfig.forecast_calibration={self.forecast_calibration!r} fits the forecast on a "
                              f"pruned step's computed rows, which forecast_from=\"all\" makes the new values and "
                              f"slopes of their tokens: use forecast_from=\"refresh\" or \"rebase\"")
-        if self.kv_dtype == "float8" and self.forecast == "taylor" and self.forecast_from != "refresh":
-            raise ValueError(f"CATConfig.kv_dtype=\"float8\" keeps the K/V forecast state as it was at the last full "
-                             f"or refresh step; forecast_from={self.forecast_from!r} would update it at every pruned "
-                             f"step (a requantization per step): use forecast_from=\"refresh\" (the default)")
+        if self.kv_dtype != "model" and self.forecast == "taylor" and self.forecast_from != "refresh":
+            raise ValueError(f"CATConfig.kv_dtype={self.kv_dtype!r} keeps the K/V forecast state as it was at the "
+                             f"last full or refresh step; forecast_from={self.forecast_from!r} would update it at "
+                             f"every pruned step (a requantization per step): use forecast_from=\"refresh\" (the "
+                             f"default)")
         if self.selection == "regions":
             for name in ("importance_fraction", "staleness_decay"):
                 value, default = getattr(self, name), _DEFAULTS[name]

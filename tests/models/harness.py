@@ -132,7 +132,8 @@ STATEFUL_STORES = {**STORES, "forecast-from-all": dict(NOISE, forecast="taylor",
                                             forecast_damping=0.4),
                    "forecast-hidden": dict(forecast="taylor", refresh_every=2, output_cache="hidden"),
                    "reuse-float8": dict(NOISE, forecast="none", refresh_every=0, kv_dtype="float8"),
-                   "forecast-float8": dict(forecast="taylor", refresh_every=2, kv_dtype="float8")}
+                   "forecast-float8": dict(forecast="taylor", refresh_every=2, kv_dtype="float8"),
+                   "forecast-float8-values": dict(forecast="taylor", refresh_every=2, kv_dtype="float8-values")}
 # the two stores and the hidden output cache (patch()'s default)
 HIDDEN_STORES = {**STORES, "forecast-hidden": STATEFUL_STORES["forecast-hidden"]}
 
