@@ -322,6 +322,8 @@ class ForecastStore(ReuseStore):
                 if self.config.slope_dtype == "cache":
                     data = self._empty(f"slope/{name}", base.shape, FLOAT8, device)
                     self.slopes8[name] = self._float8(f"slope/{name}", data, rows8.head_dim, rows8.dtype)
+                    # where a pruned step dequantizes the slope (shared by the layers, as the reads)
+                    self.reads[f"slope/{name}"] = self._read("slope", base.shape, rows8.dtype, device)
                 else:
                     self.slopes[name] = self._empty(f"slope/{name}", base.shape, torch.float32, device).zero_()
                 continue
@@ -498,7 +500,7 @@ class ForecastStore(ReuseStore):
                 if slope is None:
                     step = self.slopes[cache]
                 else:
-                    step = slope.dequantize_(self._read("slope", out.shape, out.dtype, out.device))
+                    step = slope.dequantize_(self.reads[f"slope/{cache}"])
                 out.addcmul_(step, _per_row(self.weight_kv, dim))
                 ops.scatter_tokens_(out, self.idx, new, dim, backend=self.config.backend)  # computed rows: exact
                 continue

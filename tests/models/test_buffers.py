@@ -9,12 +9,18 @@ import torch
 from sd3_models import inputs, tiny_sd3
 
 import cat_pruning
+from cat_pruning.cache import Float8Rows
 
 STEPS = 7
 # What a caching step remakes at its start (ForecastStore.begin_step) and reads only in that step.
 PER_STEP = {"store.inv_dt", "store.weight_kv", "store.weight_out", "store.pos", "store.inv_span",
             "store.weight_slope"}  # fmt: skip
-SKIP = {"_pools", "_pool", "_parked", "_stores"}  # the pools themselves (their tensors are seen where used)
+# the state's pools (their tensors are seen where used); the store's pool is looked into, so that a
+# buffer a step makes there on first use is caught
+SKIP = {"_pools", "_parked", "_stores"}
+# the stores, and with fp8 K/V caches (scales, dequantization buffers)
+STORES = {**harness.STORES, "forecast-float8": harness.STATEFUL_STORES["forecast-float8"],
+          "reuse-float8": harness.STATEFUL_STORES["reuse-float8"]}
 
 
 def tensors_of(state) -> dict[str, torch.Tensor]:
@@ -26,6 +32,8 @@ def tensors_of(state) -> dict[str, torch.Tensor]:
                 continue
             items = value.items() if isinstance(value, dict) else [("", value)]
             for key, v in items:
+                if isinstance(v, Float8Rows):  # kv_dtype="float8": its data and scales
+                    v = (v.data, v.scale)
                 for i, t in enumerate(v if isinstance(v, tuple) else (v,)):
                     if isinstance(t, torch.Tensor):
                         found[f"{owner}.{name}" + (f"[{key}][{i}]" if key else "")] = t
@@ -45,7 +53,7 @@ def patched(store: dict, full_steps: int):
 
 
 @pytest.mark.parametrize("full_steps", [2, 4])
-@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+@pytest.mark.parametrize("store", STORES.values(), ids=STORES.keys())
 def test_buffers_keep_their_addresses_across_generations(store, full_steps):
     model, state = patched(store, full_steps)
     kw = inputs(seed=3)
@@ -62,7 +70,7 @@ def test_buffers_keep_their_addresses_across_generations(store, full_steps):
 
 
 @pytest.mark.parametrize("full_steps", [2, 4])
-@pytest.mark.parametrize("store", harness.STORES.values(), ids=harness.STORES.keys())
+@pytest.mark.parametrize("store", STORES.values(), ids=STORES.keys())
 def test_no_tensor_made_in_a_step_is_read_by_a_later_step(store, full_steps):
     """A forward may assign only PER_STEP tensors (which every caching step remakes before reading
     them); everything else it reads was allocated in eager code between steps. With full_steps=2
