@@ -155,9 +155,7 @@ class ReuseStore:
                                                  device)
                                      for part in "kv")
                          for name, (shape, dtype) in kv.items()}  # fmt: skip
-        for name, (shape, dtype) in kv.items():
-            if not quantized:
-                break
+        for name, (shape, dtype) in kv.items() if quantized else ():
             head_dim = shape[-1] if len(shape) == 4 else (head_dims or {}).get(name)
             if head_dim is None:
                 raise ValueError(f"cat_pruning: kv_dtype={self.config.kv_dtype!r} needs the head size of the (B, N, "
@@ -225,40 +223,36 @@ class ReuseStore:
     def _kv_float8(self, name: str, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """kv() with fp8 caches: the computed rows are stored quantized and attended exactly; a
         cache kept in the model's dtype (kv_dtype="float8-values": K) as without fp8."""
-        dim, backend = _token_dim(key.shape), self.config.backend
         read = []
         for part, new, cache in zip("kv", (key, value), self.kv_cache[name], strict=True):
             rows = self.float8.get(f"{name}/{part}")
-            if self.mode != "pruned":
-                (cache.copy_ if rows is None else rows.store_)(new)
-                read.append(new)
-                continue
             if rows is None:
-                ops.scatter_tokens_(cache, self.idx, new, dim, backend=backend)
-                read.append(cache)
-                continue
-            rows.scatter_(self.idx, new, dim)
-            out = rows.dequantize_(self.reads[f"{name}/{part}"])
-            ops.scatter_tokens_(out, self.idx, new, dim, backend=backend)
-            read.append(out)
+                read.append(self._keep(cache, new))
+            elif self.mode != "pruned":
+                rows.store_(new)
+                read.append(new)
+            else:
+                rows.scatter_(self.idx, new, _token_dim(key.shape))
+                read.append(self._keep(rows.dequantize_(self.reads[f"{name}/{part}"]), new))
         return read[0], read[1]
 
-    def rows(self, name: str, x: Tensor) -> Tensor:
-        """The same for one extra cache."""
-        cache = self.extra[name]
+    def _keep(self, cache: Tensor, x: Tensor) -> Tensor:
+        """One cache in its own dtype: a step that computes every row stores x and reads it; a
+        pruned step scatters its computed rows x into the cache and reads the cache."""
         if self.mode != "pruned":
             cache.copy_(x)
             return x
         ops.scatter_tokens_(cache, self.idx, x, _token_dim(cache.shape), backend=self.config.backend)
         return cache
 
+    def rows(self, name: str, x: Tensor) -> Tensor:
+        """The same for one extra cache."""
+        return self._keep(self.extra[name], x)
+
     def output(self, out: Tensor) -> Tensor:
         """The step's per-token output rows -> the full (B, N, C_out) output (a fresh tensor)."""
-        if self.mode != "pruned":
-            self.noise.copy_(out)
-            return out
-        ops.scatter_tokens_(self.noise, self.idx, out, 1, backend=self.config.backend)
-        return self.noise.clone()
+        full = self._keep(self.noise, out)
+        return full.clone() if self.mode == "pruned" else full
 
     def end_step(self) -> None:
         """After the output: the computed tokens' bookkeeping (traced)."""
