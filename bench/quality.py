@@ -29,7 +29,8 @@ fp32, one prompt per pipeline call with CFG:
 - peers, each with its threshold tuned so that its MAC fraction lands near CAT's (0.3, 8):
   ``cache-dit-dbcache`` (cache-dit's DBCache, F1B0), ``cache-dit-taylorseer`` (DBCache with
   cache-dit's TaylorSeer calibrator), ``diffusers-fbc`` (diffusers' FirstBlockCache),
-  ``diffusers-taylorseer`` (diffusers' TaylorSeerCacheConfig; the tiny pipeline opens no
+  ``diffusers-magcache`` (diffusers' MagCacheConfig, its ratios from its own calibration mode run
+  on the tuning prompts), ``diffusers-taylorseer`` (diffusers' TaylorSeerCacheConfig; the tiny pipeline opens no
   ``cache_context``, so one is opened around every transformer call here). A peer that cannot
   run on SD3 is recorded with the exact error instead of being skipped. ``peer@cat:K:F`` tunes
   the peer to that CAT setting's MAC fraction instead (the defaults add the two peers that run

@@ -3,7 +3,8 @@
 - ``cat:K:F[:field=value...]``: cat_pruning.patched(pipe, CATConfig.paper(), keep_ratio=K,
   full_steps=F, **overrides) (any CATConfig field; with overrides the method is an ablation);
 - peers, each a threshold or interval that quality_peers.py tunes to a MAC budget:
-  ``cache-dit-dbcache``, ``cache-dit-taylorseer``, ``diffusers-fbc``, ``diffusers-taylorseer``;
+  ``cache-dit-dbcache``, ``cache-dit-taylorseer``, ``diffusers-fbc``, ``diffusers-taylorseer``,
+  ``diffusers-magcache`` (its magnitude ratios calibrated on the tuning prompts first);
   ``peer@cat:K:F`` tunes the peer to that CAT setting's MAC fraction instead of --target-cat's,
   ``peer@mac:X`` to the fraction X;
 - ``catf@cat:K:F`` / ``catf@mac:X``: CAT-F (forecast="taylor") at its best schedule for that budget
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 from quality_base import Method, Session, cat_config_fields, config_overrides, no_session  # noqa: F401 - re-exported
-from quality_peers import CATF_OUTPUT_CACHES, tune_catf, tune_continuous, tune_taylorseer
+from quality_peers import CATF_OUTPUT_CACHES, tune_catf, tune_continuous, tune_magcache, tune_taylorseer
 
 import cat_pruning
 from cat_pruning.adapters.base import opens_cache_context
@@ -52,7 +53,8 @@ DEFAULT_METHODS = [
     # budgets (those at the CAT settings are above)
     *(f"catf@{t}" for t in FORECAST_TARGETS), "diffusers-taylorseer@mac:0.35", "cache-dit-dbcache@mac:0.35",
 ]  # fmt: skip
-PEERS = ("cache-dit-dbcache", "cache-dit-taylorseer", "diffusers-fbc", "diffusers-taylorseer")
+PEERS = ("cache-dit-dbcache", "cache-dit-taylorseer", "diffusers-fbc", "diffusers-magcache", "diffusers-taylorseer")
+MAGCACHE_CONFIG = ("threshold", "max_skip_steps", "retention_ratio", "num_inference_steps", "mag_ratios", "calibrate")
 
 def cat_method(spec: str) -> Method:
     """cat:K:F[:field=value...] -> CAT Pruning with keep_ratio K, full_steps F and CATConfig overrides."""
@@ -159,7 +161,7 @@ def _cache_dit_session(params: dict[str, Any]) -> Session:
 
 
 def _diffusers_hook_session(params: dict[str, Any], kind: str) -> Session:
-    """diffusers' FirstBlockCache / TaylorSeer hooks on the bare transformer. SD3Transformer2DModel
+    """diffusers' FirstBlockCache / MagCache / TaylorSeer hooks on the bare transformer. SD3Transformer2DModel
     has no CacheMixin (no enable_cache, no cache_context) and the scene and photo pipelines open no
     cache context, so a context named "cond" is opened around every transformer call (the video
     pipeline opens one per CFG branch itself, as WanPipeline does), and the hooks' state is reset
@@ -178,6 +180,10 @@ def _diffusers_hook_session(params: dict[str, Any], kind: str) -> Session:
                 from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
                 apply_first_block_cache(tr, FirstBlockCacheConfig(threshold=params["threshold"]))
+            elif kind == "magcache":
+                from diffusers.hooks import MagCacheConfig, apply_mag_cache
+
+                apply_mag_cache(tr, MagCacheConfig(**{k: params[k] for k in MAGCACHE_CONFIG}))
             else:
                 from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
@@ -209,7 +215,8 @@ def _diffusers_hook_session(params: dict[str, Any], kind: str) -> Session:
             for h in handles:
                 h.remove()
             _set_cache_context(tr, None)
-            for name in ("fbc_leader_block_hook", "fbc_block_hook", "taylorseer_cache"):
+            for name in ("fbc_leader_block_hook", "fbc_block_hook", "taylorseer_cache", "mag_cache_leader_block_hook",
+                         "mag_cache_block_hook"):  # fmt: skip
                 registry.remove_hook(name, recurse=True)
             registry.invalidate_child_registries_cache()
 
@@ -245,6 +252,16 @@ def peer_method(spec: str, warmup: int, arch: str = "SD3") -> Method:
         )
         m.tune = lambda ctx: tune_continuous(ctx, m, "threshold", 0.005, 5.0)
         m.probe_params = dict(threshold=5.0)
+        return m
+    if spec == "diffusers-magcache":
+        # the probe skips all it may: ratios of 1 accumulate no error (MagCacheConfig interpolates
+        # them to the steps), num_inference_steps and the ratios are set by the tuning
+        m = Method(spec, "diffusers MagCache", "peer",
+                   dict(threshold=0.06, max_skip_steps=3, retention_ratio=0.2, num_inference_steps=28,
+                        mag_ratios=[1.0] * 28, calibrate=False),
+                   session=lambda pipe: _diffusers_hook_session(m.params, "magcache")(pipe))  # fmt: skip
+        m.tune = lambda ctx: tune_magcache(ctx, m)
+        m.probe_params = dict(threshold=100.0)
         return m
     if spec == "diffusers-taylorseer":
         params = dict(cache_interval=3, disable_cache_before_step=warmup, max_order=1)

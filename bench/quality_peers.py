@@ -210,18 +210,17 @@ def pick_best(ctx: Context, m: Method, candidates: list[tuple[dict, float]], wha
                    f"(MAC fraction {best[1]:.3f}, PSNR {best[2]:.2f} dB)")
 
 
-def _computed_steps(ctx: Context, m: Method) -> int:
+def _computed_steps(ctx: Context, m: Method, schedule: tuple[str, ...], rule: int) -> int:
     """Steps in which the peer ran the model's attention (a call counter on the first attention's
-    to_q, which a TaylorSeer forecast step skips): one plain generation, no FLOP counting, once per
+    to_q, which a skipped step skips): one plain generation, no FLOP counting, once per
     schedule (kept in ctx.memo: several budgets share the peer's schedules). Where the first
-    schedule counted for a peer's hooks (its settings but the schedule's) gives what diffusers'
-    rule says (taylorseer_schedule_steps), the rule answers for that peer's other schedules."""
+    schedule counted for a peer's hooks (its settings but those named in `schedule`) gives what
+    diffusers' rule says (`rule`: taylorseer_schedule_steps, magcache_schedule), the rule answers
+    for that peer's other schedules."""
     settings = sorted((k, str(v)) for k, v in m.params.items() if k not in TUNING_LOGS)
     key = ("computed_steps", m.id.partition("@")[0], *settings)
     if key not in ctx.memo:
-        hooks = ("rule_holds", m.id.partition("@")[0],
-                 *((k, v) for k, v in settings if k not in TAYLORSEER_SCHEDULE))  # fmt: skip
-        rule = taylorseer_schedule_steps(ctx.steps, *(m.params.get(k) for k in TAYLORSEER_SCHEDULE))
+        hooks = ("rule_holds", m.id.partition("@")[0], *((k, v) for k, v in settings if k not in schedule))
         if hooks not in ctx.memo:
             ctx.memo[key] = _count_computed_steps(ctx, m)
             ctx.memo[hooks] = ctx.memo[key] == rule
@@ -240,6 +239,11 @@ def taylorseer_schedule_steps(steps: int, before: int, interval: int, after: int
     cache_interval, or s >= disable_cache_after_step)."""
     return sum(s < before or (s - before - 1) % interval == 0 or (after is not None and s >= after)
                for s in range(steps))  # fmt: skip
+
+
+def _taylorseer_steps(ctx: Context, m: Method) -> int:
+    rule = taylorseer_schedule_steps(ctx.steps, *(m.params.get(k) for k in TAYLORSEER_SCHEDULE))
+    return _computed_steps(ctx, m, TAYLORSEER_SCHEDULE, rule)
 
 
 def _count_computed_steps(ctx: Context, m: Method) -> int:
@@ -268,7 +272,7 @@ def tune_taylorseer(ctx: Context, m: Method, warmup: int) -> None:
     s = ctx.steps
     if ("taylorseer_forecast_cost", s) not in ctx.memo:
         m.params.update(disable_cache_before_step=2, cache_interval=4)
-        frac0, n0 = statistics.fmean(mac_fraction(ctx, m, ctx.items[:1])), _computed_steps(ctx, m)
+        frac0, n0 = statistics.fmean(mac_fraction(ctx, m, ctx.items[:1])), _taylorseer_steps(ctx, m)
         ctx.memo[("taylorseer_forecast_cost", s)] = (frac0 * s - n0) / (s - n0)
     c = ctx.memo[("taylorseer_forecast_cost", s)]
     candidates = []
@@ -277,7 +281,7 @@ def tune_taylorseer(ctx: Context, m: Method, warmup: int) -> None:
         m.params.update(disable_cache_before_step=w, disable_cache_after_step=after)
         for interval in range(2, 15):  # the fraction falls with the interval: stop once below the band
             m.params["cache_interval"] = interval
-            n = _computed_steps(ctx, m)
+            n = _taylorseer_steps(ctx, m)
             frac = (n + (s - n) * c) / s
             candidates += [(dict(disable_cache_before_step=w, cache_interval=interval, max_order=o,
                                  disable_cache_after_step=after), frac)
@@ -285,6 +289,103 @@ def tune_taylorseer(ctx: Context, m: Method, warmup: int) -> None:
             if frac < ctx.target - BAND or n == s:
                 break
     pick_best(ctx, m, candidates, "TaylorSeer schedule")
+
+
+# diffusers' MagCache, every knob it has: the accumulated-error threshold (a geometric grid: its
+# schedules, not its values, are what differ), max_skip_steps (diffusers' default 3) and
+# retention_ratio (the share of first steps never skipped, default 0.2); the magnitude ratios come
+# from diffusers' own calibration mode, run dense on the held-out tuning prompts.
+MAGCACHE_THRESHOLDS = tuple(0.002 * 1.25**i for i in range(40))  # 0.002 .. 12
+MAGCACHE_MAX_SKIPS = (1, 2, 3, 4, 6)
+MAGCACHE_RETENTIONS = (0.1, 0.2, 0.3)
+MAGCACHE_SCHEDULE = ("threshold", "max_skip_steps", "retention_ratio", "mag_ratios")
+
+
+def magcache_schedule(ratios: list[float], threshold: float, max_skip_steps: int,
+                      retention_ratio: float) -> list[bool]:  # fmt: skip
+    """Which steps diffusers' MagCache hook computes (MagCacheHeadHook: from the retention step on,
+    the step is skipped while the accumulated error of the ratios' product stays within the threshold
+    for at most max_skip_steps steps, and only once a step has computed a residual)."""
+    import torch
+
+    scales = torch.tensor(ratios)  # the hook's arithmetic: float32 ratios, so float32 accumulators
+    steps = len(ratios)
+    retention = int(retention_ratio * steps + 0.5)
+    computed, acc_ratio, acc_steps, acc_err = [], 1.0, 0, 0.0
+    for s in range(steps):
+        compute = True
+        if s >= retention:
+            acc_ratio *= scales[s]
+            acc_steps += 1
+            acc_err += abs(1.0 - acc_ratio)
+            if any(computed) and acc_err <= threshold and acc_steps <= max_skip_steps:
+                compute = False
+            else:
+                acc_ratio, acc_steps, acc_err = 1.0, 0, 0.0
+        computed.append(compute)
+    return computed
+
+
+def calibrate_magcache(ctx: Context, m: Method) -> list[float]:
+    """MagCache's magnitude ratios for this model at ctx.steps, by diffusers' calibration mode
+    (no step skipped; at the end of a generation the hook prints each cache context's ratios, which
+    it tells its users to copy): the mean over the tuning prompts and the CFG branches."""
+    import ast
+    import contextlib
+    import io
+
+    m.params.update(calibrate=True, num_inference_steps=ctx.steps)
+    printed = io.StringIO()
+    try:
+        with m.session(ctx.pipe) as reset, contextlib.redirect_stdout(printed):
+            for it in ctx.tune_set:
+                generate(ctx, it, reset)
+    finally:
+        m.params["calibrate"] = False
+    lines = printed.getvalue().splitlines()
+    runs = [ast.literal_eval(lines[i + 1].strip()) for i, line in enumerate(lines) if "Calibration Complete" in line]
+    if not runs or any(len(r) != ctx.steps for r in runs):
+        raise ValueError(f"MagCache calibration printed {len(runs)} ratio list(s), expected {ctx.steps} ratios each")
+    return [statistics.fmean(r[s] for r in runs) for s in range(ctx.steps)]
+
+
+def tune_magcache(ctx: Context, m: Method) -> None:
+    """diffusers' MagCache at its best settings for the budget: ratios calibrated on the tuning prompts,
+    then every (threshold, max_skip_steps, retention_ratio) of the grids above whose schedule lands
+    within BAND of the budget; the best PSNR on the tuning prompts wins. As for TaylorSeer, a
+    schedule's MAC fraction follows from the steps it computes (a skipped step runs only the
+    embeddings and the output layers, its cost c from one FLOP count)."""
+    ratios = calibrate_magcache(ctx, m)
+    s = ctx.steps
+    m.params.update(mag_ratios=ratios, threshold=MAGCACHE_THRESHOLDS[-1], max_skip_steps=max(MAGCACHE_MAX_SKIPS),
+                    retention_ratio=min(MAGCACHE_RETENTIONS))  # fmt: skip
+    frac0, n0 = statistics.fmean(mac_fraction(ctx, m, ctx.items[:1])), _magcache_steps(ctx, m)
+    if n0 == s:
+        raise ValueError("MagCache skips no step even at its loosest settings")
+    c = (frac0 * s - n0) / (s - n0)
+    candidates, seen = [], set()
+    for skips, retention, threshold in itertools.product(MAGCACHE_MAX_SKIPS, MAGCACHE_RETENTIONS,
+                                                         MAGCACHE_THRESHOLDS):  # fmt: skip
+        schedule = tuple(magcache_schedule(ratios, threshold, skips, retention))
+        if schedule in seen:  # a larger threshold that skips the same steps is the same method
+            continue
+        seen.add(schedule)
+        n = sum(schedule)
+        candidates.append((dict(threshold=threshold, max_skip_steps=skips, retention_ratio=retention),
+                           (n + (s - n) * c) / s))
+    m.params["mag_ratios"] = ratios
+    pick_best(ctx, m, candidates, "MagCache setting")
+    m.notes.append("mag_ratios calibrated by diffusers' MagCache calibration mode on the "
+                   f"{len(ctx.tune_set)} tuning prompt(s): " + ", ".join(f"{r:.3f}" for r in ratios))
+
+
+def _magcache_steps(ctx: Context, m: Method) -> int:
+    rule = sum(magcache_schedule(*(m.params[k] for k in ("mag_ratios", "threshold", "max_skip_steps",
+                                                          "retention_ratio"))))  # fmt: skip
+    steps = _computed_steps(ctx, m, MAGCACHE_SCHEDULE, rule)
+    if steps != rule:
+        raise ValueError(f"MagCache computed {steps} steps where diffusers' rule says {rule}")
+    return steps
 
 
 def catf_schedule_fraction(ctx: Context, full_steps: int, refresh_every: int, kept: int,

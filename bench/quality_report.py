@@ -63,10 +63,13 @@ def write_outputs(records: list[dict], shape: dict, opts: Any, model: QualityMod
 
 
 def _settings(r: dict) -> str:
+    def value(v) -> str:  # a list of numbers (MagCache's calibrated ratios) is spelled out in the notes
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return f"[{len(v)} values, in the notes]" if isinstance(v, list) and len(v) > 4 else str(v)
+
     p = {k: v for k, v in r.get("params", {}).items() if k not in ("tuning", "screening")}
-    if r["group"] in ("cat", "ablation", "catf"):
-        return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
+    return ", ".join(f"{k}={value(v)}" for k, v in p.items())
 
 
 def markdown(records: list[dict], shape: dict, opts, plot_note, examples_path: Path, plot_path: Path,

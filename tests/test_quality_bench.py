@@ -353,3 +353,39 @@ def test_taylorseer_schedule_rule_is_what_diffusers_hook_computes(monkeypatch, b
     want = model.blocks[0].calls
     assert 0 < want <= steps
     assert quality_peers.taylorseer_schedule_steps(steps, before, interval, after) == want
+
+
+@pytest.mark.parametrize(("threshold", "skips", "retention"), [(0.06, 3, 0.2), (0.3, 2, 0.1), (0.01, 6, 0.3),
+                                                               (5.0, 1, 0.2), (5.0, 6, 0.1)])
+def test_magcache_schedule_rule_is_what_diffusers_hook_computes(monkeypatch, threshold, skips, retention):
+    """The quality bench tunes diffusers' MagCache by its rule (quality_peers.magcache_schedule: which
+    steps it computes for given ratios and knobs), checked once per run against a counted generation;
+    here step by step on a tiny Wan transformer under the real hooks, with ratios on both sides of 1."""
+    pytest.importorskip("diffusers")
+    from diffusers.hooks import MagCacheConfig, apply_mag_cache
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.syspath_prepend(str(BENCH.parent / "tests" / "models"))
+    import quality_peers
+    from wan_models import inputs, tiny_wan
+
+    steps = 28
+    g = torch.Generator().manual_seed(int(threshold * 100) + skips)
+    ratios = (1.0 + 0.08 * torch.randn(steps, generator=g)).tolist()
+    model = tiny_wan()
+    apply_mag_cache(model, MagCacheConfig(threshold=threshold, max_skip_steps=skips, retention_ratio=retention,
+                                          num_inference_steps=steps, mag_ratios=ratios))  # fmt: skip
+    calls = []
+    model.blocks[0].attn1.to_q.register_forward_hook(lambda *_: calls.append(1))
+    x = inputs(batch=1)
+    _set_cache_context(model, CacheContext("cond"))
+    computed = []
+    for s in range(steps):
+        before = len(calls)
+        with torch.no_grad():
+            model(**x, timestep=torch.tensor([1000.0 - s * 30]))
+        computed.append(len(calls) > before)
+    want = quality_peers.magcache_schedule(ratios, threshold, skips, retention)
+    assert computed == want
+    assert any(want) and (threshold < 1 or not all(want))  # the loose settings skip steps
