@@ -118,3 +118,23 @@ def test_empty_clusters_rank_last():
     assert torch.isneginf(score[:, 3:]).all() and torch.isfinite(score[:, :3]).all()
     rank = reference.cluster_rank(score)
     assert (rank[:, 3:] >= 3).all()
+
+
+@pytest.mark.parametrize(("B", "N", "F", "nc", "chunk"),
+                         [(2, 97, 5, 7, 3 * 7 * 5), (1, 64, 33, 20, 1), (3, 50, 4, 1, 600)])
+def test_kmeans_assign_in_chunks_equals_at_once(monkeypatch, B, N, F, nc, chunk):
+    """The reference assigns a chunk of tokens at a time (so a video's hidden states need not
+    form all (B, N, clusters, F) differences at once); the labels are those of one chunk."""
+    gen = torch.Generator().manual_seed(N + F)
+    x = torch.randn(B, N, F, generator=gen)
+    cent = torch.randn(B, nc, F, generator=gen)
+    cent[:, -1] = x[:, 3]  # a point on a centroid, and a tie: two equal centroids
+    if nc > 2:
+        cent[:, 1] = cent[:, 0]
+    want = reference.kmeans_assign(x, cent)
+    monkeypatch.setattr(reference, "KMEANS_CHUNK_ELEMENTS", chunk)
+    got = reference.kmeans_assign(x, cent)
+    assert torch.equal(got, want)
+    dist = ((x[:, :, None] - cent[:, None]) ** 2).sum(-1)
+    assert torch.equal(dist.gather(2, got[..., None]), dist.min(-1, keepdim=True).values)
+    assert bool((got != 1).all()) or nc <= 2  # of two equal centroids the lower index wins
