@@ -373,7 +373,6 @@ def tune_magcache(ctx: Context, m: Method) -> None:
         n = sum(schedule)
         candidates.append((dict(threshold=threshold, max_skip_steps=skips, retention_ratio=retention),
                            (n + (s - n) * c) / s))
-    m.params["mag_ratios"] = ratios
     pick_best(ctx, m, candidates, "MagCache setting")
     m.notes.append("mag_ratios calibrated by diffusers' MagCache calibration mode on the "
                    f"{len(ctx.tune_set)} tuning prompt(s): " + ", ".join(f"{r:.3f}" for r in ratios))
