@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--per-image", action="store_true", help="also print every image's PSNR (a JSON list)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = quality_models.MODELS[args.model]
@@ -72,7 +73,8 @@ def main() -> None:
         s = cat_pruning.stats(pipe)
         cat_pruning.unpatch(pipe)
         print(f"{json.dumps(setting)}: MACs {s.macs / s.macs_dense:.3f}, PSNR mean {statistics.fmean(values):.2f} dB, "
-              f"worst {min(values):.2f}", flush=True)
+              f"worst {min(values):.2f}" + (f", per image {json.dumps([round(v, 3) for v in values])}"
+                                            if args.per_image else ""), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
