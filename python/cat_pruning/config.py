@@ -56,10 +56,10 @@ class CATConfig:
             second one costs 3.5 points of MACs and is worth more than tokens at the same cost
             (the bench's 64 images, 55.4% -> 58.9% MACs: scene model 47.01 -> 50.89 dB, photo
             model 48.52 -> 51.17, where keep_ratio 0.1 at 59% gives 47.64 and 48.33; diffusers
-            TaylorSeer tuned to that budget: 48.71 at 57.2% and 51.39 at 53.7%; README, "Quality"). Needs the generation's number of
-            steps, which a patched pipeline knows; a bare denoising loop gives it with
-            `cat_pruning.reset(model, num_steps=...)`, else its last steps run as the others
-            (with a warning).
+            TaylorSeer tuned to that budget: 48.71 at 57.2% and 51.39 at 53.7%; README,
+            "Quality"). Needs the generation's number of steps, which a patched pipeline
+            knows; a bare denoising loop gives it with `cat_pruning.reset(model,
+            num_steps=...)`, else its last steps run as the others (with a warning).
         refresh_offset: steps from the fill step to the first refresh step, then one every
             refresh_every steps; >= 0, 0 (default) means refresh_every. Aligning the last refresh with
             the second-to-last denoising step pays where the last step barely moves the latent
