@@ -15,7 +15,7 @@ FAST = ["--steps", "3", "--full-steps", "2", "--height", "32", "--width", "32", 
 
 
 def test_demo_writes_pictures_and_numbers(tmp_path):
-    assert main(["demo", "--prompts", "1", "--steps", "4", "--full-steps", "2", "--out", str(tmp_path),
+    assert main(["demo", "--prompts", "1", "--steps", "5", "--full-steps", "2", "--out", str(tmp_path),
                  "--backend", "torch"]) == 0
     rows = json.loads((tmp_path / "demo.json").read_text())
     assert len(rows) == 1 and (tmp_path / "00.png").stat().st_size > 0

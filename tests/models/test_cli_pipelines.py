@@ -165,7 +165,8 @@ def test_generate_on_saved_qwen_image_and_flux2_pipelines(folder, size, family, 
     from PIL import Image
 
     path = request.getfixturevalue(folder)
-    args = ("--prompt", "a cat", "--height", size[0], "--width", size[1], "--guidance", "3")
+    # 6 steps: full 2, two pruned, the last two in full
+    args = ("--prompt", "a cat", "--height", size[0], "--width", size[1], "--guidance", "3", "--steps", "6")
     assert _generate(path, tmp_path, *args) == 0
     out = capsys.readouterr().out
     assert f"CAT Pruning on {family}" in out and "2 branches (cond, uncond)" in out and "2 pruned" in out

@@ -47,9 +47,9 @@ def test_pipeline_runs_twice_and_resets(guidance):
     state = pipe.transformer._cat_pruning.state
     assert state.cfg_pairs == (guidance > 1)
     s = cat_pruning.stats(pipe)
-    # patch()'s defaults: a refresh step every third step from the fill step on, and the last step in full
+    # patch()'s defaults: a refresh step every third step from the fill step on, and the last two steps in full
     assert [st.mode for st in s.steps] == ["dense", "dense", "anchor", "fill"] + ["pruned", "pruned", "refresh"] + [
-        "pruned", "refresh"]
+        "refresh", "refresh"]
     assert s.batch == (2 if guidance > 1 else 1)
     cat_pruning.unpatch(pipe)
     assert torch.equal(call(pipe, guidance), dense)

@@ -135,7 +135,7 @@ def test_cli_demo_video_writes_an_animation(tmp_path):
     from cat_pruning.cli import main
 
     demo = tmp_path / "demo"
-    common = ["--steps", "4", "--full-steps", "2", "--device", "cpu", "--backend", "torch"]  # pruned steps
+    common = ["--steps", "5", "--full-steps", "2", "--device", "cpu", "--backend", "torch"]  # pruned steps
     assert main(["demo", "--model", "video", "--prompts", "1", "--out", str(demo), *common]) == 0
     rows = json.loads((demo / "demo.json").read_text())
     assert len(rows) == 1 and rows[0]["prompt"] == PROMPT and rows[0]["mac_fraction"] < 1
