@@ -23,7 +23,8 @@ TEXT = 8  # text tokens: a multiple of the 2 ranks (diffusers splits them too)
 # full_steps 3 (step 0 dense, 1 anchor, 2 fill), then pruned, pruned, refresh (every 3)
 # K = 12 of 30 tokens; the noise cache named (the default "auto" is the hidden one, scenario "hidden")
 # the last step in full (not the default two): 6 steps give two pruned steps
-SETTINGS = dict(keep_ratio=0.4, full_steps=3, refresh_every=3, final_full_steps=1, backend="torch", output_cache="noise")
+SETTINGS = dict(keep_ratio=0.4, full_steps=3, refresh_every=3, final_full_steps=1, backend="torch",
+                output_cache="noise")
 # K = 9 of 30 tokens: not a multiple of the 2 ranks, so a pruned step computes 10 rows, one a repeat
 PADDED = {"pad": dict(SETTINGS, keep_ratio=0.3),  # the Taylor forecast (the default): its pos map
           "pad-reuse": dict(SETTINGS, keep_ratio=0.3, forecast="none"),  # the K/V and output scatters

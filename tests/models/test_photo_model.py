@@ -121,7 +121,8 @@ def test_keep_ratio_one_equals_dense_and_pruning_runs(pipe):
         first, second = _gen(pipe, steps=5), _gen(pipe, steps=5)
         stats = cat_pruning.stats(pipe)
     assert torch.equal(first, second) and not torch.equal(first, dense)
-    assert [s.mode for s in stats.steps][2:] == ["pruned", "refresh", "refresh"] and stats.num_tokens == 1024  # last 2: in full
+    assert [s.mode for s in stats.steps][2:] == ["pruned", "refresh", "refresh"]  # the last two in full
+    assert stats.num_tokens == 1024
     assert stats.mac_fraction < 0.9
     assert torch.equal(_gen(pipe, steps=5), dense)  # unpatched again
 
