@@ -33,9 +33,10 @@ class CATConfig:
     Knobs to touch:
         keep_ratio: share of image tokens recomputed at each pruned step, in (0, 1]. Default
             0.02 (the paper: 0.3). 1.0 recomputes everything (equals the unpatched model; useful
-            as a check). With the Taylor forecast PSNR is flat from one token to about 0.2 and
-            rises from 0.3 (64 images at the defaults: scene model 47.00 dB with one token,
-            46.64 at 0.2, 48.12 at 0.5; photo model 45.34, 46.08, 48.38; README, "Quality"):
+            as a check). With the Taylor forecast PSNR is flat from one token to about 0.3 and
+            rises from 0.5 (64 images at the defaults: scene model 51.17 dB with one token,
+            51.28 at 0.2, 52.41 at 0.5; photo model 51.29, 50.80, 52.53, its lowest 50.77 at
+            0.1, 0.53 dB under one token; README, "Quality"):
             the forecast's error is spread over the image, so computing a fifth of it removes
             little, and at equal MACs more refresh steps measure better than more tokens.
         full_steps: denoising steps run on the whole model before pruning starts, >= 2.
