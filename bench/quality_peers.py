@@ -245,6 +245,18 @@ def taylorseer_schedule_steps(steps: int, before: int, interval: int, after: int
                for s in range(steps))  # fmt: skip
 
 
+def skipped_step_cost(fraction: float, computed: int, steps: int) -> float:
+    """The MAC fraction of a cheap step (a peer's skipped step, CAT-F's pruned step; a step that
+    computes everything costs 1), from one schedule's FLOP-counted fraction and its full steps."""
+    return (fraction * steps - computed) / (steps - computed)
+
+
+def skipping_fraction(computed: int, steps: int, skipped_cost: float) -> float:
+    """The MAC fraction of a schedule that computes `computed` of `steps` steps in full, the rest
+    at `skipped_cost` each."""
+    return (computed + (steps - computed) * skipped_cost) / steps
+
+
 def _taylorseer_steps(ctx: Context, m: Method) -> int:
     rule = taylorseer_schedule_steps(ctx.steps, *(m.params.get(k) for k in TAYLORSEER_SCHEDULE))
     return _computed_steps(ctx, m, TAYLORSEER_SCHEDULE, rule)
@@ -277,7 +289,7 @@ def tune_taylorseer(ctx: Context, m: Method, warmup: int) -> None:
     if ("taylorseer_forecast_cost", s) not in ctx.memo:
         m.params.update(disable_cache_before_step=2, cache_interval=4)
         frac0, n0 = statistics.fmean(mac_fraction(ctx, m, ctx.items[:1])), _taylorseer_steps(ctx, m)
-        ctx.memo[("taylorseer_forecast_cost", s)] = (frac0 * s - n0) / (s - n0)
+        ctx.memo[("taylorseer_forecast_cost", s)] = skipped_step_cost(frac0, n0, s)
     c = ctx.memo[("taylorseer_forecast_cost", s)]
     candidates = []
     for w, cool in itertools.product(sorted({*TAYLORSEER_WARMUPS, warmup}), TAYLORSEER_COOLDOWNS):
@@ -286,7 +298,7 @@ def tune_taylorseer(ctx: Context, m: Method, warmup: int) -> None:
         for interval in range(2, 15):  # the fraction falls with the interval: stop once below the band
             m.params["cache_interval"] = interval
             n = _taylorseer_steps(ctx, m)
-            frac = (n + (s - n) * c) / s
+            frac = skipping_fraction(n, s, c)
             candidates += [(dict(disable_cache_before_step=w, cache_interval=interval, max_order=o,
                                  disable_cache_after_step=after), frac)
                            for o in TAYLORSEER_ORDERS]  # fmt: skip
@@ -358,15 +370,19 @@ def tune_magcache(ctx: Context, m: Method) -> None:
     then every (threshold, max_skip_steps, retention_ratio) of the grids above whose schedule lands
     within BAND of the budget; the best PSNR on the tuning prompts wins. As for TaylorSeer, a
     schedule's MAC fraction follows from the steps it computes (a skipped step runs only the
-    embeddings and the output layers, its cost c from one FLOP count)."""
-    ratios = calibrate_magcache(ctx, m)
+    embeddings and the output layers, its cost c from one FLOP count). The ratios and c are measured
+    once per run (ctx.memo): every budget's MagCache shares them."""
     s = ctx.steps
-    m.params.update(mag_ratios=ratios, threshold=MAGCACHE_THRESHOLDS[-1], max_skip_steps=max(MAGCACHE_MAX_SKIPS),
-                    retention_ratio=min(MAGCACHE_RETENTIONS))  # fmt: skip
-    frac0, n0 = statistics.fmean(mac_fraction(ctx, m, ctx.items[:1])), _magcache_steps(ctx, m)
-    if n0 == s:
-        raise ValueError("MagCache skips no step even at its loosest settings")
-    c = (frac0 * s - n0) / (s - n0)
+    if ("magcache", s) not in ctx.memo:
+        ratios = calibrate_magcache(ctx, m)
+        m.params.update(mag_ratios=ratios, threshold=MAGCACHE_THRESHOLDS[-1], max_skip_steps=max(MAGCACHE_MAX_SKIPS),
+                        retention_ratio=min(MAGCACHE_RETENTIONS))  # fmt: skip
+        frac0, n0 = statistics.fmean(mac_fraction(ctx, m, ctx.items[:1])), _magcache_steps(ctx, m)
+        if n0 == s:
+            raise ValueError("MagCache skips no step even at its loosest settings")
+        ctx.memo[("magcache", s)] = ratios, skipped_step_cost(frac0, n0, s)
+    ratios, c = ctx.memo[("magcache", s)]
+    m.params.update(mag_ratios=ratios, num_inference_steps=s)
     candidates, seen = [], set()
     for skips, retention, threshold in itertools.product(MAGCACHE_MAX_SKIPS, MAGCACHE_RETENTIONS,
                                                          MAGCACHE_THRESHOLDS):  # fmt: skip
@@ -376,7 +392,7 @@ def tune_magcache(ctx: Context, m: Method) -> None:
         seen.add(schedule)
         n = sum(schedule)
         candidates.append((dict(threshold=threshold, max_skip_steps=skips, retention_ratio=retention),
-                           (n + (s - n) * c) / s))
+                           skipping_fraction(n, s, c)))
     pick_best(ctx, m, candidates, "MagCache setting")
     m.notes.append("mag_ratios calibrated by diffusers' MagCache calibration mode on the "
                    f"{len(ctx.tune_set)} tuning prompt(s): " + ", ".join(f"{r:.3f}" for r in ratios))
@@ -401,7 +417,7 @@ def catf_schedule_fraction(ctx: Context, full_steps: int, refresh_every: int, ke
     cfg = cat_pruning.CATConfig(full_steps=full_steps, refresh_every=refresh_every, refresh_offset=refresh_offset,
                                 final_full_steps=final_full_steps)
     pruned = [cfg.mode(s, ctx.steps) for s in range(ctx.steps)].count("pruned")
-    return (ctx.steps - pruned + pruned * step_fraction(kept)) / ctx.steps
+    return skipping_fraction(ctx.steps - pruned, ctx.steps, step_fraction(kept))
 
 
 def catf_candidates(ctx: Context, n: int, step_fraction: Callable[[int], float],
@@ -464,7 +480,7 @@ def tune_catf(ctx: Context, m: Method, output_caches: tuple[str, ...] = CATF_OUT
             s = cat_pruning.stats(ctx.pipe)
         n = s.num_tokens
         pruned = [st.mode for st in s.steps].count("pruned")
-        points.append((s.tokens_kept, (frac * ctx.steps - (ctx.steps - pruned)) / pruned))
+        points.append((s.tokens_kept, skipped_step_cost(frac, ctx.steps - pruned, ctx.steps)))
     (k0, f0), (k1, f1) = points
     slope = (f1 - f0) / (k1 - k0)
 
