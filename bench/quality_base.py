@@ -15,6 +15,9 @@ from typing import Any
 
 import cat_pruning
 
+# Method params that log how a method was tuned, not settings of the method.
+TUNING_LOGS = ("tuning", "screening", "schedule_screening")
+
 Session = Callable[[Any], contextlib.AbstractContextManager]  # pipe -> context yielding a per-call reset or None
 
 

@@ -8,7 +8,7 @@ import math
 import statistics
 from collections.abc import Callable
 
-from quality_base import Method, no_session
+from quality_base import TUNING_LOGS, Method, no_session
 from quality_measure import Context, _error_text, generate, mac_fraction
 
 # Schedules whose MAC fraction lands within BAND of the budget compete on PSNR over the tuning
@@ -161,13 +161,16 @@ def tune_psnr(ctx: Context, m: Method, items: list | None = None) -> float:
         if it not in ctx.tune_dense:
             with no_session(ctx.pipe):
                 ctx.tune_dense[it] = generate(ctx, it)[0]
-    scores = []
-    with m.session(ctx.pipe) as reset:
-        for it in items:
-            scores.append(psnr(generate(ctx, it, reset)[0], ctx.tune_dense[it]))
-            if ctx.bar is not None:
-                ctx.bar.update()
-    return statistics.fmean(scores)
+    # a setting scored on an item once is not generated again (a two-stage search meets it twice)
+    setting = ("tune_psnr", m.id, *sorted((k, repr(v)) for k, v in m.params.items() if k not in TUNING_LOGS))
+    missing = [it for it in items if (*setting, repr(it)) not in ctx.memo]
+    if missing:
+        with m.session(ctx.pipe) as reset:
+            for it in missing:
+                ctx.memo[(*setting, repr(it))] = psnr(generate(ctx, it, reset)[0], ctx.tune_dense[it])
+                if ctx.bar is not None:
+                    ctx.bar.update()
+    return statistics.fmean(ctx.memo[(*setting, repr(it))] for it in items)
 
 
 # Screening: a grid of more than SCREEN_KEEP candidates is scored on the first SCREEN_ITEMS tuning
@@ -175,16 +178,19 @@ def tune_psnr(ctx: Context, m: Method, items: list | None = None) -> float:
 # all of them, and the best mean over all wins. Every peer is tuned so.
 SCREEN_ITEMS = 2
 SCREEN_KEEP = 12
-TUNING_LOGS = ("tuning", "screening")  # params that log the tuning, not settings of the method
+
+
+def in_band(ctx: Context, candidates: list[tuple[dict, float]]) -> list[tuple[dict, float]]:
+    """The (params, MAC fraction) candidates within BAND of ctx.target, else the closest one."""
+    band = [c for c in candidates if abs(c[1] - ctx.target) <= BAND]
+    return band or [min(candidates, key=lambda c: abs(c[1] - ctx.target))]
 
 
 def pick_best(ctx: Context, m: Method, candidates: list[tuple[dict, float]], what: str) -> None:
     """Among (params, MAC fraction) candidates within BAND of ctx.target (else the closest one),
     keeps the one with the best PSNR on the tuning prompts (after screening a large grid on
     SCREEN_ITEMS of them: SCREEN_KEEP)."""
-    band = [c for c in candidates if abs(c[1] - ctx.target) <= BAND]
-    if not band:
-        band = [min(candidates, key=lambda c: abs(c[1] - ctx.target))]
+    band = in_band(ctx, candidates)
     base = dict(m.params)
 
     def score(params: dict, items: list | None) -> float:
@@ -212,6 +218,44 @@ def pick_best(ctx: Context, m: Method, candidates: list[tuple[dict, float]], wha
     m.notes.append(f"best {what} of {len(band)} within {BAND:.2f} of the budget "
                    f"{ctx.target:.3f} on {len(ctx.tune_set)} held-out tuning prompt(s){screened_note}: {best[0]} "
                    f"(MAC fraction {best[1]:.3f}, PSNR {best[2]:.2f} dB)")
+
+
+# A grid too large to screen whole (CAT-F's: 470 to 4,000 candidates a budget at 28 steps, where
+# a generation takes about a second on this CPU) is searched in two stages: its schedules first
+# (which steps run in full, how many tokens the others compute), each with one representative
+# setting of the other knobs, on the SCREEN_ITEMS; then every candidate of the best SCHEDULE_KEEP
+# schedules through pick_best.
+SCHEDULE_KEEP = 16
+
+
+def pick_best_by_schedule(ctx: Context, m: Method, candidates: list[tuple[dict, float]], what: str,
+                          schedule: tuple[str, ...],
+                          representative: Callable[[list[tuple[dict, float]]], tuple[dict, float]]) -> None:
+    """pick_best over the candidates of the best SCHEDULE_KEEP schedules (candidates that agree on
+    the params named in `schedule`), ranked by the PSNR of each one's `representative` candidate on
+    the SCREEN_ITEMS tuning items; pick_best alone where there are no more schedules than that."""
+    band = in_band(ctx, candidates)
+    groups: dict[tuple, list[tuple[dict, float]]] = {}
+    for c in band:
+        groups.setdefault(tuple(c[0].get(k) for k in schedule), []).append(c)
+    if len(groups) <= SCHEDULE_KEEP or len(ctx.tune_set) <= SCREEN_ITEMS:
+        pick_best(ctx, m, band, what)
+        return
+    base = dict(m.params)
+    screen = ctx.tune_set[:SCREEN_ITEMS]
+    ranked = []
+    for key, group in groups.items():
+        params, frac = representative(group)
+        m.params.clear()
+        m.params.update(base, **params)
+        ranked.append((tune_psnr(ctx, m, screen), key, params, frac))
+    ranked.sort(key=lambda r: r[0], reverse=True)
+    m.params.clear()
+    m.params.update(base)
+    pick_best(ctx, m, [c for _, key, _, _ in ranked[:SCHEDULE_KEEP] for c in groups[key]], what)
+    m.params["schedule_screening"] = [dict(**p, mac_fraction=f, screen_psnr=q) for q, _, p, f in ranked]
+    m.notes.append(f"the {SCHEDULE_KEEP} {what}s above: the best of {len(groups)} schedules ({len(band)} "
+                   f"candidates), each screened with one setting of its other knobs on {SCREEN_ITEMS} items")
 
 
 def _computed_steps(ctx: Context, m: Method, schedule: tuple[str, ...], rule: int) -> int:
@@ -464,7 +508,8 @@ def tune_catf(ctx: Context, m: Method, output_caches: tuple[str, ...] = CATF_OUT
     forecast_from, output cache of `output_caches` and output forecast (CATF_OUTPUT_BY_CACHE), the
     keep_ratio that lands on the budget
     (the MAC fraction of a pruned step is affine in the tokens it computes: measured at two keep
-    ratios), or the nearest one within BAND; the best PSNR on the tuning prompts wins."""
+    ratios), or the nearest one within BAND; the best PSNR on the tuning prompts wins, searched
+    schedule first (pick_best_by_schedule, CATF_SCHEDULE, catf_representative)."""
     import cat_pruning
 
     item = ctx.items[:1]
@@ -490,4 +535,16 @@ def tune_catf(ctx: Context, m: Method, output_caches: tuple[str, ...] = CATF_OUT
     candidates = catf_candidates(ctx, n, step_fraction, output_caches)
     if not candidates:
         raise ValueError(f"no CAT-F schedule reaches the budget {ctx.target:.3f}")
-    pick_best(ctx, m, candidates, "CAT-F schedule")
+    pick_best_by_schedule(ctx, m, candidates, "CAT-F schedule", CATF_SCHEDULE, catf_representative)
+
+
+# The CAT-F params that decide which steps compute what: the first stage of pick_best_by_schedule.
+CATF_SCHEDULE = ("keep_ratio", "full_steps", "refresh_every", "refresh_offset", "final_full_steps")
+
+
+def catf_representative(group: list[tuple[dict, float]]) -> tuple[dict, float]:
+    """The setting a CAT-F schedule is screened with: undamped K/V slope, no calibration, the
+    grid's first output cache, order 2 where the schedule may have it (refreshes every
+    CATF_ORDER2_REFRESH steps) at the grid's first damping for that order (CATF_OUTPUT)."""
+    plain = [c for c in group if c[0]["forecast_kv_damping"] == 1.0 and "forecast_calibration" not in c[0]]
+    return max(plain, key=lambda c: c[0]["forecast_order"])  # the first of the highest order

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from quality_base import TUNING_LOGS
 from quality_models import LOCAL_RESULTS, QualityModel
 
 import cat_pruning
@@ -68,7 +69,7 @@ def _settings(r: dict) -> str:
             return f"{v:.4g}"
         return f"[{len(v)} values, in the notes]" if isinstance(v, list) and len(v) > 4 else str(v)
 
-    p = {k: v for k, v in r.get("params", {}).items() if k not in ("tuning", "screening")}
+    p = {k: v for k, v in r.get("params", {}).items() if k not in TUNING_LOGS}
     return ", ".join(f"{k}={value(v)}" for k, v in p.items())
 
 

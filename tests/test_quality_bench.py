@@ -3,6 +3,7 @@ The peer (cache-dit) is optional: without it the record must carry the import er
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import json
@@ -316,6 +317,57 @@ def test_pick_best_screens_a_large_grid_on_two_items_then_scores_the_best_on_all
         assert calls == [(i, 8) for i in range(grid)] and "screening" not in m.params
         want = max(range(grid), key=full_score.get)
     assert m.params["i"] == want and m.params["fixed"] == 1
+
+
+@pytest.mark.parametrize("schedules", [10, 60])
+def test_pick_best_by_schedule_screens_schedules_by_one_representative_each(monkeypatch, schedules):
+    """A grid of more than SCHEDULE_KEEP schedules: each schedule's representative is scored on
+    the SCREEN_ITEMS tuning items once (not again when pick_best screens it), only the candidates
+    of the best SCHEDULE_KEEP schedules go on to pick_best, and the best of those on every item
+    wins; with fewer schedules it is pick_best over the whole band."""
+    import sys
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.delitem(sys.modules, "quality_peers", raising=False)
+    import quality_base
+    import quality_peers
+
+    rng = random.Random(schedules)
+    grid = [({"s": s, "f": f}, 0.5) for s in range(schedules) for f in range(4)]
+    screen_score = {(p["s"], p["f"]): rng.random() for p, _ in grid}
+    full_score = {(p["s"], p["f"]): rng.random() for p, _ in grid}
+    generated = []  # (setting, tuning item) of every generation
+    current = {}
+
+    def session(pipe):
+        return contextlib.nullcontext(None)
+
+    def generate(ctx, item, reset=None):
+        key = (m.params["s"], m.params["f"])
+        generated.append((key, item[1]))
+        current["score"] = screen_score[key] if item[1] < quality_peers.SCREEN_ITEMS else full_score[key]
+        return [None]
+
+    monkeypatch.setattr(quality_peers, "generate", generate)
+    monkeypatch.setattr("cat_pruning.metrics.psnr", lambda image, dense: current["score"])
+    items = [("p", k) for k in range(8)]
+    ctx = SimpleNamespace(target=0.5, tune_set=items, tune_dense=dict.fromkeys(items), memo={}, bar=None, pipe=None)
+    m = quality_base.Method("x", "x", "peer", {"fixed": 1}, session=session)
+    quality_peers.pick_best_by_schedule(ctx, m, grid, "schedule", ("s",), lambda group: group[0])
+    assert len(generated) == len(set(generated)), "a setting was generated twice on the same item"
+    scored_everywhere = {key for key, item in generated if item == 7}
+    if schedules > quality_peers.SCHEDULE_KEEP:
+        reps = [(s, 0) for s in range(schedules)]
+        assert {key for key, item in generated if key in reps and item < 2} == set(reps)
+        best = sorted(range(schedules), key=lambda s: screen_score[(s, 0)], reverse=True)[:quality_peers.SCHEDULE_KEEP]
+        assert {s for s, _ in scored_everywhere} <= set(best)
+        assert {s for (s, f), item in generated if f > 0} == set(best), "only the best schedules' other settings"
+        assert len(m.params["schedule_screening"]) == schedules
+    else:
+        assert "schedule_screening" not in m.params
+    want = max(scored_everywhere, key=lambda k: sum(full_score[k] if i >= 2 else screen_score[k] for i in range(8)))
+    assert (m.params["s"], m.params["f"]) == want and m.params["fixed"] == 1
 
 
 @pytest.mark.parametrize(("before", "interval", "after"), [(2, 4, None), (5, 3, 27), (7, 2, 26), (3, 1, None),
