@@ -382,9 +382,55 @@ def test_calibration_is_least_squares_over_distinct_computed_tokens_and_clamped(
         skipped = [n for n in range(N) if n not in distinct]
         want = base + fit[:, None, None] * step
         torch.testing.assert_close(out[:, skipped], want[:, skipped], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out[:, distinct], new)
+        w = 0.5 + 0.5 * 3 / N  # computed_weight's default, 3 of N tokens computed
+        torch.testing.assert_close(out[:, distinct], forecast[:, distinct] + w * (new - forecast[:, distinct]))
         _, _, repeated = run([1, 4, 6, 6], scale)  # token 6 twice, with the same row
         torch.testing.assert_close(repeated, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("weight", [1.0, 0.5, 0.0])
+def test_computed_rows_move_the_output_from_its_forecast_by_computed_weight(weight, order):
+    """At a pruned step the output cache reads forecast + w (computed - forecast) for the K of N
+    tokens computed, w = computed_weight + (1 - computed_weight) K / N, and the forecast for the
+    others; with every token computed it reads the computed rows as they are."""
+    g = torch.Generator().manual_seed(11)
+    rows = [torch.randn(B, N, C, generator=g) for _ in range(4)]
+
+    def pruned_step(idx):
+        store = _store(ForecastStore, forecast="taylor", forecast_order=order, computed_weight=weight)
+        for t, mode in enumerate(["anchor", "fill", "refresh", "pruned"]):
+            sel = torch.tensor([idx, idx]) if mode == "pruned" else None
+            store.begin_step(mode, sel, len(idx) if mode == "pruned" else None)
+            n = len(idx) if sel is not None else N
+            for name in store.kv_cache:
+                store.kv(name, torch.randn(B, H, n, D, generator=g), torch.randn(B, H, n, D, generator=g))
+            store.rows("conv", torch.randn(B, C, n, 1, generator=g))
+            if mode == "pruned":
+                forecast = store.forecast_output()
+            out = store.output(rows[t][:, idx] if mode == "pruned" else rows[t])
+            store.end_step()
+            store.advance()
+        return forecast, out
+
+    idx = [0, 3, 4, 9]
+    forecast, out = pruned_step(idx)
+    skipped = [n for n in range(N) if n not in idx]
+    torch.testing.assert_close(out[:, skipped], forecast[:, skipped], rtol=0, atol=0)
+    w = weight + (1 - weight) * len(idx) / N
+    want = forecast[:, idx] + w * (rows[3][:, idx] - forecast[:, idx])
+    torch.testing.assert_close(out[:, idx], want, rtol=1e-6, atol=1e-6)
+    assert (rows[3][:, idx] - forecast[:, idx]).abs().amax() > 0.1  # the forecast misses the computed rows
+    _, every = pruned_step(list(range(N)))
+    torch.testing.assert_close(every, rows[3], rtol=0, atol=0)
+
+
+def test_computed_weight_is_a_taylor_knob():
+    """computed_weight weighs a computed row against its forecast: without a forecast it is refused."""
+    with pytest.raises(ValueError, match="computed_weight"):
+        CATConfig(forecast="none", computed_weight=0.3)
+    with pytest.raises(ValueError, match="computed_weight"):
+        CATConfig(computed_weight=1.5)
 
 
 @pytest.mark.parametrize("kw", [dict(forecast_from="all"), dict(forecast="none"), dict(forecast_calibration="kv")])

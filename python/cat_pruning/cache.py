@@ -414,16 +414,30 @@ class ForecastStore(ReuseStore):
         out = self.reads[name]
         dim = _token_dim(base.shape)
         slope = self.slopes[name]
+        computed = new
+        if name == "noise" and self.mode == "pruned":
+            new = self._weighted(new)
         if name == "noise" and self.curv is not None:
             slope = self._forecast_slope(base, new)
         if name == "noise" and self.mode == "pruned" and self.config.forecast_calibration == "output":
-            weight = weight * self._calibration(base, slope, new, weight).unsqueeze(1)
+            weight = weight * self._calibration(base, slope, computed, weight).unsqueeze(1)
         ops.forecast_tokens_(base, slope, out, self.pos, new, weight, self.inv_dt, dim, backend=self.config.backend)
         if self._rows_only_read:
             ops.scatter_tokens_(out, self.idx, new, dim, backend=self.config.backend)
         if self._rebase:
             ops.scatter_tokens_(base, self.idx, new, dim, backend=self.config.backend)
         return out if self.mode == "pruned" else new
+
+    def _weighted(self, new: Tensor) -> Tensor:
+        """A pruned step's computed output rows (B, K', C) -> forecast + w (computed - forecast),
+        w = computed_weight + (1 - computed_weight) K / N (CATConfig.computed_weight); the
+        rows themselves where w is 1."""
+        weight, n = self.config.computed_weight, self.noise.shape[1]
+        if weight == 1.0 or self.kept is None or self.kept >= n:
+            return new
+        w = weight + (1.0 - weight) * self.kept / n
+        forecast = self.forecast_output(self.idx).float()
+        return (forecast + w * (new.float() - forecast)).to(new.dtype)
 
     def _calibration(self, base: Tensor, slope: Tensor, new: Tensor, weight: Tensor) -> Tensor:
         """forecast_calibration="output": (B,) the multiplier of the output forecast's step that
