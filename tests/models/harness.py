@@ -197,13 +197,16 @@ def check_pruned_steps_match_oracle(fam: Family, model, kw, processor, to_tokens
             attn.set_processor(processor(*kv[name], selected))
         handles = [oracle.get_submodule(name).register_forward_pre_hook(conv_hook(cache, selected))
                    for name, cache in extra.items()]
+        w = computed_weight(state, num_tokens)
         if hidden:
             final_norm = oracle.get_submodule(model._cat_pruning.adapter.final_norm)
-            handles.append(final_norm.register_forward_pre_hook(_read_cache(noise_before, selected)))
+            handles.append(final_norm.register_forward_pre_hook(_read_cache(noise_before, selected, w)))
         want = oracle(**args)[0]
         for handle in handles:
             handle.remove()
         got_rows, want_rows = to_tokens(out), to_tokens(want)
+        if not hidden:  # the computed rows move from their forecast by w (CATConfig.computed_weight)
+            want_rows = torch.where(selected.unsqueeze(-1), noise_before + w * (want_rows - noise_before), want_rows)
         torch.testing.assert_close(got_rows[selected], want_rows[selected], **F32)
         if hidden:
             torch.testing.assert_close(got_rows, want_rows, **F32)
@@ -223,14 +226,25 @@ def check_pruned_steps_match_oracle(fam: Family, model, kw, processor, to_tokens
     assert checked == pruned > 0
 
 
-def _read_cache(cache: torch.Tensor, selected: torch.Tensor):
+def computed_weight(state, num_tokens: int) -> float:
+    """How far a pruned step's computed output rows move from their forecast (CATConfig.computed_weight:
+    w + (1 - w) K / N; 1 without a forecast)."""
+    cfg = state.config
+    if cfg.forecast != "taylor":
+        return 1.0
+    return cfg.computed_weight + (1.0 - cfg.computed_weight) * state.kept / num_tokens
+
+
+def _read_cache(cache: torch.Tensor, selected: torch.Tensor, weight: float = 1.0):
     """A forward pre-hook that puts the (B, N, D) cache's rows in place of the unselected tokens' rows
-    of the module's first input (any reference rows after the N image rows pass through)."""
+    of the module's first input and moves the selected ones' rows from the cache's by `weight` (any
+    reference rows after the N image rows pass through)."""
 
     def hook(module, args):
         rows = args[0].clone()
         n = cache.shape[1]
-        rows[:, :n] = torch.where(selected.unsqueeze(-1), rows[:, :n], cache.to(rows.dtype))
+        c = cache.to(rows.dtype)
+        rows[:, :n] = torch.where(selected.unsqueeze(-1), c + weight * (rows[:, :n] - c), c)
         return (rows, *args[1:])
 
     return hook
