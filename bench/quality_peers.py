@@ -186,27 +186,28 @@ def in_band(ctx: Context, candidates: list[tuple[dict, float]]) -> list[tuple[di
     return band or [min(candidates, key=lambda c: abs(c[1] - ctx.target))]
 
 
-def pick_best(ctx: Context, m: Method, candidates: list[tuple[dict, float]], what: str) -> None:
+def _score(ctx: Context, m: Method, base: dict, params: dict, items: list | None) -> float:
+    """tune_psnr of the method with `params` over its `base` params."""
+    m.params.clear()
+    m.params.update(base, **params)
+    return tune_psnr(ctx, m, items)
+
+
+def pick_best(ctx: Context, m: Method, candidates: list[tuple[dict, float]], what: str, screen: bool = True) -> None:
     """Among (params, MAC fraction) candidates within BAND of ctx.target (else the closest one),
     keeps the one with the best PSNR on the tuning prompts (after screening a large grid on
-    SCREEN_ITEMS of them: SCREEN_KEEP)."""
+    SCREEN_ITEMS of them: SCREEN_KEEP; not with screen=False)."""
     band = in_band(ctx, candidates)
     base = dict(m.params)
-
-    def score(params: dict, items: list | None) -> float:
-        m.params.clear()
-        m.params.update(base, **params)
-        return tune_psnr(ctx, m, items)
-
     keep = max(SCREEN_KEEP, len(band) // 8)
     screened = {}
-    if len(band) > keep and len(ctx.tune_set) > SCREEN_ITEMS:
-        screen = ctx.tune_set[:SCREEN_ITEMS]
-        screened = {i: score(params, screen) for i, (params, _) in enumerate(band)}
+    if screen and len(band) > keep and len(ctx.tune_set) > SCREEN_ITEMS:
+        items = ctx.tune_set[:SCREEN_ITEMS]
+        screened = {i: _score(ctx, m, base, params, items) for i, (params, _) in enumerate(band)}
         survivors = sorted(screened, key=screened.get, reverse=True)[:keep]
     else:
         survivors = range(len(band))
-    tried = [(band[i][0], band[i][1], score(band[i][0], None)) for i in survivors]
+    tried = [(band[i][0], band[i][1], _score(ctx, m, base, band[i][0], None)) for i in survivors]
     best = max(tried, key=lambda t: t[2])
     m.params.clear()
     m.params.update(base, **best[0])
@@ -220,20 +221,25 @@ def pick_best(ctx: Context, m: Method, candidates: list[tuple[dict, float]], wha
                    f"(MAC fraction {best[1]:.3f}, PSNR {best[2]:.2f} dB)")
 
 
-# A grid too large to screen whole (CAT-F's: 470 to 4,000 candidates a budget at 28 steps, where
-# a generation takes about a second on this CPU) is searched in two stages: its schedules first
-# (which steps run in full, how many tokens the others compute), each with one representative
-# setting of the other knobs, on the SCREEN_ITEMS; then every candidate of the best SCHEDULE_KEEP
-# schedules through pick_best.
+# A grid too large to screen whole (CAT-F's: 850 to 4,000 candidates a budget at 28 steps, where
+# a generation takes about a second on this CPU) is searched in three stages, on the SCREEN_ITEMS
+# first: its schedules (which steps run in full, how many tokens the others compute), each with one
+# representative setting of the other knobs; every setting of the best eighth of the schedules (at
+# least SCHEDULE_KEEP); then each of those schedules' best setting on every tuning item. Kept
+# against pick_best's screening of single candidates, which a schedule whose best setting was
+# only its 2-item runner-up never survived (scene model, 44%: the whole grid's pick ranked 27th
+# of 294 schedules on the 2 items, and 16 schedules were kept).
 SCHEDULE_KEEP = 16
 
 
 def pick_best_by_schedule(ctx: Context, m: Method, candidates: list[tuple[dict, float]], what: str,
                           schedule: tuple[str, ...],
                           representative: Callable[[list[tuple[dict, float]]], tuple[dict, float]]) -> None:
-    """pick_best over the candidates of the best SCHEDULE_KEEP schedules (candidates that agree on
-    the params named in `schedule`), ranked by the PSNR of each one's `representative` candidate on
-    the SCREEN_ITEMS tuning items; pick_best alone where there are no more schedules than that."""
+    """The best candidate on the tuning items, searched by schedule (candidates that agree on the
+    params named in `schedule`): each schedule's `representative` candidate scored on the
+    SCREEN_ITEMS, every candidate of the best max(SCHEDULE_KEEP, schedules / 8) schedules scored
+    there, and the best of each of those schedules scored on every item (pick_best without its
+    screening); pick_best alone where there are no more schedules than SCHEDULE_KEEP."""
     band = in_band(ctx, candidates)
     groups: dict[tuple, list[tuple[dict, float]]] = {}
     for c in band:
@@ -242,20 +248,21 @@ def pick_best_by_schedule(ctx: Context, m: Method, candidates: list[tuple[dict, 
         pick_best(ctx, m, band, what)
         return
     base = dict(m.params)
-    screen = ctx.tune_set[:SCREEN_ITEMS]
-    ranked = []
-    for key, group in groups.items():
-        params, frac = representative(group)
-        m.params.clear()
-        m.params.update(base, **params)
-        ranked.append((tune_psnr(ctx, m, screen), key, params, frac))
-    ranked.sort(key=lambda r: r[0], reverse=True)
+    items = ctx.tune_set[:SCREEN_ITEMS]
+    ranked = sorted(((_score(ctx, m, base, representative(g)[0], items), key) for key, g in groups.items()),
+                    key=lambda r: r[0], reverse=True)
+    kept = [key for _, key in ranked[:max(SCHEDULE_KEEP, len(groups) // 8)]]
+    screened = [(c, _score(ctx, m, base, c[0], items)) for key in kept for c in groups[key]]
+    finalists = [max(((c, q) for c, q in screened if tuple(c[0].get(k) for k in schedule) == key),
+                     key=lambda cq: cq[1])[0] for key in kept]  # fmt: skip
     m.params.clear()
     m.params.update(base)
-    pick_best(ctx, m, [c for _, key, _, _ in ranked[:SCHEDULE_KEEP] for c in groups[key]], what)
-    m.params["schedule_screening"] = [dict(**p, mac_fraction=f, screen_psnr=q) for q, _, p, f in ranked]
-    m.notes.append(f"the {SCHEDULE_KEEP} {what}s above: the best of {len(groups)} schedules ({len(band)} "
-                   f"candidates), each screened with one setting of its other knobs on {SCREEN_ITEMS} items")
+    pick_best(ctx, m, finalists, what, screen=False)
+    m.params["screening"] = [dict(**c[0], mac_fraction=c[1], screen_psnr=q) for c, q in screened]
+    m.params["schedule_screening"] = [dict(**representative(groups[key])[0], screen_psnr=q) for q, key in ranked]
+    m.notes.append(f"the {len(kept)} {what}s above: the best setting on {SCREEN_ITEMS} items of each of the best "
+                   f"{len(kept)} of {len(groups)} schedules ({len(band)} candidates), each schedule screened there "
+                   f"with one setting of its other knobs")
 
 
 def _computed_steps(ctx: Context, m: Method, schedule: tuple[str, ...], rule: int) -> int:

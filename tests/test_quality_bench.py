@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import random
+import statistics
 from pathlib import Path
 
 import pytest
@@ -319,12 +320,12 @@ def test_pick_best_screens_a_large_grid_on_two_items_then_scores_the_best_on_all
     assert m.params["i"] == want and m.params["fixed"] == 1
 
 
-@pytest.mark.parametrize("schedules", [10, 60])
-def test_pick_best_by_schedule_screens_schedules_by_one_representative_each(monkeypatch, schedules):
+@pytest.mark.parametrize("schedules", [10, 60, 200])
+def test_pick_best_by_schedule_screens_schedules_then_their_settings_then_the_best_of_each(monkeypatch, schedules):
     """A grid of more than SCHEDULE_KEEP schedules: each schedule's representative is scored on
-    the SCREEN_ITEMS tuning items once (not again when pick_best screens it), only the candidates
-    of the best SCHEDULE_KEEP schedules go on to pick_best, and the best of those on every item
-    wins; with fewer schedules it is pick_best over the whole band."""
+    the SCREEN_ITEMS tuning items, every setting of the best max(SCHEDULE_KEEP, schedules / 8)
+    schedules there too (the representative not twice), and each of those schedules' best setting
+    on every item, where the best mean wins; with fewer schedules it is pick_best over the band."""
     import sys
     from types import SimpleNamespace
 
@@ -354,20 +355,23 @@ def test_pick_best_by_schedule_screens_schedules_by_one_representative_each(monk
     items = [("p", k) for k in range(8)]
     ctx = SimpleNamespace(target=0.5, tune_set=items, tune_dense=dict.fromkeys(items), memo={}, bar=None, pipe=None)
     m = quality_base.Method("x", "x", "peer", {"fixed": 1}, session=session)
-    quality_peers.pick_best_by_schedule(ctx, m, grid, "schedule", ("s",), lambda group: group[0])
+    quality_peers.pick_best_by_schedule(ctx, m, grid, "schedule", ("s",), lambda group: group[-1])
     assert len(generated) == len(set(generated)), "a setting was generated twice on the same item"
     scored_everywhere = {key for key, item in generated if item == 7}
+
+    def mean(key):
+        return statistics.fmean(screen_score[key] if i < 2 else full_score[key] for i in range(8))
+
     if schedules > quality_peers.SCHEDULE_KEEP:
-        reps = [(s, 0) for s in range(schedules)]
-        assert {key for key, item in generated if key in reps and item < 2} == set(reps)
-        best = sorted(range(schedules), key=lambda s: screen_score[(s, 0)], reverse=True)[:quality_peers.SCHEDULE_KEEP]
-        assert {s for s, _ in scored_everywhere} <= set(best)
-        assert {s for (s, f), item in generated if f > 0} == set(best), "only the best schedules' other settings"
-        assert len(m.params["schedule_screening"]) == schedules
+        assert {(s, 3) for s in range(schedules)} <= {key for key, item in generated if item == 0}
+        kept = sorted(range(schedules), key=lambda s: screen_score[(s, 3)], reverse=True)
+        kept = kept[:max(quality_peers.SCHEDULE_KEEP, schedules // 8)]
+        assert {s for (s, f), _ in generated if f < 3} == set(kept), "only the kept schedules' other settings"
+        assert scored_everywhere == {max(((s, f) for f in range(4)), key=screen_score.get) for s in kept}
+        assert len(m.params["schedule_screening"]) == schedules and len(m.params["screening"]) == 4 * len(kept)
     else:
         assert "schedule_screening" not in m.params
-    want = max(scored_everywhere, key=lambda k: sum(full_score[k] if i >= 2 else screen_score[k] for i in range(8)))
-    assert (m.params["s"], m.params["f"]) == want and m.params["fixed"] == 1
+    assert (m.params["s"], m.params["f"]) == max(scored_everywhere, key=mean) and m.params["fixed"] == 1
 
 
 @pytest.mark.parametrize(("before", "interval", "after"), [(2, 4, None), (5, 3, 27), (7, 2, 26), (3, 1, None),
