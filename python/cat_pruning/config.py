@@ -35,8 +35,8 @@ class CATConfig:
             0.02 (the paper: 0.3). 1.0 recomputes everything (equals the unpatched model; useful
             as a check). With the Taylor forecast PSNR is flat from one token to about 0.3 and
             rises from 0.5 (64 images at the defaults: scene model 51.17 dB with one token,
-            51.28 at 0.2, 52.41 at 0.5; photo model 51.29, 50.80, 52.53, its lowest 50.77 at
-            0.1, 0.53 dB under one token; README, "Quality"):
+            51.63 at 0.2, 52.70 at 0.5; photo model 51.32, 51.23, 52.57, its lowest 51.16 at
+            0.1, 0.16 dB under one token, where computed_weight=1 fell 0.53; README, "Quality"):
             the forecast's error is spread over the image, so computing a fifth of it removes
             little, and at equal MACs more refresh steps measure better than more tokens.
         full_steps: denoising steps run on the whole model before pruning starts, >= 2.
@@ -56,7 +56,8 @@ class CATConfig:
             disable_cache_after_step: the last steps decide the fine detail of the image. The
             second one costs 3.5 points of MACs and is worth more than tokens at the same cost
             (the bench's 64 images, 55.4% -> 58.9% MACs: scene model 47.01 -> 50.89 dB, photo
-            model 48.52 -> 51.17, where keep_ratio 0.1 at 59% gives 47.64 and 48.33; diffusers
+            model 48.52 -> 51.17 (51.23 and 51.29 with computed_weight's default), where
+            keep_ratio 0.1 at 59% gives 47.64 and 48.33; diffusers
             TaylorSeer tuned to that budget: 48.71 at 57.2% and 51.39 at 53.7%; README,
             "Quality"). Needs the generation's number of steps, which a patched pipeline
             knows; a bare denoising loop gives it with `cat_pruning.reset(model,
