@@ -123,7 +123,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--full-steps", type=_full_steps, default=None,
                        help=f"dense steps first (default {d.full_steps})")
         p.add_argument("--refresh-every", type=_non_negative_int, default=None,
-                       help=f"every N-th step recomputes all tokens, 0 never (default {d.refresh_every}; --paper 0)")
+                       help=f"every N-th step recomputes all tokens; 0 never, only with --forecast none "
+                            f"(default {d.refresh_every}; --paper 0)")
         p.add_argument("--forecast", choices=["taylor", "none"], default=None,
                        help=f"read skipped tokens as a forecast or reuse them (default {d.forecast}; --paper none)")
         p.add_argument("--output-cache", choices=list(OUTPUT_CACHES), default=None,
