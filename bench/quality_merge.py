@@ -12,8 +12,10 @@ the first run's (its path is linked, not redrawn): the merge has no images.
 
 Runs of one comparison made at different commits can be put in one table when the code that the
 kept methods run did not change between them (check it by reproducing some of their images at the
-newest commit): ``--across-commits`` lifts the same-sha rule, each record keeps its own
-``git_sha`` and the table's notes list them; ``RUN.json=METHOD,METHOD`` keeps only those methods
+newest commit): ``--across-commits`` lifts the same-sha rule and the same-threads rule (the
+thread count moves the CPU timings, which each record pairs with its own run's dense ones, not
+the images), each record keeps its own ``git_sha`` and ``threads`` and the table's notes list
+them; ``RUN.json=METHOD,METHOD`` keeps only those methods
 (provider ids) of a run, so that a method measured again later is taken from one run only::
 
     python bench/quality_merge.py --across-commits old.json=catf@mac:0.35,cat:0.3:8 new.json --json all.json
@@ -41,7 +43,7 @@ def merge(docs: list[dict], across_commits: bool = False, keep: list[set[str] | 
     """The records of every run, dense once; ValueError where the runs do not measure the same thing.
     across_commits: runs may differ in git sha; keep: per run, the providers to take (None: all)."""
     first = docs[0]["records"][0]
-    same = [f for f in SAME if not (across_commits and f == "git_sha")]
+    same = [f for f in SAME if not (across_commits and f in ("git_sha", "threads"))]
     keep = keep or [None] * len(docs)
     records, seen, items = [], set(), None
     for n, doc in enumerate(docs):
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                                            "only), the first one's examples kept")  # fmt: skip
     p.add_argument("--json", type=Path, required=True, help="the merged JSON; .md and .png go next to it")
     p.add_argument("--across-commits", action="store_true",
-                   help="runs may come from different commits (each record keeps its git sha)")
+                   help="runs may come from different commits and thread counts (each record keeps its git sha "
+                        "and threads)")
     args = p.parse_args(argv)
     split = [run.split(".json=", 1) for run in args.runs]
     args.runs = [Path(parts[0] + ".json" if len(parts) == 2 else parts[0]) for parts in split]
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     plot_note = quality_report.write_plot(records, plot_path, shape, model)
     md = quality_report.markdown(records, shape, opts, plot_note, examples, plot_path, model)
-    merged_from = ", ".join(f"`{path}`" + (f" (git {doc['records'][0].get('git_sha')}"
+    merged_from = ", ".join(f"`{path}`" + (f" (git {doc['records'][0].get('git_sha')}, "
+                                            f"{doc['records'][0].get('threads')} thread(s)"
                                             + (f"; {', '.join(sorted(k))}" if k else "") + ")")
                             for path, doc, k in zip(args.runs, docs, keep, strict=True))  # fmt: skip
     md_path.write_text(md + f"\nMerged from {merged_from} (`python bench/quality_merge.py"

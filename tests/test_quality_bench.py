@@ -125,9 +125,11 @@ def test_quality_merge_across_commits_keeps_the_named_methods():
     merge = _merge_module()
     dense = _record("dense", per_item=None)
     old = {"records": [dense, _record("cat:0.3:8"), _record("catf@cat:0.2:8")]}
-    new = {"records": [dict(dense, git_sha="def"), _record("catf@cat:0.2:8", git_sha="def")]}
+    new = {"records": [dict(dense, git_sha="def", threads=2), _record("catf@cat:0.2:8", git_sha="def", threads=2)]}
     with pytest.raises(ValueError, match="git_sha"):
         merge.merge([old, new])
+    with pytest.raises(ValueError, match="threads"):
+        merge.merge([old, {"records": [dict(dense, threads=2), _record("catf@cat:0.2:8", threads=2)]}])
     with pytest.raises(ValueError, match="more than one run"):  # the 44% row from both runs
         merge.merge([old, new], across_commits=True)
     got = merge.merge([old, new], across_commits=True, keep=[{"cat:0.3:8"}, None])
