@@ -225,11 +225,13 @@ def pick_best(ctx: Context, m: Method, candidates: list[tuple[dict, float]], wha
 # a generation takes about a second on this CPU) is searched in three stages, on the SCREEN_ITEMS
 # first: its schedules (which steps run in full, how many tokens the others compute), each with one
 # representative setting of the other knobs; every setting of the best eighth of the schedules (at
-# least SCHEDULE_KEEP); then each of those schedules' best setting on every tuning item. Kept
-# against pick_best's screening of single candidates, which a schedule whose best setting was
-# only its 2-item runner-up never survived (scene model, 44%: the whole grid's pick ranked 27th
-# of 294 schedules on the 2 items, and 16 schedules were kept).
+# least SCHEDULE_KEEP); then the best SETTINGS_KEEP settings of each of those schedules on every
+# tuning item. Two prompts rank settings poorly: on the scene model at 44% the exhaustive search's
+# pick (full 5, every 3, order 2 at damping 0.8: 44.31 dB on the eight tuning prompts) ranked 27th
+# of 294 schedules on the two, and within its schedule order 1 at 0.4 scored 43.69 against its
+# 43.21 there but 42.01 on the eight; keeping 16 schedules, or one setting each, lost it.
 SCHEDULE_KEEP = 16
+SETTINGS_KEEP = 3
 
 
 def pick_best_by_schedule(ctx: Context, m: Method, candidates: list[tuple[dict, float]], what: str,
@@ -238,8 +240,8 @@ def pick_best_by_schedule(ctx: Context, m: Method, candidates: list[tuple[dict, 
     """The best candidate on the tuning items, searched by schedule (candidates that agree on the
     params named in `schedule`): each schedule's `representative` candidate scored on the
     SCREEN_ITEMS, every candidate of the best max(SCHEDULE_KEEP, schedules / 8) schedules scored
-    there, and the best of each of those schedules scored on every item (pick_best without its
-    screening); pick_best alone where there are no more schedules than SCHEDULE_KEEP."""
+    there, and the best SETTINGS_KEEP of each of those schedules scored on every item (pick_best
+    without its screening); pick_best alone where there are no more schedules than SCHEDULE_KEEP."""
     band = in_band(ctx, candidates)
     groups: dict[tuple, list[tuple[dict, float]]] = {}
     for c in band:
@@ -252,17 +254,17 @@ def pick_best_by_schedule(ctx: Context, m: Method, candidates: list[tuple[dict, 
     ranked = sorted(((_score(ctx, m, base, representative(g)[0], items), key) for key, g in groups.items()),
                     key=lambda r: r[0], reverse=True)
     kept = [key for _, key in ranked[:max(SCHEDULE_KEEP, len(groups) // 8)]]
-    screened = [(c, _score(ctx, m, base, c[0], items)) for key in kept for c in groups[key]]
-    finalists = [max(((c, q) for c, q in screened if tuple(c[0].get(k) for k in schedule) == key),
-                     key=lambda cq: cq[1])[0] for key in kept]  # fmt: skip
+    screened = {key: [(c, _score(ctx, m, base, c[0], items)) for c in groups[key]] for key in kept}
+    finalists = [c for key in kept
+                 for c, _ in sorted(screened[key], key=lambda cq: cq[1], reverse=True)[:SETTINGS_KEEP]]  # fmt: skip
     m.params.clear()
     m.params.update(base)
     pick_best(ctx, m, finalists, what, screen=False)
-    m.params["screening"] = [dict(**c[0], mac_fraction=c[1], screen_psnr=q) for c, q in screened]
+    m.params["screening"] = [dict(**c[0], mac_fraction=c[1], screen_psnr=q) for key in kept for c, q in screened[key]]
     m.params["schedule_screening"] = [dict(**representative(groups[key])[0], screen_psnr=q) for q, key in ranked]
-    m.notes.append(f"the {len(kept)} {what}s above: the best setting on {SCREEN_ITEMS} items of each of the best "
-                   f"{len(kept)} of {len(groups)} schedules ({len(band)} candidates), each schedule screened there "
-                   f"with one setting of its other knobs")
+    m.notes.append(f"the {len(finalists)} {what}s above: the best {SETTINGS_KEEP} settings on {SCREEN_ITEMS} items "
+                   f"of each of the best {len(kept)} of {len(groups)} schedules ({len(band)} candidates), each "
+                   f"schedule screened there with one setting of its other knobs")
 
 
 def _computed_steps(ctx: Context, m: Method, schedule: tuple[str, ...], rule: int) -> int:
