@@ -161,21 +161,23 @@ def tune_psnr(ctx: Context, m: Method, items: list | None = None) -> float:
         if it not in ctx.tune_dense:
             with no_session(ctx.pipe):
                 ctx.tune_dense[it] = generate(ctx, it)[0]
-    # a setting scored on an item once is not generated again (a two-stage search meets it twice)
+    # a setting scored on an item once is not generated again (pick_best_by_schedule meets it in two stages)
     setting = ("tune_psnr", m.id, *sorted((k, repr(v)) for k, v in m.params.items() if k not in TUNING_LOGS))
-    missing = [it for it in items if (*setting, repr(it)) not in ctx.memo]
+    keys = [(*setting, repr(it)) for it in items]
+    missing = [(it, key) for it, key in zip(items, keys, strict=True) if key not in ctx.memo]
     if missing:
         with m.session(ctx.pipe) as reset:
-            for it in missing:
-                ctx.memo[(*setting, repr(it))] = psnr(generate(ctx, it, reset)[0], ctx.tune_dense[it])
+            for it, key in missing:
+                ctx.memo[key] = psnr(generate(ctx, it, reset)[0], ctx.tune_dense[it])
                 if ctx.bar is not None:
                     ctx.bar.update()
-    return statistics.fmean(ctx.memo[(*setting, repr(it))] for it in items)
+    return statistics.fmean(ctx.memo[key] for key in keys)
 
 
 # Screening: a grid of more than SCREEN_KEEP candidates is scored on the first SCREEN_ITEMS tuning
 # items first; the best SCREEN_KEEP (at least; an eighth of the grid if more) are then scored on
-# all of them, and the best mean over all wins. Every peer is tuned so.
+# all of them, and the best mean over all wins. Every peer is tuned so; CAT-F,
+# whose grid is larger, through pick_best_by_schedule (below).
 SCREEN_ITEMS = 2
 SCREEN_KEEP = 12
 
@@ -251,8 +253,9 @@ def pick_best_by_schedule(ctx: Context, m: Method, candidates: list[tuple[dict, 
         return
     base = dict(m.params)
     items = ctx.tune_set[:SCREEN_ITEMS]
-    ranked = sorted(((_score(ctx, m, base, representative(g)[0], items), key) for key, g in groups.items()),
-                    key=lambda r: r[0], reverse=True)
+    reps = {key: representative(g) for key, g in groups.items()}
+    ranked = sorted(((_score(ctx, m, base, r[0], items), key) for key, r in reps.items()), key=lambda qk: qk[0],
+                    reverse=True)  # fmt: skip
     kept = [key for _, key in ranked[:max(SCHEDULE_KEEP, len(groups) // 8)]]
     screened = {key: [(c, _score(ctx, m, base, c[0], items)) for c in groups[key]] for key in kept}
     finalists = [c for key in kept
@@ -261,7 +264,7 @@ def pick_best_by_schedule(ctx: Context, m: Method, candidates: list[tuple[dict, 
     m.params.update(base)
     pick_best(ctx, m, finalists, what, screen=False)
     m.params["screening"] = [dict(**c[0], mac_fraction=c[1], screen_psnr=q) for key in kept for c, q in screened[key]]
-    m.params["schedule_screening"] = [dict(**representative(groups[key])[0], screen_psnr=q) for q, key in ranked]
+    m.params["schedule_screening"] = [dict(**reps[key][0], screen_psnr=q) for q, key in ranked]
     m.notes.append(f"the {len(finalists)} {what}s above: the best {SETTINGS_KEEP} settings on {SCREEN_ITEMS} items "
                    f"of each of the best {len(kept)} of {len(groups)} schedules ({len(band)} candidates), each "
                    f"schedule screened there with one setting of its other knobs")
