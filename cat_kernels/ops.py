@@ -408,9 +408,12 @@ def _check_forecast(
             raise ValueError(f"{name} must have the shape of {base_name} {tuple(base.shape)}, got {tuple(t.shape)}")
     if out.dtype != base.dtype:
         raise ValueError(f"{out_name} must have the dtype of {base_name} ({base.dtype}), got {out.dtype}")
-    for name, t in ((base_name, base), (slope_name, slope), (out_name, out)):
+    for name, t in ((base_name, base), (slope_name, slope)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (a cache the caller allocates), got strides {t.stride()}")
+    if not _rows_view(out):
+        raise ValueError(f"{out_name} must be contiguous or a slice of a contiguous buffer along its leading "
+                         f"dimensions (rows of stride 1, no overlap), got strides {out.stride()}")
     _check_tensor(rows_name, rows, base.dim(), _FLOATS)
     expected = list(base.shape)
     expected[dim] = rows.shape[dim]
@@ -425,6 +428,21 @@ def _check_forecast(
         ptrs = {name: t.data_ptr() for name, t in ((base_name, base), (slope_name, slope), (out_name, out))}
         if len(set(ptrs.values())) < 3 and base.numel():
             raise ValueError(f"{base_name}, {slope_name} and {out_name} must be distinct tensors, got {ptrs}")
+
+
+def _rows_view(t: Tensor) -> bool:
+    """t is laid out as a slice of a contiguous buffer along its leading dimensions: unit stride
+    on the last one, and each stride at least the extent of the dimensions inside it (so no two
+    elements share memory). The image rows of a (B, T + N, C) buffer are one."""
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        return False
+    extent = 1
+    for size, stride in zip(reversed(t.shape), reversed(t.stride()), strict=True):
+        if size > 1:
+            if stride < extent:
+                return False
+            extent = stride * size
+    return True
 
 
 def _check_forecast_inputs(pos: Tensor, weight: Tensor, inv_dt: Tensor, k_rows: int) -> None:
@@ -465,7 +483,10 @@ def forecast_tokens_(
             contiguous: each token's value at its last computation. Updated in place.
         slope: base's shape, contiguous, any of those float dtypes (fp32 next to a bf16 base is
             fine): change per unit time between the last two computations. Updated in place.
-        out: base's shape and dtype, contiguous: what the consumer reads. Written in place.
+        out: base's shape and dtype: what the consumer reads. Written in place. Contiguous,
+            or a slice of a contiguous buffer along the leading dimensions (rows of stride 1):
+            e.g. the image rows of a (B, T + N, C) buffer whose T text rows the caller fills,
+            so attention reads one tensor without a concatenation.
         pos: (B, N) int32/int64, the token's row in `rows` if computed this step, else -1;
             values in [-1, K).
         rows: the new rows, base's shape with N replaced by K (0 <= K); any strides and float dtype.

@@ -46,16 +46,18 @@ inline void forecast_row(const scalar_t* __restrict__ bs, const slope_t* __restr
   }
 }
 
-// One pass over the B*H*N cache rows (all contiguous, so row r starts at r * D). The new rows
-// are already in base's dtype; pos is contiguous int64, checked to lie in [-1, K).
+// One pass over the B*H*N cache rows (base and slope contiguous, so row r starts at r * D; out4's
+// rows at its strides). The new rows are already in base's dtype; pos is contiguous int64,
+// checked to lie in [-1, K).
 template <typename scalar_t, typename slope_t>
-void forecast_rows_cpu(const at::Tensor& base, const at::Tensor& slope, const at::Tensor& out, const at::Tensor& rows4,
+void forecast_rows_cpu(const at::Tensor& base, const at::Tensor& slope, const at::Tensor& out4, const at::Tensor& rows4,
                        const at::Tensor& index, const at::Tensor& weight, const at::Tensor& inv_dt) {
   const int64_t B = rows4.size(0), H = rows4.size(1), K = rows4.size(2), D = rows4.size(3);
   const int64_t N = index.size(1);
   scalar_t* bp = base.data_ptr<scalar_t>();
   slope_t* sp = slope.data_ptr<slope_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
+  scalar_t* op = out4.data_ptr<scalar_t>();
+  const auto os = out4.strides();
   const scalar_t* rp = rows4.data_ptr<scalar_t>();
   const auto rs = rows4.strides();
   const int64_t* pos = index.data_ptr<int64_t>();
@@ -68,10 +70,10 @@ void forecast_rows_cpu(const at::Tensor& base, const at::Tensor& slope, const at
       const int64_t b = r / (H * N), h = (r / N) % H, n = r % N;
       const int64_t j = pos[b * N + n];
       if (j >= 0 && j < K) {
-        refresh_row(bp + r * D, sp + r * D, op + r * D, rp + b * rs[0] + h * rs[1] + j * rs[2], rs[3], D,
+        refresh_row(bp + r * D, sp + r * D, op + b * os[0] + h * os[1] + n * os[2], rp + b * rs[0] + h * rs[1] + j * rs[2], rs[3], D,
                     tp[b * ts0 + n * ts1]);
       } else {
-        forecast_row(bp + r * D, sp + r * D, op + r * D, D, wp[b * ws0 + n * ws1]);
+        forecast_row(bp + r * D, sp + r * D, op + b * os[0] + h * os[1] + n * os[2], D, wp[b * ws0 + n * ws1]);
       }
     }
   });
@@ -84,7 +86,7 @@ void forecast_one_cpu(at::Tensor& base, at::Tensor& slope, at::Tensor& out, cons
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "forecast_cpu", [&] {
     using cache_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, slope.scalar_type(), "forecast_cpu_slope", [&] {
-      forecast_rows_cpu<cache_t, scalar_t>(base, slope, out, r4, index, weight, inv_dt);
+      forecast_rows_cpu<cache_t, scalar_t>(base, slope, as_bhnd(out, dim), r4, index, weight, inv_dt);
     });
   });
 }

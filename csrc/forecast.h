@@ -13,8 +13,24 @@
 
 namespace cat_kernels {
 
-// One cache of the forecast ops: base, slope, out contiguous, of base's shape (out of its dtype),
-// rows of that shape with N replaced by K, pos (B, N). Names are the schema's argument names.
+// out of the forecast ops: a slice of a contiguous buffer along its leading dimensions (unit
+// stride on the last one, each stride at least the extent of the dimensions inside it), e.g. the
+// image rows of a (B, T + N, C) buffer whose text rows the caller fills. cat_kernels.ops._rows_view.
+inline bool is_rows_view(const at::Tensor& t) {
+  if (t.dim() > 0 && t.size(-1) > 1 && t.stride(-1) != 1) return false;
+  int64_t extent = 1;
+  for (int64_t i = t.dim() - 1; i >= 0; --i) {
+    if (t.size(i) > 1) {
+      if (t.stride(i) < extent) return false;
+      extent = t.stride(i) * t.size(i);
+    }
+  }
+  return true;
+}
+
+// One cache of the forecast ops: base, slope contiguous, out of base's shape and dtype with rows
+// of stride 1 (is_rows_view), rows of that shape with N replaced by K, pos (B, N). Names are the
+// schema's argument names.
 inline void check_forecast(const char* base_name, const at::Tensor& base, const char* slope_name, const at::Tensor& slope,
                            const char* out_name, const at::Tensor& out, const char* rows_name, const at::Tensor& rows,
                            const at::Tensor& pos, int64_t dim) {
@@ -32,9 +48,12 @@ inline void check_forecast(const char* base_name, const at::Tensor& base, const 
               out.sizes());
   TORCH_CHECK(out.scalar_type() == base.scalar_type(), out_name, " must have the dtype of ", base_name, " (",
               base.scalar_type(), "), got ", out.scalar_type());
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < 2; ++i) {
     TORCH_CHECK(all[i].second->is_contiguous(), all[i].first, " must be contiguous, got strides ", all[i].second->strides());
   }
+  TORCH_CHECK(is_rows_view(out), out_name,
+              " must be contiguous or a slice of a contiguous buffer along its leading dimensions, got strides ",
+              out.strides());
   std::vector<int64_t> expected(base.sizes().begin(), base.sizes().end());
   expected[dim] = rows.dim() == base.dim() ? rows.size(dim) : -1;
   TORCH_CHECK(rows.sizes() == at::IntArrayRef(expected), rows_name, " must have shape ", at::IntArrayRef(expected),

@@ -14,7 +14,8 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 8;
 
-// One cache: base, slope, out contiguous (B, H, N, D); rows (B, H, K, D) in base's dtype, any strides.
+// One cache: base, slope contiguous (B, H, N, D); out of that shape, rows of stride 1 at strides
+// os0..os2; rows (B, H, K, D) in base's dtype, any strides.
 template <typename scalar_t, typename slope_t>
 struct ForecastCache {
   scalar_t* base;
@@ -22,6 +23,7 @@ struct ForecastCache {
   scalar_t* out;
   const scalar_t* rows;
   int64_t rs0, rs1, rs2, rs3;
+  int64_t os0, os1, os2;
 };
 
 // One warp per cache row (b, h, n), lanes over D; blockIdx.y picks the cache (K or V). pos
@@ -38,7 +40,7 @@ __global__ void forecast_kernel(ForecastCache<scalar_t, slope_t> c0, ForecastCac
   const int64_t j = static_cast<int64_t>(pos[b * ps0 + n * ps1]);
   scalar_t* bs = c.base + r * D;
   slope_t* ss = c.slope + r * D;
-  scalar_t* os = c.out + r * D;
+  scalar_t* os = c.out + b * c.os0 + h * c.os1 + n * c.os2;
   if (j >= 0 && j < K) {
     const scalar_t* row = c.rows + b * c.rs0 + h * c.rs1 + j * c.rs2;
     const float idt = inv_dt[b * ts0 + n * ts1];
@@ -57,18 +59,19 @@ __global__ void forecast_kernel(ForecastCache<scalar_t, slope_t> c0, ForecastCac
 }
 
 struct CacheArgs {
-  at::Tensor base, slope, out, rows4;  // rows4: (B, H, K, D) view in base's dtype
+  at::Tensor base, slope, out4, rows4;  // out4, rows4: (B, H, N|K, D) views, rows4 in base's dtype
 };
 
 CacheArgs cache_args(const at::Tensor& base, const at::Tensor& slope, const at::Tensor& out, const at::Tensor& rows,
                      int64_t dim) {
-  return {base, slope, out, as_bhnd(rows.to(base.scalar_type()), dim)};
+  return {base, slope, as_bhnd(out, dim), as_bhnd(rows.to(base.scalar_type()), dim)};
 }
 
 template <typename scalar_t, typename slope_t>
 ForecastCache<scalar_t, slope_t> device_cache(const CacheArgs& a) {
-  return {a.base.data_ptr<scalar_t>(), a.slope.data_ptr<slope_t>(), a.out.data_ptr<scalar_t>(),
-          a.rows4.data_ptr<scalar_t>(), a.rows4.stride(0), a.rows4.stride(1), a.rows4.stride(2), a.rows4.stride(3)};
+  return {a.base.data_ptr<scalar_t>(), a.slope.data_ptr<slope_t>(), a.out4.data_ptr<scalar_t>(),
+          a.rows4.data_ptr<scalar_t>(), a.rows4.stride(0), a.rows4.stride(1), a.rows4.stride(2), a.rows4.stride(3),
+          a.out4.stride(0), a.out4.stride(1), a.out4.stride(2)};
 }
 
 // One launch for one or two caches of the same dtypes (the second one on blockIdx.y = 1).

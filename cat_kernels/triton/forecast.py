@@ -2,10 +2,11 @@
 
 Each program takes BLOCK_N tokens of one (b, h) and BLOCK_D channels. A computed token
 (pos[b, n] = j >= 0) refreshes its base and slope from new row j; every token writes `out`,
-the buffer attention reads: the new value, or base + weight * slope for a skipped token. The
-inverse map `pos` (token -> new row) replaces a scatter by idx, so every cache row is read and
-written by exactly one program: no ordering hazard, and the forecast of the skipped rows comes
-in the same pass. Both layouts are handled as (B, H, N, D) with H = 1 for (B, N, C).
+the buffer attention reads (its rows may sit in a larger one, beside the text rows): the new
+value, or base + weight * slope for a skipped token. The inverse map `pos` (token -> new row)
+replaces a scatter by idx, so every cache row is read and written by exactly one program: no
+ordering hazard, and the forecast of the skipped rows comes in the same pass. Both layouts
+are handled as (B, H, N, D) with H = 1 for (B, N, C).
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ def _cast_to(x, ptr, ROUND_BF16: tl.constexpr):
 
 @triton.jit
 def _forecast_rows(
-    base_ptr, slope_ptr, out_ptr, rows_ptr, off, j, s_rk, s_rd, cols, new_ok, m_all, m_new, m_old, w, idt,
+    base_ptr, slope_ptr, out_ptr, rows_ptr, off, out_off, j, s_rk, s_rd, cols, new_ok, m_all, m_new, m_old, w, idt,
     ROUND_BF16: tl.constexpr,
 ):
-    """One cache's tile: out = new or base + w * slope; base, slope refreshed where new_ok."""
+    """One cache's tile: out = new or base + w * slope; base, slope refreshed where new_ok.
+    off: the tile's offsets in base and slope (contiguous), out_off: in out (rows of stride 1)."""
     base = tl.load(base_ptr + off, mask=m_all, other=0.0).to(tl.float32)
     # The old slope only matters for skipped tokens: computed rows do not read it.
     slope = tl.load(slope_ptr + off, mask=m_old, other=0.0).to(tl.float32)
@@ -51,7 +53,7 @@ def _forecast_rows(
     new = _cast_to(new.to(tl.float32), base_ptr, ROUND_BF16).to(tl.float32)
     # The launcher turns fp fusion off, so base + w * slope rounds twice, like torch.
     forecast = base + w[:, None] * slope
-    tl.store(out_ptr + off, _cast_to(tl.where(new_ok[:, None], new, forecast), out_ptr, ROUND_BF16), mask=m_all)
+    tl.store(out_ptr + out_off, _cast_to(tl.where(new_ok[:, None], new, forecast), out_ptr, ROUND_BF16), mask=m_all)
     tl.store(base_ptr + off, new.to(base_ptr.dtype.element_ty), mask=m_new)
     tl.store(slope_ptr + off, _cast_to((new - base) * idt[:, None], slope_ptr, ROUND_BF16), mask=m_new)
 
@@ -63,14 +65,16 @@ def _forecast_kernel(
     pos_ptr, w_ptr, idt_ptr,
     H, N, K, D,
     s_rb, s_rh, s_rk, s_rd, s_r2b, s_r2h, s_r2k, s_r2d,
+    s_ob, s_oh, s_on, s_o2b, s_o2h, s_o2n,
     s_pb, s_pn, s_wb, s_wn, s_tb, s_tn,
     TWO: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """For pos[b,n] = j in [0, K): slope = (new - base) * inv_dt; base = out = new := rows[b,h,j,:];
     else out = base + weight[b,n] * slope (base, slope kept). fp32 math, one rounding per store.
 
-    base, slope, out (and base2, slope2, out2 when TWO): (B, H, N, D) contiguous, base and out
-    of one dtype, slope of any float dtype; rows, rows2: (B, H, K, D) any strides; pos: (B, N)
+    base, slope (and base2, slope2 when TWO): (B, H, N, D) contiguous, slope of any float dtype;
+    out, out2: base's shape and dtype, rows of stride 1 (strides s_o*: a slice of a larger
+    buffer, e.g. beside the text rows attention reads); rows, rows2: (B, H, K, D) any strides; pos: (B, N)
     int32/int64; weight, inv_dt: (B, N) fp32; all (B, N) any strides. pos outside [0, K) is a
     skipped token (no fault). Grid row_grid(B*H, N, BLOCK_N, D, BLOCK_D). TWO does the K and
     V caches of a layer in one launch. Source: issue 10 (CAT-F), docs/design.md section 5.
@@ -93,13 +97,15 @@ def _forecast_kernel(
     m_new = new_ok[:, None] & col_ok[None, :]
     m_old = m_all & ~new_ok[:, None]
     off = (bh * N + n64)[:, None] * D + cols[None, :]
+    out_off = (b * s_ob + h * s_oh + n64 * s_on)[:, None] + cols[None, :]
     _forecast_rows(
-        base_ptr, slope_ptr, out_ptr, rows_ptr + b * s_rb + h * s_rh, off, j, s_rk, s_rd, cols,
+        base_ptr, slope_ptr, out_ptr, rows_ptr + b * s_rb + h * s_rh, off, out_off, j, s_rk, s_rd, cols,
         new_ok, m_all, m_new, m_old, w, idt, ROUND_BF16,
     )
     if TWO:
         _forecast_rows(
-            base2_ptr, slope2_ptr, out2_ptr, rows2_ptr + b * s_r2b + h * s_r2h, off, j, s_r2k, s_r2d, cols,
+            base2_ptr, slope2_ptr, out2_ptr, rows2_ptr + b * s_r2b + h * s_r2h, off,
+            (b * s_o2b + h * s_o2h + n64 * s_o2n)[:, None] + cols[None, :], j, s_r2k, s_r2d, cols,
             new_ok, m_all, m_new, m_old, w, idt, ROUND_BF16,
         )
 
@@ -140,7 +146,7 @@ def _forecast(caches: list[tuple[Tensor, Tensor, Tensor, Tensor]], pos: Tensor, 
     _forecast_kernel[row_grid(B * H, N, block_n, D, block_d)](
         b1, s1, o1, r1, b2, s2, o2, r2, pos, weight, inv_dt,
         H, N, K, D,
-        *_strides4(r1, dim), *_strides4(r2, dim),
+        *_strides4(r1, dim), *_strides4(r2, dim), *_strides4(o1, dim)[:3], *_strides4(o2, dim)[:3],
         pos.stride(0), pos.stride(1), weight.stride(0), weight.stride(1), inv_dt.stride(0), inv_dt.stride(1),
         TWO=two, ROUND_BF16=os.environ.get("TRITON_INTERPRET") == "1",
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=NUM_WARPS, enable_fp_fusion=False,

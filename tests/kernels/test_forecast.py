@@ -209,6 +209,54 @@ def test_zero_weight_is_plain_scatter(dim, shape, dt, name, device):
     assert torch.equal(out.cpu(), expect.cpu()) and torch.equal(base.cpu(), expect.cpu())
 
 
+def _wide_out(shape, dim, gen, dtype, device):
+    """A buffer wider than the cache along the token dim (5 rows before, 3 after) and the slice
+    of it the ops write: the image rows of [text; image; reference] rows attention reads."""
+    wide = list(shape)
+    wide[dim] += 8
+    buf = _randn(wide, gen, dtype, device)
+    return buf, buf.narrow(dim, 5, shape[dim])
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4], CASES[5]], ids=_case_id)
+def test_out_in_a_wider_buffer(case, name, device):
+    """out as the image rows of a larger buffer (rows of stride 1, batch and head strides of the
+    buffer): the same values as a contiguous out, bit for bit, and every other row of the buffer
+    untouched, for forecast_kv_ (K and V) and forecast_tokens_."""
+    shape, dim, dt, sdt, K, layout, pdt = case
+    device = _device_for(name, device)
+    dtype, slope_dtype = DTYPES[dt], DTYPES[sdt]
+    gen = torch.Generator().manual_seed(250 + sum(shape) + dim)
+    B, N = shape[0], shape[dim]
+    K = _k(K, N)
+    pos, _ = _pos(B, N, K, gen, pdt, device)
+    rows_shape = list(shape)
+    rows_shape[dim] = K
+    k, v = (_randn(rows_shape, gen, dtype, device, layout) for _ in range(2))
+    weight, inv_dt = _per_token(B, N, gen, device)
+    kc, vc = _cache(shape, gen, dtype, slope_dtype, device), _cache(shape, gen, dtype, slope_dtype, device)
+    (kw, k_out), (vw, v_out) = (_wide_out(shape, dim, gen, dtype, device) for _ in range(2))
+    assert not k_out.is_contiguous()
+    kw0, vw0 = kw.clone(), vw.clone()
+    expect = [t.clone() for t in (*kc, *vc)]
+    mod = _module(name)
+    mod.forecast_kv_(*expect[0::3], *expect[1::3], *expect[2::3], pos, k, v, weight, inv_dt, dim)
+    mod.forecast_kv_(kc[0], vc[0], kc[1], vc[1], k_out, v_out, pos, k, v, weight, inv_dt, dim)
+    for got, want in zip((kc[0], vc[0], kc[1], vc[1], k_out, v_out), expect[0::3] + expect[1::3] + expect[2::3],
+                         strict=True):
+        assert torch.equal(got.cpu(), want.cpu())
+    for wide, before in ((kw, kw0), (vw, vw0)):
+        for start, length in ((0, 5), (5 + N, 3)):
+            assert torch.equal(wide.narrow(dim, start, length).cpu(), before.narrow(dim, start, length).cpu())
+    base, slope, out = _cache(shape, gen, dtype, slope_dtype, device)
+    wide, sliced = _wide_out(shape, dim, gen, dtype, device)
+    ref = [t.clone() for t in (base, slope, out)]
+    mod.forecast_tokens_(*ref, pos, k, weight, inv_dt, dim)
+    mod.forecast_tokens_(base, slope, sliced, pos, k, weight, inv_dt, dim)
+    assert torch.equal(sliced.cpu(), ref[2].cpu()) and torch.equal(base.cpu(), ref[0].cpu())
+
+
 @pytest.mark.parametrize("dt,sdt", [("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "bf16")])
 def test_reference_matches_per_token_loop(dt, sdt):
     """The reference against the semantics written out token by token, with explicit roundings."""
@@ -304,6 +352,8 @@ def test_forecast_kv_errors():
         ("v_slope", {"v_slope": a["v_slope"][:, :2]}),
         ("k_base must be contiguous", {"k_base": a["k_base"].transpose(2, 3).contiguous().transpose(2, 3)}),
         ("v_out must be contiguous", {"v_out": torch.randn(2, 3, 8, 10).transpose(2, 3)}),
+        ("k_out must be contiguous", {"k_out": torch.randn(2, 3, 10, 16)[..., ::2]}),  # rows of stride 2
+        ("k_out must be contiguous", {"k_out": torch.randn(2, 3, 1, 8).expand(2, 3, 10, 8)}),  # rows overlap
         ("v_base must have the shape", {"v_base": torch.randn(2, 2, 10, 8), "v_slope": torch.randn(2, 2, 10, 8),
                                         "v_out": torch.randn(2, 2, 10, 8), "v": torch.randn(2, 2, 4, 8)}),
         ("k must have shape", {"k": a["k"][..., :5]}),
@@ -354,6 +404,9 @@ def test_extension_errors_name_the_argument():
     with pytest.raises(RuntimeError, match="k_slope must be contiguous"):
         ext.forecast_kv_(a["k_base"], a["v_base"], a["k_slope"].transpose(2, 3).contiguous().transpose(2, 3),
                          a["v_slope"], a["k_out"], a["v_out"], a["pos"], a["k"], a["v"], a["weight"], a["inv_dt"], 2)
+    with pytest.raises(RuntimeError, match="k_out must be contiguous or a slice"):
+        ext.forecast_kv_(a["k_base"], a["v_base"], a["k_slope"], a["v_slope"], torch.randn(2, 3, 10, 16)[..., ::2],
+                         a["v_out"], a["pos"], a["k"], a["v"], a["weight"], a["inv_dt"], 2)
     with pytest.raises(RuntimeError, match="v must have the shape of k"):
         ext.forecast_kv_(a["k_base"], a["v_base"], a["k_slope"], a["v_slope"], a["k_out"], a["v_out"], a["pos"],
                          a["k"], a["v"][:, :, :3], a["weight"], a["inv_dt"], 2)
@@ -443,3 +496,8 @@ def test_cuda_backends_match_reference(case):
         _module(name).forecast_kv_(kg[0], vg[0], kg[1], vg[1], kg[2], vg[2], pos, k, v, weight, inv_dt, dim)
         _check(kg, kr, kb, pos, dim, dtype)
         _check(vg, vr, vb, pos, dim, dtype)
+        # out as the image rows of a wider buffer: the same rows, bit for bit
+        (_, k_out), (_, v_out) = (_wide_out(shape, dim, gen, dtype, "cuda") for _ in range(2))
+        kw, vw = [t.clone() for t in kb], [t.clone() for t in vb]
+        _module(name).forecast_kv_(kw[0], vw[0], kw[1], vw[1], k_out, v_out, pos, k, v, weight, inv_dt, dim)
+        assert torch.equal(k_out, kg[2]) and torch.equal(v_out, vg[2]), name
