@@ -460,6 +460,12 @@ def run(args: Any) -> list[dict]:
             repeats = 2 if args.quick else 5
             records += wall_records("sd3-mid-cpu", SD3_MID, SD3_MID_GEN, 16, 0.3, 4, "cpu", torch.float32, repeats,
                                     [None])
+        catf_modes = [m for m, label in ((None, "eager"), ("default", "compile"))
+                      if wanted in f"wall[sd3-mid-cpu-catf,{label}]"]  # fmt: skip
+        if catf_modes:  # patch()'s defaults (issue 21 item 5: eager and compiled against the MAC-ideal)
+            repeats = 3 if args.quick else 5
+            records += wall_records("sd3-mid-cpu-catf", SD3_MID, SD3_MID_GEN, 16, 0.02, 8, "cpu", torch.float32,
+                                    repeats, catf_modes, catf=True)
     elif wanted in "wall[sd3-medium-1024]":
         records += wall_records("sd3-medium-1024", SD3_MEDIUM, SD3_MEDIUM_GEN, 28, 0.3, 8, "cuda",
                                 torch.bfloat16, 3, [None, "default", "reduce-overhead"])

@@ -207,7 +207,8 @@ def _install(adapter: Adapter, transformer: nn.Module, pipeline: Any | None, con
                 generation.count_forward(state)
         if hidden:
             adapter.check_hidden_cache(args, kwargs)
-        geometry = adapter.geometry(module, args, kwargs)
+        geometry = dataclasses.replace(adapter.geometry(module, args, kwargs),
+                                       text=adapter.text_tokens(module, args, kwargs))
         if state.reference_rows:  # the pipeline call said its input carries reference rows
             geometry = geometry.with_reference(state.reference_rows)
         _check_dtype(geometry.dtype)
@@ -218,7 +219,7 @@ def _install(adapter: Adapter, transformer: nn.Module, pipeline: Any | None, con
         if not torch.compiler.is_compiling() and state.geometry is None and state.shard is not NONE:
             check_agreement(state.shard, _generation_summary(state, geometry, args, kwargs))
         state.begin_forward(geometry)
-        state.text_tokens = adapter.text_tokens(module, args, kwargs)
+        state.text_tokens = geometry.text
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
         if state.driver == "auto":

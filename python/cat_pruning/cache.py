@@ -137,6 +137,9 @@ class ReuseStore:
         self.kv_cache: dict[str, tuple[Tensor, Tensor]] = {}
         self.float8: dict[str, Float8Rows] = {}  # kv_dtype="float8": K/V cache (name/k, name/v) -> its rows
         self.reads: dict[str, Tensor] = {}  # cache name -> the buffer a step reads (forecast + fresh rows)
+        # cache name -> the buffer attention reads on a pruned step, its read rows with the rows
+        # of other streams around them (ForecastStore.joint_kv); reads[name] is a slice of it
+        self.wide: dict[str, Tensor] = {}
         self.extra: dict[str, Tensor] = {}
         self.noise: Tensor | None = None
         self.idx: Tensor | None = None
@@ -145,9 +148,10 @@ class ReuseStore:
     # ------------------------------------------------------------------ lifecycle (eager)
 
     def allocate(self, kv: dict, extra: dict, noise: tuple, device: torch.device,
-                 head_dims: dict[str, int] | None = None) -> None:
+                 head_dims: dict[str, int] | None = None, joint: dict[str, tuple[int, int]] | None = None) -> None:
         """Buffers for every cache: name -> (shape, dtype); noise = (shape, dtype); head_dims:
-        channels per head of each (B, N, H*D) K/V cache (read with kv_dtype="float8"). A
+        channels per head of each (B, N, H*D) K/V cache (read with kv_dtype="float8"); joint:
+        K/V cache -> the rows attention reads before and after its N image rows (joint_kv). A
         generation of the same shapes as the last gets the last one's buffers (same addresses,
         stale values)."""
         quantized = FLOAT8_PARTS[self.config.kv_dtype]  # "k" and/or "v": the caches stored in fp8
@@ -188,8 +192,9 @@ class ReuseStore:
 
     def tensors(self) -> list[Tensor]:
         """Every buffer the store holds (for static-address marking and byte counts)."""
+        reads = (self.wide.get(name, t) for name, t in self.reads.items())  # a slice's whole buffer
         return [*(t for pair in self.kv_cache.values() for t in pair), *(r.scale for r in self.float8.values()),
-                *self.reads.values(), *self.extra.values(), self.noise]
+                *reads, *self.extra.values(), self.noise]
 
     def nbytes(self) -> int:
         unique = {id(t): t for t in self.tensors() if t is not None}  # shared buffers count once
@@ -235,6 +240,19 @@ class ReuseStore:
                 rows.scatter_(self.idx, new, _token_dim(key.shape))
                 read.append(self._keep(rows.dequantize_(self.reads[f"{name}/{part}"]), new))
         return read[0], read[1]
+
+    def joint_kv(self, name: str, key: Tensor, value: Tensor, before: tuple[Tensor, Tensor] | None = None,
+                 after: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """kv() with the K and V rows of other streams around the image rows along the token
+        dimension: [before; all N image rows; after] -> the keys and values attention reads
+        (the text of joint attention, reference rows). Here by concatenation; the forecast store
+        forecasts a pruned step's image rows straight into a buffer that has room for the others."""
+        key, value = self.kv(name, key, value)
+        dim = _token_dim(key.shape)
+        rows = [r for r in (before, (key, value), after) if r is not None and r[0].shape[dim]]
+        if len(rows) == 1:
+            return key, value
+        return torch.cat([r[0] for r in rows], dim), torch.cat([r[1] for r in rows], dim)
 
     def _keep(self, cache: Tensor, x: Tensor) -> Tensor:
         """One cache in its own dtype: a step that computes every row stores x and reads it; a
@@ -302,10 +320,12 @@ class ForecastStore(ReuseStore):
         self.curv: Tensor | None = None
         self.slope_read: Tensor | None = None
         self.span: Tensor | None = None
+        self.joint: dict[str, tuple[int, int]] = {}  # layer -> rows before and after its image rows in wide
 
     def allocate(self, kv: dict, extra: dict, noise: tuple, device: torch.device,
-                 head_dims: dict[str, int] | None = None) -> None:
-        super().allocate(kv, extra, noise, device, head_dims)
+                 head_dims: dict[str, int] | None = None, joint: dict[str, tuple[int, int]] | None = None) -> None:
+        super().allocate(kv, extra, noise, device, head_dims, joint)
+        self.wide, self.joint = {}, {}
         for name, base in self._bases().items():
             # Zeros, not empty: with full_steps=2 the anchor step is step 0, which runs before any
             # cache exists, and the fill step then takes (new - base) * 0 as its slope: finite only
@@ -324,7 +344,18 @@ class ForecastStore(ReuseStore):
             dtype = slope_dtype(self.config, name, base)
             self.slopes[name] = self._empty(f"slope/{name}", base.shape, dtype, device).zero_()
             role = "extra" if name.startswith("extra/") else name.rsplit("/", 1)[-1]  # k, v, extra or noise
-            self.reads[name] = self._read(role, base.shape, base.dtype, device)
+            layer = name.rsplit("/", 1)[0]
+            around = (joint or {}).get(layer, (0, 0)) if role in ("k", "v") and not self.float8 else (0, 0)
+            if not any(around):
+                self.reads[name] = self._read(role, base.shape, base.dtype, device)
+                continue
+            # room for the other streams' rows: the processor writes them beside the forecast (joint_kv)
+            dim = _token_dim(base.shape)
+            shape = list(base.shape)
+            shape[dim] += sum(around)
+            self.wide[name] = self._read(role, tuple(shape), base.dtype, device)
+            self.reads[name] = self.wide[name].narrow(dim, around[0], base.shape[dim])
+            self.joint[layer] = around
         batch, n = self.noise.shape[:2]
         self.last = self._empty("last", (batch, n), torch.float32, device).zero_()
         self.clock = self._empty("clock", (), torch.float32, device).zero_()
@@ -484,6 +515,30 @@ class ForecastStore(ReuseStore):
         if self._rebase:
             ops.scatter_kv_(kb, vb, self.idx, key, value, dim, backend=self.config.backend)
         return (k_out, v_out) if self.mode == "pruned" else (key, value)
+
+    def joint_kv(self, name: str, key: Tensor, value: Tensor, before: tuple[Tensor, Tensor] | None = None,
+                 after: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """On a pruned step with a joint buffer for this layer (allocate's `joint`): the forecast
+        of the image rows is written into that buffer's image slice (kv()'s read buffers), the
+        rows before and after are copied around it, and the whole buffer is returned: the N
+        image rows are written once, not again by a concatenation (issue 21 item 1)."""
+        around = self.joint.get(name)
+        if self.mode != "pruned" or around is None:
+            return super().joint_kv(name, key, value, before, after)
+        dim = _token_dim(key.shape)
+        given = tuple(0 if r is None else r[0].shape[dim] for r in (before, after))
+        if given != around:
+            raise ValueError(f"cat_pruning: {name} attends {given[0]} rows before and {given[1]} after its image "
+                             f"rows, but its buffer was laid out for {around[0]} and {around[1]} at the start "
+                             "of the generation (the adapter's cache layout)")
+        self.kv(name, key, value)
+        wide = self.wide[f"{name}/k"], self.wide[f"{name}/v"]
+        n = self.reads[f"{name}/k"].shape[dim]
+        for start, rows in ((0, before), (around[0] + n, after)):
+            if rows is not None and rows[0].shape[dim]:
+                for buf, x in zip(wide, rows, strict=True):
+                    buf.narrow(dim, start, x.shape[dim]).copy_(x)
+        return wide
 
     def _kv_float8(self, name: str, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """kv() with fp8 value and slope caches (forecast_from="refresh", so only steps that

@@ -77,17 +77,19 @@ class CachedAttentionProcessor:
         if reference:  # (never under context parallelism)
             (image_key, tail_key), (image_value, tail_value) = (
                 x.split_with_sizes([x.shape[1] - reference, reference], dim=1) for x in (image_key, image_value))
-        image_key, image_value = state.cache.kv(self.name, image_key.flatten(2), image_value.flatten(2))
         mask = None
         if text_mask is not None:
-            image_mask = torch.ones(image_key.shape[0], image_key.shape[1] + reference, dtype=torch.bool,
-                                    device=image_key.device)
+            image_mask = torch.ones(query.shape[0], state.geometry.num_tokens + reference, dtype=torch.bool,
+                                    device=query.device)
             mask = torch.cat([text_mask.to(torch.bool), image_mask], dim=1)[:, None, None, :]
+        image_key, image_value = image_key.flatten(2), image_value.flatten(2)
         if state.mode == "pruned" or mask is not None:  # [text; all image tokens; reference]: the mask's order
-            head_dim = query.shape[-1]
-            keys = [ctx_key, image_key.unflatten(-1, (-1, head_dim)), *([tail_key] if reference else [])]
-            values = [ctx_value, image_value.unflatten(-1, (-1, head_dim)), *([tail_value] if reference else [])]
-            key, value = torch.cat(keys, dim=1), torch.cat(values, dim=1)
+            after = (tail_key.flatten(2), tail_value.flatten(2)) if reference else None
+            key, value = state.cache.joint_kv(self.name, image_key, image_value,
+                                              (ctx_key.flatten(2), ctx_value.flatten(2)), after)
+            key, value = (x.unflatten(-1, (-1, query.shape[-1])) for x in (key, value))
+        else:  # the call's own [text; image] rows are the keys; the store keeps the image rows
+            state.cache.kv(self.name, image_key, image_value)
 
         out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=backend)
         if shard.cp_world > 1:
@@ -127,13 +129,12 @@ class CATJointAttnProcessor(CachedAttentionProcessor):
 
         batch, rows = hidden_states.shape[:2]
         query, key, value = _project(attn, hidden_states)
-        key, value = self._cached_kv(key, value)
-
-        if encoder_hidden_states is not None:
+        if encoder_hidden_states is None:
+            key, value = self._cached_kv(key, value)
+        else:  # [image; text] keys, the image rows over all N tokens
             ctx_query, ctx_key, ctx_value = _project(attn, encoder_hidden_states, _CONTEXT)
             query = torch.cat([query, ctx_query], dim=2)
-            key = torch.cat([key, ctx_key], dim=2)
-            value = torch.cat([value, ctx_value], dim=2)
+            key, value = self.state.cache.joint_kv(self.name, key, value, after=(ctx_key, ctx_value))
 
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)

@@ -120,6 +120,9 @@ class CacheLayout:
     # channels of one head in each (B, N, H*D) K/V cache (kv_dtype="float8" scales each head of a
     # row on its own, so that a context-parallel rank's heads quantize as in one process)
     head_dims: dict[str, int] = dataclasses.field(default_factory=dict)
+    # attention layer -> rows of other streams (text, reference rows) its keys have before and after
+    # the N image rows: the buffer a pruned step reads leaves room for them (cache.joint_kv)
+    joint: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +138,7 @@ class Geometry:
     # cached or forecast: an edit model's reference-image tokens (Qwen-Image-Edit)
     reference: int = 0
     frames: int = 1  # token frames of a video (Wan), frame-major: N = frames * height * width
+    text: int = 0  # text tokens of the call (Adapter.text_tokens): MAC counting, joint attention's buffers
 
     @property
     def num_tokens(self) -> int:
@@ -321,7 +325,7 @@ class CATState:
         device = g.device
 
         noise = ((g.batch, g.num_tokens, layout.out_channels), layout.out_dtype)
-        self.cache.allocate(layout.kv, layout.extra, noise, device, layout.head_dims)
+        self.cache.allocate(layout.kv, layout.extra, noise, device, layout.head_dims, layout.joint)
         self.labels = self._buffer("labels", (scored, g.num_tokens), torch.int64, device)
         self.staleness = self._buffer("staleness", (scored, g.num_tokens), torch.float32, device)
         self.age = self._buffer("age", (scored, g.num_tokens), torch.float32, device)  # "regions": steps since computed

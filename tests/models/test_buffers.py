@@ -3,10 +3,13 @@ generation of the same shapes, and no tensor made inside a step that a later ste
 
 from __future__ import annotations
 
+import flux_models
 import harness
 import pytest
+import qwen_models
 import torch
 from sd3_models import inputs, tiny_sd3
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cat_pruning
 from cat_pruning.cache import Float8Rows
@@ -128,3 +131,58 @@ def test_cuda_graphs_match_eager(store):
             x = x - 0.1 * out
         harness.assert_all_close(outs, eager, harness.F32)
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------- the buffer attention reads
+
+
+class _Cats(TorchDispatchMode):
+    """Records the shape of every aten.cat output, with the state's step mode at the time."""
+
+    def __init__(self, state) -> None:
+        super().__init__()
+        self.state, self.seen = state, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._overloadpacket is torch.ops.aten.cat:
+            self.seen.append((self.state.mode, tuple(out.shape)))
+        return out
+
+
+def _joint_family(name: str):
+    """(model, inputs, rows attention reads beside the N image rows, step loop) of a family whose
+    attention concatenates other streams' keys with the image keys."""
+    if name == "sd3":
+        return tiny_sd3(), inputs(seed=6), 0, harness.denoise  # [image; text], (B, H, L, D)
+    if name == "flux":
+        return flux_models.tiny_flux(), flux_models.inputs(seed=6), 0, flux_models.run_steps
+    model = qwen_models.tiny_qwen()  # a reference image: rows after the image rows too
+    return model, qwen_models.inputs(seed=6, reference=((2, 3),)), 6, qwen_models.run_steps
+
+
+@pytest.mark.parametrize("store", ["forecast", "reuse"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwen"])
+def test_pruned_steps_attend_without_concatenating_the_image_rows(family, store):
+    """On CAT-F's pruned steps the forecast of the N image keys and values is written into a buffer
+    with room for the text (and reference) rows, which are copied beside it: no concatenation
+    copies the N rows again (issue 21 item 1). The reuse store attends its cache, concatenated
+    as before: the count shows the check sees such a concatenation."""
+    model, kw, reference, run = _joint_family(family)
+    cat_pruning.patch(model, backend="torch", keep_ratio=0.3, full_steps=2, manual_steps=True,
+                      **harness.STORES[store])  # fmt: skip
+    state = model._cat_pruning.state
+    cats = _Cats(state)
+    cat_pruning.reset(model, num_steps=STEPS)
+    with cats:
+        run(model, kw, STEPS, step_fn=lambda: cat_pruning.advance(model))
+    joint = state.geometry.num_tokens + state.geometry.text + reference  # keys of a joint attention
+    pruned = [shape for mode, shape in cats.seen if mode == "pruned"]
+    assert pruned, "no concatenation in a pruned step at all: the check would see nothing"
+    full_rows = [shape for shape in pruned if joint in shape and len(shape) >= 3]  # K/V, not a key mask
+    if store == "reuse":
+        assert full_rows, pruned
+    else:
+        assert not full_rows, full_rows
+        assert state.cache.joint and state.cache.wide
+    cat_pruning.unpatch(model)

@@ -115,24 +115,29 @@ class Adapter:
         """One (B, H, N, D) K and V cache per attention layer, in the dtype its projection computes
         in, and the noise cache in the output projection's shape. `shard`: how the model is split
         over ranks (families without model parallelism only ever get NONE)."""
-        kv = {}
+        kv, joint = {}, {}
         for name, attn in self.attention_modules(model).items():
             heads = attn.heads
             shape = (geometry.batch, heads, geometry.num_tokens, attn.to_k.out_features // heads)
             kv[name] = (shape, compute_dtype(attn.to_k))
+            if getattr(attn, "add_k_proj", None) is not None and geometry.text:  # joint: [image; text] keys
+                joint[name] = (0, geometry.text)
         out = get_submodule(model, self.out_proj)
-        return CacheLayout(kv, out.out_features, compute_dtype(out))
+        return CacheLayout(kv, out.out_features, compute_dtype(out), joint=joint)
 
-    def flat_cache_layout(self, model: nn.Module, geometry: Geometry, shard: Sharding = NONE) -> CacheLayout:
+    def flat_cache_layout(self, model: nn.Module, geometry: Geometry, shard: Sharding = NONE,
+                          text: bool = True) -> CacheLayout:
         """(B, N, H*D) K (after any rotation) and V caches, the layout of the processors built on
         CachedAttentionProcessor._attend_text_image (H: this rank's heads under model parallelism),
-        and the noise cache in the output projection's shape."""
+        and the noise cache in the output projection's shape. `text`: the layers attend the
+        call's text rows jointly, before the image rows (not Wan's self attention)."""
         attns = self.attention_modules(model)
         kv = {name: ((geometry.batch, geometry.num_tokens, local_out_features(attn.to_k) // shard.cp_world),
                      compute_dtype(attn.to_k))
               for name, attn in attns.items()}  # fmt: skip
         out = get_submodule(model, self.out_proj)
-        return CacheLayout(kv, out.out_features, compute_dtype(out), head_dims=head_dims(attns))
+        return CacheLayout(kv, out.out_features, compute_dtype(out), head_dims=head_dims(attns),
+                           joint=joint_rows(kv, geometry, text))
 
     def hidden_layout(self, model: nn.Module, layout: CacheLayout) -> CacheLayout:
         """`layout` with the output cache moved to final_norm's input (output_cache="hidden"): the
@@ -278,6 +283,13 @@ def hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     if not isinstance(hidden, torch.Tensor):
         raise ValueError("cat_pruning: the transformer was called without a hidden_states tensor")
     return hidden
+
+
+def joint_rows(kv: dict, geometry: Geometry, text: bool = True) -> dict[str, tuple[int, int]]:
+    """For the layers of _attend_text_image: [text; image; reference] keys, so the text rows (when
+    the layers attend them) before the image rows and the reference rows after them."""
+    around = (geometry.text if text else 0, geometry.reference)
+    return {name: around for name in kv} if any(around) else {}
 
 
 def encoder_hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor | None:

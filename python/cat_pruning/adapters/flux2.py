@@ -52,6 +52,7 @@ from .base import (
     compute_dtype,
     get_submodule,
     head_dims,
+    joint_rows,
     opens_cache_context,
     pipeline_call_local,
     random_inputs,
@@ -250,7 +251,8 @@ class Flux2Adapter(FluxAdapter):
                 width = local_out_features(proj)
             kv[name] = ((geometry.batch, geometry.num_tokens, width // shard.cp_world), compute_dtype(proj))
         out = get_submodule(model, self.out_proj)
-        return CacheLayout(kv, out.out_features, compute_dtype(out), head_dims=head_dims(self.attention_modules(model)))
+        return CacheLayout(kv, out.out_features, compute_dtype(out), head_dims=head_dims(self.attention_modules(model)),
+                           joint=joint_rows(kv, geometry))
 
     def linear_stream(self, name: str) -> str | None:
         if name.startswith(("time_guidance_embed", "double_stream_modulation", "single_stream_modulation")):

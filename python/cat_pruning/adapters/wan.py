@@ -239,7 +239,7 @@ class WanAdapter(Adapter):
         return Geometry(b, height // p_h, width // p_w, hidden.dtype, hidden.device, frames=frames // p_t)
 
     def cache_layout(self, model: nn.Module, geometry: Geometry, shard: Sharding = NONE) -> CacheLayout:
-        return self.flat_cache_layout(model, geometry, shard)
+        return self.flat_cache_layout(model, geometry, shard, text=False)  # attn1: image rows only
 
     def text_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> int:
         """Context rows of the cross attentions: the text's, and the image's of image-to-video."""
