@@ -718,7 +718,23 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     except KeyboardInterrupt as exc:  # Ctrl-C or timeout's SIGTERM: run.py keeps what finished
         exc.partial_records = records
         raise
+    python_overhead(records, device)
     return records
+
+
+def python_overhead(records: list[dict[str, Any]], device: str) -> None:
+    """ops-auto's time minus that of the backend it dispatches to, case by case: what the public
+    op adds to each call (argument checks, value checks on CPU tensors, the custom-op dispatch),
+    as ``overhead_us`` and in the note (issue 21 item 3). Clearest on the tiny shape
+    (``--shapes tiny``), where the kernels themselves take little; compiled code runs none of it
+    (the checks run while tracing)."""
+    direct = {"cuda": "ext", "triton": "triton", "torch": "torch-ref"}[auto_backend(device)]
+    timed = {(r["case"], r["provider"]): r for r in records if r.get("median_ms") is not None}
+    for r in records:
+        other = timed.get((r["case"], direct))
+        if r["provider"] == "ops-auto" and r.get("median_ms") is not None and other is not None:
+            r["overhead_us"] = 1e3 * (r["median_ms"] - other["median_ms"])
+            r["note"] = "; ".join(n for n in (r.get("note"), f"overhead {r['overhead_us']:.0f} us a call") if n)
 
 
 if __name__ == "__main__":  # pragma: no cover

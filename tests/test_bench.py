@@ -339,3 +339,19 @@ def test_cache_records_count_cat_and_taylorseer_state_on_the_meta_device(monkeyp
     assert per["taylorseer-order1"] * gib == 2 * attention_out
     assert per["taylorseer-order2"] * gib == 3 * attention_out
     assert r["cache_gib"] == per  # one branch
+
+
+def test_python_overhead_is_ops_auto_minus_the_backend_it_picks(run_module, monkeypatch):
+    """kernel_bench.python_overhead: per case, ops-auto's median minus that of the provider auto
+    resolves to, in µs, into the record and its note; other cases and failed rows are left alone."""
+    import kernel_bench as kb  # bench/ is on sys.path once run_module is loaded
+
+    monkeypatch.setattr(kb, "auto_backend", lambda device: "cuda")  # auto -> the extension ("ext")
+    records = [dict(case="a", provider="ext", median_ms=0.010), dict(case="a", provider="ops-auto", median_ms=0.035,
+               note="auto -> cuda"), dict(case="a", provider="torch-ref", median_ms=0.5),
+               dict(case="b", provider="ops-auto", median_ms=0.2, note=""), dict(case="c", provider="ext"),
+               dict(case="c", provider="ops-auto", median_ms=0.1)]  # fmt: skip
+    kb.python_overhead(records, "cpu")
+    assert records[1]["overhead_us"] == pytest.approx(25.0)
+    assert records[1]["note"] == "auto -> cuda; overhead 25 us a call"
+    assert all("overhead_us" not in r for i, r in enumerate(records) if i != 1)
