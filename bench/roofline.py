@@ -45,17 +45,19 @@ def _tensors(*trees: object) -> list[Tensor]:
     return [t for t in tree_leaves(trees) if isinstance(t, Tensor)]
 
 
-def _forecast_bytes(*caches: tuple[Tensor, Tensor, Tensor, Tensor], pos: Tensor) -> int:
-    """forecast_tokens_ / forecast_kv_: every row's base read and its forecast written; the
-    skipped rows' slopes read; the computed rows (as many as `rows` holds) read and written into
-    base and slope. A pruned step under forecast_from="refresh" marks none of its rows computed
-    (they are scattered into the forecast by scatter_kv_ / scatter_tokens_), so there the count is
-    K/N of the cache too high: 2% at keep_ratio 0.02."""
+def _forecast_bytes(*caches: tuple[Tensor, Tensor, Tensor | None, Tensor], pos: Tensor) -> int:
+    """forecast_tokens_ / forecast_kv_: the computed rows (as many as `rows` holds) read, their
+    old base read and base and slope written; with an out, every row written there and the
+    skipped rows' base and slope read for it (without one, a step that computes every row, the
+    skipped rows are not touched). A pruned step under forecast_from="refresh" marks none of its
+    rows computed (they are scattered into the forecast by scatter_kv_ / scatter_tokens_), so
+    there the count is K/N of the cache too high: 2% at keep_ratio 0.02."""
     total = _nbytes(pos) + 2 * 4 * pos.numel()  # pos, and the fp32 weight and inv_dt: (B, N) each
     for base, slope, out, rows in caches:
         computed = rows.numel() / base.numel()
-        total += _nbytes(base) + _nbytes(out) + _nbytes(rows)
-        total += int(computed * (_nbytes(base) + _nbytes(slope)) + (1 - computed) * _nbytes(slope))
+        total += _nbytes(rows) + int(computed * (2 * _nbytes(base) + _nbytes(slope)))
+        if out is not None:
+            total += _nbytes(out) + int((1 - computed) * (_nbytes(base) + _nbytes(slope)))
     return total
 
 

@@ -69,7 +69,7 @@ def scatter_kv_(k_cache: Tensor, v_cache: Tensor, idx: Tensor, k: Tensor, v: Ten
 
 
 def forecast_tokens_(
-    base: Tensor, slope: Tensor, out: Tensor, pos: Tensor, rows: Tensor, weight: Tensor, inv_dt: Tensor, dim: int
+    base: Tensor, slope: Tensor, out: Tensor | None, pos: Tensor, rows: Tensor, weight: Tensor, inv_dt: Tensor, dim: int
 ) -> None:
     """One cache's forecast step in one pass (base, slope, out in place); see reference.forecast_tokens_."""
     _ops.forecast_tokens_(base, slope, out, pos, rows, weight, inv_dt, dim)
@@ -80,8 +80,8 @@ def forecast_kv_(
     v_base: Tensor,
     k_slope: Tensor,
     v_slope: Tensor,
-    k_out: Tensor,
-    v_out: Tensor,
+    k_out: Tensor | None,
+    v_out: Tensor | None,
     pos: Tensor,
     k: Tensor,
     v: Tensor,

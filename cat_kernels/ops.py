@@ -170,8 +170,8 @@ def _(k_cache, v_cache, idx, k, v, dim, backend):
 
 @torch.library.custom_op("cat_ops::forecast_tokens_", mutates_args=("base", "slope", "out"))
 def _forecast_tokens_op(
-    base: Tensor, slope: Tensor, out: Tensor, pos: Tensor, rows: Tensor, weight: Tensor, inv_dt: Tensor, dim: int,
-    backend: str,
+    base: Tensor, slope: Tensor, out: Tensor | None, pos: Tensor, rows: Tensor, weight: Tensor, inv_dt: Tensor,
+    dim: int, backend: str,
 ) -> None:
     _impl("forecast_tokens_", backend)(base, slope, out, pos, rows, weight, inv_dt, dim)
 
@@ -189,8 +189,8 @@ def _forecast_kv_op(
     v_base: Tensor,
     k_slope: Tensor,
     v_slope: Tensor,
-    k_out: Tensor,
-    v_out: Tensor,
+    k_out: Tensor | None,
+    v_out: Tensor | None,
     pos: Tensor,
     k: Tensor,
     v: Tensor,
@@ -395,23 +395,24 @@ def scatter_kv_(
 
 
 def _check_forecast(
-    names: tuple[str, str, str, str], base: Tensor, slope: Tensor, out: Tensor, rows: Tensor, pos: Tensor, dim: int
+    names: tuple[str, str, str, str], base: Tensor, slope: Tensor, out: Tensor | None, rows: Tensor, pos: Tensor,
+    dim: int,
 ) -> None:
-    """One cache (base, slope, out) and its new rows against pos (B, N)."""
+    """One cache (base, slope, out or None) and its new rows against pos (B, N)."""
     base_name, slope_name, out_name, rows_name = names
     if dim not in (1, 2):
         raise ValueError(f"dim must be 1 for (B, N, C) caches or 2 for (B, H, N, D) ones, got {dim}")
     _check_tensor(base_name, base, dim + 2, _FLOATS)
-    for name, t in ((slope_name, slope), (out_name, out)):
+    for name, t in ((slope_name, slope), *(((out_name, out),) if out is not None else ())):
         _check_tensor(name, t, base.dim(), _FLOATS)
         if t.shape != base.shape:
             raise ValueError(f"{name} must have the shape of {base_name} {tuple(base.shape)}, got {tuple(t.shape)}")
-    if out.dtype != base.dtype:
-        raise ValueError(f"{out_name} must have the dtype of {base_name} ({base.dtype}), got {out.dtype}")
     for name, t in ((base_name, base), (slope_name, slope)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (a cache the caller allocates), got strides {t.stride()}")
-    if not _rows_view(out):
+    if out is not None and out.dtype != base.dtype:
+        raise ValueError(f"{out_name} must have the dtype of {base_name} ({base.dtype}), got {out.dtype}")
+    if out is not None and not _rows_view(out):
         raise ValueError(f"{out_name} must be contiguous or a slice of a contiguous buffer along its leading "
                          f"dimensions (rows of stride 1, no overlap), got strides {out.stride()}")
     _check_tensor(rows_name, rows, base.dim(), _FLOATS)
@@ -421,12 +422,13 @@ def _check_forecast(
         raise ValueError(f"{rows_name} must have shape {tuple(expected)} (N replaced by K), got {tuple(rows.shape)}")
     if pos.shape != (base.shape[0], base.shape[dim]):
         raise ValueError(f"pos must have shape (B, N) = {(base.shape[0], base.shape[dim])}, got {tuple(pos.shape)}")
-    _check_same_device(**{base_name: base, slope_name: slope, out_name: out, rows_name: rows, "pos": pos})
+    written = {base_name: base, slope_name: slope, **({out_name: out} if out is not None else {})}
+    _check_same_device(**written, **{rows_name: rows, "pos": pos})
     # Aliases would break the math (a skipped token's out written over its base). Data pointers
     # do not exist while tracing or on meta tensors.
     if not torch.compiler.is_compiling() and base.device.type != "meta":
-        ptrs = {name: t.data_ptr() for name, t in ((base_name, base), (slope_name, slope), (out_name, out))}
-        if len(set(ptrs.values())) < 3 and base.numel():
+        ptrs = {name: t.data_ptr() for name, t in written.items()}
+        if len(set(ptrs.values())) < len(ptrs) and base.numel():
             raise ValueError(f"{base_name}, {slope_name} and {out_name} must be distinct tensors, got {ptrs}")
 
 
@@ -461,7 +463,7 @@ def _check_forecast_inputs(pos: Tensor, weight: Tensor, inv_dt: Tensor, k_rows: 
 def forecast_tokens_(
     base: Tensor,
     slope: Tensor,
-    out: Tensor,
+    out: Tensor | None,
     pos: Tensor,
     rows: Tensor,
     weight: Tensor,
@@ -476,7 +478,8 @@ def forecast_tokens_(
     dtype): slope[n] = (new - base[n]) * inv_dt[b, n], base[n] = new, out[n] = new. Skipped
     tokens (pos = -1) keep base and slope and read out[n] = base[n] + weight[b, n] * slope[n].
     All math in fp32, one rounding per stored value. With weight = 0, out is the plain scatter of
-    rows into base (reuse); see :func:`cat_kernels.reference.forecast_tokens_`.
+    rows into base (reuse); see :func:`cat_kernels.reference.forecast_tokens_`. Without out,
+    only base and slope are updated (a step that computes every row reads its new rows).
 
     Args:
         base: (B, N, C) with dim=1 or (B, H, N, D) with dim=2, float32/float16/bfloat16,
@@ -486,7 +489,8 @@ def forecast_tokens_(
         out: base's shape and dtype: what the consumer reads. Written in place. Contiguous,
             or a slice of a contiguous buffer along the leading dimensions (rows of stride 1):
             e.g. the image rows of a (B, T + N, C) buffer whose T text rows the caller fills,
-            so attention reads one tensor without a concatenation.
+            so attention reads one tensor without a concatenation. None: nothing is written
+            there (a step that computes every row reads its new rows, not a forecast).
         pos: (B, N) int32/int64, the token's row in `rows` if computed this step, else -1;
             values in [-1, K).
         rows: the new rows, base's shape with N replaced by K (0 <= K); any strides and float dtype.
@@ -508,8 +512,8 @@ def forecast_kv_(
     v_base: Tensor,
     k_slope: Tensor,
     v_slope: Tensor,
-    k_out: Tensor,
-    v_out: Tensor,
+    k_out: Tensor | None,
+    v_out: Tensor | None,
     pos: Tensor,
     k: Tensor,
     v: Tensor,
@@ -523,10 +527,11 @@ def forecast_kv_(
 
     Same rules for the triples (k_base, k_slope, k_out) with new rows k and (v_base, v_slope,
     v_out) with v; the two caches must have equal shapes (dtypes may differ) and share pos,
-    weight and inv_dt. dim defaults to 2: caches (B, H, N, D), new rows (B, H, K, D), typically
-    a transposed view of attention's (B, K, H, D).
+    weight and inv_dt; k_out and v_out are both given or both None. dim defaults to 2: caches
+    (B, H, N, D), new rows (B, H, K, D), typically a transposed view of attention's (B, K, H, D).
     """
     _check_tensor("pos", pos, 2, _INTS)
+    _check_pair(("k_out", "v_out"), k_out, v_out)
     _check_forecast(("k_base", "k_slope", "k_out", "k"), k_base, k_slope, k_out, k, pos, dim)
     _check_forecast(("v_base", "v_slope", "v_out", "v"), v_base, v_slope, v_out, v, pos, dim)
     if v_base.shape != k_base.shape:

@@ -164,12 +164,14 @@ def scatter_kv_(k_cache: Tensor, v_cache: Tensor, idx: Tensor, k: Tensor, v: Ten
 
 
 def forecast_tokens_(
-    base: Tensor, slope: Tensor, out: Tensor, pos: Tensor, rows: Tensor, weight: Tensor, inv_dt: Tensor, dim: int
+    base: Tensor, slope: Tensor, out: Tensor | None, pos: Tensor, rows: Tensor, weight: Tensor, inv_dt: Tensor,
+    dim: int,
 ) -> None:
     """First-order forecast of one cache: computed tokens refresh base and slope, the others are
     read as base + weight * slope. All math in fp32, one rounding per stored value.
 
-    base, out: (B, N, C) with dim=1 or (B, H, N, D) with dim=2, one float dtype; slope: same
+    base, out: (B, N, C) with dim=1 or (B, H, N, D) with dim=2, one float dtype (out None: only
+    base and slope are updated, a step that reads the new rows themselves); slope: same
     shape, any float dtype; rows: the new rows, N replaced by K; pos: (B, N) integer, the row of
     each token in `rows` or -1 (values outside [0, K) count as -1); weight, inv_dt: (B, N) fp32.
     For pos[b, n] = j >= 0, with new = rows[b, ..., j, :] rounded to base's dtype:
@@ -194,7 +196,8 @@ def forecast_tokens_(
     # Two roundings (product, then sum), never a fused multiply-add: the kernels do the same.
     forecast = b_old + w * s_old
     new_slope = (new - b_old) * idt
-    out.copy_(torch.where(computed, new, forecast))
+    if out is not None:
+        out.copy_(torch.where(computed, new, forecast))
     slope.copy_(torch.where(computed, new_slope, s_old))
     base.copy_(torch.where(computed, new, b_old))
 
@@ -204,8 +207,8 @@ def forecast_kv_(
     v_base: Tensor,
     k_slope: Tensor,
     v_slope: Tensor,
-    k_out: Tensor,
-    v_out: Tensor,
+    k_out: Tensor | None,
+    v_out: Tensor | None,
     pos: Tensor,
     k: Tensor,
     v: Tensor,

@@ -16,8 +16,9 @@
 namespace cat_kernels {
 namespace {
 
-// A computed token's row: slope = (new - base) * inv_dt, base = out = new. Restrict-qualified and
-// with a unit-stride case, so the compiler can vectorize the dtype conversions.
+// A computed token's row: slope = (new - base) * inv_dt, base = out = new (os null: no out).
+// Restrict-qualified and with a unit-stride case, so the compiler can vectorize the dtype
+// conversions.
 template <typename scalar_t, typename slope_t>
 inline void refresh_row(scalar_t* __restrict__ bs, slope_t* __restrict__ ss, scalar_t* __restrict__ os,
                         const scalar_t* __restrict__ row, int64_t stride, int64_t D, float idt) {
@@ -25,16 +26,15 @@ inline void refresh_row(scalar_t* __restrict__ bs, slope_t* __restrict__ ss, sca
     for (int64_t e = 0; e < D; ++e) {
       ss[e] = static_cast<slope_t>(forecast_slope(static_cast<float>(row[e]), static_cast<float>(bs[e]), idt));
       bs[e] = row[e];
-      os[e] = row[e];
     }
   } else {
     for (int64_t e = 0; e < D; ++e) {
       const scalar_t now = row[e * stride];
       ss[e] = static_cast<slope_t>(forecast_slope(static_cast<float>(now), static_cast<float>(bs[e]), idt));
       bs[e] = now;
-      os[e] = now;
     }
   }
+  if (os != nullptr) std::copy(bs, bs + D, os);
 }
 
 // A skipped token's row: out = base + w * slope.
@@ -47,17 +47,18 @@ inline void forecast_row(const scalar_t* __restrict__ bs, const slope_t* __restr
 }
 
 // One pass over the B*H*N cache rows (base and slope contiguous, so row r starts at r * D; out4's
-// rows at its strides). The new rows are already in base's dtype; pos is contiguous int64,
-// checked to lie in [-1, K).
+// rows at its strides; without out4 the skipped rows are not touched). The new rows are already
+// in base's dtype; pos is contiguous int64, checked to lie in [-1, K).
 template <typename scalar_t, typename slope_t>
-void forecast_rows_cpu(const at::Tensor& base, const at::Tensor& slope, const at::Tensor& out4, const at::Tensor& rows4,
+void forecast_rows_cpu(const at::Tensor& base, const at::Tensor& slope, const std::optional<at::Tensor>& out4,
+                       const at::Tensor& rows4,
                        const at::Tensor& index, const at::Tensor& weight, const at::Tensor& inv_dt) {
   const int64_t B = rows4.size(0), H = rows4.size(1), K = rows4.size(2), D = rows4.size(3);
   const int64_t N = index.size(1);
   scalar_t* bp = base.data_ptr<scalar_t>();
   slope_t* sp = slope.data_ptr<slope_t>();
-  scalar_t* op = out4.data_ptr<scalar_t>();
-  const auto os = out4.strides();
+  scalar_t* op = out4.has_value() ? out4->data_ptr<scalar_t>() : nullptr;
+  const int64_t os0 = op ? out4->stride(0) : 0, os1 = op ? out4->stride(1) : 0, os2 = op ? out4->stride(2) : 0;
   const scalar_t* rp = rows4.data_ptr<scalar_t>();
   const auto rs = rows4.strides();
   const int64_t* pos = index.data_ptr<int64_t>();
@@ -70,23 +71,24 @@ void forecast_rows_cpu(const at::Tensor& base, const at::Tensor& slope, const at
       const int64_t b = r / (H * N), h = (r / N) % H, n = r % N;
       const int64_t j = pos[b * N + n];
       if (j >= 0 && j < K) {
-        refresh_row(bp + r * D, sp + r * D, op + b * os[0] + h * os[1] + n * os[2], rp + b * rs[0] + h * rs[1] + j * rs[2], rs[3], D,
+        refresh_row(bp + r * D, sp + r * D, op ? op + b * os0 + h * os1 + n * os2 : nullptr, rp + b * rs[0] + h * rs[1] + j * rs[2], rs[3], D,
                     tp[b * ts0 + n * ts1]);
-      } else {
-        forecast_row(bp + r * D, sp + r * D, op + b * os[0] + h * os[1] + n * os[2], D, wp[b * ws0 + n * ws1]);
+      } else if (op != nullptr) {
+        forecast_row(bp + r * D, sp + r * D, op + b * os0 + h * os1 + n * os2, D, wp[b * ws0 + n * ws1]);
       }
     }
   });
 }
 
-void forecast_one_cpu(at::Tensor& base, at::Tensor& slope, at::Tensor& out, const at::Tensor& rows, const at::Tensor& index,
-                      const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
+void forecast_one_cpu(at::Tensor& base, at::Tensor& slope, const std::optional<at::Tensor>& out, const at::Tensor& rows,
+                      const at::Tensor& index, const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
   if (base.numel() == 0) return;
   const at::Tensor r4 = as_bhnd(rows.to(base.scalar_type()), dim);  // rounded once, as base stores it
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "forecast_cpu", [&] {
     using cache_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, slope.scalar_type(), "forecast_cpu_slope", [&] {
-      forecast_rows_cpu<cache_t, scalar_t>(base, slope, as_bhnd(out, dim), r4, index, weight, inv_dt);
+      const auto out4 = out.has_value() ? std::optional<at::Tensor>(as_bhnd(*out, dim)) : std::nullopt;
+      forecast_rows_cpu<cache_t, scalar_t>(base, slope, out4, r4, index, weight, inv_dt);
     });
   });
 }
@@ -101,8 +103,8 @@ at::Tensor checked_pos_cpu(const at::Tensor& pos, int64_t K) {
   return p;
 }
 
-void forecast_tokens_cpu(at::Tensor& base, at::Tensor& slope, at::Tensor& out, const at::Tensor& pos, const at::Tensor& rows,
-                         const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
+void forecast_tokens_cpu(at::Tensor& base, at::Tensor& slope, const std::optional<at::Tensor>& out, const at::Tensor& pos,
+                         const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
   check_forecast("base", base, "slope", slope, "out", out, "rows", rows, pos, dim);
   check_forecast_inputs(pos, weight, inv_dt);
   CAT_CHECK_DEVICE_TYPE(base, at::kCPU);
@@ -110,9 +112,9 @@ void forecast_tokens_cpu(at::Tensor& base, at::Tensor& slope, at::Tensor& out, c
   forecast_one_cpu(base, slope, out, rows, checked_pos_cpu(pos, rows.size(dim)), weight, inv_dt, dim);
 }
 
-void forecast_kv_cpu(at::Tensor& k_base, at::Tensor& v_base, at::Tensor& k_slope, at::Tensor& v_slope, at::Tensor& k_out,
-                     at::Tensor& v_out, const at::Tensor& pos, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
+void forecast_kv_cpu(at::Tensor& k_base, at::Tensor& v_base, at::Tensor& k_slope, at::Tensor& v_slope,
+                     const std::optional<at::Tensor>& k_out, const std::optional<at::Tensor>& v_out, const at::Tensor& pos,
+                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
   check_forecast_kv(k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim);
   CAT_CHECK_DEVICE_TYPE(k_base, at::kCPU);
   check_forecast_distinct("k_base, k_slope and k_out", k_base, k_slope, k_out);
@@ -122,15 +124,15 @@ void forecast_kv_cpu(at::Tensor& k_base, at::Tensor& v_base, at::Tensor& k_slope
   forecast_one_cpu(v_base, v_slope, v_out, v, index, weight, inv_dt, dim);
 }
 
-void forecast_tokens_meta(at::Tensor& base, at::Tensor& slope, at::Tensor& out, const at::Tensor& pos, const at::Tensor& rows,
-                          const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
+void forecast_tokens_meta(at::Tensor& base, at::Tensor& slope, const std::optional<at::Tensor>& out, const at::Tensor& pos,
+                          const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
   check_forecast("base", base, "slope", slope, "out", out, "rows", rows, pos, dim);
   check_forecast_inputs(pos, weight, inv_dt);
 }
 
-void forecast_kv_meta(at::Tensor& k_base, at::Tensor& v_base, at::Tensor& k_slope, at::Tensor& v_slope, at::Tensor& k_out,
-                      at::Tensor& v_out, const at::Tensor& pos, const at::Tensor& k, const at::Tensor& v,
-                      const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
+void forecast_kv_meta(at::Tensor& k_base, at::Tensor& v_base, at::Tensor& k_slope, at::Tensor& v_slope,
+                      const std::optional<at::Tensor>& k_out, const std::optional<at::Tensor>& v_out, const at::Tensor& pos,
+                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
   check_forecast_kv(k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim);
 }
 
@@ -216,11 +218,11 @@ at::Tensor forecast_attention_meta(const at::Tensor& q, const at::Tensor& k_base
 // In-place ops return nothing, so torch.compile can functionalize them.
 TORCH_LIBRARY_FRAGMENT(cat_kernels, m) {
   m.def(
-      "forecast_tokens_(Tensor(a!) base, Tensor(b!) slope, Tensor(c!) out, Tensor pos, Tensor rows, Tensor weight, "
+      "forecast_tokens_(Tensor(a!) base, Tensor(b!) slope, Tensor(c!)? out, Tensor pos, Tensor rows, Tensor weight, "
       "Tensor inv_dt, int dim) -> ()");
   m.def(
-      "forecast_kv_(Tensor(a!) k_base, Tensor(b!) v_base, Tensor(c!) k_slope, Tensor(d!) v_slope, Tensor(e!) k_out, "
-      "Tensor(f!) v_out, Tensor pos, Tensor k, Tensor v, Tensor weight, Tensor inv_dt, int dim) -> ()");
+      "forecast_kv_(Tensor(a!) k_base, Tensor(b!) v_base, Tensor(c!) k_slope, Tensor(d!) v_slope, Tensor(e!)? k_out, "
+      "Tensor(f!)? v_out, Tensor pos, Tensor k, Tensor v, Tensor weight, Tensor inv_dt, int dim) -> ()");
   m.def(
       "forecast_attention(Tensor q, Tensor k_base, Tensor v_base, Tensor? k_slope, Tensor? v_slope, Tensor? weight, "
       "Tensor? k_extra=None, Tensor? v_extra=None, float? scale=None) -> Tensor");

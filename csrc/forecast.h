@@ -28,14 +28,14 @@ inline bool is_rows_view(const at::Tensor& t) {
   return true;
 }
 
-// One cache of the forecast ops: base, slope contiguous, out of base's shape and dtype with rows
-// of stride 1 (is_rows_view), rows of that shape with N replaced by K, pos (B, N). Names are the
-// schema's argument names.
+// One cache of the forecast ops: base, slope contiguous, out (when given) of base's shape and
+// dtype with rows of stride 1 (is_rows_view), rows of that shape with N replaced by K, pos (B, N).
+// Names are the schema's argument names.
 inline void check_forecast(const char* base_name, const at::Tensor& base, const char* slope_name, const at::Tensor& slope,
-                           const char* out_name, const at::Tensor& out, const char* rows_name, const at::Tensor& rows,
-                           const at::Tensor& pos, int64_t dim) {
-  const std::pair<const char*, const at::Tensor*> all[] = {{base_name, &base}, {slope_name, &slope}, {out_name, &out},
-                                                            {rows_name, &rows}};
+                           const char* out_name, const std::optional<at::Tensor>& out, const char* rows_name,
+                           const at::Tensor& rows, const at::Tensor& pos, int64_t dim) {
+  std::vector<std::pair<const char*, const at::Tensor*>> all = {{base_name, &base}, {slope_name, &slope}, {rows_name, &rows}};
+  if (out.has_value()) all.emplace_back(out_name, &*out);
   for (const auto& [name, t] : all) {
     TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf || t->scalar_type() == at::kBFloat16, name,
                 " must be float32/float16/bfloat16, got ", t->scalar_type());
@@ -44,16 +44,18 @@ inline void check_forecast(const char* base_name, const at::Tensor& base, const 
   check_token_dim(base_name, base, dim);
   TORCH_CHECK(slope.sizes() == base.sizes(), slope_name, " must have the shape of ", base_name, " ", base.sizes(), ", got ",
               slope.sizes());
-  TORCH_CHECK(out.sizes() == base.sizes(), out_name, " must have the shape of ", base_name, " ", base.sizes(), ", got ",
-              out.sizes());
-  TORCH_CHECK(out.scalar_type() == base.scalar_type(), out_name, " must have the dtype of ", base_name, " (",
-              base.scalar_type(), "), got ", out.scalar_type());
   for (int i = 0; i < 2; ++i) {
     TORCH_CHECK(all[i].second->is_contiguous(), all[i].first, " must be contiguous, got strides ", all[i].second->strides());
   }
-  TORCH_CHECK(is_rows_view(out), out_name,
-              " must be contiguous or a slice of a contiguous buffer along its leading dimensions, got strides ",
-              out.strides());
+  if (out.has_value()) {
+    TORCH_CHECK(out->sizes() == base.sizes(), out_name, " must have the shape of ", base_name, " ", base.sizes(), ", got ",
+                out->sizes());
+    TORCH_CHECK(out->scalar_type() == base.scalar_type(), out_name, " must have the dtype of ", base_name, " (",
+                base.scalar_type(), "), got ", out->scalar_type());
+    TORCH_CHECK(is_rows_view(*out), out_name,
+                " must be contiguous or a slice of a contiguous buffer along its leading dimensions, got strides ",
+                out->strides());
+  }
   std::vector<int64_t> expected(base.sizes().begin(), base.sizes().end());
   expected[dim] = rows.dim() == base.dim() ? rows.size(dim) : -1;
   TORCH_CHECK(rows.sizes() == at::IntArrayRef(expected), rows_name, " must have shape ", at::IntArrayRef(expected),
@@ -65,10 +67,12 @@ inline void check_forecast(const char* base_name, const at::Tensor& base, const 
 
 // Aliases would break the math (a skipped token's out written over its base). CPU and CUDA only:
 // Meta and fake tensors have no data pointers.
-inline void check_forecast_distinct(const char* what, const at::Tensor& base, const at::Tensor& slope, const at::Tensor& out) {
+inline void check_forecast_distinct(const char* what, const at::Tensor& base, const at::Tensor& slope,
+                                    const std::optional<at::Tensor>& out) {
   if (base.numel() == 0) return;
-  TORCH_CHECK(base.data_ptr() != slope.data_ptr() && base.data_ptr() != out.data_ptr() && slope.data_ptr() != out.data_ptr(),
-              what, " must be distinct tensors");
+  const void* o = out.has_value() ? out->data_ptr() : nullptr;
+  TORCH_CHECK(base.data_ptr() != slope.data_ptr() && base.data_ptr() != o && slope.data_ptr() != o, what,
+              " must be distinct tensors");
 }
 
 inline void check_forecast_inputs(const at::Tensor& pos, const at::Tensor& weight, const at::Tensor& inv_dt) {
@@ -82,9 +86,10 @@ inline void check_forecast_inputs(const at::Tensor& pos, const at::Tensor& weigh
 }
 
 inline void check_forecast_kv(const at::Tensor& k_base, const at::Tensor& v_base, const at::Tensor& k_slope,
-                              const at::Tensor& v_slope, const at::Tensor& k_out, const at::Tensor& v_out,
-                              const at::Tensor& pos, const at::Tensor& k, const at::Tensor& v, const at::Tensor& weight,
-                              const at::Tensor& inv_dt, int64_t dim) {
+                              const at::Tensor& v_slope, const std::optional<at::Tensor>& k_out,
+                              const std::optional<at::Tensor>& v_out, const at::Tensor& pos, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
+  TORCH_CHECK(k_out.has_value() == v_out.has_value(), "k_out and v_out go together: both given or both None");
   check_forecast("k_base", k_base, "k_slope", k_slope, "k_out", k_out, "k", k, pos, dim);
   check_forecast("v_base", v_base, "v_slope", v_slope, "v_out", v_out, "v", v, pos, dim);
   TORCH_CHECK(v_base.sizes() == k_base.sizes(), "v_base must have the shape of k_base ", k_base.sizes(), ", got ",

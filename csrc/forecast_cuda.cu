@@ -15,7 +15,7 @@ constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 8;
 
 // One cache: base, slope contiguous (B, H, N, D); out of that shape, rows of stride 1 at strides
-// os0..os2; rows (B, H, K, D) in base's dtype, any strides.
+// os0..os2 (null: not written); rows (B, H, K, D) in base's dtype, any strides.
 template <typename scalar_t, typename slope_t>
 struct ForecastCache {
   scalar_t* base;
@@ -40,7 +40,7 @@ __global__ void forecast_kernel(ForecastCache<scalar_t, slope_t> c0, ForecastCac
   const int64_t j = static_cast<int64_t>(pos[b * ps0 + n * ps1]);
   scalar_t* bs = c.base + r * D;
   slope_t* ss = c.slope + r * D;
-  scalar_t* os = c.out + b * c.os0 + h * c.os1 + n * c.os2;
+  scalar_t* os = c.out ? c.out + b * c.os0 + h * c.os1 + n * c.os2 : nullptr;
   if (j >= 0 && j < K) {
     const scalar_t* row = c.rows + b * c.rs0 + h * c.rs1 + j * c.rs2;
     const float idt = inv_dt[b * ts0 + n * ts1];
@@ -48,9 +48,9 @@ __global__ void forecast_kernel(ForecastCache<scalar_t, slope_t> c0, ForecastCac
       const scalar_t now = row[e * c.rs3];
       ss[e] = static_cast<slope_t>(forecast_slope(static_cast<float>(now), static_cast<float>(bs[e]), idt));
       bs[e] = now;
-      os[e] = now;
+      if (os) os[e] = now;
     }
-  } else {
+  } else if (os) {
     const float w = weight[b * ws0 + n * ws1];
     for (int64_t e = threadIdx.x; e < D; e += kWarp) {
       os[e] = static_cast<scalar_t>(forecast_value(static_cast<float>(bs[e]), static_cast<float>(ss[e]), w));
@@ -59,19 +59,24 @@ __global__ void forecast_kernel(ForecastCache<scalar_t, slope_t> c0, ForecastCac
 }
 
 struct CacheArgs {
-  at::Tensor base, slope, out4, rows4;  // out4, rows4: (B, H, N|K, D) views, rows4 in base's dtype
+  at::Tensor base, slope;
+  std::optional<at::Tensor> out4;  // (B, H, N, D) view, or none
+  at::Tensor rows4;                // (B, H, K, D) view in base's dtype
 };
 
-CacheArgs cache_args(const at::Tensor& base, const at::Tensor& slope, const at::Tensor& out, const at::Tensor& rows,
-                     int64_t dim) {
-  return {base, slope, as_bhnd(out, dim), as_bhnd(rows.to(base.scalar_type()), dim)};
+CacheArgs cache_args(const at::Tensor& base, const at::Tensor& slope, const std::optional<at::Tensor>& out,
+                     const at::Tensor& rows, int64_t dim) {
+  return {base, slope, out.has_value() ? std::optional<at::Tensor>(as_bhnd(*out, dim)) : std::nullopt,
+          as_bhnd(rows.to(base.scalar_type()), dim)};
 }
 
 template <typename scalar_t, typename slope_t>
 ForecastCache<scalar_t, slope_t> device_cache(const CacheArgs& a) {
-  return {a.base.data_ptr<scalar_t>(), a.slope.data_ptr<slope_t>(), a.out4.data_ptr<scalar_t>(),
+  const bool out = a.out4.has_value();
+  return {a.base.data_ptr<scalar_t>(), a.slope.data_ptr<slope_t>(),
+          out ? a.out4->data_ptr<scalar_t>() : nullptr,
           a.rows4.data_ptr<scalar_t>(), a.rows4.stride(0), a.rows4.stride(1), a.rows4.stride(2), a.rows4.stride(3),
-          a.out4.stride(0), a.out4.stride(1), a.out4.stride(2)};
+          out ? a.out4->stride(0) : 0, out ? a.out4->stride(1) : 0, out ? a.out4->stride(2) : 0};
 }
 
 // One launch for one or two caches of the same dtypes (the second one on blockIdx.y = 1).
@@ -101,8 +106,8 @@ void launch_forecast(const CacheArgs& a0, const CacheArgs* a1, const at::Tensor&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void forecast_tokens_cuda(at::Tensor& base, at::Tensor& slope, at::Tensor& out, const at::Tensor& pos, const at::Tensor& rows,
-                          const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
+void forecast_tokens_cuda(at::Tensor& base, at::Tensor& slope, const std::optional<at::Tensor>& out, const at::Tensor& pos,
+                          const at::Tensor& rows, const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
   check_forecast("base", base, "slope", slope, "out", out, "rows", rows, pos, dim);
   check_forecast_inputs(pos, weight, inv_dt);
   CAT_CHECK_DEVICE_TYPE(base, at::kCUDA);
@@ -111,9 +116,10 @@ void forecast_tokens_cuda(at::Tensor& base, at::Tensor& slope, at::Tensor& out, 
   launch_forecast(cache_args(base, slope, out, rows, dim), nullptr, pos, weight, inv_dt);
 }
 
-void forecast_kv_cuda(at::Tensor& k_base, at::Tensor& v_base, at::Tensor& k_slope, at::Tensor& v_slope, at::Tensor& k_out,
-                      at::Tensor& v_out, const at::Tensor& pos, const at::Tensor& k, const at::Tensor& v,
-                      const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
+void forecast_kv_cuda(at::Tensor& k_base, at::Tensor& v_base, at::Tensor& k_slope, at::Tensor& v_slope,
+                      const std::optional<at::Tensor>& k_out, const std::optional<at::Tensor>& v_out, const at::Tensor& pos,
+                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& weight, const at::Tensor& inv_dt,
+                      int64_t dim) {
   check_forecast_kv(k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim);
   CAT_CHECK_DEVICE_TYPE(k_base, at::kCUDA);
   check_forecast_distinct("k_base, k_slope and k_out", k_base, k_slope, k_out);

@@ -86,3 +86,8 @@ def test_forecast_kv_counts_each_cache_by_its_own_dtypes():
     expected = b * n * (8 + 4 + 4) + per_cache(2, 4) + per_cache(2, 2)
     assert c.cost.launches == 1
     assert c.cost.bytes == pytest.approx(expected)
+    # without out (a step that computes every row): only the computed rows, read and stored
+    with roofline.counting() as c:
+        ops.forecast_kv_(kb, vb, ks, vs, None, None, pos, kr, vr, weight, weight, 2, backend="torch")
+    expected = b * n * (8 + 4 + 4) + elements * c_ * (3 * 2 + 4 + 3 * 2 + 2)
+    assert c.cost.bytes == pytest.approx(expected)

@@ -41,19 +41,25 @@ def _cast_to(x, ptr, ROUND_BF16: tl.constexpr):
 @triton.jit
 def _forecast_rows(
     base_ptr, slope_ptr, out_ptr, rows_ptr, off, out_off, j, s_rk, s_rd, cols, new_ok, m_all, m_new, m_old, w, idt,
-    ROUND_BF16: tl.constexpr,
+    HAS_OUT: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     """One cache's tile: out = new or base + w * slope; base, slope refreshed where new_ok.
-    off: the tile's offsets in base and slope (contiguous), out_off: in out (rows of stride 1)."""
-    base = tl.load(base_ptr + off, mask=m_all, other=0.0).to(tl.float32)
-    # The old slope only matters for skipped tokens: computed rows do not read it.
-    slope = tl.load(slope_ptr + off, mask=m_old, other=0.0).to(tl.float32)
+    off: the tile's offsets in base and slope (contiguous), out_off: in out (rows of stride 1).
+    Without out (HAS_OUT False) skipped rows are not even read."""
+    m_base = m_new  # computed rows read their old value for the slope
+    if HAS_OUT:
+        m_base = m_all  # and skipped ones for their forecast
+    base = tl.load(base_ptr + off, mask=m_base, other=0.0).to(tl.float32)
     new = tl.load(rows_ptr + j[:, None] * s_rk + cols[None, :] * s_rd, mask=m_new, other=0.0)
     # The new value is what base stores: rounded to base's dtype first (exact when equal).
     new = _cast_to(new.to(tl.float32), base_ptr, ROUND_BF16).to(tl.float32)
-    # The launcher turns fp fusion off, so base + w * slope rounds twice, like torch.
-    forecast = base + w[:, None] * slope
-    tl.store(out_ptr + out_off, _cast_to(tl.where(new_ok[:, None], new, forecast), out_ptr, ROUND_BF16), mask=m_all)
+    if HAS_OUT:
+        # The old slope only matters for skipped tokens: computed rows do not read it.
+        slope = tl.load(slope_ptr + off, mask=m_old, other=0.0).to(tl.float32)
+        # The launcher turns fp fusion off, so base + w * slope rounds twice, like torch.
+        forecast = base + w[:, None] * slope
+        value = _cast_to(tl.where(new_ok[:, None], new, forecast), out_ptr, ROUND_BF16)
+        tl.store(out_ptr + out_off, value, mask=m_all)
     tl.store(base_ptr + off, new.to(base_ptr.dtype.element_ty), mask=m_new)
     tl.store(slope_ptr + off, _cast_to((new - base) * idt[:, None], slope_ptr, ROUND_BF16), mask=m_new)
 
@@ -67,17 +73,19 @@ def _forecast_kernel(
     s_rb, s_rh, s_rk, s_rd, s_r2b, s_r2h, s_r2k, s_r2d,
     s_ob, s_oh, s_on, s_o2b, s_o2h, s_o2n,
     s_pb, s_pn, s_wb, s_wn, s_tb, s_tn,
-    TWO: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TWO: tl.constexpr, HAS_OUT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """For pos[b,n] = j in [0, K): slope = (new - base) * inv_dt; base = out = new := rows[b,h,j,:];
     else out = base + weight[b,n] * slope (base, slope kept). fp32 math, one rounding per store.
 
     base, slope (and base2, slope2 when TWO): (B, H, N, D) contiguous, slope of any float dtype;
     out, out2: base's shape and dtype, rows of stride 1 (strides s_o*: a slice of a larger
-    buffer, e.g. beside the text rows attention reads); rows, rows2: (B, H, K, D) any strides; pos: (B, N)
-    int32/int64; weight, inv_dt: (B, N) fp32; all (B, N) any strides. pos outside [0, K) is a
-    skipped token (no fault). Grid row_grid(B*H, N, BLOCK_N, D, BLOCK_D). TWO does the K and
-    V caches of a layer in one launch. Source: issue 10 (CAT-F), docs/design.md section 5.
+    buffer, e.g. beside the text rows attention reads), written only if HAS_OUT; rows, rows2:
+    (B, H, K, D) any strides; pos: (B, N) int32/int64; weight, inv_dt: (B, N) fp32; all (B, N)
+    any strides. pos outside [0, K) is a skipped token (no fault). Grid row_grid(B*H, N,
+    BLOCK_N, D, BLOCK_D). TWO does the K and V caches of a layer in one launch. Source: issue
+    10 (CAT-F), docs/design.md section 5.
     """
     # int64 offsets: B*H*N*D passes 2^31 for video-sized K/V caches.
     bh = tl.program_id(1).to(tl.int64)
@@ -100,13 +108,13 @@ def _forecast_kernel(
     out_off = (b * s_ob + h * s_oh + n64 * s_on)[:, None] + cols[None, :]
     _forecast_rows(
         base_ptr, slope_ptr, out_ptr, rows_ptr + b * s_rb + h * s_rh, off, out_off, j, s_rk, s_rd, cols,
-        new_ok, m_all, m_new, m_old, w, idt, ROUND_BF16,
+        new_ok, m_all, m_new, m_old, w, idt, HAS_OUT, ROUND_BF16,
     )
     if TWO:
         _forecast_rows(
             base2_ptr, slope2_ptr, out2_ptr, rows2_ptr + b * s_r2b + h * s_r2h, off,
             (b * s_o2b + h * s_o2h + n64 * s_o2n)[:, None] + cols[None, :], j, s_r2k, s_r2d, cols,
-            new_ok, m_all, m_new, m_old, w, idt, ROUND_BF16,
+            new_ok, m_all, m_new, m_old, w, idt, HAS_OUT, ROUND_BF16,
         )
 
 
@@ -133,9 +141,11 @@ def _blocks(D: int) -> tuple[int, int]:
     return TILE // block_d, block_d
 
 
-def _forecast(caches: list[tuple[Tensor, Tensor, Tensor, Tensor]], pos: Tensor, weight: Tensor, inv_dt: Tensor,
-              dim: int) -> None:
+def _forecast(caches: list[tuple[Tensor, Tensor, Tensor | None, Tensor]], pos: Tensor, weight: Tensor,
+              inv_dt: Tensor, dim: int) -> None:
     base = caches[0][0]
+    has_out = caches[0][2] is not None
+    caches = [(b, s, b if o is None else o, r) for b, s, o, r in caches]  # no out: base as a placeholder
     B, N = pos.shape
     H, D, K = (1 if dim == 1 else base.shape[1]), base.shape[-1], caches[0][3].shape[dim]
     if base.numel() == 0:
@@ -148,20 +158,20 @@ def _forecast(caches: list[tuple[Tensor, Tensor, Tensor, Tensor]], pos: Tensor, 
         H, N, K, D,
         *_strides4(r1, dim), *_strides4(r2, dim), *_strides4(o1, dim)[:3], *_strides4(o2, dim)[:3],
         pos.stride(0), pos.stride(1), weight.stride(0), weight.stride(1), inv_dt.stride(0), inv_dt.stride(1),
-        TWO=two, ROUND_BF16=os.environ.get("TRITON_INTERPRET") == "1",
+        TWO=two, HAS_OUT=has_out, ROUND_BF16=os.environ.get("TRITON_INTERPRET") == "1",
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
 
 
 def forecast_tokens_triton(
-    base: Tensor, slope: Tensor, out: Tensor, pos: Tensor, rows: Tensor, weight: Tensor, inv_dt: Tensor, dim: int
+    base: Tensor, slope: Tensor, out: Tensor | None, pos: Tensor, rows: Tensor, weight: Tensor, inv_dt: Tensor, dim: int
 ) -> None:
     """One cache's forecast step in one pass; see reference.forecast_tokens_. Validated by ops."""
     _forecast([(base, slope, out, rows)], pos, weight, inv_dt, dim)
 
 
 def forecast_kv_triton(
-    k_base: Tensor, v_base: Tensor, k_slope: Tensor, v_slope: Tensor, k_out: Tensor, v_out: Tensor,
+    k_base: Tensor, v_base: Tensor, k_slope: Tensor, v_slope: Tensor, k_out: Tensor | None, v_out: Tensor | None,
     pos: Tensor, k: Tensor, v: Tensor, weight: Tensor, inv_dt: Tensor, dim: int,
 ) -> None:
     """The K and V caches' forecast step in one launch; see reference.forecast_kv_."""

@@ -442,7 +442,7 @@ class ForecastStore(ReuseStore):
         if self.mode == "anchor":  # the first value of every row: nothing to forecast from yet
             base.copy_(new)
             return new
-        out = self.reads[name]
+        out = self.reads[name] if self.mode == "pruned" else None  # a step that computes every row reads them
         dim = _token_dim(base.shape)
         slope = self.slopes[name]
         computed = new
@@ -506,7 +506,8 @@ class ForecastStore(ReuseStore):
             kb.copy_(key)
             vb.copy_(value)
             return key, value
-        k_out, v_out = self.reads[f"{name}/k"], self.reads[f"{name}/v"]
+        # a step that computes every row reads its new rows: no forecast written for it
+        k_out, v_out = (self.reads[f"{name}/k"], self.reads[f"{name}/v"]) if self.mode == "pruned" else (None, None)
         dim = _token_dim(kb.shape)
         ops.forecast_kv_(kb, vb, self.slopes[f"{name}/k"], self.slopes[f"{name}/v"], k_out, v_out, self.pos, key,
                          value, self.weight_kv, self.inv_dt, dim, backend=self.config.backend)

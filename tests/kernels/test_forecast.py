@@ -257,6 +257,36 @@ def test_out_in_a_wider_buffer(case, name, device):
     assert torch.equal(sliced.cpu(), ref[2].cpu()) and torch.equal(base.cpu(), ref[0].cpu())
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5], CASES[6]], ids=_case_id)
+def test_without_out_base_and_slope_as_with_it(case, name, device):
+    """out=None (a step that computes every row and reads its new rows): base and slope end as
+    with an out, bit for bit, for some and for all rows computed (K = N), K/V and one cache."""
+    shape, dim, dt, sdt, K, layout, pdt = case
+    device = _device_for(name, device)
+    dtype, slope_dtype = DTYPES[dt], DTYPES[sdt]
+    gen = torch.Generator().manual_seed(260 + sum(shape) + dim)
+    B, N = shape[0], shape[dim]
+    K = _k(K, N)
+    pos, _ = _pos(B, N, K, gen, pdt, device)
+    rows_shape = list(shape)
+    rows_shape[dim] = K
+    k, v = (_randn(rows_shape, gen, dtype, device, layout) for _ in range(2))
+    weight, inv_dt = _per_token(B, N, gen, device)
+    kc, vc = _cache(shape, gen, dtype, slope_dtype, device), _cache(shape, gen, dtype, slope_dtype, device)
+    with_out = [t.clone() for t in (*kc, *vc)]
+    mod = _module(name)
+    mod.forecast_kv_(*with_out[0::3], *with_out[1::3], *with_out[2::3], pos, k, v, weight, inv_dt, dim)
+    mod.forecast_kv_(kc[0], vc[0], kc[1], vc[1], None, None, pos, k, v, weight, inv_dt, dim)
+    for got, want in zip((kc[0], vc[0], kc[1], vc[1]), with_out[0::3] + with_out[1::3], strict=True):
+        assert torch.equal(got.cpu(), want.cpu())
+    base, slope, out = _cache(shape, gen, dtype, slope_dtype, device)
+    ref = [t.clone() for t in (base, slope, out)]
+    mod.forecast_tokens_(*ref, pos, k, weight, inv_dt, dim)
+    mod.forecast_tokens_(base, slope, None, pos, k, weight, inv_dt, dim)
+    assert torch.equal(base.cpu(), ref[0].cpu()) and torch.equal(slope.cpu(), ref[1].cpu())
+
+
 @pytest.mark.parametrize("dt,sdt", [("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "bf16")])
 def test_reference_matches_per_token_loop(dt, sdt):
     """The reference against the semantics written out token by token, with explicit roundings."""
@@ -354,6 +384,7 @@ def test_forecast_kv_errors():
         ("v_out must be contiguous", {"v_out": torch.randn(2, 3, 8, 10).transpose(2, 3)}),
         ("k_out must be contiguous", {"k_out": torch.randn(2, 3, 10, 16)[..., ::2]}),  # rows of stride 2
         ("k_out must be contiguous", {"k_out": torch.randn(2, 3, 1, 8).expand(2, 3, 10, 8)}),  # rows overlap
+        ("k_out and v_out go together", {"v_out": None}),
         ("v_base must have the shape", {"v_base": torch.randn(2, 2, 10, 8), "v_slope": torch.randn(2, 2, 10, 8),
                                         "v_out": torch.randn(2, 2, 10, 8), "v": torch.randn(2, 2, 4, 8)}),
         ("k must have shape", {"k": a["k"][..., :5]}),
@@ -374,6 +405,7 @@ def test_forecast_kv_errors():
         with pytest.raises(ValueError, match=match):
             _kv(a, **change)
     _kv(a)  # the valid call still runs
+    _kv(a, k_out=None, v_out=None)  # and so does one without out
 
 
 def test_forecast_tokens_errors():
@@ -407,6 +439,9 @@ def test_extension_errors_name_the_argument():
     with pytest.raises(RuntimeError, match="k_out must be contiguous or a slice"):
         ext.forecast_kv_(a["k_base"], a["v_base"], a["k_slope"], a["v_slope"], torch.randn(2, 3, 10, 16)[..., ::2],
                          a["v_out"], a["pos"], a["k"], a["v"], a["weight"], a["inv_dt"], 2)
+    with pytest.raises(RuntimeError, match="k_out and v_out go together"):
+        ext.forecast_kv_(a["k_base"], a["v_base"], a["k_slope"], a["v_slope"], a["k_out"], None, a["pos"], a["k"],
+                         a["v"], a["weight"], a["inv_dt"], 2)
     with pytest.raises(RuntimeError, match="v must have the shape of k"):
         ext.forecast_kv_(a["k_base"], a["v_base"], a["k_slope"], a["v_slope"], a["k_out"], a["v_out"], a["pos"],
                          a["k"], a["v"][:, :, :3], a["weight"], a["inv_dt"], 2)
@@ -501,3 +536,7 @@ def test_cuda_backends_match_reference(case):
         kw, vw = [t.clone() for t in kb], [t.clone() for t in vb]
         _module(name).forecast_kv_(kw[0], vw[0], kw[1], vw[1], k_out, v_out, pos, k, v, weight, inv_dt, dim)
         assert torch.equal(k_out, kg[2]) and torch.equal(v_out, vg[2]), name
+        # without out: the same bases and slopes
+        kn, vn = [t.clone() for t in kb], [t.clone() for t in vb]
+        _module(name).forecast_kv_(kn[0], vn[0], kn[1], vn[1], None, None, pos, k, v, weight, inv_dt, dim)
+        assert all(torch.equal(a, b) for a, b in zip(kn[:2] + vn[:2], kg[:2] + vg[:2], strict=True)), name
