@@ -209,6 +209,22 @@ def test_zero_weight_is_plain_scatter(dim, shape, dt, name, device):
     assert torch.equal(out.cpu(), expect.cpu()) and torch.equal(base.cpu(), expect.cpu())
 
 
+def _kv_inputs(case, device, seed):
+    """A case's random inputs for forecast_kv_: (gen, pos, k, v, weight, inv_dt, K caches, V caches)."""
+    shape, dim, dt, sdt, K, layout, pdt = case
+    dtype, slope_dtype = DTYPES[dt], DTYPES[sdt]
+    gen = torch.Generator().manual_seed(seed + sum(shape) + dim)
+    B, N = shape[0], shape[dim]
+    K = _k(K, N)
+    pos, _ = _pos(B, N, K, gen, pdt, device)
+    rows_shape = list(shape)
+    rows_shape[dim] = K
+    k, v = (_randn(rows_shape, gen, dtype, device, layout) for _ in range(2))
+    weight, inv_dt = _per_token(B, N, gen, device)
+    kc, vc = _cache(shape, gen, dtype, slope_dtype, device), _cache(shape, gen, dtype, slope_dtype, device)
+    return gen, pos, k, v, weight, inv_dt, kc, vc
+
+
 def _wide_out(shape, dim, gen, dtype, device):
     """A buffer wider than the cache along the token dim (5 rows before, 3 after) and the slice
     of it the ops write: the image rows of [text; image; reference] rows attention reads."""
@@ -224,18 +240,10 @@ def test_out_in_a_wider_buffer(case, name, device):
     """out as the image rows of a larger buffer (rows of stride 1, batch and head strides of the
     buffer): the same values as a contiguous out, bit for bit, and every other row of the buffer
     untouched, for forecast_kv_ (K and V) and forecast_tokens_."""
-    shape, dim, dt, sdt, K, layout, pdt = case
+    shape, dim, dt, sdt = case[:4]
     device = _device_for(name, device)
-    dtype, slope_dtype = DTYPES[dt], DTYPES[sdt]
-    gen = torch.Generator().manual_seed(250 + sum(shape) + dim)
-    B, N = shape[0], shape[dim]
-    K = _k(K, N)
-    pos, _ = _pos(B, N, K, gen, pdt, device)
-    rows_shape = list(shape)
-    rows_shape[dim] = K
-    k, v = (_randn(rows_shape, gen, dtype, device, layout) for _ in range(2))
-    weight, inv_dt = _per_token(B, N, gen, device)
-    kc, vc = _cache(shape, gen, dtype, slope_dtype, device), _cache(shape, gen, dtype, slope_dtype, device)
+    gen, pos, k, v, weight, inv_dt, kc, vc = _kv_inputs(case, device, 250)
+    dtype, slope_dtype, N = DTYPES[dt], DTYPES[sdt], shape[dim]
     (kw, k_out), (vw, v_out) = (_wide_out(shape, dim, gen, dtype, device) for _ in range(2))
     assert not k_out.is_contiguous()
     kw0, vw0 = kw.clone(), vw.clone()
@@ -262,18 +270,10 @@ def test_out_in_a_wider_buffer(case, name, device):
 def test_without_out_base_and_slope_as_with_it(case, name, device):
     """out=None (a step that computes every row and reads its new rows): base and slope end as
     with an out, bit for bit, for some and for all rows computed (K = N), K/V and one cache."""
-    shape, dim, dt, sdt, K, layout, pdt = case
+    shape, dim, dt, sdt = case[:4]
     device = _device_for(name, device)
+    gen, pos, k, v, weight, inv_dt, kc, vc = _kv_inputs(case, device, 260)
     dtype, slope_dtype = DTYPES[dt], DTYPES[sdt]
-    gen = torch.Generator().manual_seed(260 + sum(shape) + dim)
-    B, N = shape[0], shape[dim]
-    K = _k(K, N)
-    pos, _ = _pos(B, N, K, gen, pdt, device)
-    rows_shape = list(shape)
-    rows_shape[dim] = K
-    k, v = (_randn(rows_shape, gen, dtype, device, layout) for _ in range(2))
-    weight, inv_dt = _per_token(B, N, gen, device)
-    kc, vc = _cache(shape, gen, dtype, slope_dtype, device), _cache(shape, gen, dtype, slope_dtype, device)
     with_out = [t.clone() for t in (*kc, *vc)]
     mod = _module(name)
     mod.forecast_kv_(*with_out[0::3], *with_out[1::3], *with_out[2::3], pos, k, v, weight, inv_dt, dim)
