@@ -157,7 +157,7 @@ def macs_record(name: str, module: Any, config: dict, gen: dict, steps: int, kee
         counts[label] = counter.get_total_flops() // 2
     stats = cat_pruning.stats(model)
     patch = model._cat_pruning
-    n, k, text = stats.num_tokens, stats.tokens_kept, patch.state.text_tokens
+    n, k, text = stats.num_tokens, stats.tokens_kept, patch.state.geometry.text
     reference = stats.reference_tokens  # an edit model's reference rows: computed at every step
     per = {r: patch.adapter.macs_per_sample(model, r + reference, n + reference, text) for r in (0, k, n)}
     fixed = per[0]  # text stream, per-sample work, patch embedding, reference rows: independent of K

@@ -403,7 +403,8 @@ def _check_forecast(
     if dim not in (1, 2):
         raise ValueError(f"dim must be 1 for (B, N, C) caches or 2 for (B, H, N, D) ones, got {dim}")
     _check_tensor(base_name, base, dim + 2, _FLOATS)
-    for name, t in ((slope_name, slope), *(((out_name, out),) if out is not None else ())):
+    written = {base_name: base, slope_name: slope, **({out_name: out} if out is not None else {})}
+    for name, t in list(written.items())[1:]:  # slope, out
         _check_tensor(name, t, base.dim(), _FLOATS)
         if t.shape != base.shape:
             raise ValueError(f"{name} must have the shape of {base_name} {tuple(base.shape)}, got {tuple(t.shape)}")
@@ -422,7 +423,6 @@ def _check_forecast(
         raise ValueError(f"{rows_name} must have shape {tuple(expected)} (N replaced by K), got {tuple(rows.shape)}")
     if pos.shape != (base.shape[0], base.shape[dim]):
         raise ValueError(f"pos must have shape (B, N) = {(base.shape[0], base.shape[dim])}, got {tuple(pos.shape)}")
-    written = {base_name: base, slope_name: slope, **({out_name: out} if out is not None else {})}
     _check_same_device(**written, **{rows_name: rows, "pos": pos})
     # Aliases would break the math (a skipped token's out written over its base). Data pointers
     # do not exist while tracing or on meta tensors.

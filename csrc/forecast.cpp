@@ -51,8 +51,8 @@ inline void forecast_row(const scalar_t* __restrict__ bs, const slope_t* __restr
 // in base's dtype; pos is contiguous int64, checked to lie in [-1, K).
 template <typename scalar_t, typename slope_t>
 void forecast_rows_cpu(const at::Tensor& base, const at::Tensor& slope, const std::optional<at::Tensor>& out4,
-                       const at::Tensor& rows4,
-                       const at::Tensor& index, const at::Tensor& weight, const at::Tensor& inv_dt) {
+                       const at::Tensor& rows4, const at::Tensor& index, const at::Tensor& weight,
+                       const at::Tensor& inv_dt) {
   const int64_t B = rows4.size(0), H = rows4.size(1), K = rows4.size(2), D = rows4.size(3);
   const int64_t N = index.size(1);
   scalar_t* bp = base.data_ptr<scalar_t>();
@@ -70,11 +70,11 @@ void forecast_rows_cpu(const at::Tensor& base, const at::Tensor& slope, const st
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / (H * N), h = (r / N) % H, n = r % N;
       const int64_t j = pos[b * N + n];
+      scalar_t* orow = op ? op + b * os0 + h * os1 + n * os2 : nullptr;
       if (j >= 0 && j < K) {
-        refresh_row(bp + r * D, sp + r * D, op ? op + b * os0 + h * os1 + n * os2 : nullptr, rp + b * rs[0] + h * rs[1] + j * rs[2], rs[3], D,
-                    tp[b * ts0 + n * ts1]);
-      } else if (op != nullptr) {
-        forecast_row(bp + r * D, sp + r * D, op + b * os0 + h * os1 + n * os2, D, wp[b * ws0 + n * ws1]);
+        refresh_row(bp + r * D, sp + r * D, orow, rp + b * rs[0] + h * rs[1] + j * rs[2], rs[3], D, tp[b * ts0 + n * ts1]);
+      } else if (orow != nullptr) {
+        forecast_row(bp + r * D, sp + r * D, orow, D, wp[b * ws0 + n * ws1]);
       }
     }
   });
@@ -84,10 +84,10 @@ void forecast_one_cpu(at::Tensor& base, at::Tensor& slope, const std::optional<a
                       const at::Tensor& index, const at::Tensor& weight, const at::Tensor& inv_dt, int64_t dim) {
   if (base.numel() == 0) return;
   const at::Tensor r4 = as_bhnd(rows.to(base.scalar_type()), dim);  // rounded once, as base stores it
+  const std::optional<at::Tensor> out4 = as_bhnd(out, dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "forecast_cpu", [&] {
     using cache_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, slope.scalar_type(), "forecast_cpu_slope", [&] {
-      const auto out4 = out.has_value() ? std::optional<at::Tensor>(as_bhnd(*out, dim)) : std::nullopt;
       forecast_rows_cpu<cache_t, scalar_t>(base, slope, out4, r4, index, weight, inv_dt);
     });
   });

@@ -28,6 +28,11 @@ inline bool is_rows_view(const at::Tensor& t) {
   return true;
 }
 
+// An optional out seen as (B, H, N, D) (as_bhnd), or none.
+inline std::optional<at::Tensor> as_bhnd(const std::optional<at::Tensor>& x, int64_t dim) {
+  return x.has_value() ? std::optional<at::Tensor>(as_bhnd(*x, dim)) : std::nullopt;
+}
+
 // One cache of the forecast ops: base, slope contiguous, out (when given) of base's shape and
 // dtype with rows of stride 1 (is_rows_view), rows of that shape with N replaced by K, pos (B, N).
 // Names are the schema's argument names.

@@ -66,8 +66,7 @@ struct CacheArgs {
 
 CacheArgs cache_args(const at::Tensor& base, const at::Tensor& slope, const std::optional<at::Tensor>& out,
                      const at::Tensor& rows, int64_t dim) {
-  return {base, slope, out.has_value() ? std::optional<at::Tensor>(as_bhnd(*out, dim)) : std::nullopt,
-          as_bhnd(rows.to(base.scalar_type()), dim)};
+  return {base, slope, as_bhnd(out, dim), as_bhnd(rows.to(base.scalar_type()), dim)};
 }
 
 template <typename scalar_t, typename slope_t>

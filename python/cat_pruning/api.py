@@ -219,7 +219,6 @@ def _install(adapter: Adapter, transformer: nn.Module, pipeline: Any | None, con
         if not torch.compiler.is_compiling() and state.geometry is None and state.shard is not NONE:
             check_agreement(state.shard, _generation_summary(state, geometry, args, kwargs))
         state.begin_forward(geometry)
-        state.text_tokens = geometry.text
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
         if state.driver == "auto":
@@ -502,10 +501,10 @@ def stats(obj: Any) -> CATStats:
                                experts=tuple(generation.EXPERTS[:len(parts)]))
 
 
-def _step_macs(p: _Patch, rows: int, dense_rows: int) -> int:
-    """MACs of one forward for one sample that computes `rows` of `dense_rows` rows; with
-    output_cache="hidden" the output projection runs on every row."""
-    macs = p.adapter.macs_per_sample(p.transformer, rows, dense_rows, p.state.text_tokens)
+def _step_macs(p: _Patch, rows: int, dense_rows: int, text: int) -> int:
+    """MACs of one forward for one sample that computes `rows` of `dense_rows` rows beside `text`
+    text tokens; with output_cache="hidden" the output projection runs on every row."""
+    macs = p.adapter.macs_per_sample(p.transformer, rows, dense_rows, text)
     if p.state.config.output_cache == "hidden":
         macs += (dense_rows - rows) * p.adapter.head_macs_per_row(p.transformer)
     return macs
@@ -517,14 +516,14 @@ def _stats(p: _Patch) -> CATStats:
     branches, macs, macs_dense = [], 0, 0
     for name in state.each_branch():  # guidance branches (cache_context): each its own calls
         g, history = state.geometry, list(state.history)
-        n, batch, reference = (g.num_tokens, g.batch, g.reference) if g is not None else (0, 0, 0)
+        n, batch, reference, text = (g.num_tokens, g.batch, g.reference, g.text) if g is not None else (0, 0, 0, 0)
         # rows a step computed: under context parallelism a pruned step also computes the repeats
         # that pad its K tokens to a multiple of the ranks (state.padding); every step computes the
         # reference rows (an edit model's reference image) besides its image tokens
         padding = state.padding if g is not None else 0
         rows = [(tokens + padding if mode == "pruned" else tokens) + reference for mode, tokens in history]
         dense_rows = n + reference
-        macs_of = {t: _step_macs(p, t, dense_rows) for t in {dense_rows, *rows}}
+        macs_of = {t: _step_macs(p, t, dense_rows, text) for t in {dense_rows, *rows}}
         macs += sum(batch * macs_of[t] for t in rows)
         macs_dense += batch * len(history) * macs_of[dense_rows]
         if not branches:  # the first branch's steps, geometry and token map ("cond" before "uncond")

@@ -61,7 +61,7 @@ TIE_BY_HASH = 1e-6
 # pairing, sharding) is shared by all of them.
 BRANCH_FIELDS = ("cache", "forwards", "called", "geometry", "history", "allocated", "caching", "anchor", "labels",
                  "staleness", "age", "idx", "selected", "recomputed", "predicted", "positions", "num_clusters", "kept",
-                 "k", "padding", "text_tokens")
+                 "k", "padding")
 
 
 def _hash(n: int, seed: Tensor, device: torch.device) -> Tensor:
@@ -228,7 +228,6 @@ class CATState:
         self.predicted: Tensor | None = None
         self.num_clusters = 0
         self.kept = self.k = self.padding = 0
-        self.text_tokens = 0  # text tokens of the branch's calls (MAC counting)
         self.anchor: Tensor | None = None
         self.labels: Tensor | None = None
         self.staleness: Tensor | None = None
