@@ -3,8 +3,10 @@
 Each op checks its arguments (a ``ValueError`` that names the argument), picks a backend
 (:mod:`cat_kernels.backend`) and calls a ``torch.library`` custom op in the ``cat_ops``
 namespace whose fake implementation gives shapes, so ``torch.compile(fullgraph=True)`` traces
-through. The implementations live in :mod:`cat_kernels.reference` (pure torch),
-:mod:`cat_kernels.triton` and the optional compiled extension, all with the same signatures.
+through. In plain eager mode (nothing traces, no dispatch mode, no tensor subclass) the
+implementation is called directly, without the custom op's dispatch (``_run``). The
+implementations live in :mod:`cat_kernels.reference` (pure torch), :mod:`cat_kernels.triton`
+and the optional compiled extension, all with the same signatures.
 
 Value checks (indices and labels inside their range) read tensor values, which is a host
 synchronisation on a GPU. They run only on CPU tensors in eager mode; on CUDA the kernels
@@ -17,6 +19,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backend as _backend
 
@@ -96,6 +99,22 @@ def _check_dim(dim: int, x: Tensor) -> None:
 
 def _impl(op: str, backend: str):
     return getattr(_backend.module(backend), op)
+
+
+def _run(name: str, op, *args):
+    """Calls custom op `op` (args end with the concrete backend) where something may look inside
+    the call: while torch.compile or export traces, under a dispatch mode (fake tensors,
+    FlopCounterMode, make_fx) or with tensor subclasses. In plain eager it calls the same
+    implementation, `name` of the backend's module, directly: the custom op's dispatch alone
+    costs 12-30 us a call on a CPU, as much as a small kernel, and a pruned step makes several
+    calls per layer."""
+    if (
+        torch.compiler.is_compiling()
+        or _get_current_dispatch_mode() is not None
+        or any(isinstance(a, Tensor) and type(a) is not Tensor for a in args)
+    ):
+        return op(*args)
+    return _impl(name, args[-1])(*args[:-1])
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -269,7 +288,8 @@ def token_stats(
     if not 1 <= num_clusters <= MAX_CLUSTERS:
         raise ValueError(f"num_clusters must lie in [1, {MAX_CLUSTERS}], got {num_clusters}")
     _check_range("labels", labels, num_clusters)
-    return _token_stats_op(out, anchor, labels, num_clusters, _backend.resolve(out.device, backend))
+    backend = _backend.resolve(out.device, backend)
+    return _run("token_stats", _token_stats_op, out, anchor, labels, num_clusters, backend)
 
 
 def select_tokens(
@@ -321,7 +341,7 @@ def select_tokens(
     if not 0.0 <= staleness_decay <= 1.0:
         raise ValueError(f"staleness_decay must lie in [0, 1], got {staleness_decay}")
     _check_range("labels", labels, nc)
-    return _select_tokens_op(
+    return _run("select_tokens", _select_tokens_op,
         d,
         cluster_score,
         labels,
@@ -349,7 +369,7 @@ def gather_tokens(x: Tensor, idx: Tensor, dim: int = 1, *, backend: str | None =
     _check_batch(x=x, idx=idx)
     _check_same_device(x=x, idx=idx)
     _check_range("idx", idx, x.shape[dim])
-    return _gather_tokens_op(x, idx, dim, _backend.resolve(x.device, backend))
+    return _run("gather_tokens", _gather_tokens_op, x, idx, dim, _backend.resolve(x.device, backend))
 
 
 def _check_scatter(dst_name: str, dst: Tensor, idx: Tensor, src_name: str, src: Tensor, dim: int) -> None:
@@ -375,7 +395,7 @@ def scatter_tokens_(dst: Tensor, idx: Tensor, src: Tensor, dim: int = 1, *, back
         dim: the token dimension, 1 or 2.
     """
     _check_scatter("dst", dst, idx, "src", src, dim)
-    _scatter_tokens_op(dst, idx, src, dim, _backend.resolve(dst.device, backend))
+    _run("scatter_tokens_", _scatter_tokens_op, dst, idx, src, dim, _backend.resolve(dst.device, backend))
     return dst
 
 
@@ -391,7 +411,7 @@ def scatter_kv_(
     _check_scatter("v_cache", v_cache, idx, "v", v, dim)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
-    _scatter_kv_op(k_cache, v_cache, idx, k, v, dim, _backend.resolve(k_cache.device, backend))
+    _run("scatter_kv_", _scatter_kv_op, k_cache, v_cache, idx, k, v, dim, _backend.resolve(k_cache.device, backend))
 
 
 def _check_forecast(
@@ -504,7 +524,8 @@ def forecast_tokens_(
     _check_forecast(("base", "slope", "out", "rows"), base, slope, out, rows, pos, dim)
     _check_forecast_inputs(pos, weight, inv_dt, rows.shape[dim])
     _check_same_device(base=base, pos=pos, weight=weight)
-    _forecast_tokens_op(base, slope, out, pos, rows, weight, inv_dt, dim, _backend.resolve(base.device, backend))
+    backend = _backend.resolve(base.device, backend)
+    _run("forecast_tokens_", _forecast_tokens_op, base, slope, out, pos, rows, weight, inv_dt, dim, backend)
 
 
 def forecast_kv_(
@@ -540,7 +561,7 @@ def forecast_kv_(
         raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     _check_forecast_inputs(pos, weight, inv_dt, k.shape[dim])
     _check_same_device(k_base=k_base, v_base=v_base, pos=pos, weight=weight)
-    _forecast_kv_op(
+    _run("forecast_kv_", _forecast_kv_op,
         k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim,
         _backend.resolve(k_base.device, backend),
     )  # fmt: skip
@@ -657,7 +678,7 @@ def forecast_attention(
         scale = D**-0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    return _forecast_attention_op(
+    return _run("forecast_attention", _forecast_attention_op,
         q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, float(scale),
         _backend.resolve(q.device, backend),
     )  # fmt: skip
@@ -678,4 +699,4 @@ def kmeans(features: Tensor, num_clusters: int, iters: int = 10, *, backend: str
         raise ValueError(f"num_clusters must lie in [1, {MAX_CLUSTERS}], got {num_clusters}")
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
-    return _kmeans_op(features, num_clusters, iters, _backend.resolve(features.device, backend))
+    return _run("kmeans", _kmeans_op, features, num_clusters, iters, _backend.resolve(features.device, backend))

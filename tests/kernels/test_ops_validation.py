@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cat_kernels import backend, ops
 
@@ -130,3 +131,54 @@ def test_torch_compile_fullgraph_matches_eager():
     assert torch.equal(idx_c, idx_e) and torch.equal(rows_c, rows_e)
     for a, b in zip(compiled_args, eager_args, strict=True):
         assert torch.equal(a, b)  # staleness and both caches updated alike
+
+
+class _Log(TorchDispatchMode):
+    """Records the ops dispatched under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _direct_cases():
+    out, anchor, labels = _stats_args(B=2, N=24, C=8, nc=3, seed=5)
+    g = _gen(6)
+    idx = torch.sort(torch.randperm(24, generator=g)[:7]).values.expand(2, 7).contiguous()
+    bases = [torch.randn(2, 3, 24, 8, generator=g) for _ in range(4)]  # k, v bases and slopes
+    pos = torch.full((2, 24), -1, dtype=torch.int64)
+    pos.scatter_(1, idx, torch.arange(7).expand(2, 7).contiguous())
+    rows = [torch.randn(2, 3, 7, 8, generator=g) for _ in range(2)]
+    weight, inv_dt = torch.rand(2, 24, generator=g), torch.rand(2, 24, generator=g) + 0.5
+
+    def forecast(bk, bv, sk, sv):
+        k_out, v_out = torch.empty_like(bk), torch.empty_like(bv)
+        ops.forecast_kv_(bk, bv, sk, sv, k_out, v_out, pos, *rows, weight, inv_dt)
+        return bk, bv, sk, sv, k_out, v_out
+
+    return {
+        "token_stats": (lambda: ops.token_stats(out, anchor, labels, 3), ()),
+        "gather_tokens": (lambda: (ops.gather_tokens(out, idx),), ()),
+        "forecast_kv_": (forecast, bases),
+    }
+
+
+@pytest.mark.parametrize("name", ["token_stats", "gather_tokens", "forecast_kv_"])
+def test_eager_calls_skip_the_custom_op_with_the_same_results(name):
+    """Plain eager calls run the implementation without the custom op's dispatch (its cost is
+    per call); under a dispatch mode (what make_fx, fake tensors and FlopCounterMode use) the
+    custom op is what the mode sees. Both give the same values, bit for bit."""
+    fn, inputs = _direct_cases()[name]
+    eager_inputs, mode_inputs = [t.clone() for t in inputs], [t.clone() for t in inputs]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        eager = fn(*eager_inputs)
+    assert f"cat_ops::{name}" not in {e.name for e in prof.events()}
+    with _Log() as log:
+        traced = fn(*mode_inputs)
+    assert any(op.startswith(f"cat_ops.{name}") for op in log.ops), log.ops
+    for a, b in zip(eager, traced, strict=True):
+        assert torch.equal(a, b)
