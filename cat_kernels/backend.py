@@ -20,6 +20,7 @@ import types
 import warnings
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import reference
 
@@ -48,7 +49,7 @@ def extension_available() -> bool:
     return _EXTENSION is not None
 
 
-def _interpret() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -76,7 +77,7 @@ def resolve(device: torch.device, name: str | None = None) -> str:
     if name == "triton":
         if not triton_available():
             raise RuntimeError("backend 'triton' was requested but `import triton` failed; pip install triton")
-        if kind != "cuda" and not _interpret():
+        if kind != "cuda" and not interpreting():
             raise RuntimeError(f"backend 'triton' runs {kind} tensors only with TRITON_INTERPRET=1")
         return "triton"
     if name == "cuda":
@@ -95,11 +96,23 @@ def resolve(device: torch.device, name: str | None = None) -> str:
             return "cuda"
         _warn_once("cat_kernels: neither triton nor the compiled extension is available; using torch")
         return "torch"
-    if _interpret() and triton_available():
+    if interpreting() and triton_available():
         return "triton"
     if extension_available():
         return "cuda"
     return "torch"
+
+
+def tracing(*args: object) -> bool:
+    """Whether torch may look inside an op call: torch.compile or export traces it, a dispatch
+    mode is active (fake tensors, make_fx, FlopCounterMode) or an argument is a tensor subclass.
+    The ops then go through their torch.library registrations, and the Triton launchers wrap
+    their kernels for tracing; in plain eager both are skipped (their dispatch costs per call)."""
+    return (
+        torch.compiler.is_compiling()
+        or _get_current_dispatch_mode() is not None
+        or any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in args)
+    )
 
 
 def module(backend: str) -> types.ModuleType:

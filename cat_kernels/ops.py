@@ -19,7 +19,6 @@ import math
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backend as _backend
 
@@ -102,19 +101,17 @@ def _impl(op: str, backend: str):
 
 
 def _run(name: str, op, *args):
-    """Calls custom op `op` (args end with the concrete backend) where something may look inside
-    the call: while torch.compile or export traces, under a dispatch mode (fake tensors,
-    FlopCounterMode, make_fx) or with tensor subclasses. In plain eager it calls the same
-    implementation, `name` of the backend's module, directly: the custom op's dispatch alone
-    costs 12-30 us a call on a CPU, as much as a small kernel, and a pruned step makes several
-    calls per layer."""
-    if (
-        torch.compiler.is_compiling()
-        or _get_current_dispatch_mode() is not None
-        or any(isinstance(a, Tensor) and type(a) is not Tensor for a in args)
-    ):
-        return op(*args)
-    return _impl(name, args[-1])(*args[:-1])
+    """Runs op `name` (args end with the concrete backend). Where torch may look inside the call
+    (:func:`cat_kernels.backend.tracing`): the Triton backend's ``triton_op`` when registered
+    (Inductor then sees and schedules the kernels), else custom op `op`. In plain eager the
+    implementation is called directly: a custom op's dispatch alone costs 6-15 us a call on a
+    CPU, as much as a small kernel, and a pruned step makes several calls per layer."""
+    backend = args[-1]
+    if not _backend.tracing(*args):
+        return _impl(name, backend)(*args[:-1])
+    if backend == "triton" and name in _TRITON_OPS:
+        return _TRITON_OPS[name](*args[:-1])
+    return op(*args)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -255,6 +252,38 @@ def _kmeans_op(features: Tensor, num_clusters: int, iters: int, backend: str) ->
 @_kmeans_op.register_fake
 def _(features, num_clusters, iters, backend):
     return features.new_empty(features.shape[:2], dtype=torch.int64)
+
+
+def _triton_ops() -> dict[str, object]:
+    """The Triton backend's ops as ``torch.library.triton_op`` (``cat_ops::triton_<op>``), each
+    with its custom op's schema less the backend: under torch.compile Inductor traces into them
+    and schedules the kernels themselves (wrapped by :func:`cat_kernels.triton.launch.kernel`)
+    in its graph and CUDA graphs, where a custom op is an opaque call. None without Triton,
+    under TRITON_INTERPRET=1 (interpreted kernels cannot be traced; the custom ops serve) or
+    on a torch without triton_op (before 2.6)."""
+    triton_op = getattr(torch.library, "triton_op", None)
+    if triton_op is None or not _backend.triton_available() or _backend.interpreting():
+        return {}
+    registered = {}
+    for name in __all__:
+        schema = str(getattr(torch.ops.cat_ops, name).default._schema)
+        schema = schema[schema.index("(") :].replace(", str backend)", ")")
+        mutates = tuple(a.name for a in getattr(torch.ops.cat_ops, name).default._schema.arguments
+                        if a.alias_info is not None and a.alias_info.is_write)  # fmt: skip
+        impl = _impl(name, "triton")
+        fn = impl if not schema.endswith("-> ()") else _discarding(impl)  # scatter_tokens_ returns dst
+        registered[name] = triton_op(f"cat_ops::triton_{name}", fn, mutates_args=mutates, schema=schema)
+    return registered
+
+
+def _discarding(fn):
+    def call(*args) -> None:
+        fn(*args)
+
+    return call
+
+
+_TRITON_OPS = _triton_ops()
 
 
 # --------------------------------------------------------------------------- public ops
@@ -445,8 +474,9 @@ def _check_forecast(
         raise ValueError(f"pos must have shape (B, N) = {(base.shape[0], base.shape[dim])}, got {tuple(pos.shape)}")
     _check_same_device(**written, **{rows_name: rows, "pos": pos})
     # Aliases would break the math (a skipped token's out written over its base). Data pointers
-    # do not exist while tracing or on meta tensors.
-    if not torch.compiler.is_compiling() and base.device.type != "meta":
+    # do not exist while tracing, on meta tensors or fake and functional ones (subclasses).
+    real = all(type(t) is Tensor for t in written.values())
+    if not torch.compiler.is_compiling() and base.device.type != "meta" and real:
         ptrs = {name: t.data_ptr() for name, t in written.items()}
         if len(set(ptrs.values())) < len(ptrs) and base.numel():
             raise ValueError(f"{base_name}, {slope_name} and {out_name} must be distinct tensors, got {ptrs}")

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import launch
 from .forecast import _cast_to
 
 __all__ = ["forecast_attention"]
@@ -307,7 +308,7 @@ def forecast_attention_triton(
     lowp = _lowp(q, k_base, v_base, kx if T else None, vx if T else None)
     cfg = config(D, lowp, max(k_slope.element_size(), v_slope.element_size()) if has_slope else 0)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), B * H)
-    _forecast_attention_kernel[grid](
+    launch.kernel(_forecast_attention_kernel)[grid](
         q, k_base, v_base, ks, vs, w, kx, vx, out,
         H, M, N, T, float(scale) * LOG2E,
         *q.stride(), w.stride(0), w.stride(1), *kxs, *vxs,

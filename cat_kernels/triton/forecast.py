@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import launch
+
 __all__ = ["forecast_tokens_", "forecast_kv_"]
 
 TILE = 1024  # elements per program and cache (BLOCK_N * BLOCK_D): 8 per thread at 4 warps
@@ -153,7 +155,7 @@ def _forecast(caches: list[tuple[Tensor, Tensor, Tensor | None, Tensor]], pos: T
     two = len(caches) == 2
     (b1, s1, o1, r1), (b2, s2, o2, r2) = caches[0], caches[-1]  # TWO=False: placeholders compiled away
     block_n, block_d = _blocks(D)
-    _forecast_kernel[row_grid(B * H, N, block_n, D, block_d)](
+    launch.kernel(_forecast_kernel)[row_grid(B * H, N, block_n, D, block_d)](
         b1, s1, o1, r1, b2, s2, o2, r2, pos, weight, inv_dt,
         H, N, K, D,
         *_strides4(r1, dim), *_strides4(r2, dim), *_strides4(o1, dim)[:3], *_strides4(o2, dim)[:3],

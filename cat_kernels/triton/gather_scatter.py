@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import launch
 from .forecast import _strides4, row_grid
 
 __all__ = ["gather_tokens", "scatter_tokens_", "scatter_kv_"]
@@ -107,7 +108,7 @@ def gather_tokens_triton(x: Tensor, idx: Tensor, dim: int) -> Tensor:
         return y
     block_d = _block_d(D)
     grid = row_grid(B * H, K, BLOCK_K, D, block_d)
-    _gather_tokens_kernel[grid](
+    launch.kernel(_gather_tokens_kernel)[grid](
         x, idx, y, H, N, K, D, *_strides4(x, dim), idx.stride(0), idx.stride(1),
         BLOCK_K=BLOCK_K, BLOCK_D=block_d, num_warps=4,
     )
@@ -129,7 +130,7 @@ def _scatter(dst: Tensor, src: Tensor, dst2: Tensor | None, src2: Tensor | None,
         src2 = src2.to(dst2.dtype)
     block_d = _block_d(D)
     grid = row_grid(B * H, K, BLOCK_K, D, block_d)
-    _scatter_rows_kernel[grid](
+    launch.kernel(_scatter_rows_kernel)[grid](
         dst, src, dst2, src2, idx, H, N, K, D,
         *_strides4(dst, dim), *_strides4(src, dim), *_strides4(dst2, dim), *_strides4(src2, dim),
         idx.stride(0), idx.stride(1),

@@ -8,6 +8,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
+from . import launch
 
 __all__ = ["kmeans", "kmeans_assign"]
 
@@ -68,7 +69,7 @@ def kmeans_assign_triton(features: Tensor, centroids: Tensor) -> Tensor:
         return labels
     cent = centroids.float().contiguous()
     block_f = _block_f(F)
-    _kmeans_assign_kernel[(B, triton.cdiv(N, BLOCK_N))](
+    launch.kernel(_kmeans_assign_kernel)[(B, triton.cdiv(N, BLOCK_N))](
         features, cent, labels, N, F, nc, features.stride(0), features.stride(1), features.stride(2),
         BLOCK_N=BLOCK_N, BLOCK_F=block_f, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )

@@ -20,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
+from . import launch
 
 __all__ = ["select_tokens"]
 
@@ -295,12 +296,12 @@ def select_tokens_triton(
     num_warps = _num_warps(block_n)
     # Two launches, no host sync: the float orders become rank tables first (d and staleness
     # in parallel programs), so the selection sorts only 32-bit (group, rank) keys.
-    _rank_tokens_kernel[(B, 1 if first else 2)](
+    launch.kernel(_rank_tokens_kernel)[(B, 1 if first else 2)](
         d, staleness, scratch, N, scratch_stride, d.stride(0), d.stride(1), staleness.stride(0), staleness.stride(1),
         BLOCK_N=block_n, num_warps=num_warps,
     )
     # The integer budgets are computed in Python exactly as the reference does.
-    _select_tokens_kernel[(B,)](
+    launch.kernel(_select_tokens_kernel)[(B,)](
         cluster_score, labels, staleness, idx, scratch,
         N, nc, k, k // 10, int(0.05 * k), int(importance_fraction * k), float(staleness_decay), scratch_stride,
         cluster_score.stride(0), cluster_score.stride(1),

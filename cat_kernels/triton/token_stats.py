@@ -7,6 +7,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import launch
+
 __all__ = ["token_stats"]
 
 BLOCK_N = 32  # token rows per program of the main pass
@@ -106,13 +108,13 @@ def token_stats_triton(out: Tensor, anchor: Tensor, labels: Tensor, num_clusters
     if N == 0:
         return d, score.fill_(float("-inf"))
     block_c = _block_c(C)
-    _token_stats_kernel[(B, triton.cdiv(N, BLOCK_N))](
+    launch.kernel(_token_stats_kernel)[(B, triton.cdiv(N, BLOCK_N))](
         out, anchor, labels, d, cmax, N, C, num_clusters,
         out.stride(0), out.stride(1), out.stride(2), anchor.stride(0), anchor.stride(1), anchor.stride(2),
         labels.stride(0), labels.stride(1),
         BLOCK_N=BLOCK_N, BLOCK_C=block_c, num_warps=_num_warps(block_c),
     )
-    _cluster_score_kernel[(B, triton.cdiv(num_clusters, BLOCK_NC))](
+    launch.kernel(_cluster_score_kernel)[(B, triton.cdiv(num_clusters, BLOCK_NC))](
         cmax, score, C, num_clusters, BLOCK_NC=BLOCK_NC, BLOCK_C=block_c, num_warps=4,
     )
     return d, score
