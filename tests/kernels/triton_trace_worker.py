@@ -39,17 +39,22 @@ def _calls(gm: torch.fx.GraphModule) -> list:
     return calls
 
 
-def _cases(B=2, N=48, C=32, H=2, D=16, K=8, nc=4) -> dict:
-    def r(*shape):
-        return torch.empty(*shape, device="cuda")
+def cases(device: str = "cuda", B=2, N=48, C=32, H=2, D=16, K=8, nc=4) -> dict:
+    """op -> (a function calling it, its arguments): valid random inputs (on fake tensors under a
+    FakeTensorMode, as the worker traces them; real ones for the GPU test)."""
+    g = None if device == "cuda" and torch._guards.detect_fake_mode() else torch.Generator(device).manual_seed(0)
 
-    labels = torch.zeros(B, N, dtype=torch.int64, device="cuda")
-    idx = torch.zeros(B, K, dtype=torch.int64, device="cuda")
-    pos = torch.zeros(B, N, dtype=torch.int64, device="cuda")
+    def r(*shape):
+        return torch.randn(*shape, device=device, generator=g)
+
+    labels = torch.randint(0, nc, (B, N), device=device, generator=g)
+    idx = torch.randperm(N, device=device, generator=g)[:K].sort().values.expand(B, K).contiguous()
+    pos = torch.full((B, N), -1, dtype=torch.int64, device=device)
+    pos.scatter_(1, idx, torch.arange(K, device=device).expand(B, K).contiguous())
     return {
         "token_stats": (lambda o, a, lab: ops.token_stats(o, a, lab, nc), (r(B, N, C), r(B, N, C), labels)),
         "select_tokens": (lambda d, s, lab, st: ops.select_tokens(d, s, lab, st, K, first=False),
-                          (r(B, N), r(B, nc), labels, r(B, N))),
+                          (r(B, N).abs(), r(B, nc).abs(), labels, r(B, N).abs())),
         "gather_tokens": (ops.gather_tokens, (r(B, N, C), idx)),
         "scatter_tokens_": (ops.scatter_tokens_, (r(B, N, C), idx, r(B, K, C))),
         "scatter_kv_": (ops.scatter_kv_, (r(B, H, N, D), r(B, H, N, D), idx, r(B, H, K, D), r(B, H, K, D))),
@@ -67,7 +72,7 @@ def main() -> None:
     triton.runtime.driver.set_active(_Sm90())
     graphs = {}
     with FakeTensorMode(allow_non_fake_inputs=True):
-        for name, (fn, args) in _cases().items():
+        for name, (fn, args) in cases().items():
 
             def compiler(gm, inputs, name=name):
                 graphs[name] = _calls(gm)
