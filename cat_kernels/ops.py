@@ -10,7 +10,10 @@ and the optional compiled extension, all with the same signatures.
 
 Value checks (indices and labels inside their range) read tensor values, which is a host
 synchronisation on a GPU. They run only on CPU tensors in eager mode; on CUDA the kernels
-mask out-of-range rows instead of faulting. Shape, dtype and device checks always run.
+mask out-of-range rows instead of faulting. Shape, dtype, device, layout and aliasing checks
+always run while tracing (once per graph); in eager mode once per signature (``_signature``:
+each tensor's shape, strides, dtype, device and address, and the numbers), since a pruned step
+repeats the same calls on the same buffers every step.
 """
 
 from __future__ import annotations
@@ -94,6 +97,39 @@ def _check_dim(dim: int, x: Tensor) -> None:
         raise ValueError(
             f"dim must be 1 for (B, N, C) or 2 for (B, H, N, D); got dim={dim} with x of shape {tuple(x.shape)}"
         )
+
+
+# Signatures of eager calls whose arguments passed the structural checks (shapes, dtypes, devices,
+# layouts, aliasing): a pruned step repeats the same calls every step, so each is checked once per
+# generation's buffers; value checks (indices in range, CPU only) still run every call.
+_CHECKED: set[tuple] = set()
+_MAX_CHECKED = 4096
+
+
+def _signature(op: str, *args) -> tuple | None:
+    """What an eager call's structural checks depend on: per tensor its shape, strides, dtype,
+    device and data pointer (the aliasing checks), numbers and strings as given. None where torch
+    traces, a tensor is a subclass (fake tensors have no data) or an argument is anything else:
+    the checks then always run (while tracing: once per graph, at trace time)."""
+    if torch.compiler.is_compiling():
+        return None
+    key = [op]
+    for a in args:
+        if isinstance(a, Tensor):
+            if type(a) is not Tensor:
+                return None
+            a = (a.shape, a.stride(), a.dtype, a.device, a.data_ptr())
+        elif not isinstance(a, (int, float, str, type(None))):  # e.g. a list where a number belongs
+            return None
+        key.append(a)
+    return tuple(key)
+
+
+def _remember(key: tuple | None) -> None:
+    if key is not None:
+        if len(_CHECKED) >= _MAX_CHECKED:  # bounded: tensors of new shapes or addresses add keys
+            _CHECKED.clear()
+        _CHECKED.add(key)
 
 
 def _impl(op: str, backend: str):
@@ -306,16 +342,19 @@ def token_stats(
     Returns:
         d (B, N) float32 and cluster_score (B, num_clusters) float32.
     """
-    _check_tensor("out", out, 3, _FLOATS)
-    _check_tensor("anchor", anchor, 3, _FLOATS)
-    _check_tensor("labels", labels, 2, _INTS)
-    if anchor.shape != out.shape:
-        raise ValueError(f"anchor must have the shape of out {tuple(out.shape)}, got {tuple(anchor.shape)}")
-    if labels.shape != out.shape[:2]:
-        raise ValueError(f"labels must have shape (B, N) = {tuple(out.shape[:2])}, got {tuple(labels.shape)}")
-    _check_same_device(out=out, anchor=anchor, labels=labels)
-    if not 1 <= num_clusters <= MAX_CLUSTERS:
-        raise ValueError(f"num_clusters must lie in [1, {MAX_CLUSTERS}], got {num_clusters}")
+    key = _signature("token_stats", out, anchor, labels, num_clusters)
+    if key is None or key not in _CHECKED:  # None: traced or fake, always checked
+        _check_tensor("out", out, 3, _FLOATS)
+        _check_tensor("anchor", anchor, 3, _FLOATS)
+        _check_tensor("labels", labels, 2, _INTS)
+        if anchor.shape != out.shape:
+            raise ValueError(f"anchor must have the shape of out {tuple(out.shape)}, got {tuple(anchor.shape)}")
+        if labels.shape != out.shape[:2]:
+            raise ValueError(f"labels must have shape (B, N) = {tuple(out.shape[:2])}, got {tuple(labels.shape)}")
+        _check_same_device(out=out, anchor=anchor, labels=labels)
+        if not 1 <= num_clusters <= MAX_CLUSTERS:
+            raise ValueError(f"num_clusters must lie in [1, {MAX_CLUSTERS}], got {num_clusters}")
+        _remember(key)
     _check_range("labels", labels, num_clusters)
     backend = _backend.resolve(out.device, backend)
     return _run("token_stats", _token_stats_op, out, anchor, labels, num_clusters, backend)
@@ -350,26 +389,30 @@ def select_tokens(
         staleness_decay: factor applied to staleness before the increment, in [0, 1].
         backend: "auto" (default), "triton", "cuda" or "torch".
     """
-    _check_tensor("d", d, 2, (torch.float32,))
-    _check_tensor("cluster_score", cluster_score, 2, (torch.float32,))
-    _check_tensor("labels", labels, 2, _INTS)
-    _check_tensor("staleness", staleness, 2, (torch.float32,))
-    _check_batch(d=d, cluster_score=cluster_score, labels=labels, staleness=staleness)
-    for name, t in (("labels", labels), ("staleness", staleness)):
-        if t.shape != d.shape:
-            raise ValueError(f"{name} must have the shape of d {tuple(d.shape)}, got {tuple(t.shape)}")
-    _check_same_device(d=d, cluster_score=cluster_score, labels=labels, staleness=staleness)
-    N, nc = d.shape[1], cluster_score.shape[1]
-    _check_k(k, N)
-    if N > MAX_TOKENS:
-        raise ValueError(f"d has N={N} tokens; at most {MAX_TOKENS} are supported")
-    if not 1 <= nc <= MAX_CLUSTERS:
-        raise ValueError(f"cluster_score must have 1 to {MAX_CLUSTERS} clusters, got {nc}")
-    if not 0.0 <= importance_fraction <= 1.0:
-        raise ValueError(f"importance_fraction must lie in [0, 1], got {importance_fraction}")
-    if not 0.0 <= staleness_decay <= 1.0:
-        raise ValueError(f"staleness_decay must lie in [0, 1], got {staleness_decay}")
-    _check_range("labels", labels, nc)
+    key = _signature("select_tokens", d, cluster_score, labels, staleness, k, first, importance_fraction,
+                     staleness_decay)  # fmt: skip
+    if key is None or key not in _CHECKED:  # None: traced or fake, always checked
+        _check_tensor("d", d, 2, (torch.float32,))
+        _check_tensor("cluster_score", cluster_score, 2, (torch.float32,))
+        _check_tensor("labels", labels, 2, _INTS)
+        _check_tensor("staleness", staleness, 2, (torch.float32,))
+        _check_batch(d=d, cluster_score=cluster_score, labels=labels, staleness=staleness)
+        for name, t in (("labels", labels), ("staleness", staleness)):
+            if t.shape != d.shape:
+                raise ValueError(f"{name} must have the shape of d {tuple(d.shape)}, got {tuple(t.shape)}")
+        _check_same_device(d=d, cluster_score=cluster_score, labels=labels, staleness=staleness)
+        N, nc = d.shape[1], cluster_score.shape[1]
+        _check_k(k, N)
+        if N > MAX_TOKENS:
+            raise ValueError(f"d has N={N} tokens; at most {MAX_TOKENS} are supported")
+        if not 1 <= nc <= MAX_CLUSTERS:
+            raise ValueError(f"cluster_score must have 1 to {MAX_CLUSTERS} clusters, got {nc}")
+        if not 0.0 <= importance_fraction <= 1.0:
+            raise ValueError(f"importance_fraction must lie in [0, 1], got {importance_fraction}")
+        if not 0.0 <= staleness_decay <= 1.0:
+            raise ValueError(f"staleness_decay must lie in [0, 1], got {staleness_decay}")
+        _remember(key)
+    _check_range("labels", labels, cluster_score.shape[1])
     return _run("select_tokens", _select_tokens_op,
         d,
         cluster_score,
@@ -392,11 +435,14 @@ def gather_tokens(x: Tensor, idx: Tensor, dim: int = 1, *, backend: str | None =
         dim: the token dimension, 1 or 2.
     Returns a new contiguous tensor with N replaced by K.
     """
-    _check_tensor("x", x, x.dim() if x.dim() in (3, 4) else 3, _FLOATS)
-    _check_dim(dim, x)
-    _check_tensor("idx", idx, 2, _INTS)
-    _check_batch(x=x, idx=idx)
-    _check_same_device(x=x, idx=idx)
+    key = _signature("gather_tokens", x, idx, dim)
+    if key is None or key not in _CHECKED:  # None: traced or fake, always checked
+        _check_tensor("x", x, x.dim() if x.dim() in (3, 4) else 3, _FLOATS)
+        _check_dim(dim, x)
+        _check_tensor("idx", idx, 2, _INTS)
+        _check_batch(x=x, idx=idx)
+        _check_same_device(x=x, idx=idx)
+        _remember(key)
     _check_range("idx", idx, x.shape[dim])
     return _run("gather_tokens", _gather_tokens_op, x, idx, dim, _backend.resolve(x.device, backend))
 
@@ -411,7 +457,6 @@ def _check_scatter(dst_name: str, dst: Tensor, idx: Tensor, src_name: str, src: 
     if list(src.shape) != expected:
         raise ValueError(f"{src_name} must have shape {tuple(expected)}, got {tuple(src.shape)}")
     _check_same_device(**{dst_name: dst, "idx": idx, src_name: src})
-    _check_range("idx", idx, dst.shape[dim])
 
 
 def scatter_tokens_(dst: Tensor, idx: Tensor, src: Tensor, dim: int = 1, *, backend: str | None = None) -> Tensor:
@@ -423,7 +468,11 @@ def scatter_tokens_(dst: Tensor, idx: Tensor, src: Tensor, dim: int = 1, *, back
         src: dst's shape with N replaced by K; cast to dst's dtype.
         dim: the token dimension, 1 or 2.
     """
-    _check_scatter("dst", dst, idx, "src", src, dim)
+    key = _signature("scatter_tokens_", dst, idx, src, dim)
+    if key is None or key not in _CHECKED:  # None: traced or fake, always checked
+        _check_scatter("dst", dst, idx, "src", src, dim)
+        _remember(key)
+    _check_range("idx", idx, dst.shape[dim])
     _run("scatter_tokens_", _scatter_tokens_op, dst, idx, src, dim, _backend.resolve(dst.device, backend))
     return dst
 
@@ -436,10 +485,16 @@ def scatter_kv_(
     Same shapes and rules as :func:`scatter_tokens_`, for the pairs (k_cache, k) and
     (v_cache, v), which must have equal shapes.
     """
-    _check_scatter("k_cache", k_cache, idx, "k", k, dim)
-    _check_scatter("v_cache", v_cache, idx, "v", v, dim)
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    key = _signature("scatter_kv_", k_cache, v_cache, idx, k, v, dim)
+    if key is None or key not in _CHECKED:  # None: traced or fake, always checked
+        _check_scatter("k_cache", k_cache, idx, "k", k, dim)
+        _check_scatter("v_cache", v_cache, idx, "v", v, dim)
+        if k_cache.shape != v_cache.shape:
+            raise ValueError(
+                f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}"
+            )
+        _remember(key)
+    _check_range("idx", idx, k_cache.shape[dim])
     _run("scatter_kv_", _scatter_kv_op, k_cache, v_cache, idx, k, v, dim, _backend.resolve(k_cache.device, backend))
 
 
@@ -497,13 +552,17 @@ def _rows_view(t: Tensor) -> bool:
     return True
 
 
-def _check_forecast_inputs(pos: Tensor, weight: Tensor, inv_dt: Tensor, k_rows: int) -> None:
-    """pos (checked by the caller), weight and inv_dt: (B, N), and pos's values on CPU."""
+def _check_forecast_inputs(pos: Tensor, weight: Tensor, inv_dt: Tensor) -> None:
+    """pos (checked by the caller), weight and inv_dt: (B, N)."""
     for name, t in (("weight", weight), ("inv_dt", inv_dt)):
         _check_tensor(name, t, 2, (torch.float32,))
         if t.shape != pos.shape:
             raise ValueError(f"{name} must have the shape of pos {tuple(pos.shape)}, got {tuple(t.shape)}")
     _check_same_device(pos=pos, weight=weight, inv_dt=inv_dt)
+
+
+def _check_pos(pos: Tensor, k_rows: int) -> None:
+    """pos's values on CPU: in [-1, k_rows)."""
     if _values_checkable(pos) and pos.numel() and (int(pos.min()) < -1 or int(pos.max()) >= k_rows):
         raise ValueError(
             f"pos must lie in [-1, K={k_rows}) (-1: not computed), got values in [{int(pos.min())}, {int(pos.max())}]"
@@ -550,10 +609,14 @@ def forecast_tokens_(
         dim: the token dimension, 1 or 2.
         backend: "auto" (default), "triton", "cuda" or "torch".
     """
-    _check_tensor("pos", pos, 2, _INTS)
-    _check_forecast(("base", "slope", "out", "rows"), base, slope, out, rows, pos, dim)
-    _check_forecast_inputs(pos, weight, inv_dt, rows.shape[dim])
-    _check_same_device(base=base, pos=pos, weight=weight)
+    key = _signature("forecast_tokens_", base, slope, out, pos, rows, weight, inv_dt, dim)
+    if key is None or key not in _CHECKED:  # None: traced or fake, always checked
+        _check_tensor("pos", pos, 2, _INTS)
+        _check_forecast(("base", "slope", "out", "rows"), base, slope, out, rows, pos, dim)
+        _check_forecast_inputs(pos, weight, inv_dt)
+        _check_same_device(base=base, pos=pos, weight=weight)
+        _remember(key)
+    _check_pos(pos, rows.shape[dim])
     backend = _backend.resolve(base.device, backend)
     _run("forecast_tokens_", _forecast_tokens_op, base, slope, out, pos, rows, weight, inv_dt, dim, backend)
 
@@ -581,16 +644,20 @@ def forecast_kv_(
     weight and inv_dt; k_out and v_out are both given or both None. dim defaults to 2: caches
     (B, H, N, D), new rows (B, H, K, D), typically a transposed view of attention's (B, K, H, D).
     """
-    _check_tensor("pos", pos, 2, _INTS)
-    _check_pair(("k_out", "v_out"), k_out, v_out)
-    _check_forecast(("k_base", "k_slope", "k_out", "k"), k_base, k_slope, k_out, k, pos, dim)
-    _check_forecast(("v_base", "v_slope", "v_out", "v"), v_base, v_slope, v_out, v, pos, dim)
-    if v_base.shape != k_base.shape:
-        raise ValueError(f"v_base must have the shape of k_base {tuple(k_base.shape)}, got {tuple(v_base.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    _check_forecast_inputs(pos, weight, inv_dt, k.shape[dim])
-    _check_same_device(k_base=k_base, v_base=v_base, pos=pos, weight=weight)
+    key = _signature("forecast_kv_", k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim)
+    if key is None or key not in _CHECKED:  # None: traced or fake, always checked
+        _check_tensor("pos", pos, 2, _INTS)
+        _check_pair(("k_out", "v_out"), k_out, v_out)
+        _check_forecast(("k_base", "k_slope", "k_out", "k"), k_base, k_slope, k_out, k, pos, dim)
+        _check_forecast(("v_base", "v_slope", "v_out", "v"), v_base, v_slope, v_out, v, pos, dim)
+        if v_base.shape != k_base.shape:
+            raise ValueError(f"v_base must have the shape of k_base {tuple(k_base.shape)}, got {tuple(v_base.shape)}")
+        if v.shape != k.shape:
+            raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+        _check_forecast_inputs(pos, weight, inv_dt)
+        _check_same_device(k_base=k_base, v_base=v_base, pos=pos, weight=weight)
+        _remember(key)
+    _check_pos(pos, k.shape[dim])
     _run("forecast_kv_", _forecast_kv_op,
         k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim,
         _backend.resolve(k_base.device, backend),
@@ -654,58 +721,63 @@ def forecast_attention(
     slower than cuBLAS, and a tensor-core one would duplicate the Triton kernel untested (no GPU
     here). docs/design.md section 7 says the same.
     """
-    _check_tensor("q", q, 4, _FLOATS)
-    _check_tensor("k_base", k_base, 4, _FLOATS)
-    _check_tensor("v_base", v_base, 4, _FLOATS)
-    B, H, M, D = q.shape
-    if not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"q's head dim D must lie in [1, {MAX_HEAD_DIM}], got {D}")
-    if k_base.shape[:2] != (B, H) or k_base.shape[3] != D:
-        raise ValueError(
-            f"k_base must have shape (B, H, N, D) with q's (B, H, D) = {(B, H, D)}, got {tuple(k_base.shape)}"
-        )
-    N = k_base.shape[2]
-    if v_base.shape != k_base.shape:
-        raise ValueError(f"v_base must have the shape of k_base {tuple(k_base.shape)}, got {tuple(v_base.shape)}")
-    if N > MAX_TOKENS:
-        raise ValueError(f"k_base has N={N} tokens; at most {MAX_TOKENS} are supported")
-    tensors = {"q": q, "k_base": k_base, "v_base": v_base}
-    if _check_pair(("k_slope", "v_slope"), k_slope, v_slope):
-        for name, t, base in (("k_slope", k_slope, k_base), ("v_slope", v_slope, v_base)):
-            _check_tensor(name, t, 4, _FLOATS)
-            if t.shape != base.shape:
-                raise ValueError(f"{name} must have the shape of its base {tuple(base.shape)}, got {tuple(t.shape)}")
-            tensors[name] = t
-        if weight is None:
-            raise ValueError("weight must be given with slopes (zeros for plain reuse)")
-    if weight is not None:
-        _check_tensor("weight", weight, 2, (torch.float32,))
-        if weight.shape != (B, N):
-            raise ValueError(f"weight must have shape (B, N) = {(B, N)}, got {tuple(weight.shape)}")
-        tensors["weight"] = weight
-    for name in ("k_base", "v_base", "k_slope", "v_slope"):
-        t = tensors.get(name)
-        if t is not None and not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (a cache the caller allocates), got strides {t.stride()}")
-    T = 0
-    if _check_pair(("k_extra", "v_extra"), k_extra, v_extra):
-        _check_tensor("k_extra", k_extra, 4, _FLOATS)
-        _check_tensor("v_extra", v_extra, 4, _FLOATS)
-        T = k_extra.shape[2]
-        if k_extra.shape != (B, H, T, D):
+    key = _signature("forecast_attention", q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, scale)
+    if key is None or key not in _CHECKED:  # None: traced or fake, always checked
+        _check_tensor("q", q, 4, _FLOATS)
+        _check_tensor("k_base", k_base, 4, _FLOATS)
+        _check_tensor("v_base", v_base, 4, _FLOATS)
+        B, H, M, D = q.shape
+        if not 1 <= D <= MAX_HEAD_DIM:
+            raise ValueError(f"q's head dim D must lie in [1, {MAX_HEAD_DIM}], got {D}")
+        if k_base.shape[:2] != (B, H) or k_base.shape[3] != D:
             raise ValueError(
-                f"k_extra must have shape (B, H, T, D) with q's (B, H, D) = {(B, H, D)}, got {tuple(k_extra.shape)}"
+                f"k_base must have shape (B, H, N, D) with q's (B, H, D) = {(B, H, D)}, got {tuple(k_base.shape)}"
             )
-        if v_extra.shape != k_extra.shape:
-            raise ValueError(
-                f"v_extra must have the shape of k_extra {tuple(k_extra.shape)}, got {tuple(v_extra.shape)}"
-            )
-        tensors.update(k_extra=k_extra, v_extra=v_extra)
-    if N + T == 0:
-        raise ValueError("forecast_attention needs at least one key: N + T = 0")
-    _check_same_device(**tensors)
+        N = k_base.shape[2]
+        if v_base.shape != k_base.shape:
+            raise ValueError(f"v_base must have the shape of k_base {tuple(k_base.shape)}, got {tuple(v_base.shape)}")
+        if N > MAX_TOKENS:
+            raise ValueError(f"k_base has N={N} tokens; at most {MAX_TOKENS} are supported")
+        tensors = {"q": q, "k_base": k_base, "v_base": v_base}
+        if _check_pair(("k_slope", "v_slope"), k_slope, v_slope):
+            for name, t, base in (("k_slope", k_slope, k_base), ("v_slope", v_slope, v_base)):
+                _check_tensor(name, t, 4, _FLOATS)
+                if t.shape != base.shape:
+                    raise ValueError(
+                        f"{name} must have the shape of its base {tuple(base.shape)}, got {tuple(t.shape)}"
+                    )
+                tensors[name] = t
+            if weight is None:
+                raise ValueError("weight must be given with slopes (zeros for plain reuse)")
+        if weight is not None:
+            _check_tensor("weight", weight, 2, (torch.float32,))
+            if weight.shape != (B, N):
+                raise ValueError(f"weight must have shape (B, N) = {(B, N)}, got {tuple(weight.shape)}")
+            tensors["weight"] = weight
+        for name in ("k_base", "v_base", "k_slope", "v_slope"):
+            t = tensors.get(name)
+            if t is not None and not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous (a cache the caller allocates), got strides {t.stride()}")
+        T = 0
+        if _check_pair(("k_extra", "v_extra"), k_extra, v_extra):
+            _check_tensor("k_extra", k_extra, 4, _FLOATS)
+            _check_tensor("v_extra", v_extra, 4, _FLOATS)
+            T = k_extra.shape[2]
+            if k_extra.shape != (B, H, T, D):
+                raise ValueError(
+                    f"k_extra must have shape (B, H, T, D) with q's (B, H, D) = {(B, H, D)}, got {tuple(k_extra.shape)}"
+                )
+            if v_extra.shape != k_extra.shape:
+                raise ValueError(
+                    f"v_extra must have the shape of k_extra {tuple(k_extra.shape)}, got {tuple(v_extra.shape)}"
+                )
+            tensors.update(k_extra=k_extra, v_extra=v_extra)
+        if N + T == 0:
+            raise ValueError("forecast_attention needs at least one key: N + T = 0")
+        _check_same_device(**tensors)
+        _remember(key)
     if scale is None:
-        scale = D**-0.5
+        scale = q.shape[3] ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     return _run("forecast_attention", _forecast_attention_op,
@@ -724,9 +796,12 @@ def kmeans(features: Tensor, num_clusters: int, iters: int = 10, *, backend: str
         iters: Lloyd iterations (assign + update), >= 0.
     Returns labels (B, N) int64 in [0, num_clusters).
     """
-    _check_tensor("features", features, 3, _FLOATS)
-    if not 1 <= num_clusters <= MAX_CLUSTERS:
-        raise ValueError(f"num_clusters must lie in [1, {MAX_CLUSTERS}], got {num_clusters}")
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
+    key = _signature("kmeans", features, num_clusters, iters)
+    if key is None or key not in _CHECKED:  # None: traced or fake, always checked
+        _check_tensor("features", features, 3, _FLOATS)
+        if not 1 <= num_clusters <= MAX_CLUSTERS:
+            raise ValueError(f"num_clusters must lie in [1, {MAX_CLUSTERS}], got {num_clusters}")
+        if iters < 0:
+            raise ValueError(f"iters must be >= 0, got {iters}")
+        _remember(key)
     return _run("kmeans", _kmeans_op, features, num_clusters, iters, _backend.resolve(features.device, backend))

@@ -182,3 +182,36 @@ def test_eager_calls_skip_the_custom_op_with_the_same_results(name):
     assert any(op.startswith(f"cat_ops.{name}") for op in log.ops), log.ops
     for a, b in zip(eager, traced, strict=True):
         assert torch.equal(a, b)
+
+
+def test_structural_checks_run_once_per_signature_and_value_checks_every_call(monkeypatch):
+    """An eager call whose tensors (shape, strides, dtype, device, address) and numbers repeat a
+    call that passed skips the structural checks (a pruned step repeats its calls every step);
+    value checks run on every call, a failed call is not remembered, and a new address (an
+    aliased out) is checked afresh."""
+    fn, inputs = _direct_cases()["forecast_kv_"]
+    calls = []
+    real = ops._check_forecast
+    monkeypatch.setattr(ops, "_check_forecast", lambda *a: (calls.append(a[0][0]), real(*a)))
+    monkeypatch.setattr(ops, "_CHECKED", set())
+    bk, bv, sk, sv = (t.clone() for t in inputs)
+    g = _gen(7)
+    pos = torch.full((2, 24), -1, dtype=torch.int64)
+    pos[:, :7] = torch.arange(7)
+    k, v = torch.randn(2, 3, 7, 8, generator=g), torch.randn(2, 3, 7, 8, generator=g)
+    w, inv_dt = torch.rand(2, 24, generator=g), torch.rand(2, 24, generator=g)
+    k_out, v_out = torch.empty_like(bk), torch.empty_like(bv)
+    for _ in range(3):
+        ops.forecast_kv_(bk, bv, sk, sv, k_out, v_out, pos, k, v, w, inv_dt)
+    assert calls == ["k_base", "v_base"]  # checked on the first call only
+    bad = pos.clone()
+    bad[0, 0] = 7  # row 7 of 7 new rows: out of range
+    with pytest.raises(ValueError, match="pos must lie"):
+        ops.forecast_kv_(bk, bv, sk, sv, k_out, v_out, bad, k, v, w, inv_dt)
+    for _ in range(2):  # an aliased out: not remembered, refused each time
+        with pytest.raises(ValueError, match="distinct"):
+            ops.forecast_kv_(bk, bv, sk, sv, bk, v_out, pos, k, v, w, inv_dt)
+    args = _select_args()  # numbers are part of the signature: k=3 passes, then k=11 > N=10 on the same tensors
+    ops.select_tokens(*args, 3, first=True)
+    with pytest.raises(ValueError, match="k must lie"):
+        ops.select_tokens(*args, 11, first=True)
