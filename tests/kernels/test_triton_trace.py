@@ -31,6 +31,8 @@ EXPECTED = {
     "forecast_tokens_": [("_forecast_kernel", ["base_ptr", "out_ptr", "slope_ptr"])],
     "forecast_kv_": [("_forecast_kernel", ["base2_ptr", "base_ptr", "out2_ptr", "out_ptr", "slope2_ptr",
                                            "slope_ptr"])],
+    "forecast_kv_/joint": [("_forecast_kernel", ["base2_ptr", "base_ptr", "out2_ptr", "out_ptr", "slope2_ptr",
+                                                 "slope_ptr"])],
     "forecast_attention": [("_forecast_attention_kernel", ["o_ptr"])],
     "kmeans": [("_kmeans_assign_kernel", ["labels_ptr"])] * 3,  # iters=2: two Lloyd steps and the final labels
 }  # fmt: skip

@@ -62,6 +62,11 @@ def cases(device: str = "cuda", B=2, N=48, C=32, H=2, D=16, K=8, nc=4) -> dict:
                                                     r(B, N))),
         "forecast_kv_": (ops.forecast_kv_, (*[r(B, H, N, D) for _ in range(6)], pos, r(B, H, K, D), r(B, H, K, D),
                                             r(B, N), r(B, N))),
+        # the pruned step's joint attention: K/V forecast into the image rows of a [text; image] buffer
+        "forecast_kv_/joint": (lambda kb, vb, ks, vs, kw, vw, *rest: ops.forecast_kv_(
+            kb, vb, ks, vs, kw.narrow(2, 5, N), vw.narrow(2, 5, N), *rest),
+            (*[r(B, H, N, D) for _ in range(4)], r(B, H, 5 + N, D), r(B, H, 5 + N, D), pos, r(B, H, K, D),
+             r(B, H, K, D), r(B, N), r(B, N))),
         "forecast_attention": (ops.forecast_attention, (r(B, H, K, D), *[r(B, H, N, D) for _ in range(4)], r(B, N))),
         "kmeans": (lambda f: ops.kmeans(f, nc, 2), (r(B, N, 3),)),
     }  # fmt: skip
