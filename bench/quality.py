@@ -14,7 +14,9 @@ reference always runs), ``--peer-warmup W`` (dense steps the peers keep, default
 full_steps), ``--tune-items N`` (held-out tuning prompts, see below), ``--mac-items N``
 (generations whose MACs are counted for data-dependent methods), ``--examples N``,
 ``--target-cat cat:K:F`` (the CAT setting whose MAC fraction the peers are tuned to, default
-cat:0.3:8, the paper's default), ``--model tiny|photos|video`` (default tiny; see quality_models.py).
+cat:0.3:8, the paper's default), ``--model tiny|photos|video`` (default tiny; see quality_models.py),
+``--memo PATH`` (keep the tuning PSNRs in a file: the same command run again at the same commit
+resumes a stopped run's tuning from it; quality_measure.Memo).
 
 What runs, on the shipped tiny model (cat_pruning.tiny, a pixel-space SD3Transformer2DModel),
 fp32, one prompt per pipeline call with CFG:
@@ -82,7 +84,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the quality_* parts, also when loaded by path
 
 import quality_models  # noqa: E402
-from quality_measure import Context, build_records, count_flops, generate, measure_macs, measure_quality  # noqa: E402,F401
+from quality_measure import (  # noqa: E402,F401
+    Context,
+    Memo,
+    build_records,
+    count_flops,
+    generate,
+    measure_macs,
+    measure_quality,
+)
 from quality_methods import (  # noqa: E402,F401
     DEFAULT_METHODS,
     PEERS,
@@ -114,6 +124,7 @@ def parse_suite_args(args: argparse.Namespace) -> argparse.Namespace:
     p.add_argument("--examples", type=int, default=4)
     p.add_argument("--target-cat", default=REFERENCE_CAT)
     p.add_argument("--model", default="tiny", choices=sorted(quality_models.MODELS))
+    p.add_argument("--memo", default=None)
     opts, unknown = p.parse_known_args(getattr(args, "extra", []) or [])
     if unknown:
         raise SystemExit(f"bench quality: unknown options {unknown}")
@@ -162,6 +173,13 @@ def run(args: Any) -> list[dict]:
     # no evaluated item uses, so no schedule is picked on an image it is then scored on.
     tune_set = [(p, opts.seeds) for p in captions[opts.prompts :]]
     ctx = Context(pipe, items, steps, guidance, arch=model.arch, tune_set=tune_set)
+    if opts.memo:
+        import common
+
+        header = dict(git=common.git_sha(), model=model.name, steps=steps, guidance=guidance, device=device)
+        ctx.memo = Memo(opts.memo, header)
+        print(f"bench quality: --memo {opts.memo}: {ctx.memo.resumed} tuning PSNRs from an earlier run",
+              file=sys.stderr)  # fmt: skip
     methods = make_methods(opts)
     mac_items = items[: min(opts.mac_items, len(items))]
     no_bar = os.environ.get("CAT_BENCH_NO_PROGRESS") == "1"

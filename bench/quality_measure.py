@@ -5,6 +5,7 @@ the per-method record built from them."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 import sys
 import time
@@ -18,6 +19,46 @@ from quality_base import Method, cat_config_fields, no_session
 from quality_models import first_image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+
+
+class Memo(dict):
+    """Context.memo that also keeps its tuning PSNRs in a JSON-lines file (``--memo PATH``), so a
+    long run stopped midway resumes where it was: a restarted run scores no setting on an item the
+    file already holds. The first line records what the PSNRs depend on (commit, model, steps,
+    guidance, device); a file from another run is refused, never reused. Only the tuning PSNRs
+    persist (the bulk of a run); what else is memoized is measured again, a few generations."""
+
+    PERSISTED = "tune_psnr"
+
+    def __init__(self, path: str | Path, header: dict):
+        super().__init__()
+        self.path = Path(path)
+        if self.path.exists() and self.path.stat().st_size:
+            lines = self.path.read_text().splitlines()
+            if json.loads(lines[0]) != header:
+                raise SystemExit(f"bench quality: --memo {self.path} was written by another run "
+                                 f"({lines[0]}; this one: {json.dumps(header)}); pass another path")
+            for line in lines[1:]:
+                try:
+                    key, value = json.loads(line)
+                except ValueError:  # a line cut short when the run was stopped
+                    continue
+                super().__setitem__(_tuples(key), value)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(header) + "\n")
+        self.resumed = len(self)
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        if key and key[0] == self.PERSISTED:
+            with self.path.open("a") as f:
+                f.write(json.dumps([list(key), value]) + "\n")
+
+
+def _tuples(x):
+    """A key read back from JSON: its lists as the tuples they were."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
 @dataclasses.dataclass

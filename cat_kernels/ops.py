@@ -3,8 +3,9 @@
 Each op checks its arguments (a ``ValueError`` that names the argument), picks a backend
 (:mod:`cat_kernels.backend`) and calls a ``torch.library`` custom op in the ``cat_ops``
 namespace whose fake implementation gives shapes, so ``torch.compile(fullgraph=True)`` traces
-through. In plain eager mode (nothing traces, no dispatch mode, no tensor subclass) the
-implementation is called directly, without the custom op's dispatch (``_run``). The
+through. In plain eager mode without autograd (nothing traces, no dispatch mode, no tensor
+subclass, grad disabled as in a pipeline call) the implementation is called directly, without
+the custom op's dispatch (``_run``). The
 implementations live in :mod:`cat_kernels.reference` (pure torch), :mod:`cat_kernels.triton`
 and the optional compiled extension, all with the same signatures.
 
@@ -139,11 +140,13 @@ def _impl(op: str, backend: str):
 def _run(name: str, op, *args):
     """Runs op `name` (args end with the concrete backend). Where torch may look inside the call
     (:func:`cat_kernels.backend.tracing`): the Triton backend's ``triton_op`` when registered
-    (Inductor then sees and schedules the kernels), else custom op `op`. In plain eager the
-    implementation is called directly: a custom op's dispatch alone costs 6-15 us a call on a
-    CPU, as much as a small kernel, and a pruned step makes several calls per layer."""
+    (Inductor then sees and schedules the kernels), else custom op `op`. In plain eager without
+    autograd (a pipeline's call: no_grad) the implementation is called directly: a custom op's
+    dispatch alone costs 6-15 us a call on a CPU, as much as a small kernel, and a pruned step
+    makes several calls per layer. With grad enabled the custom op keeps its body out of autograd
+    (the caches are written in place)."""
     backend = args[-1]
-    if not _backend.tracing(*args):
+    if not torch.is_grad_enabled() and not _backend.tracing(*args):
         return _impl(name, backend)(*args[:-1])
     if backend == "triton" and name in _TRITON_OPS:
         return _TRITON_OPS[name](*args[:-1])

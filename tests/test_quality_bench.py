@@ -449,3 +449,25 @@ def test_magcache_schedule_rule_is_what_diffusers_hook_computes(monkeypatch, thr
     want = quality_peers.magcache_schedule(ratios, threshold, skips, retention)
     assert computed == want
     assert any(want) and (threshold < 1 or not all(want))  # the loose settings skip steps
+
+
+def test_memo_resumes_tuning_psnrs_and_refuses_another_runs_file(monkeypatch, tmp_path):
+    """--memo: the tuning PSNRs a run measured are in the file, read back exactly by a run with the
+    same header (commit, model, steps, guidance, device), a cut-short last line skipped; other
+    memoized values are not kept; a file from another run is refused."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import quality_measure
+
+    header = dict(git="abc", model="video", steps=28, guidance=4.0, device="cpu")
+    path = tmp_path / "memo.jsonl"
+    memo = quality_measure.Memo(path, header)
+    key = ("tune_psnr", "catf@mac:0.51", ("keep_ratio", "0.02"), repr(("a red circle", 1)))
+    memo[key] = 31.25
+    memo[("magcache", 28)] = ([1.0, 0.9], 0.1)  # not persisted: measured again on a resumed run
+    with path.open("a") as f:
+        f.write('[["tune_psnr", "x"], 1')  # a run stopped mid-write
+    again = quality_measure.Memo(path, header)
+    assert dict(again) == {key: 31.25}
+    assert again.resumed == 1
+    with pytest.raises(SystemExit, match="another run"):
+        quality_measure.Memo(path, {**header, "git": "def"})

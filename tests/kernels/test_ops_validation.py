@@ -169,14 +169,18 @@ def _direct_cases():
 
 @pytest.mark.parametrize("name", ["token_stats", "gather_tokens", "forecast_kv_"])
 def test_eager_calls_skip_the_custom_op_with_the_same_results(name):
-    """Plain eager calls run the implementation without the custom op's dispatch (its cost is
-    per call); under a dispatch mode (what make_fx, fake tensors and FlopCounterMode use) the
-    custom op is what the mode sees. Both give the same values, bit for bit."""
+    """Plain eager calls without autograd (a pipeline runs under no_grad) run the implementation
+    without the custom op's dispatch (its cost is per call); with grad enabled, and under a
+    dispatch mode (what make_fx, fake tensors and FlopCounterMode use), the custom op runs and is
+    what the mode sees. Both give the same values, bit for bit."""
     fn, inputs = _direct_cases()[name]
     eager_inputs, mode_inputs = [t.clone() for t in inputs], [t.clone() for t in inputs]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
         eager = fn(*eager_inputs)
     assert f"cat_ops::{name}" not in {e.name for e in prof.events()}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn(*[t.clone() for t in inputs])  # grad enabled: the custom op keeps autograd out of the in-place writes
+    assert f"cat_ops::{name}" in {e.name for e in prof.events()}
     with _Log() as log:
         traced = fn(*mode_inputs)
     assert any(op.startswith(f"cat_ops.{name}") for op in log.ops), log.ops
