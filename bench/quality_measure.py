@@ -34,7 +34,11 @@ class Memo(dict):
         super().__init__()
         self.path = Path(path)
         if self.path.exists() and self.path.stat().st_size:
-            lines = self.path.read_text().splitlines()
+            text = self.path.read_text()
+            if not text.endswith("\n"):  # a stopped run's last line, cut short: start the next one afresh
+                with self.path.open("a") as f:
+                    f.write("\n")
+            lines = text.splitlines()
             if json.loads(lines[0]) != header:
                 raise SystemExit(f"bench quality: --memo {self.path} was written by another run "
                                  f"({lines[0]}; this one: {json.dumps(header)}); pass another path")

@@ -469,5 +469,8 @@ def test_memo_resumes_tuning_psnrs_and_refuses_another_runs_file(monkeypatch, tm
     again = quality_measure.Memo(path, header)
     assert dict(again) == {key: 31.25}
     assert again.resumed == 1
+    later = ("tune_psnr", "catf@mac:0.51", ("keep_ratio", "0.03"), repr(("a red circle", 1)))
+    again[later] = 30.5  # written on a line of its own after the cut one
+    assert dict(quality_measure.Memo(path, header)) == {key: 31.25, later: 30.5}
     with pytest.raises(SystemExit, match="another run"):
         quality_measure.Memo(path, {**header, "git": "def"})
