@@ -5,9 +5,9 @@ Each op checks its arguments (a ``ValueError`` that names the argument), picks a
 namespace whose fake implementation gives shapes, so ``torch.compile(fullgraph=True)`` traces
 through. In plain eager mode without autograd (nothing traces, no dispatch mode, no tensor
 subclass, grad disabled as in a pipeline call) the implementation is called directly, without
-the custom op's dispatch (``_run``). The
-implementations live in :mod:`cat_kernels.reference` (pure torch), :mod:`cat_kernels.triton`
-and the optional compiled extension, all with the same signatures.
+the custom op's dispatch (``_run``). The implementations live in :mod:`cat_kernels.reference`
+(pure torch), :mod:`cat_kernels.triton` and the optional compiled extension, all with the same
+signatures.
 
 Value checks (indices and labels inside their range) read tensor values, which is a host
 synchronisation on a GPU. They run only on CPU tensors in eager mode; on CUDA the kernels
@@ -81,9 +81,11 @@ def _values_checkable(t: Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def _check_range(name: str, t: Tensor, high: int) -> None:
-    if _values_checkable(t) and t.numel() and (int(t.min()) < 0 or int(t.max()) >= high):
-        raise ValueError(f"{name} must lie in [0, {high}), got values in [{int(t.min())}, {int(t.max())}]")
+def _check_range(name: str, t: Tensor, high: int, low: int = 0, bounds: str | None = None) -> None:
+    """t's values (CPU tensors in eager mode only) in [low, high); `bounds` says so in the message."""
+    if _values_checkable(t) and t.numel() and (int(t.min()) < low or int(t.max()) >= high):
+        bounds = bounds or f"[{low}, {high})"
+        raise ValueError(f"{name} must lie in {bounds}, got values in [{int(t.min())}, {int(t.max())}]")
 
 
 def _check_k(k: int, n: int) -> None:
@@ -124,6 +126,11 @@ def _signature(op: str, *args) -> tuple | None:
             return None
         key.append(a)
     return tuple(key)
+
+
+def _unchecked(key: tuple | None) -> bool:
+    """The call's structural checks must run: traced or fake (no key), or not passed before."""
+    return key is None or key not in _CHECKED
 
 
 def _remember(key: tuple | None) -> None:
@@ -305,10 +312,9 @@ def _triton_ops() -> dict[str, object]:
         return {}
     registered = {}
     for name in __all__:
-        schema = str(getattr(torch.ops.cat_ops, name).default._schema)
-        schema = schema[schema.index("(") :].replace(", str backend)", ")")
-        mutates = tuple(a.name for a in getattr(torch.ops.cat_ops, name).default._schema.arguments
-                        if a.alias_info is not None and a.alias_info.is_write)  # fmt: skip
+        custom = getattr(torch.ops.cat_ops, name).default._schema
+        schema = str(custom)[str(custom).index("(") :].replace(", str backend)", ")")
+        mutates = tuple(a.name for a in custom.arguments if a.alias_info is not None and a.alias_info.is_write)
         impl = _impl(name, "triton")
         fn = impl if not schema.endswith("-> ()") else _discarding(impl)  # scatter_tokens_ returns dst
         registered[name] = triton_op(f"cat_ops::triton_{name}", fn, mutates_args=mutates, schema=schema)
@@ -346,7 +352,7 @@ def token_stats(
         d (B, N) float32 and cluster_score (B, num_clusters) float32.
     """
     key = _signature("token_stats", out, anchor, labels, num_clusters)
-    if key is None or key not in _CHECKED:  # None: traced or fake, always checked
+    if _unchecked(key):
         _check_tensor("out", out, 3, _FLOATS)
         _check_tensor("anchor", anchor, 3, _FLOATS)
         _check_tensor("labels", labels, 2, _INTS)
@@ -394,7 +400,7 @@ def select_tokens(
     """
     key = _signature("select_tokens", d, cluster_score, labels, staleness, k, first, importance_fraction,
                      staleness_decay)  # fmt: skip
-    if key is None or key not in _CHECKED:  # None: traced or fake, always checked
+    if _unchecked(key):
         _check_tensor("d", d, 2, (torch.float32,))
         _check_tensor("cluster_score", cluster_score, 2, (torch.float32,))
         _check_tensor("labels", labels, 2, _INTS)
@@ -439,7 +445,7 @@ def gather_tokens(x: Tensor, idx: Tensor, dim: int = 1, *, backend: str | None =
     Returns a new contiguous tensor with N replaced by K.
     """
     key = _signature("gather_tokens", x, idx, dim)
-    if key is None or key not in _CHECKED:  # None: traced or fake, always checked
+    if _unchecked(key):
         _check_tensor("x", x, x.dim() if x.dim() in (3, 4) else 3, _FLOATS)
         _check_dim(dim, x)
         _check_tensor("idx", idx, 2, _INTS)
@@ -472,7 +478,7 @@ def scatter_tokens_(dst: Tensor, idx: Tensor, src: Tensor, dim: int = 1, *, back
         dim: the token dimension, 1 or 2.
     """
     key = _signature("scatter_tokens_", dst, idx, src, dim)
-    if key is None or key not in _CHECKED:  # None: traced or fake, always checked
+    if _unchecked(key):
         _check_scatter("dst", dst, idx, "src", src, dim)
         _remember(key)
     _check_range("idx", idx, dst.shape[dim])
@@ -489,7 +495,7 @@ def scatter_kv_(
     (v_cache, v), which must have equal shapes.
     """
     key = _signature("scatter_kv_", k_cache, v_cache, idx, k, v, dim)
-    if key is None or key not in _CHECKED:  # None: traced or fake, always checked
+    if _unchecked(key):
         _check_scatter("k_cache", k_cache, idx, "k", k, dim)
         _check_scatter("v_cache", v_cache, idx, "v", v, dim)
         if k_cache.shape != v_cache.shape:
@@ -565,11 +571,8 @@ def _check_forecast_inputs(pos: Tensor, weight: Tensor, inv_dt: Tensor) -> None:
 
 
 def _check_pos(pos: Tensor, k_rows: int) -> None:
-    """pos's values on CPU: in [-1, k_rows)."""
-    if _values_checkable(pos) and pos.numel() and (int(pos.min()) < -1 or int(pos.max()) >= k_rows):
-        raise ValueError(
-            f"pos must lie in [-1, K={k_rows}) (-1: not computed), got values in [{int(pos.min())}, {int(pos.max())}]"
-        )
+    """pos's values: in [-1, k_rows), -1 for a token not computed."""
+    _check_range("pos", pos, k_rows, -1, f"[-1, K={k_rows}) (-1: not computed)")
 
 
 def forecast_tokens_(
@@ -613,7 +616,7 @@ def forecast_tokens_(
         backend: "auto" (default), "triton", "cuda" or "torch".
     """
     key = _signature("forecast_tokens_", base, slope, out, pos, rows, weight, inv_dt, dim)
-    if key is None or key not in _CHECKED:  # None: traced or fake, always checked
+    if _unchecked(key):
         _check_tensor("pos", pos, 2, _INTS)
         _check_forecast(("base", "slope", "out", "rows"), base, slope, out, rows, pos, dim)
         _check_forecast_inputs(pos, weight, inv_dt)
@@ -648,7 +651,7 @@ def forecast_kv_(
     (B, H, N, D), new rows (B, H, K, D), typically a transposed view of attention's (B, K, H, D).
     """
     key = _signature("forecast_kv_", k_base, v_base, k_slope, v_slope, k_out, v_out, pos, k, v, weight, inv_dt, dim)
-    if key is None or key not in _CHECKED:  # None: traced or fake, always checked
+    if _unchecked(key):
         _check_tensor("pos", pos, 2, _INTS)
         _check_pair(("k_out", "v_out"), k_out, v_out)
         _check_forecast(("k_base", "k_slope", "k_out", "k"), k_base, k_slope, k_out, k, pos, dim)
@@ -725,7 +728,7 @@ def forecast_attention(
     here). docs/design.md section 7 says the same.
     """
     key = _signature("forecast_attention", q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, scale)
-    if key is None or key not in _CHECKED:  # None: traced or fake, always checked
+    if _unchecked(key):
         _check_tensor("q", q, 4, _FLOATS)
         _check_tensor("k_base", k_base, 4, _FLOATS)
         _check_tensor("v_base", v_base, 4, _FLOATS)
@@ -800,7 +803,7 @@ def kmeans(features: Tensor, num_clusters: int, iters: int = 10, *, backend: str
     Returns labels (B, N) int64 in [0, num_clusters).
     """
     key = _signature("kmeans", features, num_clusters, iters)
-    if key is None or key not in _CHECKED:  # None: traced or fake, always checked
+    if _unchecked(key):
         _check_tensor("features", features, 3, _FLOATS)
         if not 1 <= num_clusters <= MAX_CLUSTERS:
             raise ValueError(f"num_clusters must lie in [1, {MAX_CLUSTERS}], got {num_clusters}")
