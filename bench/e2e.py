@@ -182,7 +182,7 @@ def macs_record(name: str, module: Any, config: dict, gen: dict, steps: int, kee
 def cache_record(name: str, module: Any, config: dict, gen: dict, branches: int = 2) -> dict:
     """Bytes the caches of one generation hold (stats().cache_bytes, counted on the meta device, bf16):
     the paper's CAT (reused K/V and outputs) and patch()'s defaults (CAT-F: the Taylor forecast's
-    values and slopes too, the slopes in bf16; and with slope_dtype="float32"), both also with fp8 K/V
+    values and slopes too, the slopes in bf16; and with slope_dtype "float32" and "float8"), both also with fp8 K/V
     caches (kv_dtype="float8") and with fp8 V only ("float8-values"), per guidance branch and for `branches`
     of them (a pipeline that calls the transformer once per CFG branch keeps caches per branch),
     beside the bf16 weights and what diffusers' TaylorSeer holds at orders 1 and 2
@@ -194,6 +194,7 @@ def cache_record(name: str, module: Any, config: dict, gen: dict, branches: int 
     for label, cfg in (("paper", cat_pruning.CATConfig.paper(manual_steps=True)),
                        ("catf", cat_pruning.CATConfig(manual_steps=True)),
                        ("catf-fp32-slopes", cat_pruning.CATConfig(manual_steps=True, slope_dtype="float32")),
+                       ("catf-fp8-slopes", cat_pruning.CATConfig(manual_steps=True, slope_dtype="float8")),
                        ("paper-float8", cat_pruning.CATConfig.paper(manual_steps=True, kv_dtype="float8")),
                        ("catf-float8", cat_pruning.CATConfig(manual_steps=True, kv_dtype="float8")),
                        ("paper-float8-values",
@@ -411,7 +412,8 @@ def summary(records: list[dict]) -> str:
             per = r["cache_gib_per_branch"]
             lines.append(f"{r['case']}: {r['shape']['N']:,} tokens, bf16 weights {r['weights_gib']:.1f} GiB; caches "
                          f"per branch: paper CAT {per['paper']:.2f} GiB, CAT-F defaults {per['catf']:.2f} GiB "
-                         f"({per['catf-fp32-slopes']:.2f} with fp32 slopes); with fp8 K/V paper "
+                         f"({per['catf-fp32-slopes']:.2f} with fp32 slopes, {per['catf-fp8-slopes']:.2f} with fp8 "
+                         f"slopes); with fp8 K/V paper "
                          f"{per['paper-float8']:.2f}, CAT-F {per['catf-float8']:.2f} GiB, fp8 V only "
                          f"{per['paper-float8-values']:.2f} / {per['catf-float8-values']:.2f}; "
                          f"diffusers TaylorSeer order 1 {per['taylorseer-order1']:.2f} / order 2 "

@@ -577,3 +577,65 @@ def test_float8_rows_with_fp32_slopes_keep_the_slope_in_fp32():
     anchor.store_(rows[0])
     want = rows[1].float() - anchor.dequantized().float()
     assert torch.equal(store.slopes["layer/k"], want)
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "flat"])
+def test_float8_slopes_keep_values_in_the_model_dtype_and_forecast_from_fp8_slopes(layout):
+    """slope_dtype="float8": the K/V values stay bf16, their slopes are fp8 with per-head scales
+    (stored as the fill step's change per step rounds to e4m3); a pruned step reads value +
+    weight x dequantized slope, with its computed rows exact, as skipped_kv previews; the state
+    is smaller than with bf16 slopes."""
+    shape = (B, H, N, D) if layout == "bhnd" else (B, N, H * D)
+    dim = 2 if layout == "bhnd" else 1
+
+    def store_for(slope_dtype, layers=1):
+        store = ForecastStore(CATConfig(backend="torch", slope_dtype=slope_dtype))
+        names = ["layer", *(f"layer{i}" for i in range(1, layers))]
+        store.allocate({n: (shape, torch.bfloat16) for n in names}, {}, ((B, N, C), torch.bfloat16),
+                       torch.device("cpu"), head_dims=dict.fromkeys(names, D))
+        return store
+
+    # a layer more holds its bf16 K and V, and per element of each a byte of slope and its head's fp32 scale
+    numel = B * N * H * D
+    for slope_dtype, per_element in (("float8", 2 * (2 + 1 + 4 / D)), ("cache", 2 * (2 + 2))):
+        assert store_for(slope_dtype, 3).nbytes() - store_for(slope_dtype, 2).nbytes() == numel * per_element
+    store = store_for("float8")
+    assert [t.dtype for t in store.kv_cache["layer"]] == [torch.bfloat16, torch.bfloat16]
+    assert sorted(store.slopes8) == ["layer/k", "layer/v"] and not store.float8
+    assert "layer/k" not in store.slopes and store.slopes["noise"].dtype == torch.float32
+    g = torch.Generator().manual_seed(9)
+    rows = [torch.randn(*shape, generator=g).to(torch.bfloat16) for _ in range(4)]
+    idx = torch.tensor([[1, 7], [4, 7]])
+    for step, mode in enumerate(["anchor", "fill", "pruned", "pruned"]):
+        key, value = rows[step], -rows[step]
+        store.begin_step(mode, idx if mode == "pruned" else None)
+        if mode == "pruned":
+            want_k, want_v = store.skipped_kv("layer")
+            index = idx.view(B, *([1] * (dim - 1)), 2, 1).expand(*shape[:dim], 2, shape[-1])
+            key, value = key.gather(dim, index), value.gather(dim, index)
+            want_k.scatter_(dim, index, key)
+            want_v.scatter_(dim, index, value)
+        got_k, got_v = store.kv("layer", key, value)
+        if mode == "fill":  # one step after the anchor: the slope is the change, rounded to fp8 per head
+            want = _float8_rows(shape, D, torch.bfloat16)
+            want.store_(rows[1] - rows[0])
+            assert torch.equal(store.slopes8["layer/k"].data.view(torch.uint8), want.data.view(torch.uint8))
+            assert torch.equal(store.slopes8["layer/k"].scale, want.scale)
+            assert torch.equal(store.kv_cache["layer"][0], rows[1])
+        if mode == "pruned":
+            torch.testing.assert_close(got_k, want_k, rtol=0.01, atol=0.02)
+            torch.testing.assert_close(got_v, want_v, rtol=0.01, atol=0.02)
+            assert torch.equal(got_k.gather(dim, index), key) and torch.equal(got_v.gather(dim, index), value)
+            assert not torch.equal(got_k, store.kv_cache["layer"][0])  # the skipped rows moved by their slope
+        store.end_step()
+        store.advance()
+
+
+def test_float8_slopes_need_the_refresh_forecast():
+    for forecast_from in ("all", "rebase"):
+        with pytest.raises(ValueError, match="slope_dtype"):
+            CATConfig(slope_dtype="float8", forecast_from=forecast_from)
+    store = ForecastStore(CATConfig(backend="torch", slope_dtype="float8"))
+    with pytest.raises(ValueError, match="head size"):
+        store.allocate({"layer": ((B, N, H * D), torch.bfloat16)}, {}, ((B, N, C), torch.bfloat16),
+                       torch.device("cpu"))

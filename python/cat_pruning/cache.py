@@ -77,6 +77,24 @@ def _scatter_rows_(dst: Tensor, idx: Tensor, rows: Tensor, dim: int) -> None:
     dst.scatter_(dim, index.expand(rows.shape), rows)
 
 
+def _head_dim(name: str, shape: tuple[int, ...], head_dims: dict[str, int] | None, why: str) -> int:
+    """Channels per head of the K/V cache `name`: a (B, H, N, D) cache's D, or what the adapter
+    gave for a (B, N, H*D) one (fp8 rows are scaled per head)."""
+    head_dim = shape[-1] if len(shape) == 4 else (head_dims or {}).get(name)
+    if head_dim is None:
+        raise ValueError(f"cat_pruning: {why} needs the head size of the (B, N, H*D) cache {name!r}, which this "
+                         "family's cache layout does not give")
+    return head_dim
+
+
+def _store(cache: Tensor, rows8: Float8Rows | None, new: Tensor) -> None:
+    """Every row of a cache <- new: as they are, or quantized where the cache is fp8 (rows8)."""
+    if rows8 is None:
+        cache.copy_(new)
+    else:
+        rows8.store_(new)
+
+
 class Float8Rows:
     """A K/V cache in fp8 (e4m3), kv_dtype="float8": every head of every row is stored as
     ``data * scale`` with its own fp32 scale, its largest magnitude mapped to 448. Per head, not
@@ -160,10 +178,7 @@ class ReuseStore:
                                      for part in "kv")
                          for name, (shape, dtype) in kv.items()}  # fmt: skip
         for name, (shape, dtype) in kv.items() if quantized else ():
-            head_dim = shape[-1] if len(shape) == 4 else (head_dims or {}).get(name)
-            if head_dim is None:
-                raise ValueError(f"cat_pruning: kv_dtype={self.config.kv_dtype!r} needs the head size of the (B, N, "
-                                 f"H*D) cache {name!r}, which this family's cache layout does not give")
+            head_dim = _head_dim(name, shape, head_dims, f"kv_dtype={self.config.kv_dtype!r}")
             for part, data in zip("kv", self.kv_cache[name], strict=True):
                 if part in quantized:
                     self.float8[f"{name}/{part}"] = self._float8(f"{name}/{part}", data, head_dim, dtype)
@@ -311,7 +326,8 @@ class ForecastStore(ReuseStore):
     def reset(self) -> None:
         super().reset()
         self.slopes: dict[str, Tensor] = {}  # cache name (K/V as name/k, name/v) -> slope buffer
-        self.slopes8: dict[str, Float8Rows] = {}  # kv_dtype="float8" with slope_dtype="cache": ... -> fp8 slopes
+        # K/V cache -> its fp8 slopes (slope_dtype="float8", or "cache" next to fp8 values)
+        self.slopes8: dict[str, Float8Rows] = {}
         self.last: Tensor | None = None  # (B, N) time of each token's last computation
         self.clock: Tensor | None = None  # () the time of the current step
         self.started: Tensor | None = None  # () 1 once a first value of every row is stored
@@ -331,20 +347,24 @@ class ForecastStore(ReuseStore):
             # cache exists, and the fill step then takes (new - base) * 0 as its slope: finite only
             # when base is.
             base.zero_()
+            role = "extra" if name.startswith("extra/") else name.rsplit("/", 1)[-1]  # k, v, extra or noise
+            layer = name.rsplit("/", 1)[0]
             rows8 = self.float8.get(name)
-            if rows8 is not None:  # fp8 K/V (their read buffers are the reuse store's)
-                if self.config.slope_dtype == "cache":
-                    data = self._empty(f"slope/{name}", base.shape, FLOAT8, device)
-                    self.slopes8[name] = self._float8(f"slope/{name}", data, rows8.head_dim, rows8.dtype)
-                    # where a pruned step dequantizes the slope (shared by the layers, as the reads)
-                    self.reads[f"slope/{name}"] = self._read("slope", base.shape, rows8.dtype, device)
-                else:
-                    self.slopes[name] = self._empty(f"slope/{name}", base.shape, torch.float32, device).zero_()
+            if role in ("k", "v") and self._float8_slope(rows8 is not None):
+                shape, dtype = kv[layer]
+                head_dim = _head_dim(layer, shape, head_dims, 'slope_dtype="float8"')
+                data = self._empty(f"slope/{name}", base.shape, FLOAT8, device)
+                self.slopes8[name] = self._float8(f"slope/{name}", data, head_dim, dtype)
+                # where a pruned step dequantizes the slope (shared by the layers, as the reads)
+                self.reads[f"slope/{name}"] = self._read("slope", base.shape, dtype, device)
+                if rows8 is None:  # a value in the model's dtype: forecast into the read buffer
+                    self.reads[name] = self._read(role, base.shape, dtype, device)
+                continue
+            if rows8 is not None:  # fp8 K/V with fp32 slopes (their read buffers are the reuse store's)
+                self.slopes[name] = self._empty(f"slope/{name}", base.shape, torch.float32, device).zero_()
                 continue
             dtype = slope_dtype(self.config, name, base)
             self.slopes[name] = self._empty(f"slope/{name}", base.shape, dtype, device).zero_()
-            role = "extra" if name.startswith("extra/") else name.rsplit("/", 1)[-1]  # k, v, extra or noise
-            layer = name.rsplit("/", 1)[0]
             around = (joint or {}).get(layer, (0, 0)) if role in ("k", "v") and not self.float8 else (0, 0)
             if not any(around):
                 self.reads[name] = self._read(role, base.shape, base.dtype, device)
@@ -364,6 +384,11 @@ class ForecastStore(ReuseStore):
             self.curv = self._empty("curv", self.noise.shape, torch.float32, device).zero_()
             self.slope_read = self._empty("slope_read", self.noise.shape, torch.float32, device).zero_()
             self.span = self._empty("span", (batch, n), torch.float32, device).zero_()
+
+    def _float8_slope(self, float8_value: bool) -> bool:
+        """Whether a K/V cache keeps its slopes in fp8: slope_dtype="float8", or "cache" next to
+        fp8 values."""
+        return self.config.slope_dtype == "float8" or (self.config.slope_dtype == "cache" and float8_value)
 
     def _bases(self) -> dict[str, Tensor]:
         bases = {}
@@ -499,7 +524,7 @@ class ForecastStore(ReuseStore):
         return self.slope_read
 
     def kv(self, name: str, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        if self.float8:
+        if self.float8 or self.slopes8:
             return self._kv_float8(name, key, value)
         kb, vb = self.kv_cache[name]
         if self.mode == "anchor":
@@ -542,41 +567,40 @@ class ForecastStore(ReuseStore):
         return wide
 
     def _kv_float8(self, name: str, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        """kv() with fp8 value and slope caches (forecast_from="refresh", so only steps that
-        compute every row store): a pruned step dequantizes each row's value and slope into the
-        read buffers and forecasts there; the others store the new values and slopes. A cache
-        kept in the model's dtype (kv_dtype="float8-values": K) is forecast as without fp8."""
+        """kv() with fp8 values or slopes (kv_dtype, slope_dtype="float8"; forecast_from="refresh",
+        so only steps that compute every row store): a pruned step forms each row's forecast in
+        the read buffer from the value (dequantized there where it is fp8) and the slope
+        (dequantized into a shared buffer where it is fp8); the others store the new values and
+        slopes. A cache with both in the model's dtype (kv_dtype="float8-values": K, unless its
+        slope is fp8) is forecast by the fused op as without fp8."""
         dim = _token_dim(key.shape)
         read = []
         for part, new in (("k", key), ("v", value)):
             cache = f"{name}/{part}"
-            if cache not in self.float8:  # kept in the model's dtype (kv_dtype="float8-values": K)
+            rows8, slope8 = self.float8.get(cache), self.slopes8.get(cache)
+            if rows8 is None and slope8 is None:
                 read.append(self._update(cache, new, self.weight_kv))
                 continue
-            base, out = self.float8[cache], self.reads[cache]
+            base, out = self._bases()[cache], self.reads[cache]
             read.append(out if self.mode == "pruned" else new)
             if self.mode == "anchor":
-                base.store_(new)
+                _store(base, rows8, new)
                 continue
-            base.dequantize_(out)
-            slope = self.slopes8.get(cache)
+            stored = base if rows8 is None else rows8.dequantize_(out)
             if self.mode == "pruned":
-                if slope is None:
-                    step = self.slopes[cache]
-                else:
-                    step = slope.dequantize_(self.reads[f"slope/{cache}"])
-                out.addcmul_(step, _per_row(self.weight_kv, dim))
+                step = self.slopes[cache] if slope8 is None else slope8.dequantize_(self.reads[f"slope/{cache}"])
+                torch.addcmul(stored, step, _per_row(self.weight_kv, dim), out=out)
                 ops.scatter_tokens_(out, self.idx, new, dim, backend=self.config.backend)  # computed rows: exact
                 continue
             # every row computed: the slope from the stored value (in the slope's precision), then the value
-            if slope is not None:
-                target = torch.sub(new, out, out=out)
+            if slope8 is not None:
+                target = torch.sub(new, stored, out=out)
             else:
-                target = self.slopes[cache].copy_(new).sub_(out)
+                target = self.slopes[cache].copy_(new).sub_(stored)
             target.mul_(_per_row(self.inv_dt, dim))
-            if slope is not None:
-                slope.store_(target)
-            base.store_(new)
+            if slope8 is not None:
+                slope8.store_(target)
+            _store(base, rows8, new)
         return read[0], read[1]
 
     def rows(self, name: str, x: Tensor) -> Tensor:
@@ -606,12 +630,9 @@ class ForecastStore(ReuseStore):
     def _forecast(self, name: str, which: int, idx: Tensor | None = None) -> Tensor:
         """The forecast of a cache's rows at the current time: every row, or (a (B, N, C) cache
         only) the rows of the tokens idx (B, K)."""
-        base, elapsed = self._bases()[name], self.clock - self.last
-        if name in self.float8:
-            base = self.float8[name].dequantized()
-            slope = self.slopes8[name].dequantized() if name in self.slopes8 else self.slopes[name]
-        else:
-            slope = self.slopes[name]
+        base = self.float8[name].dequantized() if name in self.float8 else self._bases()[name]
+        slope = self.slopes8[name].dequantized() if name in self.slopes8 else self.slopes[name]
+        elapsed = self.clock - self.last
         curv, span = (self.curv, self.span) if name == "noise" else (None, None)
         if idx is not None:
             base, slope = (ops.gather_tokens(t, idx, 1, backend=self.config.backend) for t in (base, slope))

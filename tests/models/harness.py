@@ -125,7 +125,8 @@ STORES = {"reuse": dict(NOISE, forecast="none", refresh_every=0),
 # The masked-dense oracle (and SD3's torch.compile check) also run with the other forecast_from
 # values (the default "refresh" reads a pruned step's rows without keeping them; "all" feeds them
 # into value and slope, "rebase" into the value), and with the first-order output forecast (the
-# default is second order), and with fp8 K/V caches (the oracle reads what the store dequantizes).
+# default is second order), and with fp8 K/V caches or fp8 slopes (the oracle reads what the store
+# dequantizes).
 STATEFUL_STORES = {**STORES, "forecast-from-all": dict(NOISE, forecast="taylor", refresh_every=2, forecast_from="all"),
                    "forecast-from-rebase": dict(NOISE, forecast="taylor", refresh_every=2, forecast_from="rebase"),
                    "forecast-order-1": dict(NOISE, forecast="taylor", refresh_every=2, forecast_order=1,
@@ -133,7 +134,8 @@ STATEFUL_STORES = {**STORES, "forecast-from-all": dict(NOISE, forecast="taylor",
                    "forecast-hidden": dict(forecast="taylor", refresh_every=2, output_cache="hidden"),
                    "reuse-float8": dict(NOISE, forecast="none", refresh_every=0, kv_dtype="float8"),
                    "forecast-float8": dict(forecast="taylor", refresh_every=2, kv_dtype="float8"),
-                   "forecast-float8-values": dict(forecast="taylor", refresh_every=2, kv_dtype="float8-values")}
+                   "forecast-float8-values": dict(forecast="taylor", refresh_every=2, kv_dtype="float8-values"),
+                   "forecast-float8-slopes": dict(forecast="taylor", refresh_every=2, slope_dtype="float8")}
 # the two stores and the hidden output cache (patch()'s default)
 HIDDEN_STORES = {**STORES, "forecast-hidden": STATEFUL_STORES["forecast-hidden"]}
 
