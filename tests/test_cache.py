@@ -298,19 +298,23 @@ def test_the_paper_preset_has_no_final_full_step():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("setting", ["float32", "cache"])
+@pytest.mark.parametrize("setting", ["float32", "cache", "float8"])
 def test_slope_dtype_sets_the_kv_slopes_and_the_output_state_stays_fp32(dtype, setting):
     """slope_dtype="cache" (the default): the K/V and extra caches' slopes are stored in the caches'
     own dtype (with a bf16 model the forecast state is then twice the reuse caches, not three
-    times); "float32": fp32. The output cache's slope, curvature and forecast slope stay
-    fp32. The forecast of a straight line is right to the dtype's rounding either way."""
+    times); "float32": fp32; "float8": the K/V slopes in fp8 rows, the extra caches' as with
+    "cache". The output cache's slope, curvature and forecast slope stay fp32. The forecast of
+    a straight line is right to the dtype's rounding (and fp8's of the slope) either way."""
     store = ForecastStore(CATConfig(backend="torch", slope_dtype=setting))
     kv = {"layer": ((B, H, N, D), dtype)}
     extra = {"conv": ((B, C, N, 1), dtype)}
     store.allocate(kv, extra, ((B, N, C), dtype), torch.device("cpu"))
-    kv_slope = dtype if setting == "cache" else torch.float32
-    assert {name: t.dtype for name, t in store.slopes.items()} == {
-        "layer/k": kv_slope, "layer/v": kv_slope, "extra/conv": kv_slope, "noise": torch.float32}
+    kv_slope = torch.float32 if setting == "float32" else dtype
+    want = {"extra/conv": kv_slope, "noise": torch.float32}
+    if setting != "float8":
+        want.update({"layer/k": kv_slope, "layer/v": kv_slope})
+    assert {name: t.dtype for name, t in store.slopes.items()} == want
+    assert sorted(store.slopes8) == (["layer/k", "layer/v"] if setting == "float8" else [])
     assert store.curv.dtype == store.slope_read.dtype == torch.float32
     g = torch.Generator().manual_seed(5)
     k0, k1 = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, D, generator=g)
@@ -324,7 +328,10 @@ def test_slope_dtype_sets_the_kv_slopes_and_the_output_state_stays_fp32(dtype, s
         store.advance()
     tol = {torch.float32: 1e-5, torch.bfloat16: 0.1, torch.float16: 0.02}[dtype]
     skipped = got[:, :, 4:].float()
-    torch.testing.assert_close(skipped, (k0 + 2 * k1)[:, :, 4:], rtol=0, atol=tol * 4)
+    if setting == "float8":  # e4m3 keeps 3 mantissa bits of the slope k1: within 2^-4 of it
+        assert ((skipped - (k0 + 2 * k1)[:, :, 4:]).abs() <= tol * 4 + 2**-4 * k1[:, :, 4:].abs()).all()
+    else:
+        torch.testing.assert_close(skipped, (k0 + 2 * k1)[:, :, 4:], rtol=0, atol=tol * 4)
 
 
 @pytest.mark.parametrize("order", [1, 2])

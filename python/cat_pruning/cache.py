@@ -305,11 +305,12 @@ class ReuseStore:
 
 
 def slope_dtype(config: CATConfig, name: str, base: Tensor) -> torch.dtype:
-    """The dtype of a cache's slope: fp32, or with slope_dtype="cache" the cache's own for the K/V
-    rows and extra caches (their slopes are most of CAT-F's memory: bf16 slopes next to bf16 values
-    make the forecast state 2x the paper's reuse caches instead of 3x). The output cache, one
-    tensor, whose forecast the image is made of, keeps fp32."""
-    return base.dtype if config.slope_dtype == "cache" and name != "noise" else torch.float32
+    """The dtype of a cache's slope kept as a plain tensor: fp32, or with slope_dtype="cache" the
+    cache's own for the K/V rows and extra caches (their slopes are most of CAT-F's memory: bf16
+    slopes next to bf16 values make the forecast state 2x the paper's reuse caches instead of 3x);
+    with "float8" the extra caches' as with "cache" (the K/V slopes are fp8 rows, slopes8). The
+    output cache, one tensor, whose forecast the image is made of, keeps fp32."""
+    return base.dtype if config.slope_dtype in ("cache", "float8") and name != "noise" else torch.float32
 
 
 # forecast_calibration="output": the fitted multiplier of the output forecast's step lies in this
