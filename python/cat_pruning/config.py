@@ -166,19 +166,21 @@ class CATConfig:
             call on a bare transformer (where "auto" cannot see the pipeline: patch the
             pipeline, or pass "noise").
         slope_dtype: what the K/V and extra caches' slopes are stored in: "cache" (default: the
-            cache's own dtype, e.g. bf16 next to bf16 rows), "float32" or "float8". "cache" makes CAT-F's
-            state about 2.1x the paper's reuse caches instead of 3.1x in bf16 (Flux.1-dev 1024
+            cache's own dtype, e.g. bf16 next to bf16 rows), "float32" or "float8". "cache"
+            makes CAT-F's state about 2.1x the paper's reuse caches instead of 3.1x in bf16 (Flux.1-dev 1024
             px: 5.63 GiB against 8.30, the paper's 2.67); in fp32 models the two are the same.
             PSNR against fp32 slopes, models in bf16, the quality bench's first 16 prompts
             (bench/experiments/config_sweep.py): photo model -0.02 dB at the defaults, -0.04 at
             keep 0.2; scene model -0.08 and +0.23. The output cache's forecast state is fp32
             either way. "float8": the K/V slopes in e4m3 with one fp32 scale per head of each
             row, as kv_dtype="float8" stores values, next to values in the model's dtype (the
-            extra caches' slopes in their own dtype): about 1.6x to 1.8x the paper's caches
-            instead of 2.1x to 2.3x. A slope is a row's change per step, so its fp8 rounding
-            (3 mantissa bits) moves the forecast by a few percent of a step's change, not of the
-            row. PSNR cost in the README ("Cache memory"). Dequantized by plain torch ops for
-            now: it lowers the bytes held, not yet the bytes a pruned step moves. Only with
+            extra caches' slopes in their own dtype): 1.6x to 1.8x the paper's caches in bf16
+            (Sana 2.0x) instead of 2.1x to 2.3x. A slope is a row's change per step, so its fp8
+            rounding (3 mantissa bits) moves the forecast by a few percent of a step's change,
+            not of the row. Against "cache", 16 images (README, "Cache memory"): video model
+            (fp32) 0.00 dB, photo model (bf16) 0.00, scene model (bf16) +0.22 at the defaults
+            and -0.43 at keep 0.2. Dequantized by plain torch ops for now: it lowers the bytes
+            held, and a pruned step moves more bytes than with "cache". Only with
             forecast_from="refresh" (like kv_dtype). Only with forecast="taylor".
         forecast_calibration: "none" (default) or "output": at a pruned step the output cache's
             forecast step (base + damping x horizon x slope) is scaled, for the skipped tokens,
