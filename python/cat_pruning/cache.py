@@ -576,13 +576,13 @@ class ForecastStore(ReuseStore):
         slope is fp8) is forecast by the fused op as without fp8."""
         dim = _token_dim(key.shape)
         read = []
-        for part, new in (("k", key), ("v", value)):
+        for part, new, base in zip("kv", (key, value), self.kv_cache[name], strict=True):
             cache = f"{name}/{part}"
             rows8, slope8 = self.float8.get(cache), self.slopes8.get(cache)
             if rows8 is None and slope8 is None:
                 read.append(self._update(cache, new, self.weight_kv))
                 continue
-            base, out = self._bases()[cache], self.reads[cache]
+            out = self.reads[cache]
             read.append(out if self.mode == "pruned" else new)
             if self.mode == "anchor":
                 _store(base, rows8, new)

@@ -167,8 +167,9 @@ class CATConfig:
             pipeline, or pass "noise").
         slope_dtype: what the K/V and extra caches' slopes are stored in: "cache" (default: the
             cache's own dtype, e.g. bf16 next to bf16 rows), "float32" or "float8". "cache"
-            makes CAT-F's state about 2.1x the paper's reuse caches instead of 3.1x in bf16 (Flux.1-dev 1024
-            px: 5.63 GiB against 8.30, the paper's 2.67); in fp32 models the two are the same.
+            makes CAT-F's state about 2.1x the paper's reuse caches instead of 3.1x in bf16
+            (Flux.1-dev 1024 px: 5.63 GiB against 8.30, the paper's 2.67); in fp32 models the
+            two are the same.
             PSNR against fp32 slopes, models in bf16, the quality bench's first 16 prompts
             (bench/experiments/config_sweep.py): photo model -0.02 dB at the defaults, -0.04 at
             keep 0.2; scene model -0.08 and +0.23. The output cache's forecast state is fp32
@@ -290,12 +291,10 @@ class CATConfig:
             raise ValueError(f"CATConfig.forecast_calibration={self.forecast_calibration!r} fits the forecast on a "
                              f"pruned step's computed rows, which forecast_from=\"all\" makes the new values and "
                              f"slopes of their tokens: use forecast_from=\"refresh\" or \"rebase\"")
-        if self.slope_dtype == "float8" and self.forecast_from != "refresh":
-            raise ValueError(f"CATConfig.slope_dtype=\"float8\" keeps the K/V slopes as they were at the last full "
-                             f"or refresh step; forecast_from={self.forecast_from!r} would update them at every "
-                             f"pruned step (a requantization per step): use forecast_from=\"refresh\" (the default)")
-        if self.kv_dtype != "model" and self.forecast == "taylor" and self.forecast_from != "refresh":
-            raise ValueError(f"CATConfig.kv_dtype={self.kv_dtype!r} keeps the K/V forecast state as it was at the "
+        float8 = (f"kv_dtype={self.kv_dtype!r}" if self.kv_dtype != "model"
+                  else "slope_dtype='float8'" if self.slope_dtype == "float8" else None)  # fmt: skip
+        if float8 and self.forecast == "taylor" and self.forecast_from != "refresh":
+            raise ValueError(f"CATConfig.{float8} keeps the K/V forecast state as it was at the "
                              f"last full or refresh step; forecast_from={self.forecast_from!r} would update it at "
                              f"every pruned step (a requantization per step): use forecast_from=\"refresh\" (the "
                              f"default)")
