@@ -102,10 +102,11 @@ def forecast_attention(
     weight: Tensor | None,
     k_extra: Tensor | None = None,
     v_extra: Tensor | None = None,
+    extra_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Attention over forecast K/V caches, blocked ATen (CPU and CUDA); see reference.forecast_attention."""
-    return _ops.forecast_attention(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, scale)
+    return _ops.forecast_attention(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, extra_mask, scale)
 
 
 def kmeans(features: Tensor, num_clusters: int, iters: int) -> Tensor:

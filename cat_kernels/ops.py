@@ -279,14 +279,16 @@ def _forecast_attention_op(
     weight: Tensor | None,
     k_extra: Tensor | None,
     v_extra: Tensor | None,
+    extra_mask: Tensor | None,
     scale: float,
     backend: str,
 ) -> Tensor:
-    return _impl("forecast_attention", backend)(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, scale)
+    return _impl("forecast_attention", backend)(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra,
+                                                extra_mask, scale)  # fmt: skip
 
 
 @_forecast_attention_op.register_fake
-def _(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, scale, backend):
+def _(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, extra_mask, scale, backend):
     return q.new_empty(q.shape)
 
 
@@ -688,6 +690,7 @@ def forecast_attention(
     k_extra: Tensor | None = None,
     v_extra: Tensor | None = None,
     *,
+    extra_mask: Tensor | None = None,
     scale: float | None = None,
     backend: str | None = None,
 ) -> Tensor:
@@ -697,24 +700,31 @@ def forecast_attention(
     is round(k_base[n] + weight[b, n] * k_slope[n]) to k_base's dtype (fp32 product, then sum:
     exactly the `k_out` row :func:`forecast_kv_` writes for a skipped token; weight 0 gives the
     base) and its value likewise; the extra rows (the text keys/values) are attended as given.
+    With slopes, an image token of negative weight is left out: a pruned step passes the tokens
+    it computed among the extra rows and their cache rows with weight -1, so caches that hold
+    only the last refresh step's rows (forecast_from="refresh") need no refresh first.
     Logits, softmax and both products in fp32 (16-bit inputs: 16-bit operands, fp32
     accumulation), output rounded once to q's dtype. The keys' order does not matter. It replaces
     forecast_kv_ into a buffer + torch.cat + SDPA (about 14 bytes moved per cached element with
     bf16 caches and fp32 slopes) by one pass that reads base and slope (6 bytes). Computed
-    tokens must already be in the bases (forecast_kv_ or scatter_kv_ refreshes them) with weight
-    0. Source: issue 21 item 2; see :func:`cat_kernels.reference.forecast_attention`.
+    tokens are either in the bases (forecast_kv_ or scatter_kv_ refreshes them) with weight 0,
+    or among the extra rows with weight -1. Source: issue 21 item 2; see
+    :func:`cat_kernels.reference.forecast_attention`.
 
     Args:
         q: (B, H, M, D) float32/float16/bfloat16, any strides (a transposed (B, M, H, D) view is
             fine), 1 <= D <= 128.
-        k_base, v_base: (B, H, N, D) contiguous caches, each of one float dtype (may differ).
-        k_slope, v_slope: the caches' slopes, their bases' shapes, contiguous, any float dtype
-            (fp32 next to a bf16 base is fine); both None for plain reuse (the paper's CAT: the
-            bases are attended as they are and no slope is read).
-        weight: (B, N) float32, each token's forecast horizon (0 for computed tokens); may be None
-            only without slopes (it is unused then).
+        k_base, v_base: (B, H, N, D) caches, each of one float dtype (may differ), unit stride
+            along D: contiguous, or the (B, H, N, D) view of a (B, N, H * D) cache.
+        k_slope, v_slope: the caches' slopes, their bases' shapes, any float dtype (fp32 next to
+            a bf16 base is fine); both None for plain reuse (the paper's CAT: the bases are
+            attended as they are and no slope is read). All four caches share k_base's strides.
+        weight: (B, N) float32, each token's forecast horizon (0: the base as it is; negative:
+            the token is left out); may be None only without slopes (it is unused then).
         k_extra, v_extra: (B, H, T, D) extra keys/values, any float dtype, any strides; both None
             or both given (T may be 0).
+        extra_mask: (B, T) bool, any strides: the extra rows to attend (True), as SDPA's boolean
+            mask over keys (a padded prompt's text); None: every extra row. Only with extras.
         scale: the logits' scale, a finite number; default 1/sqrt(D).
         backend: "auto" (default), "triton", "cuda" or "torch"; see :mod:`cat_kernels.backend`.
     Returns:
@@ -727,7 +737,8 @@ def forecast_attention(
     slower than cuBLAS, and a tensor-core one would duplicate the Triton kernel untested (no GPU
     here). docs/design.md section 7 says the same.
     """
-    key = _signature("forecast_attention", q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, scale)
+    key = _signature("forecast_attention", q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, extra_mask,
+                     scale)  # fmt: skip
     if _unchecked(key):
         _check_tensor("q", q, 4, _FLOATS)
         _check_tensor("k_base", k_base, 4, _FLOATS)
@@ -762,8 +773,11 @@ def forecast_attention(
             tensors["weight"] = weight
         for name in ("k_base", "v_base", "k_slope", "v_slope"):
             t = tensors.get(name)
-            if t is not None and not t.is_contiguous():
-                raise ValueError(f"{name} must be contiguous (a cache the caller allocates), got strides {t.stride()}")
+            if t is not None and (t.stride(3) != 1 or t.stride() != k_base.stride()):
+                same = "" if name == "k_base" else f" and k_base's strides {k_base.stride()}"
+                raise ValueError(f"{name} must have unit stride along D{same} (a cache the caller allocates: "
+                                 f"contiguous, or a (B, N, H * D) cache's (B, H, N, D) view), got strides "
+                                 f"{t.stride()}")  # fmt: skip
         T = 0
         if _check_pair(("k_extra", "v_extra"), k_extra, v_extra):
             _check_tensor("k_extra", k_extra, 4, _FLOATS)
@@ -778,6 +792,13 @@ def forecast_attention(
                     f"v_extra must have the shape of k_extra {tuple(k_extra.shape)}, got {tuple(v_extra.shape)}"
                 )
             tensors.update(k_extra=k_extra, v_extra=v_extra)
+        if extra_mask is not None:
+            if k_extra is None:
+                raise ValueError("extra_mask was given without k_extra and v_extra (it masks the extra rows)")
+            _check_tensor("extra_mask", extra_mask, 2, (torch.bool,))
+            if extra_mask.shape != (B, T):
+                raise ValueError(f"extra_mask must have shape (B, T) = {(B, T)}, got {tuple(extra_mask.shape)}")
+            tensors["extra_mask"] = extra_mask
         if N + T == 0:
             raise ValueError("forecast_attention needs at least one key: N + T = 0")
         _check_same_device(**tensors)
@@ -787,7 +808,7 @@ def forecast_attention(
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
     return _run("forecast_attention", _forecast_attention_op,
-        q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, float(scale),
+        q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, extra_mask, float(scale),
         _backend.resolve(q.device, backend),
     )  # fmt: skip
 

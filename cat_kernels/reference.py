@@ -244,16 +244,20 @@ def forecast_attention(
     weight: Tensor | None,
     k_extra: Tensor | None = None,
     v_extra: Tensor | None = None,
+    extra_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """softmax(q k^T * scale) v over N forecast image keys and T extra keys, in fp32.
 
     q: (B, H, M, D); k_base, v_base: (B, H, N, D) caches; k_slope, v_slope: their slopes or None;
-    weight: (B, N) float32 (None only without slopes); k_extra, v_extra: (B, H, T, D) or None.
+    weight: (B, N) float32 (None only without slopes); k_extra, v_extra: (B, H, T, D) or None;
+    extra_mask: (B, T) bool, the extra rows attended (True), or None: all of them.
     Image keys/values are :func:`forecast_rows` (rounded to the caches' dtypes, as forecast_kv_
     stores them), extra rows are taken as given; everything is upcast to fp32, the softmax and
-    both products run in fp32, and the output is rounded once to q's dtype. scale defaults to
-    1/sqrt(D). The keys' order does not change the result. Source: issue 21 item 2.
+    both products run in fp32, and the output is rounded once to q's dtype. With slopes, an
+    image token of negative weight is left out (a token the step computed, whose new key and
+    value come among the extra rows). scale defaults to 1/sqrt(D). The keys' order does not
+    change the result. Source: issue 21 item 2.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -265,6 +269,13 @@ def forecast_attention(
     k = torch.cat(keys, dim=2)
     v = torch.cat(values, dim=2)
     logits = (q.float() @ k.transpose(-1, -2)) * scale
+    n = k_base.shape[2]
+    left_out = torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+    if k_slope is not None:  # image keys of negative weight
+        left_out[:, :n] = weight < 0
+    if extra_mask is not None:
+        left_out[:, n:] = ~extra_mask
+    logits = logits.masked_fill(left_out[:, None, None, :], float("-inf"))
     return (torch.softmax(logits, dim=-1) @ v).to(q.dtype)
 
 

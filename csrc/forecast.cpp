@@ -153,11 +153,16 @@ at::Tensor formed_block(const at::Tensor& base, const std::optional<at::Tensor>&
 struct OnlineSoftmax {
   at::Tensor m, l, acc;
 
-  void update(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, double scale) {
+  // left_out: (B, 1, 1, len) bool, keys whose logits are -inf (tokens of negative weight), or undefined
+  void update(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, double scale,
+              const at::Tensor& left_out = at::Tensor()) {
     at::Tensor s = at::matmul(qf, k.transpose(-1, -2)).mul_(scale);
+    if (left_out.defined()) s.masked_fill_(left_out, -std::numeric_limits<float>::infinity());
     const at::Tensor m_new = at::maximum(m, std::get<0>(s.max(-1, /*keepdim=*/true)));
-    const at::Tensor alpha = (m - m_new).exp_();  // 0 at the first block (m = -inf)
-    at::Tensor& p = s.sub_(m_new).exp_();
+    // -inf while every key so far was left out: subtract 0 then, so alpha and p are 0, not NaN
+    const at::Tensor m_sub = m_new.masked_fill(m_new == -std::numeric_limits<float>::infinity(), 0.0);
+    const at::Tensor alpha = (m - m_sub).exp_();  // 0 at the first block (m = -inf)
+    at::Tensor& p = s.sub_(m_sub).exp_();
     l = l.mul_(alpha).add_(p.sum(-1, /*keepdim=*/true));
     acc = acc.mul_(alpha).add_(at::matmul(p, v));
     m = m_new;
@@ -169,7 +174,8 @@ struct OnlineSoftmax {
 at::Tensor forecast_attention_blocked(const at::Tensor& q, const at::Tensor& k_base, const at::Tensor& v_base,
                                       const std::optional<at::Tensor>& k_slope, const std::optional<at::Tensor>& v_slope,
                                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& k_extra,
-                                      const std::optional<at::Tensor>& v_extra, std::optional<double> scale) {
+                                      const std::optional<at::Tensor>& v_extra, const std::optional<at::Tensor>& extra_mask,
+                                      std::optional<double> scale) {
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3), N = k_base.size(2);
   if (q.numel() == 0) return at::empty(q.sizes(), q.options());
   const double sc = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
@@ -182,12 +188,17 @@ at::Tensor forecast_attention_blocked(const at::Tensor& q, const at::Tensor& k_b
   const at::Tensor w = weight.has_value() ? weight->view({B, 1, N, 1}) : at::Tensor();
   for (int64_t start = 0; start < N; start += block) {
     const int64_t len = std::min(block, N - start);
-    st.update(qf, formed_block(k_base, k_slope, w, start, len), formed_block(v_base, v_slope, w, start, len), sc);
+    const at::Tensor left_out = k_slope.has_value() ? w.narrow(2, start, len).lt(0).reshape({B, 1, 1, len}) : at::Tensor();
+    st.update(qf, formed_block(k_base, k_slope, w, start, len), formed_block(v_base, v_slope, w, start, len), sc,
+              left_out);
   }
   const int64_t T = k_extra.has_value() ? k_extra->size(2) : 0;
   for (int64_t start = 0; start < T; start += block) {
     const int64_t len = std::min(block, T - start);
-    st.update(qf, k_extra->narrow(2, start, len).to(at::kFloat), v_extra->narrow(2, start, len).to(at::kFloat), sc);
+    const at::Tensor left_out =
+        extra_mask.has_value() ? extra_mask->narrow(1, start, len).logical_not().reshape({B, 1, 1, len}) : at::Tensor();
+    st.update(qf, k_extra->narrow(2, start, len).to(at::kFloat), v_extra->narrow(2, start, len).to(at::kFloat), sc,
+              left_out);
   }
   return st.acc.div_(st.l).to(q.scalar_type());
 }
@@ -197,17 +208,19 @@ namespace {
 at::Tensor forecast_attention_cpu(const at::Tensor& q, const at::Tensor& k_base, const at::Tensor& v_base,
                                   const std::optional<at::Tensor>& k_slope, const std::optional<at::Tensor>& v_slope,
                                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& k_extra,
-                                  const std::optional<at::Tensor>& v_extra, std::optional<double> scale) {
-  check_forecast_attention(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra);
+                                  const std::optional<at::Tensor>& v_extra, const std::optional<at::Tensor>& extra_mask,
+                                  std::optional<double> scale) {
+  check_forecast_attention(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, extra_mask);
   CAT_CHECK_DEVICE_TYPE(q, at::kCPU);
-  return forecast_attention_blocked(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, scale);
+  return forecast_attention_blocked(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, extra_mask, scale);
 }
 
 at::Tensor forecast_attention_meta(const at::Tensor& q, const at::Tensor& k_base, const at::Tensor& v_base,
                                    const std::optional<at::Tensor>& k_slope, const std::optional<at::Tensor>& v_slope,
                                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& k_extra,
-                                   const std::optional<at::Tensor>& v_extra, std::optional<double> scale) {
-  check_forecast_attention(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra);
+                                   const std::optional<at::Tensor>& v_extra, const std::optional<at::Tensor>& extra_mask,
+                                   std::optional<double> scale) {
+  check_forecast_attention(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, extra_mask);
   return at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
@@ -225,7 +238,7 @@ TORCH_LIBRARY_FRAGMENT(cat_kernels, m) {
       "Tensor(f!)? v_out, Tensor pos, Tensor k, Tensor v, Tensor weight, Tensor inv_dt, int dim) -> ()");
   m.def(
       "forecast_attention(Tensor q, Tensor k_base, Tensor v_base, Tensor? k_slope, Tensor? v_slope, Tensor? weight, "
-      "Tensor? k_extra=None, Tensor? v_extra=None, float? scale=None) -> Tensor");
+      "Tensor? k_extra=None, Tensor? v_extra=None, Tensor? extra_mask=None, float? scale=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cat_kernels, CPU, m) {

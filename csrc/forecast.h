@@ -103,13 +103,15 @@ inline void check_forecast_kv(const at::Tensor& k_base, const at::Tensor& v_base
   check_forecast_inputs(pos, weight, inv_dt);
 }
 
-// forecast_attention (issue 21 item 2): q (B, H, M, D); bases (B, H, N, D) contiguous; slopes
-// both or neither, their bases' shapes, contiguous; weight (B, N) fp32, required with slopes;
-// extras both or neither, (B, H, T, D); 1 <= D <= 128; N + T >= 1; one device.
+// forecast_attention (issue 21 item 2): q (B, H, M, D); bases (B, H, N, D), unit stride along D;
+// slopes both or neither, their bases' shapes; all four caches with k_base's strides; weight
+// (B, N) fp32, required with slopes; extras both or neither, (B, H, T, D); extra_mask (B, T)
+// bool, only with extras; 1 <= D <= 128; N + T >= 1; one device.
 inline void check_forecast_attention(const at::Tensor& q, const at::Tensor& k_base, const at::Tensor& v_base,
                                      const std::optional<at::Tensor>& k_slope, const std::optional<at::Tensor>& v_slope,
                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& k_extra,
-                                     const std::optional<at::Tensor>& v_extra) {
+                                     const std::optional<at::Tensor>& v_extra,
+                                     const std::optional<at::Tensor>& extra_mask) {
   CAT_CHECK_FLOAT(q);
   CAT_CHECK_DIM(q, 4);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
@@ -121,8 +123,9 @@ inline void check_forecast_attention(const at::Tensor& q, const at::Tensor& k_ba
   const int64_t N = k_base.size(2);
   TORCH_CHECK(v_base.sizes() == k_base.sizes(), "v_base must have the shape of k_base ", k_base.sizes(), ", got ",
               v_base.sizes());
-  TORCH_CHECK(k_base.is_contiguous(), "k_base must be contiguous, got strides ", k_base.strides());
-  TORCH_CHECK(v_base.is_contiguous(), "v_base must be contiguous, got strides ", v_base.strides());
+  TORCH_CHECK(k_base.stride(3) == 1, "k_base must have unit stride along D, got strides ", k_base.strides());
+  TORCH_CHECK(v_base.strides() == k_base.strides(), "v_base must have k_base's strides ", k_base.strides(), ", got ",
+              v_base.strides());
   CAT_CHECK_SAME_DEVICE(k_base, q);
   CAT_CHECK_SAME_DEVICE(v_base, q);
   TORCH_CHECK(k_slope.has_value() == v_slope.has_value(), "k_slope and v_slope go together: both or neither");
@@ -133,7 +136,8 @@ inline void check_forecast_attention(const at::Tensor& q, const at::Tensor& k_ba
                   " must be float32/float16/bfloat16, got ", t->scalar_type());
       TORCH_CHECK(t->sizes() == k_base.sizes(), name, " must have the shape of its base ", k_base.sizes(), ", got ",
                   t->sizes());
-      TORCH_CHECK(t->is_contiguous(), name, " must be contiguous, got strides ", t->strides());
+      TORCH_CHECK(t->strides() == k_base.strides(), name, " must have k_base's strides ", k_base.strides(), ", got ",
+                  t->strides());
       TORCH_CHECK(t->device() == q.device(), name, " is on ", t->device(), " but q is on ", q.device());
     }
     TORCH_CHECK(weight.has_value(), "weight must be given with slopes (zeros for plain reuse)");
@@ -158,6 +162,13 @@ inline void check_forecast_attention(const at::Tensor& q, const at::Tensor& k_ba
     CAT_CHECK_SAME_DEVICE(vx, q);
     T = kx.size(2);
   }
+  if (extra_mask.has_value()) {
+    TORCH_CHECK(k_extra.has_value(), "extra_mask was given without k_extra and v_extra (it masks the extra rows)");
+    TORCH_CHECK(extra_mask->scalar_type() == at::kBool, "extra_mask must have dtype bool, got ", extra_mask->scalar_type());
+    TORCH_CHECK(extra_mask->dim() == 2 && extra_mask->size(0) == B && extra_mask->size(1) == T,
+                "extra_mask must have shape (B, T) = (", B, ", ", T, "), got ", extra_mask->sizes());
+    TORCH_CHECK(extra_mask->device() == q.device(), "extra_mask is on ", extra_mask->device(), " but q is on ", q.device());
+  }
   TORCH_CHECK(N + T >= 1, "forecast_attention needs at least one key: N + T = 0");
 }
 
@@ -166,7 +177,8 @@ inline void check_forecast_attention(const at::Tensor& q, const at::Tensor& k_ba
 at::Tensor forecast_attention_blocked(const at::Tensor& q, const at::Tensor& k_base, const at::Tensor& v_base,
                                       const std::optional<at::Tensor>& k_slope, const std::optional<at::Tensor>& v_slope,
                                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& k_extra,
-                                      const std::optional<at::Tensor>& v_extra, std::optional<double> scale);
+                                      const std::optional<at::Tensor>& v_extra, const std::optional<at::Tensor>& extra_mask,
+                                      std::optional<double> scale);
 
 // The forecast of a skipped token, base + w * slope with two roundings (never a fused multiply-add),
 // as the reference's torch ops compute it.

@@ -140,11 +140,12 @@ void forecast_kv_cuda(at::Tensor& k_base, at::Tensor& v_base, at::Tensor& k_slop
 at::Tensor forecast_attention_cuda(const at::Tensor& q, const at::Tensor& k_base, const at::Tensor& v_base,
                                    const std::optional<at::Tensor>& k_slope, const std::optional<at::Tensor>& v_slope,
                                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& k_extra,
-                                   const std::optional<at::Tensor>& v_extra, std::optional<double> scale) {
-  check_forecast_attention(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra);
+                                   const std::optional<at::Tensor>& v_extra, const std::optional<at::Tensor>& extra_mask,
+                                   std::optional<double> scale) {
+  check_forecast_attention(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, extra_mask);
   CAT_CHECK_DEVICE_TYPE(q, at::kCUDA);
   const c10::cuda::CUDAGuard guard(q.device());
-  return forecast_attention_blocked(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, scale);
+  return forecast_attention_blocked(q, k_base, v_base, k_slope, v_slope, weight, k_extra, v_extra, extra_mask, scale);
 }
 
 }  // namespace

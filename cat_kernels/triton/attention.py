@@ -36,6 +36,9 @@ __all__ = ["forecast_attention"]
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 MAX_HEAD_DIM = 128  # above, the accumulators and the formed tiles spill (checked for 256)
+# The online softmax's starting maximum (log2 units): below any logit a model makes, finite so that
+# exp2(MIN_LOGIT - MIN_LOGIT) is 1 while every key so far was left out
+MIN_LOGIT = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -82,7 +85,9 @@ def _online_update(
 ):
     """One key tile of the online softmax: s = logits * log2(e) (BLOCK_M, BLOCK_N), fp32."""
     s = tl.where(key_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one valid key
+    # m_i starts at MIN_LOGIT, not -inf: a tile whose keys are all left out (negative weights, the
+    # extra mask) then gives alpha 1 and p 0, not NaN
+    m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -99,7 +104,7 @@ def _online_update(
 @triton.jit
 def _image_tile(base_ptr, slope_ptr, off, mask, w, like_ptr,
                 HAS_SLOPE: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr):
-    """Formed keys or values at offsets `off` of a contiguous cache, as a dot operand."""
+    """Formed keys or values at offsets `off` of a cache (unit stride along D), as a dot operand."""
     return _operand(_form_tile(base_ptr, slope_ptr, off, mask, w, HAS_SLOPE, INTERPRET), like_ptr, LOWP, INTERPRET)
 
 
@@ -112,30 +117,36 @@ def _strided_tile(ptr, rows, s_row, cols, s_col, mask, like_ptr, LOWP: tl.conste
 
 @triton.jit
 def _forecast_attention_kernel(
-    q_ptr, kb_ptr, vb_ptr, ks_ptr, vs_ptr, w_ptr, kx_ptr, vx_ptr, o_ptr,
+    q_ptr, kb_ptr, vb_ptr, ks_ptr, vs_ptr, w_ptr, kx_ptr, vx_ptr, xm_ptr, o_ptr,
     H, M, N, T, qk_scale,
     s_qb, s_qh, s_qm, s_qd,
+    s_cb, s_ch,
     s_wb, s_wn,
     s_kxb, s_kxh, s_kxt, s_kxd,
     s_vxb, s_vxh, s_vxt, s_vxd,
-    HAS_SLOPE: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr, SPLIT: tl.constexpr,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr,
-    BLOCK_D1: tl.constexpr,
+    s_xmb, s_xmt,
+    HAS_SLOPE: tl.constexpr, HAS_XMASK: tl.constexpr, LOWP: tl.constexpr, INTERPRET: tl.constexpr,
+    SPLIT: tl.constexpr, D: tl.constexpr, S_CN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
 ):
     """out[b,h,m] = sum_j softmax_j(q[b,h,m] . key_j * scale) value_j over the N image tokens,
     key_n = round(k_base[b,h,n] + weight[b,n] * k_slope[b,h,n]) (value likewise), then the T
-    extra rows k_extra/v_extra[b,h,t] as given. fp32 logits, softmax and accumulators.
+    extra rows k_extra/v_extra[b,h,t] as given; with HAS_SLOPE an image token of negative weight
+    is left out, with HAS_XMASK an extra row whose extra_mask[b,t] is 0. fp32 logits, softmax
+    and accumulators.
 
-    q: (B, H, M, D) any strides; k_base, v_base, k_slope, v_slope: (B, H, N, D) contiguous, any
-    float dtypes (slopes unused without HAS_SLOPE); weight: (B, N) fp32 any strides; k_extra,
+    q: (B, H, M, D) any strides; k_base, v_base, k_slope, v_slope: (B, H, N, D) sharing strides
+    (s_cb, s_ch, S_CN, 1), any float dtypes (slopes unused without HAS_SLOPE); weight: (B, N)
+    fp32 any strides; extra_mask: (B, T) uint8 (a bool tensor's bytes) any strides; k_extra,
     v_extra: (B, H, T, D) any strides; out: (B, H, M, D) contiguous, q's dtype. qk_scale = scale *
     log2(e). Channels [0, BLOCK_D0) and, with SPLIT, [BLOCK_D0, BLOCK_D0 + BLOCK_D1) masked to D.
     LOWP: q and every key/value input share one 16-bit dtype, the dots' operand type. Grid
     (cdiv(M, BLOCK_M), B * H). Source: issue 21 item 2; docs/design.md section 7.
 
-    D, the head dim, is a constexpr: it is fixed per model (one compile each), and knowing it
-    lets the compiler prove that a D = 72 row (144 bytes) starts 16-byte aligned; as a runtime
-    value Triton only tracks divisibility by 16, and D = 72 rows then load 2 bytes at a time.
+    D, the head dim, and S_CN, the caches' token stride (D, or H * D for a (B, N, H * D) cache),
+    are constexprs: fixed per model and layout (one compile each), and knowing them lets the
+    compiler prove that a D = 72 row (144 bytes) starts 16-byte aligned; as runtime values
+    Triton only tracks divisibility by 16, and D = 72 rows then load 2 bytes at a time.
     """
     # Offsets of a (b, h) slice in int64 scalars (B*H*N*D passes 2^31 for video-sized caches);
     # offsets inside it in int32 tensors (the launcher checks they fit): 64-bit tiles of
@@ -157,38 +168,40 @@ def _forecast_attention_kernel(
     if SPLIT:
         q1 = _strided_tile(q_bh, rows, s_qm, c1, s_qd, row_ok[:, None] & c1_ok[None, :], q_ptr, LOWP, INTERPRET)
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    m_i = tl.full((BLOCK_M,), MIN_LOGIT, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc0 = tl.zeros((BLOCK_M, BLOCK_D0), tl.float32)
     acc1 = tl.zeros((BLOCK_M, BLOCK_D1), tl.float32)  # never touched without SPLIT
 
     # Image keys and values, formed from the caches tile by tile (never written anywhere). The
     # four caches share one layout, so one offset tile serves them all.
-    head = bh * N * D
+    head = b * s_cb + h * s_ch
     kb_h, vb_h, ks_h, vs_h = kb_ptr + head, vb_ptr + head, ks_ptr + head, vs_ptr + head
     w_b = w_ptr + b * s_wb
-    tile0 = j[:, None] * D + c0[None, :]
-    tile1 = j[:, None] * D + c1[None, :]
+    tile0 = j[:, None] * S_CN + c0[None, :]
+    tile1 = j[:, None] * S_CN + c1[None, :]
     for start in range(0, N, BLOCK_N):
         n = start + j
         n_ok = n < N
+        key_ok = n_ok
         w = tl.zeros((BLOCK_N,), tl.float32)  # unused without slopes
         if HAS_SLOPE:
             w = tl.load(w_b + n * s_wn, mask=n_ok, other=0.0)
-        off0 = start * D + tile0
+            key_ok = n_ok & (w >= 0.0)  # negative: a token this step computed, among the extra rows
+        off0 = start * S_CN + tile0
         m0 = n_ok[:, None] & c0_ok[None, :]
         k0 = _image_tile(kb_h, ks_h, off0, m0, w, q_ptr, HAS_SLOPE, LOWP, INTERPRET)
         v0 = _image_tile(vb_h, vs_h, off0, m0, w, q_ptr, HAS_SLOPE, LOWP, INTERPRET)
         s = _dot(q0, tl.trans(k0), LOWP)
         v1 = v0
         if SPLIT:
-            off1 = start * D + tile1
+            off1 = start * S_CN + tile1
             m1 = n_ok[:, None] & c1_ok[None, :]
             k1 = _image_tile(kb_h, ks_h, off1, m1, w, q_ptr, HAS_SLOPE, LOWP, INTERPRET)
             v1 = _image_tile(vb_h, vs_h, off1, m1, w, q_ptr, HAS_SLOPE, LOWP, INTERPRET)
             s += _dot(q1, tl.trans(k1), LOWP)
         m_i, l_i, acc0, acc1 = _online_update(
-            s * qk_scale, n_ok, m_i, l_i, acc0, acc1, v0, v1, q_ptr, SPLIT, LOWP, INTERPRET
+            s * qk_scale, key_ok, m_i, l_i, acc0, acc1, v0, v1, q_ptr, SPLIT, LOWP, INTERPRET
         )
 
     # Extra (text) rows, as given.
@@ -197,6 +210,9 @@ def _forecast_attention_kernel(
     for start in range(0, T, BLOCK_N):
         t = start + j
         t_ok = t < T
+        key_ok = t_ok
+        if HAS_XMASK:
+            key_ok = t_ok & (tl.load(xm_ptr + b * s_xmb + t * s_xmt, mask=t_ok, other=0) != 0)
         m0 = t_ok[:, None] & c0_ok[None, :]
         k0 = _strided_tile(kx_bh, t, s_kxt, c0, s_kxd, m0, q_ptr, LOWP, INTERPRET)
         v0 = _strided_tile(vx_bh, t, s_vxt, c0, s_vxd, m0, q_ptr, LOWP, INTERPRET)
@@ -208,7 +224,7 @@ def _forecast_attention_kernel(
             v1 = _strided_tile(vx_bh, t, s_vxt, c1, s_vxd, m1, q_ptr, LOWP, INTERPRET)
             s += _dot(q1, tl.trans(k1), LOWP)
         m_i, l_i, acc0, acc1 = _online_update(
-            s * qk_scale, t_ok, m_i, l_i, acc0, acc1, v0, v1, q_ptr, SPLIT, LOWP, INTERPRET
+            s * qk_scale, key_ok, m_i, l_i, acc0, acc1, v0, v1, q_ptr, SPLIT, LOWP, INTERPRET
         )
 
     inv_l = 1.0 / l_i
@@ -275,11 +291,12 @@ def forecast_attention_triton(
     weight: Tensor | None,
     k_extra: Tensor | None = None,
     v_extra: Tensor | None = None,
+    extra_mask: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Attention over forecast K/V caches formed on the fly; see reference.forecast_attention.
 
-    Validated by cat_kernels.ops (shapes, dtypes, devices, contiguous caches, D <= 128).
+    Validated by cat_kernels.ops (shapes, dtypes, devices, the caches' shared strides, D <= 128).
     """
     B, H, M, D = q.shape
     N = k_base.shape[2]
@@ -293,7 +310,7 @@ def forecast_attention_triton(
         raise ValueError(f"forecast_attention (triton): head dim {D} > {MAX_HEAD_DIM}")
     if B * H > 65535:
         raise ValueError(f"forecast_attention (triton): B * H = {B * H} exceeds the grid's 65535")
-    for name, t in (("q", q), ("k_extra", k_extra), ("v_extra", v_extra)):
+    for name, t in (("q", q), ("k_base", k_base), ("k_extra", k_extra), ("v_extra", v_extra)):
         # Offsets inside one (b, h) slice are int32 in the kernel.
         if t is not None and (t.shape[2] - 1) * t.stride(2) + (D - 1) * t.stride(3) >= 2**31:
             raise ValueError(f"forecast_attention (triton): {name}'s strides {t.stride()} span 2^31 elements "
@@ -305,15 +322,17 @@ def forecast_attention_triton(
     kx, vx = (k_extra, v_extra) if T > 0 else (q, q)
     kxs = k_extra.stride() if T > 0 else (0, 0, 0, 0)
     vxs = v_extra.stride() if T > 0 else (0, 0, 0, 0)
+    has_xmask = extra_mask is not None and T > 0
+    xm = extra_mask.view(torch.uint8) if has_xmask else w  # a bool's bytes; a placeholder never read
     lowp = _lowp(q, k_base, v_base, kx if T else None, vx if T else None)
     cfg = config(D, lowp, max(k_slope.element_size(), v_slope.element_size()) if has_slope else 0)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), B * H)
     launch.kernel(_forecast_attention_kernel)[grid](
-        q, k_base, v_base, ks, vs, w, kx, vx, out,
+        q, k_base, v_base, ks, vs, w, kx, vx, xm, out,
         H, M, N, T, float(scale) * LOG2E,
-        *q.stride(), w.stride(0), w.stride(1), *kxs, *vxs,
-        D=D, HAS_SLOPE=has_slope, LOWP=lowp, INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
-        enable_fp_fusion=False, **cfg,
+        *q.stride(), *k_base.stride()[:2], w.stride(0), w.stride(1), *kxs, *vxs, xm.stride(0), xm.stride(1),
+        D=D, S_CN=k_base.stride(2), HAS_SLOPE=has_slope, HAS_XMASK=has_xmask, LOWP=lowp,
+        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1", enable_fp_fusion=False, **cfg,
     )  # fmt: skip
     return out
 

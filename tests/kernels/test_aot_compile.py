@@ -82,23 +82,26 @@ _FC_OPTS = {"enable_fp_fusion": False}
 
 
 
-def _fa(D, dtype="*bf16", slope="*fp32", spec=None):
+def _fa(D, dtype="*bf16", slope="*fp32", spec=None, heads=None, xmask=False):
     """forecast_attention with the launcher's config: q, caches, extras and out of `dtype`, slopes
-    of `slope` (None: plain reuse, no slopes)."""
+    of `slope` (None: plain reuse, no slopes), (B, H, N, D) caches (heads=None) or the views of
+    (B, N, heads * D) ones, an extra_mask or none."""
     types = dict.fromkeys(("q_ptr", "kb_ptr", "vb_ptr", "kx_ptr", "vx_ptr", "o_ptr"), dtype)
-    types |= {"ks_ptr": slope or dtype, "vs_ptr": slope or dtype, "w_ptr": "*fp32", "qk_scale": "fp32"}
+    types |= {"ks_ptr": slope or dtype, "vs_ptr": slope or dtype, "w_ptr": "*fp32", "qk_scale": "fp32",
+              "xm_ptr": "*u8" if xmask else "*fp32"}
     lowp = dtype != "*fp32"
     cfg = attention.config(D, lowp, {None: 0, "*fp32": 4}.get(slope, 2))
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    const = {"D": D, "HAS_SLOPE": slope is not None, "LOWP": lowp, "INTERPRET": False, **cfg}
+    const = {"D": D, "S_CN": D * (heads or 1), "HAS_SLOPE": slope is not None, "HAS_XMASK": xmask, "LOWP": lowp,
+             "INTERPRET": False, **cfg}
     opts = {"enable_fp_fusion": False, "num_stages": num_stages}
     return (attention._forecast_attention_kernel, types, const, num_warps, opts, spec)
 
 
 # The launch for q a (B, M, H, D) view, contiguous caches and extras, a contiguous weight.
 _FA_CONTIG = _contiguous(
-    ["s_qd", "s_wn", "s_kxd", "s_vxd"],
-    ["N", "s_qb", "s_qh", "s_qm", "s_wb", "s_kxb", "s_kxh", "s_kxt", "s_vxb", "s_vxh", "s_vxt"],
+    ["s_qd", "s_wn", "s_kxd", "s_vxd", "s_xmt"],
+    ["N", "s_qb", "s_qh", "s_qm", "s_cb", "s_ch", "s_wb", "s_kxb", "s_kxh", "s_kxt", "s_vxb", "s_vxh", "s_vxt"],
 )
 
 # name: (kernel, pointer/float types, constexprs, num_warps, compile options, specialisation).
@@ -138,7 +141,8 @@ KERNELS = {
     ),
     # forecast_attention: SD3 (D = 64) and Flux (128) with fp32 slopes next to bf16 caches, Flux
     # with slopes in the cache dtype, PixArt's D = 72 (split 64 + 16), the paper's CAT (no slopes)
-    # and fp32 models (3xTF32 dots).
+    # and fp32 models (3xTF32 dots); Flux's and Qwen-Image's (B, N, 24 * 128) caches, Qwen's with
+    # its padded prompt's text mask.
     "forecast_attention_sd3": _fa(64),
     "forecast_attention_sd3_contiguous": _fa(64, spec=_FA_CONTIG),
     "forecast_attention_flux_contiguous": _fa(128, spec=_FA_CONTIG),
@@ -147,6 +151,8 @@ KERNELS = {
     "forecast_attention_reuse": _fa(64, slope=None),
     "forecast_attention_fp32": _fa(64, dtype="*fp32"),
     "forecast_attention_fp32_d128": _fa(128, dtype="*fp32"),
+    "forecast_attention_flux_flat": _fa(128, slope="*bf16", spec=_FA_CONTIG, heads=24),
+    "forecast_attention_qwen_masked": _fa(128, slope="*bf16", spec=_FA_CONTIG, heads=24, xmask=True),
     "kmeans_assign": (
         kmeans._kmeans_assign_kernel, _KM_TYPES, _KM_CONST, kmeans.NUM_WARPS, {"enable_fp_fusion": False}, None,
     ),

@@ -29,6 +29,7 @@ from tolerances import assert_attention_close
 from cat_kernels import backend, ops, reference
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BLOCK_SPAN = 64  # at least one key tile of every backend (Triton's are 16-64 keys)
 HAS_EXT = backend.extension_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 BACKENDS = [
@@ -100,7 +101,7 @@ def _inputs(case, gen, device):
 
 def _call(fn, a, scale=None):
     return fn(a["q"], a["k_base"], a["v_base"], a["k_slope"], a["v_slope"], a["weight"], a["k_extra"], a["v_extra"],
-              scale)  # fmt: skip
+              a.get("extra_mask"), scale)  # fmt: skip
 
 
 def _oracle(a, scale=None):
@@ -109,14 +110,20 @@ def _oracle(a, scale=None):
 
 
 def _plain(a, scale=None):
-    """Plain torch in q's dtype, the unfused path: forecast rows, torch.cat, SDPA."""
+    """Plain torch in q's dtype, the unfused path: forecast rows, torch.cat, SDPA (with a boolean
+    key mask where tokens are left out: negative weights, extra_mask)."""
     q = a["q"]
     keys = [reference.forecast_rows(a["k_base"], a["k_slope"], a["weight"]).to(q.dtype)]
     values = [reference.forecast_rows(a["v_base"], a["v_slope"], a["weight"]).to(q.dtype)]
+    B, N = q.shape[0], a["k_base"].shape[2]
+    attend = [a["weight"] >= 0 if a["k_slope"] is not None else torch.ones(B, N, dtype=torch.bool, device=q.device)]
     if a["k_extra"] is not None:
         keys.append(a["k_extra"].to(q.dtype))
         values.append(a["v_extra"].to(q.dtype))
-    return F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2), scale=scale)
+        mask = a.get("extra_mask")
+        attend.append(torch.ones(B, a["k_extra"].shape[2], dtype=torch.bool, device=q.device) if mask is None else mask)
+    mask = torch.cat(attend, 1)[:, None, None, :]
+    return F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2), attn_mask=mask, scale=scale)
 
 
 def _check(out, a, scale=None):
@@ -175,6 +182,78 @@ def test_zero_weight_is_reuse(dt, name, device):
     a["weight"] = torch.zeros_like(a["weight"])
     fn = _module(name).forecast_attention
     assert torch.equal(_call(fn, a), _call(fn, {**a, "k_slope": None, "v_slope": None, "weight": None}))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_negative_weight_leaves_tokens_out(dt, name, device):
+    """With slopes, image tokens of negative weight are not attended (a pruned step's computed
+    tokens, passed among the extra rows): the same as the op over the other tokens alone, within
+    the attention rule. Every token of the first key tiles is left out (the online softmax starts
+    on a tile with no key: no NaN), then every third one; different tokens per sample."""
+    device = "cpu" if name == "ext" else device
+    gen = torch.Generator().manual_seed(1250 + len(dt))
+    B, H, M, N, T, D = 2, 2, 9, 150, 6, 72
+    a = _inputs((B, H, M, N, T, D, dt, dt, "fp32", "transposed"), gen, device)
+    left_out = torch.zeros(B, N, dtype=torch.bool)
+    left_out[0, :70] = True
+    left_out[1, 3::3] = True
+    left_out[1, :40] = True
+    a["weight"] = torch.where(left_out.to(device), -1.0, a["weight"])
+    out = _call(_module(name).forecast_attention, a)
+    _check(out, a)
+    for b in range(B):  # the reference over the attended tokens only
+        keep = (~left_out[b]).nonzero().squeeze(1).to(device)
+        kept = {k: (v[b : b + 1].index_select(2, keep) if k in ("k_base", "v_base", "k_slope", "v_slope")
+                    else v[b : b + 1, keep] if k == "weight" else v[b : b + 1]) for k, v in a.items()}  # fmt: skip
+        assert_attention_close(out[b : b + 1], _oracle(kept), _plain(kept), DTYPES[dt])
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_extra_mask_leaves_rows_out(dt, name, device):
+    """extra_mask (B, T) leaves the extra rows marked False out (a padded prompt's text): the
+    same as the op over the other rows alone; with every image token left out too (negative
+    weights), the first attended key comes in the extras' second tile. An all-True mask is no
+    mask, bit for bit."""
+    device = "cpu" if name == "ext" else device
+    gen = torch.Generator().manual_seed(1270 + len(dt))
+    B, H, M, N, T, D = 2, 2, 5, 40, 90, 64
+    a = _inputs((B, H, M, N, T, D, dt, dt, "fp32", "contiguous"), gen, device)
+    fn = _module(name).forecast_attention
+    ones = torch.ones(B, T, dtype=torch.bool, device=device)
+    assert torch.equal(_call(fn, {**a, "extra_mask": ones}), _call(fn, a))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 60:80] = False
+    mask[1, ::2] = False
+    a["extra_mask"] = mask.to(device)
+    out = _call(fn, a)
+    _check(out, a)
+    for b in range(B):  # the reference over the attended rows only
+        keep = mask[b].nonzero().squeeze(1).to(device)
+        kept = {k: (v[b : b + 1].index_select(2, keep) if k in ("k_extra", "v_extra") else v[b : b + 1])
+                for k, v in a.items() if k != "extra_mask"}  # fmt: skip
+        assert_attention_close(out[b : b + 1], _oracle(kept), _plain(kept), DTYPES[dt])
+    a["weight"] = torch.full_like(a["weight"], -1.0)
+    a["extra_mask"][:, :BLOCK_SPAN] = False
+    _check(_call(fn, a), a)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dt", ["fp32", "bf16"])
+def test_caches_as_heads_views(dt, name, device):
+    """(B, N, H * D) caches (Flux's, Wan's: the flat layout) attended through their (B, H, N, D)
+    views: the same as the contiguous copies, bit for bit, with and without slopes."""
+    device = "cpu" if name == "ext" else device
+    gen = torch.Generator().manual_seed(1260 + len(dt))
+    B, H, M, N, T, D = 2, 3, 7, 70, 5, 64
+    a = _inputs((B, H, M, N, T, D, dt, dt, "bf16" if dt == "bf16" else "fp32", "transposed"), gen, device)
+    flat = {k: a[k].transpose(1, 2).contiguous().transpose(1, 2) for k in ("k_base", "v_base", "k_slope", "v_slope")}
+    assert flat["k_base"].stride() == (N * H * D, D, H * D, 1)
+    fn = _module(name).forecast_attention
+    assert torch.equal(_call(fn, {**a, **flat}), _call(fn, a))
+    reuse = {"k_slope": None, "v_slope": None, "weight": None}
+    assert torch.equal(_call(fn, {**a, **flat, **reuse}), _call(fn, {**a, **reuse}))
 
 
 @pytest.mark.parametrize("dt", ["fp32", "bf16"])
@@ -263,8 +342,10 @@ def test_errors_name_the_argument():
         ("k_base must have shape", {"k_base": a["k_base"][:, :2]}),
         ("k_base must have shape", {"k_base": a["k_base"][..., :4]}),
         ("v_base must have the shape", {"v_base": a["v_base"][:, :, :9]}),
-        ("k_base must be contiguous", {"k_base": contiguous_not}),
-        ("v_slope must be contiguous", {"v_slope": contiguous_not}),
+        ("k_base must have unit stride along D", {"k_base": contiguous_not}),
+        ("v_slope must have unit stride along D and k_base's strides", {"v_slope": contiguous_not}),
+        ("v_base must have unit stride along D and k_base's strides",
+         {"v_base": torch.randn(2, 10, 3, 8).transpose(1, 2)}),
         ("k_slope must have the shape", {"k_slope": a["k_slope"][:, :, :9]}),
         ("v_slope must have dtype", {"v_slope": a["v_slope"].int()}),
         ("k_slope and v_slope go together", {"v_slope": None}),
@@ -279,6 +360,10 @@ def test_errors_name_the_argument():
         ("at least one key", {"k_base": torch.randn(2, 3, 0, 8), "v_base": torch.randn(2, 3, 0, 8),
                               "k_slope": None, "v_slope": None, "weight": None, "k_extra": None, "v_extra": None}),
         ("k_extra is on", {"k_extra": a["k_extra"].to("meta")}),
+        ("extra_mask must have dtype", {"extra_mask": torch.ones(2, 5)}),
+        ("extra_mask must have shape", {"extra_mask": torch.ones(2, 4, dtype=torch.bool)}),
+        ("extra_mask was given without", {"extra_mask": torch.ones(2, 0, dtype=torch.bool), "k_extra": None,
+                                          "v_extra": None}),
         ("weight is on", {"weight": a["weight"].to("meta")}),
     ]  # fmt: skip
     for match, change in bad:
@@ -299,7 +384,8 @@ def test_extension_errors_name_the_argument():
     ext = importlib.import_module("cat_kernels.extension")
     a = _valid(torch.Generator().manual_seed(1601))
     for match, change in [
-        ("k_base must be contiguous", {"k_base": torch.randn(2, 3, 8, 10).transpose(2, 3)}),
+        ("k_base must have unit stride along D", {"k_base": torch.randn(2, 3, 8, 10).transpose(2, 3)}),
+        ("v_base must have k_base's strides", {"v_base": torch.randn(2, 10, 3, 8).transpose(1, 2)}),
         ("k_slope and v_slope go together", {"v_slope": None}),
         ("weight must have shape", {"weight": a["weight"][:1]}),
         ("v_extra must have the shape", {"v_extra": a["v_extra"][:, :, :2]}),
