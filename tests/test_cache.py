@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cat_pruning import CATConfig
 from cat_pruning.cache import ForecastStore, ReuseStore, make_store
@@ -646,3 +647,61 @@ def test_float8_slopes_need_the_refresh_forecast():
     with pytest.raises(ValueError, match="head size"):
         store.allocate({"layer": ((B, N, H * D), torch.bfloat16)}, {}, ((B, N, C), torch.bfloat16),
                        torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------- fused_attention
+
+
+@pytest.mark.parametrize("forecast", ["taylor", "none"])
+@pytest.mark.parametrize("layout", ["bhnd", "flat"])
+def test_fused_attention_attends_what_the_unfused_step_reads(layout, forecast):
+    """fused_attention: a pruned step's store.attend(q, computed rows, text) equals SDPA over the
+    rows an unfused store's joint_kv returns for the same steps (fp32, within rounding), for
+    (B, H, N, D) and (B, N, H * D) caches, with repeated padding columns after `kept` attended
+    once. The forecast store writes no read buffer and leaves value and slope as the fill step
+    stored them."""
+    shape = (B, H, N, D) if layout == "bhnd" else (B, N, H * D)
+    dim = 2 if layout == "bhnd" else 1
+    knobs = dict(backend="torch", forecast=forecast) | ({} if forecast == "taylor" else dict(refresh_every=0))
+    stores = [make_store(CATConfig(**knobs, fused_attention=fused)) for fused in (False, True)]
+    for store in stores:
+        store.allocate({"layer": (shape, torch.float32)}, {}, ((B, N, C), torch.float32), torch.device("cpu"))
+    fused = stores[1]
+    g = torch.Generator().manual_seed(21)
+    idx = torch.tensor([[1, 7, 9, 1], [4, 7, 10, 4]])  # 3 selected, then a padding repeat of the first
+    text = [torch.randn(B, H, 3, D, generator=g) for _ in range(2)]
+    for mode in ["anchor", "fill", "pruned", "pruned"]:
+        rows = [torch.randn(*shape, generator=g) for _ in range(2)]
+        q = torch.randn(B, H, 6, D, generator=g)
+        for store in stores:
+            store.begin_step(mode if forecast == "taylor" or mode != "anchor" else "fill",
+                             idx if mode == "pruned" else None, 3 if mode == "pruned" else None)
+        if mode != "pruned":
+            for store in stores:
+                store.kv("layer", *rows)
+        else:
+            index = idx.view(B, *([1] * (dim - 1)), 4, 1).expand(*shape[:dim], 4, shape[-1])
+            computed = [r.gather(dim, index) for r in rows]
+            if forecast == "taylor":
+                fused.reads["layer/k"].fill_(float("nan"))
+                before = [t.clone() for t in (*fused.kv_cache["layer"], fused.slopes["layer/k"])]
+            k, v = stores[0].joint_kv("layer", *computed, after=(_flat(text[0], layout), _flat(text[1], layout)))
+            want = F.scaled_dot_product_attention(q, *(_heads(x) for x in (k, v)))
+            got = fused.attend("layer", q, *computed, [tuple(text)])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            if forecast == "taylor":
+                assert fused.reads["layer/k"].isnan().all()  # no forecast written anywhere
+                for t, was in zip((*fused.kv_cache["layer"], fused.slopes["layer/k"]), before, strict=True):
+                    assert torch.equal(t, was)
+        for store in stores:
+            store.end_step()
+            store.advance()
+
+
+def _flat(x, layout):
+    """(B, H, T, D) text rows in a cache's layout."""
+    return x if layout == "bhnd" else x.transpose(1, 2).flatten(2)
+
+
+def _heads(x):
+    return x if x.dim() == 4 else x.unflatten(-1, (H, D)).transpose(1, 2)

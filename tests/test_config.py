@@ -117,3 +117,23 @@ def test_cat_selection_knobs_are_refused_with_regions(field, value):
     assert getattr(CATConfig(selection="cat", **{field: value}), field) == value
     assert getattr(CATConfig.paper(**{field: value}), field) == value
     assert (CATConfig().selection, CATConfig.paper().selection) == ("regions", "cat")
+
+
+@pytest.mark.parametrize("knobs, named", [
+    (dict(kv_dtype="float8"), "kv_dtype='float8'"),
+    (dict(kv_dtype="float8-values"), "kv_dtype='float8-values'"),
+    (dict(slope_dtype="float8"), "slope_dtype='float8'"),
+    (dict(forecast_from="all"), "forecast_from='all'"),
+    (dict(forecast_from="rebase"), "forecast_from='rebase'"),
+    (dict(forecast="none", refresh_every=0, kv_dtype="float8"), "kv_dtype='float8'"),
+])  # fmt: skip
+def test_fused_attention_refuses_what_it_cannot_read(knobs, named):
+    """fused_attention forms skipped rows from values and slopes in the model's dtype, as the last
+    full or refresh step stored them; each knob that breaks that is named."""
+    with pytest.raises(ValueError, match="fused_attention") as err:
+        CATConfig(fused_attention=True, **knobs)
+    assert named in str(err.value)
+    CATConfig(**knobs)  # each is fine without it
+    CATConfig(fused_attention=True, forecast="none", refresh_every=0)  # the paper's reuse is fused too
+    with pytest.raises(TypeError, match="fused_attention"):
+        CATConfig(fused_attention=1)

@@ -91,3 +91,24 @@ def test_forecast_kv_counts_each_cache_by_its_own_dtypes():
         ops.forecast_kv_(kb, vb, ks, vs, None, None, pos, kr, vr, weight, weight, 2, backend="torch")
     expected = b * n * (8 + 4 + 4) + elements * c_ * (3 * 2 + 4 + 3 * 2 + 2)
     assert c.cost.bytes == pytest.approx(expected)
+
+
+def test_forecast_attention_is_one_launch_reading_each_cache_once():
+    """fused_attention's op: the attention FLOPs of its M queries against N + T keys, and every
+    argument read once (bases, slopes, weight, extras, the extra mask) with the output written:
+    no forecast buffer, no concatenation."""
+    b, h, m, n, t, d = 2, 3, 9, 40, 5, 16
+
+    def empty(rows, dtype=torch.bfloat16):
+        return torch.empty(b, h, rows, d, device="meta", dtype=dtype)
+
+    q, kb, vb, ks, vs, kx, vx = empty(m), empty(n), empty(n), empty(n), empty(n), empty(t), empty(t)
+    weight = torch.empty(b, n, device="meta")
+    mask = torch.empty(b, t, device="meta", dtype=torch.bool)
+    original = ops.forecast_attention
+    with roofline.counting() as c:
+        out = ops.forecast_attention(q, kb, vb, ks, vs, weight, kx, vx, extra_mask=mask, backend="torch")
+    assert c.cost.launches == 1
+    assert c.cost.flops == 4 * b * h * m * (n + t) * d
+    assert c.cost.bytes == _bytes(q, kb, vb, ks, vs, weight, kx, vx, mask, out)
+    assert ops.forecast_attention is original

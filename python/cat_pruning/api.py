@@ -138,6 +138,9 @@ def patch(obj: Any, config: CATConfig | None = None, **overrides: Any) -> Any:
     configs = []
     for adapter, model in zip(adapters, models, strict=True):
         adapter.check_model(model)
+        if config.fused_attention and not adapter.softmax_attention:
+            raise ValueError(f"cat_pruning: fused_attention=True fuses softmax attention; {adapter.family} "
+                             f"attends linearly, with nothing to fuse: pass fused_attention=False")
         _check_dtype(_model_dtype(model))
         configs.append(_resolve_output_cache(config, adapter, pipeline))
         for path in (adapter.patch_embed, adapter.out_proj):

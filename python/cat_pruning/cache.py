@@ -60,6 +60,19 @@ def _token_dim(shape: tuple[int, ...]) -> int:
     return 1 if len(shape) == 3 else 2
 
 
+def _as_heads(x: Tensor, heads: int) -> Tensor:
+    """K/V rows as attention reads them: (B, H, L, D) as they are, (B, L, H * D) viewed so."""
+    return x if x.dim() == 4 else x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _extra_rows(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor | None, Tensor | None]:
+    """(key, value) pairs of rows (B, H, T, D) -> all of them along the rows, or (None, None)."""
+    pairs = [p for p in pairs if p[0].shape[2]]
+    if len(pairs) <= 1:
+        return pairs[0] if pairs else (None, None)
+    return torch.cat([p[0] for p in pairs], 2), torch.cat([p[1] for p in pairs], 2)
+
+
 def _per_row(x: Tensor, dim: int) -> Tensor:
     """A (B, N) per-token value viewed to broadcast over a cache with its tokens along `dim`."""
     return x.view(x.shape[0], *([1] * (dim - 1)), x.shape[1], 1)
@@ -269,6 +282,21 @@ class ReuseStore:
             return key, value
         return torch.cat([r[0] for r in rows], dim), torch.cat([r[1] for r in rows], dim)
 
+    def attend(self, name: str, query: Tensor, key: Tensor, value: Tensor, extra: list[tuple[Tensor, Tensor]],
+               extra_mask: Tensor | None = None) -> Tensor:
+        """A pruned step's attention in one op (CATConfig.fused_attention): the queries
+        (B, H, M, D) over every image token of this layer (this step's computed rows `key`,
+        `value` in the cache's layout, the cache's rows for the others) and the `extra` (key,
+        value) rows, each (B, H, T, D), of which extra_mask (B, sum of T) bool marks those to
+        attend (None: all), by cat_kernels' forecast_attention -> (B, H, M, D). Here the
+        computed rows refresh the cache, which is then attended as it is."""
+        k_cache, v_cache = self.kv_cache[name]
+        ops.scatter_kv_(k_cache, v_cache, self.idx, key, value, _token_dim(k_cache.shape), backend=self.config.backend)
+        heads = query.shape[1]
+        return ops.forecast_attention(query, _as_heads(k_cache, heads), _as_heads(v_cache, heads), None, None, None,
+                                      *_extra_rows(extra), extra_mask=extra_mask,
+                                      backend=self.config.backend)  # fmt: skip
+
     def _keep(self, cache: Tensor, x: Tensor) -> Tensor:
         """One cache in its own dtype: a step that computes every row stores x and reads it; a
         pruned step scatters its computed rows x into the cache and reads the cache."""
@@ -423,6 +451,8 @@ class ForecastStore(ReuseStore):
             # a new slope is real once started; its curvature needs the previous one real too
             self.inv_span = self.started * (self.span > 0) / (elapsed + self.span).clamp_min(1e-6)
             self.weight_slope = self._slope_weight(elapsed, self.span)
+        if mode == "pruned" and self.config.fused_attention:  # attend(): computed tokens left out of the caches
+            self.weight_attend = self.weight_kv.scatter(1, idx, -1.0)
         if self._rows_only_read:  # no row updates the forecast state
             self.pos = torch.full((batch, n), -1, dtype=torch.int64, device=idx.device)
         elif mode == "pruned":
@@ -566,6 +596,23 @@ class ForecastStore(ReuseStore):
                 for buf, x in zip(wide, rows, strict=True):
                     buf.narrow(dim, start, x.shape[dim]).copy_(x)
         return wide
+
+    def attend(self, name: str, query: Tensor, key: Tensor, value: Tensor, extra: list[tuple[Tensor, Tensor]],
+               extra_mask: Tensor | None = None) -> Tensor:
+        """ReuseStore.attend with each skipped row formed as its forecast while it is read. The
+        computed rows are attended among the extra rows and their cached rows left out (weight
+        -1, begin_step): the forecast state stays as the last full or refresh step stored it
+        (forecast_from="refresh", the only one fused_attention takes), and no row is written."""
+        heads = query.shape[1]
+        kept = key.shape[_token_dim(key.shape)] if self.kept is None else self.kept
+        # context-parallel padding repeats selected rows after the first `kept`: attend each once
+        computed = tuple(_as_heads(x, heads).narrow(2, 0, kept) for x in (key, value))
+        if extra_mask is not None:
+            extra_mask = torch.cat([extra_mask.new_ones(extra_mask.shape[0], kept), extra_mask], 1)
+        caches = (*self.kv_cache[name], self.slopes[f"{name}/k"], self.slopes[f"{name}/v"])
+        return ops.forecast_attention(query, *(_as_heads(t, heads) for t in caches), self.weight_attend,
+                                      *_extra_rows([computed, *extra]), extra_mask=extra_mask,
+                                      backend=self.config.backend)  # fmt: skip
 
     def _kv_float8(self, name: str, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """kv() with fp8 values or slopes (kv_dtype, slope_dtype="float8"; forecast_from="refresh",

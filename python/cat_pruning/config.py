@@ -228,6 +228,19 @@ class CATConfig:
             at the defaults, all from the keys, which "float8-values" keeps (README, "Cache
             memory"). Sana's convolution caches and the output cache keep the model's dtype.
             With forecast="taylor" only with forecast_from="refresh".
+        fused_attention: a pruned step attends in one op, cat_kernels' forecast_attention: the
+            selected queries against every image token's key and value, each skipped one formed
+            from its cached value (and slope) while it is read, plus the computed and text rows;
+            the N image rows are neither written to a buffer nor concatenated. Default False. The same
+            attention as the default path but for rounding (the keys are summed in another
+            order; fp32 softmax): a GPU option, where the Triton kernel moves about 4-6 bytes per
+            cached element against about 14 (issue 21 item 2; `python bench/run.py --suite e2e
+            --filter roofline`). On the CPU it runs the extension's blocked implementation and
+            is not faster. Dense steps keep the model's attention backend. Softmax attention
+            only (Sana's linear attention refuses it), no attention mask on pruned steps (a
+            padded Qwen-Image prompt refuses it at the call), K/V and slopes in the model's
+            dtype (kv_dtype="model", slope_dtype not "float8"), and with forecast="taylor" only
+            forecast_from="refresh".
         manual_steps: for a bare transformer only: the caller marks the end of every denoising
             step with `cat_pruning.advance(transformer)` instead of the transformer counting its
             own forwards. Needed under torch.compile, where the count cannot be kept inside the
@@ -262,6 +275,7 @@ class CATConfig:
     forecast_calibration: str = "none"
     computed_weight: float = 0.5
     kv_dtype: str = "model"
+    fused_attention: bool = False
 
     def __post_init__(self) -> None:
         """Refuse what would run differently from what it says: a value of the wrong type is a
@@ -298,6 +312,15 @@ class CATConfig:
                              f"last full or refresh step; forecast_from={self.forecast_from!r} would update it at "
                              f"every pruned step (a requantization per step): use forecast_from=\"refresh\" (the "
                              f"default)")
+        if self.fused_attention:
+            unfused = (f"kv_dtype={self.kv_dtype!r}" if self.kv_dtype != "model"
+                       else "slope_dtype='float8'" if self.slope_dtype == "float8"
+                       else f"forecast_from={self.forecast_from!r}" if self.forecast == "taylor"
+                       and self.forecast_from != "refresh" else None)  # fmt: skip
+            if unfused:
+                raise ValueError(f"CATConfig.fused_attention=True reads the K/V caches and slopes in the model's "
+                                 f"dtype and forms each skipped row from the last full or refresh step; {unfused} "
+                                 f"does not fit it: leave that knob at its default or fused_attention=False")
         if self.selection == "regions":
             for name in ("importance_fraction", "staleness_decay"):
                 value, default = getattr(self, name), _DEFAULTS[name]
@@ -413,6 +436,7 @@ _RULES = (
     ("forecast_calibration", "str", lambda v: v in FORECAST_CALIBRATIONS, f"one of {FORECAST_CALIBRATIONS}"),
     ("computed_weight", "number", _unit, "a number in [0, 1]"),
     ("kv_dtype", "str", lambda v: v in KV_DTYPES, f"one of {KV_DTYPES}"),
+    ("fused_attention", "bool", None, "True or False"),
 )
 # the knobs of the Taylor forecast, which forecast="none" (reuse) does not read
 _TAYLOR_ONLY = ("forecast_damping", "forecast_kv_damping", "forecast_horizon", "forecast_from", "forecast_order",

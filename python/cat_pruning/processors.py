@@ -5,7 +5,9 @@ on whatever rows they are given. Attention is the only place where tokens mix, s
 only place that needs to know that a pruned step runs on K compacted image tokens: their new
 keys/values go to the cache store (cat_pruning.cache), which returns the image K/V of all N
 tokens (reused or forecast for the skipped ones), and the K queries attend over those plus the
-text K/V (ordinary dense attention of K queries against N + T keys).
+text K/V (ordinary dense attention of K queries against N + T keys). With
+CATConfig.fused_attention a pruned step hands the queries too and the store attends in one op
+(cache.attend), forming the skipped rows as it reads them.
 """
 
 from __future__ import annotations
@@ -45,10 +47,21 @@ class CachedAttentionProcessor:
         self.name = name
         self.original = original
 
-    def _cached_kv(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        """The image keys/values to attend over: this step's when all rows ran, else the cache
-        store's rows of all N tokens (refreshed at the selected ones)."""
-        return self.state.cache.kv(self.name, key, value)
+    @property
+    def _fused(self) -> bool:
+        """A pruned step that attends in one op (CATConfig.fused_attention, cache.attend)."""
+        return self.state.mode == "pruned" and self.state.config.fused_attention
+
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, after: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Queries (B, H, M, D) over every image token's keys/values and the `after` rows (text;
+        (B, H, T, D)) -> (B, H, M, D). The step's image rows `key`, `value` (B, H, rows, D) go to
+        the cache store, which returns all N (this step's when all rows ran); then SDPA, or on a
+        pruned step with fused_attention the store's one-op attention."""
+        cache = self.state.cache
+        if self._fused:
+            return cache.attend(self.name, query, key, value, [after] if after is not None else [])
+        key, value = cache.joint_kv(self.name, key, value, after=after)
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
 
     def _attend_text_image(self, query: Tensor, key: Tensor, value: Tensor, backend: object,
                            text_mask: Tensor | None = None) -> Tensor:
@@ -56,10 +69,11 @@ class CachedAttentionProcessor:
         context parallelism: this rank's rows, all heads) -> the output (B, L, H*D) of these rows.
 
         The image K/V rows go to the cache store, and the queries attend over the text keys and
-        every image token's keys, through diffusers' ``dispatch_attention_fn`` with `backend`.
-        Under context parallelism the all-to-alls run here, around the store, so the attention
-        itself is local. `text_mask` (B, T) bool, over the text keys of all ranks in order: the
-        keys to attend (the image keys are all attended). The geometry's reference rows (after the
+        every image token's keys, through diffusers' ``dispatch_attention_fn`` with `backend` (on
+        a pruned step with fused_attention: the store's one-op attention, cache.attend). Under
+        context parallelism the all-to-alls run here, around the store, so the attention itself
+        is local. `text_mask` (B, T) bool, over the text keys of all ranks in order: the keys to
+        attend (the image keys are all attended). The geometry's reference rows (after the
         image rows, never under context parallelism) are attended as computed, never cached."""
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
@@ -77,21 +91,29 @@ class CachedAttentionProcessor:
         if reference:  # (never under context parallelism)
             (image_key, tail_key), (image_value, tail_value) = (
                 x.split_with_sizes([x.shape[1] - reference, reference], dim=1) for x in (image_key, image_value))
-        mask = None
-        if text_mask is not None:
-            image_mask = torch.ones(query.shape[0], state.geometry.num_tokens + reference, dtype=torch.bool,
-                                    device=query.device)
-            mask = torch.cat([text_mask.to(torch.bool), image_mask], dim=1)[:, None, None, :]
         image_key, image_value = image_key.flatten(2), image_value.flatten(2)
-        if state.mode == "pruned" or mask is not None:  # [text; all image tokens; reference]: the mask's order
-            after = (tail_key.flatten(2), tail_value.flatten(2)) if reference else None
-            key, value = state.cache.joint_kv(self.name, image_key, image_value,
-                                              (ctx_key.flatten(2), ctx_value.flatten(2)), after)
-            key, value = (x.unflatten(-1, (-1, query.shape[-1])) for x in (key, value))
-        else:  # the call's own [text; image] rows are the keys; the store keeps the image rows
-            state.cache.kv(self.name, image_key, image_value)
-
-        out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=backend)
+        if self._fused:  # (B, H, rows, D) views throughout; the store attends in one op
+            extra = [(ctx_key, ctx_value), *([(tail_key, tail_value)] if reference else [])]
+            extra_mask = None  # over the text rows, then the reference rows
+            if text_mask is not None:
+                extra_mask = F.pad(text_mask.to(torch.bool), (0, reference), value=True)
+            out = state.cache.attend(self.name, query.transpose(1, 2), image_key, image_value,
+                                     [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in extra],
+                                     extra_mask).transpose(1, 2)
+        else:
+            mask = None
+            if text_mask is not None:
+                image_mask = torch.ones(query.shape[0], state.geometry.num_tokens + reference, dtype=torch.bool,
+                                        device=query.device)
+                mask = torch.cat([text_mask.to(torch.bool), image_mask], dim=1)[:, None, None, :]
+            if state.mode == "pruned" or mask is not None:  # [text; all image tokens; reference]: the mask's order
+                after = (tail_key.flatten(2), tail_value.flatten(2)) if reference else None
+                key, value = state.cache.joint_kv(self.name, image_key, image_value,
+                                                  (ctx_key.flatten(2), ctx_value.flatten(2)), after)
+                key, value = (x.unflatten(-1, (-1, query.shape[-1])) for x in (key, value))
+            else:  # the call's own [text; image] rows are the keys; the store keeps the image rows
+                state.cache.kv(self.name, image_key, image_value)
+            out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=backend)
         if shard.cp_world > 1:
             out = to_sequence(out, shard)
         return out.flatten(2, 3).to(query.dtype)
@@ -129,14 +151,13 @@ class CATJointAttnProcessor(CachedAttentionProcessor):
 
         batch, rows = hidden_states.shape[:2]
         query, key, value = _project(attn, hidden_states)
-        if encoder_hidden_states is None:
-            key, value = self._cached_kv(key, value)
-        else:  # [image; text] keys, the image rows over all N tokens
+        text = None
+        if encoder_hidden_states is not None:  # [image; text] keys, the image rows over all N tokens
             ctx_query, ctx_key, ctx_value = _project(attn, encoder_hidden_states, _CONTEXT)
             query = torch.cat([query, ctx_query], dim=2)
-            key, value = self.state.cache.joint_kv(self.name, key, value, after=(ctx_key, ctx_value))
+            text = (ctx_key, ctx_value)
 
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = self._attend(query, key, value, after=text)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
 
         image_out = attn.to_out[1](attn.to_out[0](out[:, :rows]))
@@ -178,9 +199,7 @@ class CATSelfAttnProcessor(CachedAttentionProcessor):
         batch = hidden_states.shape[0]
         residual = hidden_states
         query, key, value = _project(attn, hidden_states)
-        key, value = self._cached_kv(key, value)
-
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = self._attend(query, key, value)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:

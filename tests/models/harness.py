@@ -126,7 +126,8 @@ STORES = {"reuse": dict(NOISE, forecast="none", refresh_every=0),
 # values (the default "refresh" reads a pruned step's rows without keeping them; "all" feeds them
 # into value and slope, "rebase" into the value), and with the first-order output forecast (the
 # default is second order), and with fp8 K/V caches or fp8 slopes (the oracle reads what the store
-# dequantizes).
+# dequantizes), and with pruned steps attending in one op (fused_attention; softmax attention
+# only: LINEAR_STORES are those for Sana's linear attention).
 STATEFUL_STORES = {**STORES, "forecast-from-all": dict(NOISE, forecast="taylor", refresh_every=2, forecast_from="all"),
                    "forecast-from-rebase": dict(NOISE, forecast="taylor", refresh_every=2, forecast_from="rebase"),
                    "forecast-order-1": dict(NOISE, forecast="taylor", refresh_every=2, forecast_order=1,
@@ -135,7 +136,10 @@ STATEFUL_STORES = {**STORES, "forecast-from-all": dict(NOISE, forecast="taylor",
                    "reuse-float8": dict(NOISE, forecast="none", refresh_every=0, kv_dtype="float8"),
                    "forecast-float8": dict(forecast="taylor", refresh_every=2, kv_dtype="float8"),
                    "forecast-float8-values": dict(forecast="taylor", refresh_every=2, kv_dtype="float8-values"),
-                   "forecast-float8-slopes": dict(forecast="taylor", refresh_every=2, slope_dtype="float8")}
+                   "forecast-float8-slopes": dict(forecast="taylor", refresh_every=2, slope_dtype="float8"),
+                   "reuse-fused": dict(NOISE, forecast="none", refresh_every=0, fused_attention=True),
+                   "forecast-fused": dict(forecast="taylor", refresh_every=2, fused_attention=True)}
+LINEAR_STORES = {k: v for k, v in STATEFUL_STORES.items() if not v.get("fused_attention")}
 # the two stores and the hidden output cache (patch()'s default)
 HIDDEN_STORES = {**STORES, "forecast-hidden": STATEFUL_STORES["forecast-hidden"]}
 

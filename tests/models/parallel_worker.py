@@ -33,7 +33,9 @@ PADDED = {"pad": dict(SETTINGS, keep_ratio=0.3),  # the Taylor forecast (the def
           "pad-rebase": dict(SETTINGS, keep_ratio=0.3, forecast_from="rebase"),  # and the order-2 span
           "hidden": dict(SETTINGS, output_cache="hidden"),  # the cache at the final norm's input
           "float8": dict(SETTINGS, kv_dtype="float8"),  # fp8 K/V rows, scaled per head
-          "float8-reuse": dict(SETTINGS, forecast="none", kv_dtype="float8")}
+          "float8-reuse": dict(SETTINGS, forecast="none", kv_dtype="float8"),
+          # pruned steps attending in one op: the padding's repeated rows attended once
+          "pad-fused": dict(SETTINGS, keep_ratio=0.3, fused_attention=True)}
 
 
 def build(family: str = "flux"):

@@ -61,7 +61,7 @@ def oracle_conv_hook(cache, selected):
 
 
 @pytest.mark.parametrize("cfg_pairs", [False, True])
-@pytest.mark.parametrize("store", harness.STATEFUL_STORES.values(), ids=harness.STATEFUL_STORES.keys())
+@pytest.mark.parametrize("store", harness.LINEAR_STORES.values(), ids=harness.LINEAR_STORES.keys())
 def test_pruned_steps_match_masked_dense_oracle(cfg_pairs, store):
     kw = inputs(batch=4, seed=2)
     hh, w = kw["hidden_states"].shape[-2:]
@@ -155,6 +155,9 @@ def test_unsupported_cases_are_refused():
     with pytest.raises(ValueError, match="ControlNet"):
         model(**inputs(), timestep=torch.ones(2), controlnet_block_samples=(torch.ones(1),))
     cat_pruning.unpatch(model)
+    with pytest.raises(ValueError, match="fused_attention=True fuses softmax attention"):
+        cat_pruning.patch(model, fused_attention=True)  # linear attention: nothing to fuse
+    assert not cat_pruning.is_patched(model)
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     model.transformer_blocks[0].attn1.set_processor(AttnProcessor2_0())  # softmax self attention

@@ -43,6 +43,8 @@ class Adapter:
     # pipeline components besides the transformer that the family's pipelines may carry and CAT
     # handles (others, e.g. an IP-Adapter's image_encoder or a controlnet, are refused at patch())
     components: tuple[str, ...] = ()
+    # its cached attentions are softmax attention, which CATConfig.fused_attention fuses (not Sana's linear one)
+    softmax_attention: bool = True
 
     def matches(self, model: nn.Module) -> bool:
         return type(model).__name__ in self.model_classes

@@ -143,6 +143,7 @@ class SanaAdapter(Adapter):
     model_classes = ("SanaTransformer2DModel",)
     patch_embed = "patch_embed"
     out_proj = "proj_out"
+    softmax_attention = False
 
     def check_model(self, model: nn.Module) -> None:
         from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
