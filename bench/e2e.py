@@ -258,10 +258,11 @@ def taylorseer_bytes(module: Any, config: dict, gen: dict, max_order: int) -> in
 
 
 def roofline_record(name: str, module: Any, config: dict, gen: dict, steps: int = 28) -> dict:
-    """Predicted GPU time of one generation of a real configuration in bf16, dense and with
-    patch()'s defaults (CAT-F), from the per-op cost model of bench/roofline.py counted step by
-    step on the meta device: FLOPs, bytes moved and launches per step mode, and each GPU's
-    roofline time of the whole generation."""
+    """Predicted GPU time of one generation of a real configuration in bf16, dense, with
+    patch()'s defaults (CAT-F) and with them and fused_attention (pruned steps attend in one
+    op), from the per-op cost model of bench/roofline.py counted step by step on the meta
+    device: FLOPs, bytes moved and launches per step mode, and each GPU's roofline time of the
+    whole generation."""
     import roofline
 
     model, kwargs = _meta_model(module, config, gen)
@@ -269,24 +270,25 @@ def roofline_record(name: str, module: Any, config: dict, gen: dict, steps: int 
     cfg = cat_pruning.CATConfig(cfg_pairs=gen.get("cfg", b == 2), manual_steps=True)
     per_mode: dict[str, dict[str, list]] = {}
     totals = {}
-    for label in ("dense", "catf"):
-        if label == "catf":
-            cat_pruning.patch(model, cfg)
+    for label in ("dense", "catf", "catf-fused"):
+        if label != "dense":
+            cat_pruning.patch(model, cfg.replace(fused_attention=label == "catf-fused"))
             cat_pruning.reset(model, num_steps=steps, reference_tokens=gen.get("reference_rows", 0))
         total = roofline.Cost()
         for i in range(steps):
-            mode = cfg.mode(i, steps) if label == "catf" else "dense"
+            mode = cfg.mode(i, steps) if label != "dense" else "dense"
             t = torch.full((b,), 1000.0 * (1 - i / steps), device="meta", dtype=torch.bfloat16)
             with roofline.counting() as counter, torch.no_grad():
                 model(**kwargs, timestep=t, return_dict=False)
-                if label == "catf":
+                if label != "dense":
                     cat_pruning.advance(model)
             total += counter.cost
             per_mode.setdefault(f"{label}:{mode}", dict(cost=counter.cost, steps=[]))["steps"].append(i)
         totals[label] = total
-    stats = cat_pruning.stats(model)
+        if label == "catf":
+            stats = cat_pruning.stats(model)
     cat_pruning.unpatch(model)
-    dense, catf = totals["dense"], totals["catf"]
+    dense, catf, fused = totals["dense"], totals["catf"], totals["catf-fused"]
     def top(cost: roofline.Cost, n: int = 6) -> dict[str, float]:  # the ops that move the most, GB
         return {op: b / 1e9 for op, b in sorted(cost.bytes_by_op.items(), key=lambda kv: -kv[1])[:n]}
 
@@ -298,8 +300,10 @@ def roofline_record(name: str, module: Any, config: dict, gen: dict, steps: int 
         case=f"roofline[{name},{steps} steps]", op="roofline", provider="meta-count", family=stats.family,
         shape=dict(N=stats.num_tokens, K=stats.tokens_kept, batch=b, steps=steps),
         modes=modes, mac_speedup_ideal=1 / stats.mac_fraction,
-        predicted_ms={g: dict(dense=1e3 * dense.seconds[g], catf=1e3 * catf.seconds[g]) for g in roofline.GPUS},
+        predicted_ms={g: dict(dense=1e3 * dense.seconds[g], catf=1e3 * catf.seconds[g],
+                              catf_fused=1e3 * fused.seconds[g]) for g in roofline.GPUS},  # fmt: skip
         predicted_speedup={g: dense.seconds[g] / catf.seconds[g] for g in roofline.GPUS},
+        predicted_speedup_fused={g: dense.seconds[g] / fused.seconds[g] for g in roofline.GPUS},
         bytes_ratio=catf.bytes / dense.bytes, flop_ratio=catf.flops / dense.flops,
     )
 
@@ -406,8 +410,11 @@ def summary(records: list[dict]) -> str:
         if r["op"] == "roofline":
             gpus = ", ".join(f"{g} {p['dense']:.0f} -> {p['catf']:.0f} ms ({r['predicted_speedup'][g]:.2f}x)"
                              for g, p in r["predicted_ms"].items())
+            fused = ", ".join(f"{g} {p['catf_fused']:.0f} ms ({r['predicted_speedup_fused'][g]:.2f}x)"
+                              for g, p in r["predicted_ms"].items())  # fmt: skip
             lines.append(f"{r['case']}: CAT-F defaults predicted {gpus}; FLOPs {100 * r['flop_ratio']:.1f}%, "
-                         f"bytes {100 * r['bytes_ratio']:.1f}% of dense (MAC-ideal {r['mac_speedup_ideal']:.2f}x)")
+                         f"bytes {100 * r['bytes_ratio']:.1f}% of dense (MAC-ideal {r['mac_speedup_ideal']:.2f}x); "
+                         f"with fused_attention {fused}")
         elif r["op"] == "cache":
             per = r["cache_gib_per_branch"]
             lines.append(f"{r['case']}: {r['shape']['N']:,} tokens, bf16 weights {r['weights_gib']:.1f} GiB; caches "

@@ -10,7 +10,9 @@ Counting (:class:`StepCost`, a TorchDispatchMode, plus wrappers around the fused
   4 * B * H * Lq * Lk * D FLOPs, bytes of Q, K, V and the output (the N x N scores never reach
   memory);
 - the ``cat_kernels.ops`` ops are one launch each, moving what their fused kernel must move
-  (:data:`FUSED_BYTES`), not what the torch reference path running on the meta device moves.
+  (:data:`FUSED_BYTES`), not what the torch reference path running on the meta device moves;
+  ``forecast_attention`` (CATConfig.fused_attention) reads each argument once and writes its
+  output, with the attention FLOPs of its M queries against N + T keys.
 
 Time: each op takes max(FLOPs / peak FLOP/s, bytes / bandwidth), the roofline bound of a kernel
 that reaches the peak of what limits it; a step adds LAUNCH_GAP_S per launch (back-to-back
@@ -164,13 +166,19 @@ def counting() -> Iterator[StepCost]:
     def fused_bytes(name: str) -> Callable[[tuple, dict, object], float]:
         return lambda a, kw, out: FUSED_BYTES[name](a, out)
 
-    originals = {name: getattr(ops, name) for name in (*FUSED_BYTES, *SMALL_OPS)}
+    def forecast_attention_flops(a: tuple, kw: dict, out: Tensor) -> float:  # M queries, N + T keys
+        q, k_base, k_extra = a[0], a[1], a[6] if len(a) > 6 else kw.get("k_extra")
+        keys = k_base.shape[-2] + (0 if k_extra is None else k_extra.shape[-2])
+        return 4 * q.shape[-2] * keys * q.shape[-1] * math.prod(q.shape[:-2])
+
+    originals = {name: getattr(ops, name) for name in (*FUSED_BYTES, *SMALL_OPS, "forecast_attention")}
     try:
         attention = mode.fused("attention", sdpa, attention_flops, attention_bytes)
         torch.nn.functional.scaled_dot_product_attention = attention
         for name, op in originals.items():
             nbytes = fused_bytes(name) if name in FUSED_BYTES else small_bytes
-            setattr(ops, name, mode.fused(name, op, lambda a, kw, out: 0, nbytes))
+            flops = forecast_attention_flops if name == "forecast_attention" else (lambda a, kw, out: 0)
+            setattr(ops, name, mode.fused(name, op, flops, nbytes))
         with mode:
             yield mode
     finally:
