@@ -330,13 +330,15 @@ def wall_records(
     repeats: int,
     modes: list[str | None],
     catf: bool = False,
+    fused: bool = False,
 ) -> list[dict]:
     """Dense and CAT generations timed alternately; one record per provider and compile mode.
-    catf: patch()'s defaults (CAT-F) in place of the paper's CAT at (keep_ratio, full_steps)."""
+    catf: patch()'s defaults (CAT-F) in place of the paper's CAT at (keep_ratio, full_steps);
+    fused: with them, fused_attention=True."""
     dense_model = make_transformer(config, device, dtype)
     cat_model = copy.deepcopy(dense_model)
     if catf:
-        cat_pruning.patch(cat_model, cat_pruning.CATConfig(cfg_pairs=True, manual_steps=True))
+        cat_pruning.patch(cat_model, cat_pruning.CATConfig(cfg_pairs=True, manual_steps=True, fused_attention=fused))
     else:
         _cat(cat_model, keep_ratio, full_steps)
     inputs = make_inputs(config, gen, device, dtype)
@@ -475,11 +477,16 @@ def run(args: Any) -> list[dict]:
             repeats = 3 if args.quick else 5
             records += wall_records("sd3-mid-cpu-catf", SD3_MID, SD3_MID_GEN, 16, 0.02, 8, "cpu", torch.float32,
                                     repeats, catf_modes, catf=True)
+        if wanted in "wall[sd3-mid-cpu-catf-fused,eager]":  # fused_attention on the CPU: the extension's blocked op
+            records += wall_records("sd3-mid-cpu-catf-fused", SD3_MID, SD3_MID_GEN, 16, 0.02, 8, "cpu", torch.float32,
+                                    3 if args.quick else 5, [None], catf=True, fused=True)
     elif wanted in "wall[sd3-medium-1024]":
         records += wall_records("sd3-medium-1024", SD3_MEDIUM, SD3_MEDIUM_GEN, 28, 0.3, 8, "cuda",
                                 torch.bfloat16, 3, [None, "default", "reduce-overhead"])
-    if args.device == "cuda" and wanted in "wall[sd3-medium-1024-catf,eager]":  # checks the roofline rows
-        records += wall_records("sd3-medium-1024-catf", SD3_MEDIUM, SD3_MEDIUM_GEN, 28, 0.02, 8, "cuda",
-                                torch.bfloat16, 3, [None], catf=True)
+    for fused in (False, True) if args.device == "cuda" else ():  # check the roofline rows
+        name = "sd3-medium-1024-catf" + ("-fused" if fused else "")
+        if wanted in f"wall[{name},eager]":
+            records += wall_records(name, SD3_MEDIUM, SD3_MEDIUM_GEN, 28, 0.02, 8, "cuda", torch.bfloat16, 3, [None],
+                                    catf=True, fused=fused)
     print(summary(records))
     return records

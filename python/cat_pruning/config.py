@@ -230,17 +230,18 @@ class CATConfig:
             With forecast="taylor" only with forecast_from="refresh".
         fused_attention: a pruned step attends in one op, cat_kernels' forecast_attention: the
             selected queries against every image token's key and value, each skipped one formed
-            from its cached value (and slope) while it is read, plus the computed and text rows;
-            the N image rows are neither written to a buffer nor concatenated. Default False. The same
-            attention as the default path but for rounding (the keys are summed in another
-            order; fp32 softmax): a GPU option, where the Triton kernel moves about 4-6 bytes per
-            cached element against about 14 (issue 21 item 2; `python bench/run.py --suite e2e
-            --filter roofline`). On the CPU it runs the extension's blocked implementation and
-            is not faster. Dense steps keep the model's attention backend. Softmax attention
-            only (Sana's linear attention refuses it), no attention mask on pruned steps (a
-            padded Qwen-Image prompt refuses it at the call), K/V and slopes in the model's
-            dtype (kv_dtype="model", slope_dtype not "float8"), and with forecast="taylor" only
-            forecast_from="refresh".
+            from its cached value (and slope) while it is read, plus the computed and text rows
+            (a padded prompt's text mask applied); the N image rows are neither written to a
+            buffer nor concatenated. Default False. The same attention as the default path but
+            for rounding (the keys are summed in another order; fp32 softmax): a GPU option,
+            where the Triton kernel moves about 4-6 bytes per cached element against about 14
+            (issue 21 item 2; `python bench/run.py --suite e2e --filter roofline`: SD3-medium
+            1.42x -> 1.45x predicted on an H100). On the CPU it runs the extension's blocked
+            implementation: mid-size SD3, eager, 1.32x against 1.29x without it (`--filter
+            "wall[sd3-mid-cpu-catf-fused,eager]"`), within the noise. Dense steps keep the
+            model's attention backend. Softmax attention only (Sana's linear attention refuses
+            it at patch()), K/V and slopes in the model's dtype (kv_dtype="model", slope_dtype
+            not "float8"), and with forecast="taylor" only forecast_from="refresh".
         manual_steps: for a bare transformer only: the caller marks the end of every denoising
             step with `cat_pruning.advance(transformer)` instead of the transformer counting its
             own forwards. Needed under torch.compile, where the count cannot be kept inside the
