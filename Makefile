@@ -33,7 +33,7 @@ test-min-diffusers: install
 	test -d $(MIN_DIR) || ( $(PY) -m pip install -q --no-deps --target $(MIN_DIR).tmp diffusers==$(DIFFUSERS_MIN) \
 		&& $(PY) -m pip install -q --target $(MIN_DIR).tmp httpx && mv $(MIN_DIR).tmp $(MIN_DIR) )
 	CAT_EXPECT_DIFFUSERS=$(DIFFUSERS_MIN) PYTHONPATH=$(MIN_DIR) $(PY) -m pytest -q tests/models tests/test_cli.py \
-		-k "(keep_ratio_one or oracle or pipeline or tiny or cli) and not from-all and not from-rebase and not order-1" -p no:cacheprovider
+		-k "(keep_ratio_one or oracle or pipeline or tiny or cli) and not from-all and not from-rebase and not order-1 and not fused" -p no:cacheprovider
 
 # The shipped models: the scene model (SD3 architecture), the photo model (Flux architecture) and
 # the video model (Wan architecture: animated GIFs).
