@@ -151,6 +151,8 @@ at::Tensor formed_block(const at::Tensor& base, const std::optional<at::Tensor>&
 
 // Running max, normaliser and fp32 accumulator of the online softmax, (B, H, M, 1|D).
 struct OnlineSoftmax {
+  // the running maximum's start: below any logit, finite (as the Triton kernel's MIN_LOGIT)
+  static constexpr float kMinLogit = -1.0e30f;
   at::Tensor m, l, acc;
 
   // left_out: (B, 1, 1, len) bool, keys whose logits are -inf (tokens of negative weight), or undefined
@@ -158,11 +160,10 @@ struct OnlineSoftmax {
               const at::Tensor& left_out = at::Tensor()) {
     at::Tensor s = at::matmul(qf, k.transpose(-1, -2)).mul_(scale);
     if (left_out.defined()) s.masked_fill_(left_out, -std::numeric_limits<float>::infinity());
+    // m starts at kMinLogit, not -inf: a block whose keys are all left out gives alpha 1 and p 0, not NaN
     const at::Tensor m_new = at::maximum(m, std::get<0>(s.max(-1, /*keepdim=*/true)));
-    // -inf while every key so far was left out: subtract 0 then, so alpha and p are 0, not NaN
-    const at::Tensor m_sub = m_new.masked_fill(m_new == -std::numeric_limits<float>::infinity(), 0.0);
-    const at::Tensor alpha = (m - m_sub).exp_();  // 0 at the first block (m = -inf)
-    at::Tensor& p = s.sub_(m_sub).exp_();
+    const at::Tensor alpha = (m - m_new).exp_();  // 0 at the first block with a key
+    at::Tensor& p = s.sub_(m_new).exp_();
     l = l.mul_(alpha).add_(p.sum(-1, /*keepdim=*/true));
     acc = acc.mul_(alpha).add_(at::matmul(p, v));
     m = m_new;
@@ -183,7 +184,7 @@ at::Tensor forecast_attention_blocked(const at::Tensor& q, const at::Tensor& k_b
   const int64_t block = std::clamp<int64_t>((int64_t(1) << 24) / (B * H * M), 64, 4096);
   const at::Tensor qf = q.to(at::kFloat);
   const auto f32 = qf.options().memory_format(at::MemoryFormat::Contiguous);
-  OnlineSoftmax st{at::full({B, H, M, 1}, -std::numeric_limits<float>::infinity(), f32), at::zeros({B, H, M, 1}, f32),
+  OnlineSoftmax st{at::full({B, H, M, 1}, OnlineSoftmax::kMinLogit, f32), at::zeros({B, H, M, 1}, f32),
                    at::zeros({B, H, M, D}, f32)};
   const at::Tensor w = weight.has_value() ? weight->view({B, 1, N, 1}) : at::Tensor();
   for (int64_t start = 0; start < N; start += block) {
