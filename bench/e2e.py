@@ -33,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import cat_pruning
+from cat_pruning.adapters import find_adapter
 from cat_pruning.adapters.sd3 import REAL_CONFIGS as REAL_SD3
 
 FAMILIES = ("sd3", "pixart", "dit", "flux", "sana", "qwenimage", "flux2", "wan")  # adapter modules with REAL_CONFIGS
@@ -182,7 +183,8 @@ def macs_record(name: str, module: Any, config: dict, gen: dict, steps: int, kee
 def cache_record(name: str, module: Any, config: dict, gen: dict, branches: int = 2) -> dict:
     """Bytes the caches of one generation hold (stats().cache_bytes, counted on the meta device, bf16):
     the paper's CAT (reused K/V and outputs) and patch()'s defaults (CAT-F: the Taylor forecast's
-    values and slopes too, the slopes in bf16; and with slope_dtype "float32" and "float8"), both also with fp8 K/V
+    values and slopes too, the slopes in bf16; and with slope_dtype "float32" and "float8", and with fused_attention,
+    which holds no K/V read buffer), both also with fp8 K/V
     caches (kv_dtype="float8") and with fp8 V only ("float8-values"), per guidance branch and for `branches`
     of them (a pipeline that calls the transformer once per CFG branch keeps caches per branch),
     beside the bf16 weights and what diffusers' TaylorSeer holds at orders 1 and 2
@@ -195,11 +197,15 @@ def cache_record(name: str, module: Any, config: dict, gen: dict, branches: int 
                        ("catf", cat_pruning.CATConfig(manual_steps=True)),
                        ("catf-fp32-slopes", cat_pruning.CATConfig(manual_steps=True, slope_dtype="float32")),
                        ("catf-fp8-slopes", cat_pruning.CATConfig(manual_steps=True, slope_dtype="float8")),
+                       ("catf-fused", cat_pruning.CATConfig(manual_steps=True, fused_attention=True)),
                        ("paper-float8", cat_pruning.CATConfig.paper(manual_steps=True, kv_dtype="float8")),
                        ("catf-float8", cat_pruning.CATConfig(manual_steps=True, kv_dtype="float8")),
                        ("paper-float8-values",
                         cat_pruning.CATConfig.paper(manual_steps=True, kv_dtype="float8-values")),
                        ("catf-float8-values", cat_pruning.CATConfig(manual_steps=True, kv_dtype="float8-values"))):
+        if cfg.fused_attention and not find_adapter(model).softmax_attention:  # (Sana: refused, nothing to fuse)
+            held[label] = None
+            continue
         cat_pruning.patch(model, cfg)
         cat_pruning.reset(model, num_steps=28, reference_tokens=gen.get("reference_rows", 0))
         for i in range(cfg.full_steps + 1):  # through the first pruned step: every cache allocated
@@ -216,8 +222,8 @@ def cache_record(name: str, module: Any, config: dict, gen: dict, branches: int 
     return dict(
         case=f"cache[{name}]", op="cache", provider="meta-count", family=stats.family,
         shape=dict(N=stats.num_tokens, batch=b, branches=branches),
-        weights_gib=weights / gib, cache_gib_per_branch={k: v / gib for k, v in held.items()},
-        cache_gib={k: branches * v / gib for k, v in held.items()}, check="n/a",
+        weights_gib=weights / gib, cache_gib_per_branch={k: v and v / gib for k, v in held.items()},
+        cache_gib={k: v and branches * v / gib for k, v in held.items()}, check="n/a",
     )
 
 
@@ -230,8 +236,6 @@ def taylorseer_bytes(module: Any, config: dict, gen: dict, max_order: int) -> in
 
     from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
-
-    from cat_pruning.adapters import find_adapter
 
     model, kwargs = _meta_model(module, config, gen)
     adapter = find_adapter(model)
@@ -406,6 +410,10 @@ def wall_records(
     return records
 
 
+def _gib(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
 def summary(records: list[dict]) -> str:
     lines = []
     for r in records:
@@ -422,7 +430,7 @@ def summary(records: list[dict]) -> str:
             lines.append(f"{r['case']}: {r['shape']['N']:,} tokens, bf16 weights {r['weights_gib']:.1f} GiB; caches "
                          f"per branch: paper CAT {per['paper']:.2f} GiB, CAT-F defaults {per['catf']:.2f} GiB "
                          f"({per['catf-fp32-slopes']:.2f} with fp32 slopes, {per['catf-fp8-slopes']:.2f} with fp8 "
-                         f"slopes); with fp8 K/V paper "
+                         f"slopes, {_gib(per['catf-fused'])} with fused_attention); with fp8 K/V paper "
                          f"{per['paper-float8']:.2f}, CAT-F {per['catf-float8']:.2f} GiB, fp8 V only "
                          f"{per['paper-float8-values']:.2f} / {per['catf-float8-values']:.2f}; "
                          f"diffusers TaylorSeer order 1 {per['taylorseer-order1']:.2f} / order 2 "

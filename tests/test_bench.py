@@ -324,7 +324,8 @@ def test_cache_records_count_cat_and_taylorseer_state_on_the_meta_device(monkeyp
     plus the read buffer the layers share and the output state (fp32, the model width wide with
     the default hidden cache: each state tensor as large as one layer's K and V rows of the
     paper's 28); with fp32 slopes three times plus the same, with fp8 slopes 1.5 times plus the
-    scales and the same; diffusers' TaylorSeer holds one bf16
+    scales and the same; with fused_attention the same less the K and V read buffers; diffusers'
+    TaylorSeer holds one bf16
     factor per order and attention output (28 layers, 256 tokens, width 1152, batch 2)."""
     monkeypatch.syspath_prepend(str(BENCH))
     import e2e
@@ -338,6 +339,8 @@ def test_cache_records_count_cat_and_taylorseer_state_on_the_meta_device(monkeyp
     assert 3 * per["paper"] < per["catf-fp32-slopes"] < 3.25 * per["paper"]
     # fp8 slopes: a byte per element and a 4-byte scale per head of 72 beside the bf16 values
     assert (1.5 + 2 / 72) * per["paper"] < per["catf-fp8-slopes"] < 1.8 * per["paper"]
+    read_kv = 2 * gen["batch"] * 256 * 1152 * 2  # one K and one V buffer for all layers
+    assert (per["catf"] - per["catf-fused"]) * gib == read_kv
     attention_out = 28 * gen["batch"] * 256 * 1152 * 2
     assert per["taylorseer-order1"] * gib == 2 * attention_out
     assert per["taylorseer-order2"] * gib == 3 * attention_out

@@ -394,9 +394,12 @@ class ForecastStore(ReuseStore):
                 continue
             dtype = slope_dtype(self.config, name, base)
             self.slopes[name] = self._empty(f"slope/{name}", base.shape, dtype, device).zero_()
+            if role in ("k", "v") and self.config.fused_attention:  # a pruned step attends the caches (attend)
+                continue
             around = (joint or {}).get(layer, (0, 0)) if role in ("k", "v") and not self.float8 else (0, 0)
             if not any(around):
-                self.reads[name] = self._read(role, base.shape, base.dtype, device)
+                if role != "noise":  # (the output's forecast is the step's result: a fresh tensor, _update)
+                    self.reads[name] = self._read(role, base.shape, base.dtype, device)
                 continue
             # room for the other streams' rows: the processor writes them beside the forecast (joint_kv)
             dim = _token_dim(base.shape)
@@ -498,7 +501,9 @@ class ForecastStore(ReuseStore):
         if self.mode == "anchor":  # the first value of every row: nothing to forecast from yet
             base.copy_(new)
             return new
-        out = self.reads[name] if self.mode == "pruned" else None  # a step that computes every row reads them
+        out = None  # a step that computes every row reads them
+        if self.mode == "pruned":  # the output's forecast is handed on as the step's result: not a shared buffer
+            out = torch.empty_like(base) if name == "noise" else self.reads[name]
         dim = _token_dim(base.shape)
         slope = self.slopes[name]
         computed = new
@@ -655,8 +660,7 @@ class ForecastStore(ReuseStore):
         return self._update(f"extra/{name}", x, self.weight_kv)
 
     def output(self, out: Tensor) -> Tensor:
-        full = self._update("noise", out, self.weight_out)
-        return full.clone() if self.mode == "pruned" else full
+        return self._update("noise", out, self.weight_out)
 
     def end_step(self) -> None:
         if self.clock is None:
