@@ -168,7 +168,7 @@ class CATConfig:
         slope_dtype: what the K/V and extra caches' slopes are stored in: "cache" (default: the
             cache's own dtype, e.g. bf16 next to bf16 rows), "float32" or "float8". "cache"
             makes CAT-F's state about 2.1x the paper's reuse caches instead of 3.1x in bf16
-            (Flux.1-dev 1024 px: 5.63 GiB against 8.30, the paper's 2.67); in fp32 models the
+            (Flux.1-dev 1024 px: 5.61 GiB against 8.28, the paper's 2.67); in fp32 models the
             two are the same.
             PSNR against fp32 slopes, models in bf16, the quality bench's first 16 prompts
             (bench/experiments/config_sweep.py): photo model -0.02 dB at the defaults, -0.04 at
@@ -176,7 +176,7 @@ class CATConfig:
             either way. "float8": the K/V slopes in e4m3 with one fp32 scale per head of each
             row, as kv_dtype="float8" stores values, next to values in the model's dtype (the
             extra caches' slopes in their own dtype): 1.6x to 1.8x the paper's caches in bf16
-            (Sana 2.0x) instead of 2.1x to 2.3x. A slope is a row's change per step, so its fp8
+            (Sana 2.0x) instead of 2.1x to 2.2x. A slope is a row's change per step, so its fp8
             rounding (3 mantissa bits) moves the forecast by a few percent of a step's change,
             not of the row. Against "cache", 16 images (README, "Cache memory"): video model
             (fp32) 0.00 dB, photo model (bf16) 0.00, scene model (bf16) +0.22 at the defaults
