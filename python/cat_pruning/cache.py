@@ -394,12 +394,13 @@ class ForecastStore(ReuseStore):
                 continue
             dtype = slope_dtype(self.config, name, base)
             self.slopes[name] = self._empty(f"slope/{name}", base.shape, dtype, device).zero_()
-            if role in ("k", "v") and self.config.fused_attention:  # a pruned step attends the caches (attend)
+            # nothing to read into: the output's forecast is the step's result (a fresh tensor, _update);
+            # with fused_attention a pruned step attends the K/V caches as they are (attend)
+            if role == "noise" or (role in ("k", "v") and self.config.fused_attention):
                 continue
             around = (joint or {}).get(layer, (0, 0)) if role in ("k", "v") and not self.float8 else (0, 0)
             if not any(around):
-                if role != "noise":  # (the output's forecast is the step's result: a fresh tensor, _update)
-                    self.reads[name] = self._read(role, base.shape, base.dtype, device)
+                self.reads[name] = self._read(role, base.shape, base.dtype, device)
                 continue
             # room for the other streams' rows: the processor writes them beside the forecast (joint_kv)
             dim = _token_dim(base.shape)
