@@ -707,3 +707,31 @@ def _flat(x, layout):
 
 def _heads(x):
     return x if x.dim() == 4 else x.unflatten(-1, (H, D)).transpose(1, 2)
+
+
+def test_fused_attention_joined_rows_are_the_concatenated_ones():
+    """ForecastStore.attend(joined=...): the call's own [text; computed; reference] rows attended
+    as one view give what the computed rows joined to the extra rows by a copy give, a text mask
+    included (fp32, within rounding: only the keys' order differs); a joined pair of the wrong
+    length is refused."""
+    store = make_store(CATConfig(backend="torch", fused_attention=True))
+    shape = (B, H, N, D)
+    store.allocate({"layer": (shape, torch.float32)}, {}, ((B, N, C), torch.float32), torch.device("cpu"))
+    g = torch.Generator().manual_seed(5)
+    idx = torch.tensor([[1, 7, 9], [4, 7, 10]])
+    for mode in ["anchor", "fill", "pruned"]:
+        store.begin_step(mode, idx if mode == "pruned" else None, 3 if mode == "pruned" else None)
+        if mode != "pruned":
+            store.kv("layer", *(torch.randn(*shape, generator=g) for _ in range(2)))
+            store.end_step()
+            store.advance()
+    call = [torch.randn(B, H, 4 + 3 + 2, D, generator=g) for _ in range(2)]  # [text; computed; reference]
+    text, computed, reference = (tuple(x[:, :, a:b] for x in call) for a, b in ((0, 4), (4, 7), (7, 9)))
+    mask = torch.tensor([[True, False, True, True, True, True], [True, True, True, False, False, True]])
+    q = torch.randn(B, H, 6, D, generator=g)
+    for extra_mask in (None, mask):
+        want = store.attend("layer", q, *computed, [text, reference], extra_mask)
+        got = store.attend("layer", q, *computed, [text, reference], extra_mask, joined=(*call, 4))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="joined 8 rows"):
+        store.attend("layer", q, *computed, [text, reference], joined=(*(x[:, :, :8] for x in call), 4))

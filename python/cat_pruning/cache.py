@@ -283,13 +283,14 @@ class ReuseStore:
         return torch.cat([r[0] for r in rows], dim), torch.cat([r[1] for r in rows], dim)
 
     def attend(self, name: str, query: Tensor, key: Tensor, value: Tensor, extra: list[tuple[Tensor, Tensor]],
-               extra_mask: Tensor | None = None) -> Tensor:
+               extra_mask: Tensor | None = None, joined: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
         """A pruned step's attention in one op (CATConfig.fused_attention): the queries
         (B, H, M, D) over every image token of this layer (this step's computed rows `key`,
         `value` in the cache's layout, the cache's rows for the others) and the `extra` (key,
         value) rows, each (B, H, T, D), of which extra_mask (B, sum of T) bool marks those to
         attend (None: all), by cat_kernels' forecast_attention -> (B, H, M, D). Here the
-        computed rows refresh the cache, which is then attended as it is."""
+        computed rows refresh the cache, which is then attended as it is, so `joined` (see
+        ForecastStore.attend) is not needed."""
         k_cache, v_cache = self.kv_cache[name]
         ops.scatter_kv_(k_cache, v_cache, self.idx, key, value, _token_dim(k_cache.shape), backend=self.config.backend)
         heads = query.shape[1]
@@ -604,21 +605,35 @@ class ForecastStore(ReuseStore):
         return wide
 
     def attend(self, name: str, query: Tensor, key: Tensor, value: Tensor, extra: list[tuple[Tensor, Tensor]],
-               extra_mask: Tensor | None = None) -> Tensor:
+               extra_mask: Tensor | None = None, joined: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
         """ReuseStore.attend with each skipped row formed as its forecast while it is read. The
         computed rows are attended among the extra rows and their cached rows left out (weight
         -1, begin_step): the forecast state stays as the last full or refresh step stored it
-        (forecast_from="refresh", the only one fused_attention takes), and no row is written."""
+        (forecast_from="refresh", the only one fused_attention takes), and no row is written.
+
+        `joined` (key, value, at): where the family's call already holds the computed rows and
+        the extra rows side by side ([text; image; reference] keys without context parallelism),
+        all of them as one (B, H, rows, D) pair with the computed rows from row `at` on, the
+        extra rows before and after in `extra`'s order. They are attended as that view, so
+        nothing is concatenated per layer; without it the computed rows are joined to the
+        extra rows by a copy."""
         heads = query.shape[1]
         kept = key.shape[_token_dim(key.shape)] if self.kept is None else self.kept
-        # context-parallel padding repeats selected rows after the first `kept`: attend each once
-        computed = tuple(_as_heads(x, heads).narrow(2, 0, kept) for x in (key, value))
-        if extra_mask is not None:
-            extra_mask = torch.cat([extra_mask.new_ones(extra_mask.shape[0], kept), extra_mask], 1)
+        if joined is not None:
+            rows_k, rows_v, at = joined
+            if rows_k.shape[2] != kept + sum(k.shape[2] for k, _ in extra):
+                raise ValueError(f"cat_pruning: {name} joined {rows_k.shape[2]} rows, not its {kept} computed and "
+                                 f"{sum(k.shape[2] for k, _ in extra)} extra rows")
+            rows = rows_k, rows_v
+        else:  # context-parallel padding repeats selected rows after the first `kept`: attend each once
+            computed = tuple(_as_heads(x, heads).narrow(2, 0, kept) for x in (key, value))
+            rows, at = _extra_rows([computed, *extra]), 0
+        if extra_mask is not None:  # every computed row is attended
+            extra_mask = torch.cat([extra_mask[:, :at], extra_mask.new_ones(extra_mask.shape[0], kept),
+                                    extra_mask[:, at:]], 1)  # fmt: skip
         caches = (*self.kv_cache[name], self.slopes[f"{name}/k"], self.slopes[f"{name}/v"])
         return ops.forecast_attention(query, *(_as_heads(t, heads) for t in caches), self.weight_attend,
-                                      *_extra_rows([computed, *extra]), extra_mask=extra_mask,
-                                      backend=self.config.backend)  # fmt: skip
+                                      *rows, extra_mask=extra_mask, backend=self.config.backend)  # fmt: skip
 
     def _kv_float8(self, name: str, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """kv() with fp8 values or slopes (kv_dtype, slope_dtype="float8"; forecast_from="refresh",

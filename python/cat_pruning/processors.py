@@ -97,9 +97,12 @@ class CachedAttentionProcessor:
             extra_mask = None  # over the text rows, then the reference rows
             if text_mask is not None:
                 extra_mask = F.pad(text_mask.to(torch.bool), (0, reference), value=True)
+            joined = None  # one process: this call's keys are [text; computed; reference] already
+            if shard.cp_world == 1:
+                joined = key.transpose(1, 2), value.transpose(1, 2), text
             out = state.cache.attend(self.name, query.transpose(1, 2), image_key, image_value,
                                      [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in extra],
-                                     extra_mask).transpose(1, 2)
+                                     extra_mask, joined).transpose(1, 2)
         else:
             mask = None
             if text_mask is not None:
