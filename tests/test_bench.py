@@ -321,12 +321,12 @@ def test_tokens_suite_solves_the_keep_ratio_that_fits_a_budget(monkeypatch):
 def test_cache_records_count_cat_and_taylorseer_state_on_the_meta_device(monkeypatch):
     """bench/e2e.py cache[...]: DiT-XL/2 at 256 px (every layer cached, one branch). CAT-F keeps
     bf16 values and bf16 slopes (slope_dtype="cache", the default), twice the paper's bf16 rows,
-    plus the read buffer the layers share and the output state (fp32, the model width wide with
-    the default hidden cache: each state tensor as large as one layer's K and V rows of the
-    paper's 28); with fp32 slopes three times plus the same, with fp8 slopes 1.5 times plus the
-    scales and the same; with fused_attention the same less the K and V read buffers; diffusers'
-    TaylorSeer holds one bf16
-    factor per order and attention output (28 layers, 256 tokens, width 1152, batch 2)."""
+    plus the read buffer the layers share and the output state (the default hidden cache's
+    value, slope, curvature and forecast slope, the model width wide and bf16 like its slopes);
+    with fp32 slopes three times plus the same with that state's three in fp32, with fp8 slopes
+    1.5 times plus the scales and the same; with fused_attention the same less the K and V read
+    buffers; diffusers' TaylorSeer holds one bf16 factor per order and attention output (28
+    layers, 256 tokens, width 1152, batch 2)."""
     monkeypatch.syspath_prepend(str(BENCH))
     import e2e
 
@@ -337,6 +337,8 @@ def test_cache_records_count_cat_and_taylorseer_state_on_the_meta_device(monkeyp
     assert per["paper"] * gib >= kv_rows and per["paper"] < 1.01 * kv_rows / gib
     assert 2 * per["paper"] < per["catf"] < 2.25 * per["paper"]
     assert 3 * per["paper"] < per["catf-fp32-slopes"] < 3.25 * per["paper"]
+    out_state = 3 * gen["batch"] * 256 * 1152 * 2  # slope, curvature, forecast slope: 2 bytes more each in fp32
+    assert (per["catf-fp32-slopes"] - per["catf"]) * gib == kv_rows + out_state
     # fp8 slopes: a byte per element and a 4-byte scale per head of 72 beside the bf16 values
     assert (1.5 + 2 / 72) * per["paper"] < per["catf-fp8-slopes"] < 1.8 * per["paper"]
     read_kv = 2 * gen["batch"] * 256 * 1152 * 2  # one K and one V buffer for all layers

@@ -300,39 +300,43 @@ def test_the_paper_preset_has_no_final_full_step():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("setting", ["float32", "cache", "float8"])
-def test_slope_dtype_sets_the_kv_slopes_and_the_output_state_stays_fp32(dtype, setting):
-    """slope_dtype="cache" (the default): the K/V and extra caches' slopes are stored in the caches'
-    own dtype (with a bf16 model the forecast state is then twice the reuse caches, not three
-    times); "float32": fp32; "float8": the K/V slopes in fp8 rows, the extra caches' as with
-    "cache". The output cache's slope, curvature and forecast slope stay fp32. The forecast of
-    a straight line is right to the dtype's rounding (and fp8's of the slope) either way."""
+def test_slope_dtype_sets_every_slope_and_the_output_state(dtype, setting):
+    """slope_dtype="cache" (the default): every cache's slope is stored in the cache's own dtype
+    (with a bf16 model the forecast state is then twice the reuse caches, not three times), the
+    output cache's curvature and forecast slope too; "float32": all fp32; "float8": the K/V
+    slopes in fp8 rows, the others as with "cache". The forecast of a straight line is right to
+    the dtype's rounding (and fp8's of the slope) either way, the output's (second order) too."""
     store = ForecastStore(CATConfig(backend="torch", slope_dtype=setting))
     kv = {"layer": ((B, H, N, D), dtype)}
     extra = {"conv": ((B, C, N, 1), dtype)}
     store.allocate(kv, extra, ((B, N, C), dtype), torch.device("cpu"))
     kv_slope = torch.float32 if setting == "float32" else dtype
-    want = {"extra/conv": kv_slope, "noise": torch.float32}
+    want = {"extra/conv": kv_slope, "noise": kv_slope}
     if setting != "float8":
         want.update({"layer/k": kv_slope, "layer/v": kv_slope})
     assert {name: t.dtype for name, t in store.slopes.items()} == want
     assert sorted(store.slopes8) == (["layer/k", "layer/v"] if setting == "float8" else [])
-    assert store.curv.dtype == store.slope_read.dtype == torch.float32
+    assert store.curv.dtype == store.slope_read.dtype == kv_slope
     g = torch.Generator().manual_seed(5)
     k0, k1 = torch.randn(B, H, N, D, generator=g), torch.randn(B, H, N, D, generator=g)
-    for t, mode in enumerate(["anchor", "fill", "pruned"]):
+    o0, o1 = torch.randn(B, N, C, generator=g), torch.randn(B, N, C, generator=g)
+    for t, mode in enumerate(["anchor", "fill", "refresh", "pruned"]):
         pruned = mode == "pruned"
         store.begin_step(mode, torch.tensor([[0, 1], [0, 1]]) if pruned else None)  # tokens 0 and 1 computed
-        key = (k0 + t * k1).to(dtype)
+        key, out = (k0 + t * k1).to(dtype), (o0 + t * o1).to(dtype)
         rows = key[:, :, :2] if pruned else key
         got, _ = store.kv("layer", rows, rows)
+        got_out = store.output(out[:, :2] if pruned else out)
         store.end_step()
         store.advance()
     tol = {torch.float32: 1e-5, torch.bfloat16: 0.1, torch.float16: 0.02}[dtype]
+    # the output's damped (0.85) second-order forecast of a line: 0.85 of the last step's move
+    torch.testing.assert_close(got_out[:, 4:].float(), (o0 + 2.85 * o1)[:, 4:], rtol=0, atol=tol * 4)
     skipped = got[:, :, 4:].float()
     if setting == "float8":  # e4m3 keeps 3 mantissa bits of the slope k1: within 2^-4 of it
-        assert ((skipped - (k0 + 2 * k1)[:, :, 4:]).abs() <= tol * 4 + 2**-4 * k1[:, :, 4:].abs()).all()
+        assert ((skipped - (k0 + 3 * k1)[:, :, 4:]).abs() <= tol * 4 + 2**-4 * k1[:, :, 4:].abs()).all()
     else:
-        torch.testing.assert_close(skipped, (k0 + 2 * k1)[:, :, 4:], rtol=0, atol=tol * 4)
+        torch.testing.assert_close(skipped, (k0 + 3 * k1)[:, :, 4:], rtol=0, atol=tol * 4)
 
 
 @pytest.mark.parametrize("order", [1, 2])
@@ -610,7 +614,7 @@ def test_float8_slopes_keep_values_in_the_model_dtype_and_forecast_from_fp8_slop
     store = store_for("float8")
     assert [t.dtype for t in store.kv_cache["layer"]] == [torch.bfloat16, torch.bfloat16]
     assert sorted(store.slopes8) == ["layer/k", "layer/v"] and not store.float8
-    assert "layer/k" not in store.slopes and store.slopes["noise"].dtype == torch.float32
+    assert "layer/k" not in store.slopes and store.slopes["noise"].dtype == torch.bfloat16
     g = torch.Generator().manual_seed(9)
     rows = [torch.randn(*shape, generator=g).to(torch.bfloat16) for _ in range(4)]
     idx = torch.tensor([[1, 7], [4, 7]])

@@ -335,11 +335,11 @@ class ReuseStore:
 
 def slope_dtype(config: CATConfig, name: str, base: Tensor) -> torch.dtype:
     """The dtype of a cache's slope kept as a plain tensor: fp32, or with slope_dtype="cache" the
-    cache's own for the K/V rows and extra caches (their slopes are most of CAT-F's memory: bf16
-    slopes next to bf16 values make the forecast state 2x the paper's reuse caches instead of 3x);
-    with "float8" the extra caches' as with "cache" (the K/V slopes are fp8 rows, slopes8). The
-    output cache, one tensor, whose forecast the image is made of, keeps fp32."""
-    return base.dtype if config.slope_dtype in ("cache", "float8") and name != "noise" else torch.float32
+    cache's own (their slopes are most of CAT-F's memory: bf16 slopes next to bf16 values make
+    the forecast state 2x the paper's reuse caches instead of 3x); with "float8" the extra and
+    output caches' as with "cache" (the K/V slopes are fp8 rows, slopes8). The output cache's
+    curvature and forecast slope (forecast_order=2) take its slope's dtype."""
+    return base.dtype if config.slope_dtype in ("cache", "float8") else torch.float32
 
 
 # forecast_calibration="output": the fitted multiplier of the output forecast's step lies in this
@@ -415,8 +415,9 @@ class ForecastStore(ReuseStore):
         self.clock = self._empty("clock", (), torch.float32, device).zero_()
         self.started = self._empty("started", (), torch.float32, device).zero_()
         if self.config.forecast_order == 2:
-            self.curv = self._empty("curv", self.noise.shape, torch.float32, device).zero_()
-            self.slope_read = self._empty("slope_read", self.noise.shape, torch.float32, device).zero_()
+            dtype = self.slopes["noise"].dtype
+            self.curv = self._empty("curv", self.noise.shape, dtype, device).zero_()
+            self.slope_read = self._empty("slope_read", self.noise.shape, dtype, device).zero_()
             self.span = self._empty("span", (batch, n), torch.float32, device).zero_()
 
     def _float8_slope(self, float8_value: bool) -> bool:
@@ -710,8 +711,8 @@ class ForecastStore(ReuseStore):
         weight = self._weights(elapsed)[which]
         w = _per_row(weight, _token_dim(base.shape))
         slope = slope.float()
-        if curv is not None:  # as _forecast_slope, in the same roundings
-            slope = slope + self._slope_weight(elapsed, span).unsqueeze(-1) * curv
+        if curv is not None:  # as _forecast_slope, in the same roundings (slope_read's dtype)
+            slope = (slope + self._slope_weight(elapsed, span).unsqueeze(-1) * curv).to(self.slope_read.dtype).float()
         return (base.float() + w * slope).to(base.dtype)
 
     def forecast_output(self, idx: Tensor | None = None) -> Tensor:
