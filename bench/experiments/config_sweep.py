@@ -17,6 +17,10 @@ The numbers cited in CATConfig's docs for output_cache and slope_dtype came from
     python bench/experiments/config_sweep.py --model tiny --count 16 --dtype bfloat16 '[
       {"slope_dtype": "float32"}, {"slope_dtype": "cache"},
       {"keep_ratio": 0.2, "slope_dtype": "float32"}, {"keep_ratio": 0.2, "slope_dtype": "cache"}]'
+    # the output cache's forecast state in the cache's dtype: the same command at the commits
+    # before and after (bench/results/sweep-output-state-dtype-cpu.txt)
+    python bench/experiments/config_sweep.py --model tiny|photos --count 16 --dtype bfloat16 --per-image '[
+      {}, {"keep_ratio": 0.2}]'
     # fp8 K/V caches (kv_dtype): the same, each setting with bf16 and with fp8 caches; PAPER stands
     # for the paper's CAT, {"keep_ratio": 0.3, "full_steps": 8, "forecast": "none", "refresh_every": 0,
     # "final_full_steps": 0, "selection": "cat", "output_cache": "noise"}

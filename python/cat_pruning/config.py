@@ -165,17 +165,20 @@ class CATConfig:
             modulation is then per token): at patch time on such a pipeline, at the first
             call on a bare transformer (where "auto" cannot see the pipeline: patch the
             pipeline, or pass "noise").
-        slope_dtype: what the K/V and extra caches' slopes are stored in: "cache" (default: the
-            cache's own dtype, e.g. bf16 next to bf16 rows), "float32" or "float8". "cache"
+        slope_dtype: what the caches' slopes are stored in: "cache" (default: each cache's own
+            dtype, e.g. bf16 next to bf16 rows; the output cache's curvature and forecast slope
+            too), "float32" or "float8". "cache"
             makes CAT-F's state about 2.1x the paper's reuse caches instead of 3.1x in bf16
             (Flux.1-dev 1024 px: 5.61 GiB against 8.28, the paper's 2.67); in fp32 models the
             two are the same.
             PSNR against fp32 slopes, models in bf16, the quality bench's first 16 prompts
             (bench/experiments/config_sweep.py): photo model -0.02 dB at the defaults, -0.04 at
-            keep 0.2; scene model -0.08 and +0.23. The output cache's forecast state is fp32
-            either way. "float8": the K/V slopes in e4m3 with one fp32 scale per head of each
-            row, as kv_dtype="float8" stores values, next to values in the model's dtype (the
-            extra caches' slopes in their own dtype): 1.6x to 1.8x the paper's caches in bf16
+            keep 0.2; scene model -0.08 and +0.23 (the output cache's state was fp32 then; in
+            the cache's dtype against fp32, the same prompts: photo +0.00 and +0.02 dB, scene
+            +0.22 and -0.10; bench/results/sweep-output-state-dtype-cpu.txt). "float8": the K/V
+            slopes in e4m3 with one fp32 scale per head of each row, as kv_dtype="float8" stores
+            values, next to values in the model's dtype (the extra and output caches' slopes in
+            their own dtype, as with "cache"): 1.6x to 1.8x the paper's caches in bf16
             (Sana 2.0x) instead of 2.1x to 2.2x. A slope is a row's change per step, so its fp8
             rounding (3 mantissa bits) moves the forecast by a few percent of a step's change,
             not of the row. Against "cache", 16 images (README, "Cache memory"): video model
