@@ -169,7 +169,7 @@ class CATConfig:
             dtype, e.g. bf16 next to bf16 rows; the output cache's curvature and forecast slope
             too), "float32" or "float8". "cache"
             makes CAT-F's state about 2.1x the paper's reuse caches instead of 3.1x in bf16
-            (Flux.1-dev 1024 px: 5.61 GiB against 8.28, the paper's 2.67); in fp32 models the
+            (Flux.1-dev 1024 px: 5.54 GiB against 8.28, the paper's 2.67); in fp32 models the
             two are the same.
             PSNR against fp32 slopes, models in bf16, the quality bench's first 16 prompts
             (bench/experiments/config_sweep.py): photo model -0.02 dB at the defaults, -0.04 at
