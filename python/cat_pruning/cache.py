@@ -622,9 +622,10 @@ class ForecastStore(ReuseStore):
         kept = key.shape[_token_dim(key.shape)] if self.kept is None else self.kept
         if joined is not None:
             rows_k, rows_v, at = joined
-            if rows_k.shape[2] != kept + sum(k.shape[2] for k, _ in extra):
+            extra_rows = sum(k.shape[2] for k, _ in extra)
+            if rows_k.shape[2] != kept + extra_rows:
                 raise ValueError(f"cat_pruning: {name} joined {rows_k.shape[2]} rows, not its {kept} computed and "
-                                 f"{sum(k.shape[2] for k, _ in extra)} extra rows")
+                                 f"{extra_rows} extra rows")
             rows = rows_k, rows_v
         else:  # context-parallel padding repeats selected rows after the first `kept`: attend each once
             computed = tuple(_as_heads(x, heads).narrow(2, 0, kept) for x in (key, value))
