@@ -333,7 +333,7 @@ class ReuseStore:
         return self.noise.clone()
 
 
-def slope_dtype(config: CATConfig, name: str, base: Tensor) -> torch.dtype:
+def slope_dtype(config: CATConfig, base: Tensor) -> torch.dtype:
     """The dtype of a cache's slope kept as a plain tensor: fp32, or with slope_dtype="cache" the
     cache's own (their slopes are most of CAT-F's memory: bf16 slopes next to bf16 values make
     the forecast state 2x the paper's reuse caches instead of 3x); with "float8" the extra and
@@ -393,7 +393,7 @@ class ForecastStore(ReuseStore):
             if rows8 is not None:  # fp8 K/V with fp32 slopes (their read buffers are the reuse store's)
                 self.slopes[name] = self._empty(f"slope/{name}", base.shape, torch.float32, device).zero_()
                 continue
-            dtype = slope_dtype(self.config, name, base)
+            dtype = slope_dtype(self.config, base)
             self.slopes[name] = self._empty(f"slope/{name}", base.shape, dtype, device).zero_()
             # nothing to read into: the output's forecast is the step's result (a fresh tensor, _update);
             # with fused_attention a pruned step attends the K/V caches as they are (attend)
