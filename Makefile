@@ -19,8 +19,12 @@ install: $(PY)
 ext: install
 	PY=$(PY) tools/check_cuda_build.sh
 
+# pytest-xdist: one worker per core (`-n auto`); loadfile runs each file's tests on one worker, so
+# module fixtures (the 2-rank launch, the ahead-of-time compiles) run once.
+XDIST := -n auto --dist loadfile
+
 test: install ext
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 	$(MAKE) test-min-diffusers
 
 # The oldest diffusers cat_pruning supports (python/cat_pruning/compat.py), installed beside the
@@ -32,7 +36,7 @@ MIN_DIR := build/diffusers-$(DIFFUSERS_MIN)
 test-min-diffusers: install
 	test -d $(MIN_DIR) || ( $(PY) -m pip install -q --no-deps --target $(MIN_DIR).tmp diffusers==$(DIFFUSERS_MIN) \
 		&& $(PY) -m pip install -q --target $(MIN_DIR).tmp httpx && mv $(MIN_DIR).tmp $(MIN_DIR) )
-	CAT_EXPECT_DIFFUSERS=$(DIFFUSERS_MIN) PYTHONPATH=$(MIN_DIR) $(PY) -m pytest -q tests/models tests/test_cli.py \
+	CAT_EXPECT_DIFFUSERS=$(DIFFUSERS_MIN) PYTHONPATH=$(MIN_DIR) $(PY) -m pytest -q $(XDIST) tests/models tests/test_cli.py \
 		-k "(keep_ratio_one or oracle or pipeline or tiny or cli) and not from-all and not from-rebase and not order-1 and not fused" -p no:cacheprovider
 
 # The shipped models: the scene model (SD3 architecture), the photo model (Flux architecture) and

@@ -180,7 +180,8 @@ def macs_record(name: str, module: Any, config: dict, gen: dict, steps: int, kee
     )
 
 
-def cache_record(name: str, module: Any, config: dict, gen: dict, branches: int = 2) -> dict:
+def cache_record(name: str, module: Any, config: dict, gen: dict, branches: int = 2,
+                 only: tuple[str, ...] | None = None) -> dict:
     """Bytes the caches of one generation hold (stats().cache_bytes, counted on the meta device, bf16):
     the paper's CAT (reused K/V and outputs) and patch()'s defaults (CAT-F: the Taylor forecast's
     values and slopes too, the slopes in bf16; and with slope_dtype "float32" and "float8", and with fused_attention,
@@ -188,7 +189,7 @@ def cache_record(name: str, module: Any, config: dict, gen: dict, branches: int 
     caches (kv_dtype="float8") and with fp8 V only ("float8-values"), per guidance branch and for `branches`
     of them (a pipeline that calls the transformer once per CFG branch keeps caches per branch),
     beside the bf16 weights and what diffusers' TaylorSeer holds at orders 1 and 2
-    (taylorseer_bytes)."""
+    (taylorseer_bytes). `only`: these labels of the CAT settings, the others None."""
     model, kwargs = _meta_model(module, config, gen)
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     b = gen["batch"]
@@ -203,7 +204,8 @@ def cache_record(name: str, module: Any, config: dict, gen: dict, branches: int 
                        ("paper-float8-values",
                         cat_pruning.CATConfig.paper(manual_steps=True, kv_dtype="float8-values")),
                        ("catf-float8-values", cat_pruning.CATConfig(manual_steps=True, kv_dtype="float8-values"))):
-        if cfg.fused_attention and not find_adapter(model).softmax_attention:  # (Sana: refused, nothing to fuse)
+        if (only is not None and label not in only) or (
+                cfg.fused_attention and not find_adapter(model).softmax_attention):  # (Sana: refused, nothing to fuse)
             held[label] = None
             continue
         cat_pruning.patch(model, cfg)

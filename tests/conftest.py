@@ -11,7 +11,10 @@ if not HAS_CUDA:
     # Must be set before triton decorates the kernels, i.e. before cat_kernels is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two threads per test process at most; under pytest-xdist (`make test` runs `-n auto`) the cores
+# are shared between the workers instead, so they do not oversubscribe the machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 def pytest_collection_modifyitems(config, items):

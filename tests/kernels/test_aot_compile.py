@@ -5,8 +5,10 @@ attention over forecast caches at head dims 64, 72 and 128), and
 reports ptxas registers and spills (printed, and as junit properties); a kernel that spills
 more than its SPILL_LIMITS entry fails.
 
-Each compile runs in a subprocess without TRITON_INTERPRET: under the interpreter (which the
+The compiles run in one subprocess without TRITON_INTERPRET: under the interpreter (which the
 conftest turns on without a GPU) the kernels are InterpretedFunction objects and cannot compile.
+One for all cases, because importing triton and the kernels takes longer than most compiles; a
+case that fails to compile is recorded there and fails its own test.
 """
 
 import importlib
@@ -16,6 +18,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import traceback
 
 import pytest
 import triton
@@ -228,14 +231,22 @@ SLOW_ON_SM80 = ("select_tokens_16384", "select_ranks_16384")
 CASES = [(name, cc) for name in KERNELS for cc in (80, 90) if not (cc == 80 and name in SLOW_ON_SM80)]
 
 
-@pytest.mark.parametrize("name, cc", CASES)
-def test_aot_compile(name, cc, record_property):
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    """"name:cc" -> the case's registers, spills, shared memory and warps, or its error."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    res = subprocess.run([sys.executable, __file__, name, str(cc)], capture_output=True, text=True, env=env)
-    assert res.returncode == 0, f"{name} failed to compile for sm_{cc}:\n{res.stderr[-4000:]}"
-    info = json.loads(res.stdout.strip().splitlines()[-1])
+    res = subprocess.run([sys.executable, __file__, *(f"{name}:{cc}" for name, cc in CASES)],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, f"the compile subprocess failed:\n{res.stderr[-4000:]}"
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name, cc", CASES)
+def test_aot_compile(name, cc, compiled, record_property):
+    info = compiled[f"{name}:{cc}"]
+    assert "error" not in info, f"{name} failed to compile for sm_{cc}:\n{info.get('error', '')[-4000:]}"
     record_property(f"{name}_sm{cc}_registers", info["regs"])
     record_property(f"{name}_sm{cc}_spill_bytes", info["spills"])
     print(f"{name} sm_{cc} num_warps={info['num_warps']}: {info['regs']} registers, "
@@ -246,5 +257,16 @@ def test_aot_compile(name, cc, record_property):
     )
 
 
+def _compile_all(cases: list[str]) -> dict:
+    out = {}
+    for case in cases:
+        name, cc = case.rsplit(":", 1)
+        try:
+            out[case] = _compile(name, int(cc))
+        except Exception:  # reported by that case's test
+            out[case] = {"error": traceback.format_exc()}
+    return out
+
+
 if __name__ == "__main__":
-    print(json.dumps(_compile(sys.argv[1], int(sys.argv[2]))))
+    print(json.dumps(_compile_all(sys.argv[1:])))

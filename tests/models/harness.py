@@ -377,16 +377,17 @@ def check_meta_device(fam: Family, build, kw, out_shape=None):
 
 def check_real_config_macs_on_meta(fam: Family, model_cls, adapter, name: str, *, num_tokens: int,
                                    tokens_kept: int, **patch_kw):
-    """adapter.REAL_CONFIGS[name] on the meta device in bf16: 10 steps, 8 of them dense; returns
-    the stats."""
+    """adapter.REAL_CONFIGS[name] on the meta device in bf16: 6 steps, the first 2 dense, at least
+    one pruned; returns the stats."""
     config, gen = adapter.REAL_CONFIGS[name]
     with torch.device("meta"):
         model = model_cls(**config).to(torch.bfloat16)
     kw = adapter.real_inputs(config, gen, "meta", torch.bfloat16)
-    cat_pruning.patch(model, keep_ratio=0.3, full_steps=8, **patch_kw)
-    cat_pruning.reset(model, reference_tokens=gen.get("reference_rows", 0))  # what a bare call cannot show
-    fam.run(model, kw, 10)
+    cat_pruning.patch(model, keep_ratio=0.3, full_steps=2, **patch_kw)
+    cat_pruning.reset(model, num_steps=6, reference_tokens=gen.get("reference_rows", 0))  # what a bare call cannot show
+    fam.run(model, kw, 6)
     s = cat_pruning.stats(model)
+    assert "pruned" in [step.mode for step in s.steps], [step.mode for step in s.steps]
     assert s.num_tokens == num_tokens and s.tokens_kept == tokens_kept
     assert 0.5 < s.mac_fraction < 1.0
     return s
