@@ -246,7 +246,7 @@ def compiled() -> dict:
 @pytest.mark.parametrize("name, cc", CASES)
 def test_aot_compile(name, cc, compiled, record_property):
     info = compiled[f"{name}:{cc}"]
-    assert "error" not in info, f"{name} failed to compile for sm_{cc}:\n{info.get('error', '')[-4000:]}"
+    assert "error" not in info, f"{name} failed to compile for sm_{cc}:\n{info['error'][-4000:]}"
     record_property(f"{name}_sm{cc}_registers", info["regs"])
     record_property(f"{name}_sm{cc}_spill_bytes", info["spills"])
     print(f"{name} sm_{cc} num_warps={info['num_warps']}: {info['regs']} registers, "

@@ -387,7 +387,8 @@ def check_real_config_macs_on_meta(fam: Family, model_cls, adapter, name: str, *
     cat_pruning.reset(model, num_steps=6, reference_tokens=gen.get("reference_rows", 0))  # what a bare call cannot show
     fam.run(model, kw, 6)
     s = cat_pruning.stats(model)
-    assert "pruned" in [step.mode for step in s.steps], [step.mode for step in s.steps]
+    modes = [step.mode for step in s.steps]
+    assert "pruned" in modes, modes
     assert s.num_tokens == num_tokens and s.tokens_kept == tokens_kept
     assert 0.5 < s.mac_fraction < 1.0
     return s
